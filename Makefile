@@ -1,0 +1,23 @@
+# chatmaild: see README.md.  `make test` installs everything it needs itself.
+VENV := .venv
+PY := $(VENV)/bin/python
+PYTEST_ARGS ?=
+
+.PHONY: deps test lint bench run install uninstall clean
+
+deps:
+	./scripts/install-deps.sh
+
+test: deps
+	$(VENV)/bin/ruff check chatmaild tests bench
+	$(VENV)/bin/pytest $(PYTEST_ARGS)
+
+lint: deps
+	$(VENV)/bin/ruff check chatmaild tests bench
+	$(VENV)/bin/ruff format --check chatmaild tests bench
+
+bench: deps
+	$(PY) -m bench
+
+clean:
+	rm -rf $(VENV) .pytest_cache build *.egg-info

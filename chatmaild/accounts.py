@@ -1,0 +1,288 @@
+"""Account store on the filesystem, shared by every daemon and tool.
+
+Layout (compatible with the reference relay)::
+
+    <mailboxes_dir>/<addr>/password             {SHA512-CRYPT}$6$...; mtime = last login (day)
+    <mailboxes_dir>/<addr>/enforceE2EEincoming  flag: refuse incoming cleartext
+    <mailboxes_dir>/<addr>/DISABLED             flag: account disabled
+    <mailboxes_dir>/<addr>/{cur,new,tmp,...}    Maildir, written by Dovecot
+
+Every path is built from a canonical address (see :mod:`chatmaild.addr`), so no
+input can name a file outside ``mailboxes_dir``.  Writes are atomic (temp file,
+fsync, rename); creation is serialised per address with a file lock and
+re-checked under it.
+"""
+
+from __future__ import annotations
+
+import errno
+import hmac
+import logging
+import os
+import secrets
+import shutil
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import filelock
+
+from .addr import AddressError, canonical_address, check_creatable, is_safe_dirname
+from .config import Config
+
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore", DeprecationWarning)
+    try:  # Python >= 3.13 has no stdlib crypt; crypt-r is its backport
+        import crypt_r as _crypt  # type: ignore[import-not-found]
+    except ImportError:
+        import crypt as _crypt  # type: ignore[no-redef]
+
+HASH_PREFIX = "{SHA512-CRYPT}"
+PASSWORD = "password"
+FLAG_ENFORCE_E2EE = "enforceE2EEincoming"
+FLAG_DISABLED = "DISABLED"
+DAY = 86400
+LOCK_TIMEOUT = 10.0
+
+log = logging.getLogger("chatmaild.accounts")
+
+
+def hash_password(password: str) -> str:
+    return HASH_PREFIX + _crypt.crypt(password, _crypt.METHOD_SHA512)
+
+
+def verify_password(password: str, stored: str) -> bool:
+    """Check a cleartext password against a stored ``{SHA512-CRYPT}`` hash."""
+    if not stored.startswith(HASH_PREFIX):
+        return False
+    crypted = stored[len(HASH_PREFIX) :]
+    candidate = _crypt.crypt(password, crypted)
+    return candidate is not None and hmac.compare_digest(candidate, crypted)
+
+
+def atomic_write(path: Path, data: bytes, mode: int = 0o600) -> None:
+    """Replace ``path`` with ``data`` so readers see the old or the new file, never half."""
+    tmp = path.with_name(f"{path.name}.tmp-{secrets.token_hex(8)}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
+    try:
+        with os.fdopen(fd, "wb") as fp:
+            fp.write(data)
+            fp.flush()
+            os.fsync(fp.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with _suppress_missing():
+            os.unlink(tmp)
+        raise
+    fsync_dir(path.parent)
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class _suppress_missing:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, typ, exc, tb) -> bool:
+        return isinstance(exc, FileNotFoundError)
+
+
+def touch_flag(path: Path) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+    os.close(fd)
+
+
+@dataclass(frozen=True)
+class Account:
+    """One account's directory; built only from a canonical address."""
+
+    addr: str
+    home: Path
+
+    @property
+    def password_path(self) -> Path:
+        return self.home / PASSWORD
+
+    def password_hash(self) -> str | None:
+        """The stored hash, or None when there is no (or an empty) password file."""
+        try:
+            with open(self.password_path, "rb") as fp:
+                data = fp.read(4096)
+        except (FileNotFoundError, NotADirectoryError):
+            return None
+        text = data.decode("ascii", "replace").strip()
+        if not text:
+            log.error("empty password file for %s", self.addr)
+            return None
+        return text
+
+    @property
+    def exists(self) -> bool:
+        return self.password_hash() is not None
+
+    def last_login(self) -> int | None:
+        try:
+            return int(self.password_path.stat().st_mtime)
+        except FileNotFoundError:
+            return None
+
+    def set_last_login(self, timestamp: float) -> bool:
+        """Record a login at day granularity; touch the disk only when the day changes."""
+        day = int(timestamp) // DAY * DAY
+        try:
+            st = self.password_path.stat()
+        except FileNotFoundError:
+            log.error("last login for %s: no password file", self.addr)
+            return False
+        if int(st.st_mtime) == day and int(st.st_atime) == day:
+            return False
+        os.utime(self.password_path, (day, day))
+        return True
+
+    def _flag(self, name: str) -> Path:
+        return self.home / name
+
+    @property
+    def is_disabled(self) -> bool:
+        return self._flag(FLAG_DISABLED).exists()
+
+    @property
+    def enforces_e2ee_incoming(self) -> bool:
+        return self._flag(FLAG_ENFORCE_E2EE).exists()
+
+    def set_flag(self, name: str, on: bool) -> None:
+        path = self._flag(name)
+        if on:
+            touch_flag(path)
+        else:
+            with _suppress_missing():
+                path.unlink()
+
+
+@dataclass(frozen=True)
+class CreateResult:
+    account: Account | None
+    created: bool
+    refused: str | None = None  # why creation was refused
+
+
+class AccountStore:
+    """Accounts below ``config.mailboxes_dir``."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.root = Path(config.mailboxes_dir)
+
+    # -- addressing
+
+    def account(self, raw_addr: str) -> Account:
+        """The Account for an address; raises AddressError for anything unsafe."""
+        addr = canonical_address(raw_addr, self.config.mail_domain)
+        home = self.root / addr
+        # belt and braces: the validated name is one plain path component
+        assert home.parent == self.root and home.name == addr
+        return Account(addr, home)
+
+    def lookup(self, raw_addr: str) -> Account | None:
+        try:
+            account = self.account(raw_addr)
+        except AddressError:
+            return None
+        return account if account.exists else None
+
+    # -- registration
+
+    @property
+    def registration_blocked(self) -> bool:
+        return os.path.exists(self.config.nocreate_file)
+
+    def set_registration_blocked(self, blocked: bool) -> None:
+        path = Path(self.config.nocreate_file)
+        if blocked:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            touch_flag(path)
+        else:
+            with _suppress_missing():
+                path.unlink()
+
+    def creation_refusal(self, raw_addr: str, password: str) -> str | None:
+        """Why an account for this address/password may not be created, or None."""
+        if self.registration_blocked:
+            return f"registration blocked by {self.config.nocreate_file}"
+        if len(password) < self.config.password_min_length:
+            return f"password shorter than {self.config.password_min_length} characters"
+        try:
+            addr = canonical_address(raw_addr, self.config.mail_domain)
+            check_creatable(addr, self.config.username_min_length, self.config.username_max_length)
+        except AddressError as e:
+            return f"invalid address: {e}"
+        return None
+
+    def create(
+        self, raw_addr: str, password: str, *, password_is_hash: bool = False
+    ) -> CreateResult:
+        """Create the account unless it exists (then return it unchanged).
+
+        Callers check :meth:`creation_refusal` (and system limits) first; this
+        method only re-validates the address.  Concurrent calls for one address
+        produce exactly one password file.
+        """
+        account = self.account(raw_addr)
+        existing = account.password_hash()
+        if existing is not None:
+            return CreateResult(account, created=False)
+        account.home.mkdir(parents=True, exist_ok=True, mode=0o700)
+        lock = filelock.FileLock(str(account.home / (PASSWORD + ".lock")), timeout=LOCK_TIMEOUT)
+        with lock:
+            if account.password_hash() is not None:
+                return CreateResult(account, created=False)
+            stored = password if password_is_hash else hash_password(password)
+            touch_flag(account.home / FLAG_ENFORCE_E2EE)
+            atomic_write(account.password_path, stored.encode("ascii"))
+        return CreateResult(account, created=True)
+
+    def set_password(self, raw_addr: str, password: str) -> Account:
+        account = self.account(raw_addr)
+        account.home.mkdir(parents=True, exist_ok=True, mode=0o700)
+        lock = filelock.FileLock(str(account.home / (PASSWORD + ".lock")), timeout=LOCK_TIMEOUT)
+        with lock:
+            mtime = account.last_login()
+            atomic_write(account.password_path, hash_password(password).encode("ascii"))
+            if mtime is not None:  # a password change is not a login
+                os.utime(account.password_path, (mtime, mtime))
+        return account
+
+    def delete(self, raw_addr: str) -> bool:
+        account = self.account(raw_addr)
+        if not account.home.is_dir() or account.home.is_symlink():
+            return False
+        # rename first so Dovecot/doveauth never see a half-deleted account
+        trash = self.root / f".deleting-{secrets.token_hex(6)}"
+        try:
+            os.rename(account.home, trash)
+        except OSError as e:
+            if e.errno == errno.ENOENT:
+                return False
+            raise
+        shutil.rmtree(trash, ignore_errors=True)
+        return True
+
+    # -- listing
+
+    def iter_addresses(self) -> Iterator[str]:
+        """Every account directory name (sorted), without following symlinks."""
+        try:
+            entries = list(os.scandir(self.root))
+        except FileNotFoundError:
+            return
+        names = sorted(
+            e.name for e in entries if is_safe_dirname(e.name) and e.is_dir(follow_symlinks=False)
+        )
+        yield from names

@@ -1,0 +1,398 @@
+"""The one chatmail.ini: typed, validated, defaults in code.
+
+Every daemon and tool reads ``/etc/chatmail/chatmail.ini`` (section ``[params]``)
+through :func:`read_config`.  A bad value raises :class:`ConfigError` naming the
+key, the value and what is allowed; unknown keys produce one warning.
+"""
+
+from __future__ import annotations
+
+import configparser
+import dataclasses
+import ipaddress
+import logging
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+DEFAULT_CONFIG_PATH = "/etc/chatmail/chatmail.ini"
+SECTION = "params"
+
+log = logging.getLogger("chatmaild.config")
+
+
+class ConfigError(Exception):
+    """A chatmail.ini problem; the message names the key and what is allowed."""
+
+
+# --- value parsers: each takes the raw string and returns the typed value or
+# raises ValueError with a text saying what is allowed.
+
+
+def parse_bool(raw: str) -> bool:
+    low = raw.strip().lower()
+    if low in ("1", "yes", "true", "on"):
+        return True
+    if low in ("0", "no", "false", "off", ""):
+        return False
+    raise ValueError("expected a boolean: yes/no, true/false, on/off, 1/0")
+
+
+def _int_in(lo: int, hi: int | None = None) -> Callable[[str], int]:
+    def parse(raw: str) -> int:
+        try:
+            value = int(raw.strip(), 10)
+        except ValueError:
+            raise ValueError("expected a whole number") from None
+        if value < lo or (hi is not None and value > hi):
+            upper = f"..{hi}" if hi is not None else " or more"
+            raise ValueError(f"expected a whole number in {lo}{upper}")
+        return value
+
+    parse.__doc__ = f"integer >= {lo}"
+    return parse
+
+
+def parse_port(raw: str) -> int:
+    return _int_in(1, 65535)(raw)
+
+
+_SIZE_RE = re.compile(r"^\s*(\d+)\s*([kmgt]?)(i?b)?\s*$", re.IGNORECASE)
+_SIZE_UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
+
+
+def parse_size(raw: str) -> int:
+    """A byte size: ``31457280``, ``500M``, ``2G``, ``100MB``, ``64KiB``."""
+    m = _SIZE_RE.match(raw)
+    if not m:
+        raise ValueError("expected a size like 31457280, 500M, 2G or 64K")
+    return int(m.group(1)) * _SIZE_UNITS[m.group(2).lower()]
+
+
+def parse_size_mb(raw: str) -> int:
+    """Like :func:`parse_size`, but a bare number means megabytes (reference syslimits)."""
+    if raw.strip().isdigit():
+        return int(raw.strip()) * 1024**2
+    return parse_size(raw)
+
+
+def parse_float(raw: str) -> float:
+    try:
+        value = float(raw.strip())
+    except ValueError:
+        raise ValueError("expected a number such as 5 or 2.5") from None
+    if value <= 0:
+        raise ValueError("expected a number greater than 0")
+    return value
+
+
+def parse_str(raw: str) -> str:
+    return raw.strip()
+
+
+def parse_abspath(raw: str) -> str:
+    value = raw.strip()
+    if not value.startswith("/"):
+        raise ValueError("expected an absolute path starting with /")
+    if "\0" in value:
+        raise ValueError("expected a path without NUL bytes")
+    return value
+
+
+def parse_optional_abspath(raw: str) -> str:
+    return parse_abspath(raw) if raw.strip() else ""
+
+
+def parse_host(raw: str) -> str:
+    value = raw.strip()
+    if not value or any(c.isspace() for c in value):
+        raise ValueError("expected a host name or IP address")
+    return value
+
+
+def parse_user(raw: str) -> str:
+    value = raw.strip()
+    if not re.fullmatch(r"[a-z_][a-z0-9_-]*\$?", value):
+        raise ValueError("expected a system user name like vmail")
+    return value
+
+
+_DOMAIN_RE = re.compile(
+    r"^(?=.{1,253}$)([a-z0-9_](?:[a-z0-9-]{0,61}[a-z0-9])?)(\.[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?)*$"
+)
+
+
+def parse_mail_domain(raw: str) -> str:
+    """An FQDN (lowercased), or a bare IPv4 address which becomes ``[a.b.c.d]``."""
+    value = raw.strip().lower().rstrip(".")
+    try:
+        ip = ipaddress.IPv4Address(value.strip("[]"))
+    except ValueError:
+        pass
+    else:
+        return f"[{ip}]"
+    if not _DOMAIN_RE.match(value) or "." not in value:
+        raise ValueError(
+            "expected a fully qualified domain name like chat.example.org or an IPv4 address"
+        )
+    return value
+
+
+def parse_cert_and_key(raw: str) -> tuple[str, str] | None:
+    parts = raw.split()
+    if not parts:
+        return None
+    if len(parts) != 2 or not all(p.startswith("/") for p in parts):
+        raise ValueError("expected two absolute paths: CERTFILE KEYFILE")
+    return parts[0], parts[1]
+
+
+def parse_url(raw: str) -> str:
+    value = raw.strip()
+    if value and not re.match(r"^https?://[^\s/]+", value):
+        raise ValueError("expected an http:// or https:// URL")
+    return value
+
+
+def _key(
+    parse: Callable[[str], Any], doc: str, default: Any = dataclasses.MISSING, **kw: Any
+) -> Any:
+    """A config key: its parser and one-line doc travel as dataclass field metadata."""
+    meta = {"parse": parse, "doc": doc}
+    if default is dataclasses.MISSING:
+        return field(metadata=meta, **kw)
+    if isinstance(default, (list, dict, tuple)) and default:
+        return field(default_factory=lambda: default, metadata=meta, **kw)
+    return field(default=default, metadata=meta, **kw)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Config:
+    """Effective chatmail configuration; attribute names are the ini keys."""
+
+    # -- identity
+    mail_domain: str = _key(parse_mail_domain, "the relay's mail domain (FQDN or IPv4)")
+
+    # -- accounts
+    username_min_length: int = _key(_int_in(1, 64), "shortest localpart allowed at creation", 9)
+    username_max_length: int = _key(_int_in(1, 64), "longest localpart allowed at creation", 9)
+    password_min_length: int = _key(_int_in(1, 1024), "shortest password allowed at creation", 9)
+    mailboxes_dir: str = _key(parse_abspath, "directory holding one directory per account", "")
+    vmail_user: str = _key(parse_user, "system user owning mail (userdb uid/gid)", "vmail")
+    nocreate_file: str = _key(
+        parse_abspath, "if this file exists, no new accounts are created", "/etc/chatmail-nocreate"
+    )
+    passdb_path: str = _key(
+        parse_abspath, "legacy sqlite passdb (read only for migration)", "/home/vmail/passdb.sqlite"
+    )
+
+    # -- registration refusal under load (reference syslimits)
+    max_load_1m: float = _key(parse_float, "refuse new accounts above this 1-minute load", 5.0)
+    min_available_memory: int = _key(
+        parse_size_mb, "refuse new accounts below this available memory", 200 * 1024**2
+    )
+    min_free_disk_space: int = _key(
+        parse_size_mb, "refuse new accounts below this free space in mailboxes_dir", 1024**3
+    )
+
+    # -- limits
+    max_user_send_per_minute: int = _key(_int_in(1), "outgoing messages per sender per minute", 60)
+    max_user_send_burst_size: int = _key(_int_in(1), "outgoing burst before the rate applies", 10)
+    max_mailbox_size: int = _key(parse_size, "mailbox quota", 500 * 1024**2)
+    max_message_size: int = _key(parse_size, "largest message accepted", 31457280)
+    max_imap_connections: int = _key(_int_in(1), "Dovecot imap process limit", 10000)
+    max_smtp_connections: int = _key(_int_in(5), "Postfix submission process limit", 1000)
+
+    # -- expiry (days)
+    delete_mails_after: int = _key(_int_in(1), "days after which every message is deleted", 20)
+    delete_large_after: int = _key(_int_in(1), "days after which fetched large messages go", 7)
+    delete_inactive_users_after: int = _key(
+        _int_in(1), "days without login after which an account is removed", 90
+    )
+    large_message_size: int = _key(parse_size, "threshold for delete_large_after", 200000)
+
+    # -- dict daemons (UNIX sockets Dovecot connects to)
+    doveauth_socket: str = _key(
+        parse_abspath, "doveauth dict socket", "/run/doveauth/doveauth.socket"
+    )
+    metadata_socket: str = _key(
+        parse_abspath, "chatmail-metadata dict socket", "/run/chatmail-metadata/metadata.socket"
+    )
+    lastlogin_socket: str = _key(
+        parse_abspath, "lastlogin dict socket", "/run/chatmail-lastlogin/lastlogin.socket"
+    )
+
+    # -- filtermail and Postfix re-injection
+    filtermail_host: str = _key(parse_host, "address the SMTP filters listen on", "127.0.0.1")
+    filtermail_smtp_port: int = _key(parse_port, "outgoing filter port", 10080)
+    filtermail_smtp_port_incoming: int = _key(parse_port, "incoming filter port", 10081)
+    filtermail_milter_port: int = _key(parse_port, "DKIM signing milter port", 10084)
+    postfix_host: str = _key(parse_host, "Postfix re-injection host", "127.0.0.1")
+    postfix_reinject_port: int = _key(parse_port, "Postfix outgoing re-injection port", 10025)
+    postfix_reinject_port_incoming: int = _key(
+        parse_port, "Postfix incoming re-injection port", 10026
+    )
+
+    # -- DKIM
+    dkim_selector: str = _key(parse_str, "DKIM selector", "opendkim")
+    dkim_key_path: str = _key(
+        parse_abspath, "DKIM private key (PEM)", "/etc/dkimkeys/opendkim.private"
+    )
+    dns_resolver: str = _key(
+        parse_str, "DNS server for DKIM key lookups, host[:port]; empty = system resolver", ""
+    )
+
+    # -- push notifications and metadata
+    notification_url: str = _key(
+        parse_url, "push notification endpoint", "https://notifications.delta.chat/notify"
+    )
+    notification_dir: str = _key(parse_abspath, "queue of pending push notifications", "")
+    iroh_relay: str = _key(parse_url, "iroh relay URL advertised to clients", "")
+    turn_socket_path: str = _key(
+        parse_abspath, "TURN credentials socket", "/run/chatmail-turn/turn.socket"
+    )
+
+    # -- Postfix / Dovecot / web
+    smtp_port: int = _key(parse_port, "MTA port (incoming relay mail)", 25)
+    submission_port: int = _key(parse_port, "STARTTLS submission port", 587)
+    submissions_port: int = _key(parse_port, "implicit-TLS submission port", 465)
+    imap_port: int = _key(parse_port, "IMAP STARTTLS port", 143)
+    imaps_port: int = _key(parse_port, "IMAP implicit-TLS port", 993)
+    newemail_port: int = _key(parse_port, "HTTPS onboarding endpoint port", 443)
+    disable_ipv6: bool = _key(parse_bool, "IPv4 only", False)
+    imap_rawlog: bool = _key(parse_bool, "keep raw IMAP logs per user", False)
+    imap_compress: bool = _key(parse_bool, "enable IMAP COMPRESS (disables hibernation)", False)
+    tls_external_cert_and_key: tuple[str, str] | None = _key(
+        parse_cert_and_key, "CERTFILE KEYFILE of an externally managed certificate", None
+    )
+    mtail_address: str = _key(parse_str, "metrics bind address; empty disables", "")
+    acme_email: str = _key(parse_str, "ACME contact", "")
+    www_folder: str = _key(parse_str, "website source folder", "")
+    privacy_mail: str = _key(parse_str, "privacy contact mail", "")
+    privacy_postal: str = _key(parse_str, "privacy contact postal address", "")
+    privacy_pdo: str = _key(parse_str, "privacy data officer", "")
+    privacy_supervisor: str = _key(parse_str, "privacy supervisor", "")
+
+    # ini keys that were read but are not known; reported once as a warning
+    unknown_keys: tuple[str, ...] = field(default=(), compare=False)
+
+    def __post_init__(self) -> None:
+        bare = self.mail_domain.strip("[]")
+        defaults = {
+            "mailboxes_dir": f"/home/vmail/mail/{bare}",
+            "notification_dir": None,  # filled below, depends on mailboxes_dir
+        }
+        if not self.mailboxes_dir:
+            object.__setattr__(self, "mailboxes_dir", defaults["mailboxes_dir"])
+        if not self.notification_dir:
+            object.__setattr__(
+                self, "notification_dir", str(Path(self.mailboxes_dir) / "pending_notifications")
+            )
+        if self.username_min_length > self.username_max_length:
+            raise ConfigError(
+                f"username_min_length = {self.username_min_length} is greater than "
+                f"username_max_length = {self.username_max_length}; allowed: min <= max"
+            )
+
+    # -- derived values
+
+    @property
+    def is_ip_domain(self) -> bool:
+        return self.mail_domain.startswith("[")
+
+    @property
+    def max_mailbox_size_mb(self) -> int:
+        return self.max_mailbox_size // 1024**2
+
+    @property
+    def mailboxes_path(self) -> Path:
+        return Path(self.mailboxes_dir)
+
+    def as_ini_items(self) -> list[tuple[str, str, str]]:
+        """(key, effective value as ini text, doc) for every key, for ``chatmaild config``."""
+        items = []
+        for f in config_fields():
+            value = getattr(self, f.name)
+            if isinstance(value, bool):
+                text = "true" if value else "false"
+            elif isinstance(value, tuple):
+                text = " ".join(value)
+            elif value is None:
+                text = ""
+            else:
+                text = str(value)
+            items.append((f.name, text, f.metadata["doc"]))
+        return items
+
+
+def config_fields() -> list[dataclasses.Field]:
+    return [f for f in dataclasses.fields(Config) if "parse" in f.metadata]
+
+
+KNOWN_KEYS = frozenset(f.name for f in config_fields())
+# keys of the reference's ini that this suite accepts silently but does not use
+IGNORED_KEYS = frozenset(
+    {
+        "filtermail_http_port_incoming",
+        "filtermail_lmtp_port_transport",
+        "passthrough_senders",
+        "passthrough_recipients",
+    }
+)
+
+
+def parse_params(params: dict[str, str], source: str = "chatmail.ini") -> Config:
+    """Build a Config from raw ``key -> text`` pairs, raising ConfigError on the first bad key."""
+    values: dict[str, Any] = {}
+    for f in config_fields():
+        if f.name not in params:
+            continue
+        raw = params[f.name]
+        try:
+            values[f.name] = f.metadata["parse"](raw)
+        except ValueError as e:
+            raise ConfigError(f"{source}: {f.name} = {raw!r} is invalid: {e}") from None
+    if "mail_domain" not in values:
+        raise ConfigError(f"{source}: required key mail_domain is missing from [{SECTION}]")
+    unknown = tuple(sorted(set(params) - KNOWN_KEYS - IGNORED_KEYS))
+    try:
+        return Config(**values, unknown_keys=unknown)
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
+
+
+def read_config(path: str | Path = DEFAULT_CONFIG_PATH, *, warn_unknown: bool = True) -> Config:
+    """Read and validate chatmail.ini; raise ConfigError with a precise message."""
+    path = Path(path)
+    parser = configparser.ConfigParser(interpolation=None, strict=True)
+    try:
+        with open(path, encoding="utf-8") as fp:
+            parser.read_file(fp)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: cannot read config: {e}") from None
+    except configparser.Error as e:
+        raise ConfigError(f"{path}: malformed ini: {e.message}") from None
+    if not parser.has_section(SECTION):
+        raise ConfigError(f"{path}: missing section [{SECTION}]")
+    config = parse_params(dict(parser.items(SECTION)), source=str(path))
+    if warn_unknown and config.unknown_keys:
+        log.warning(
+            "%s: ignoring unknown keys in [%s]: %s", path, SECTION, ", ".join(config.unknown_keys)
+        )
+    return config
+
+
+def write_config(path: str | Path, **params: Any) -> Path:
+    """Write a minimal chatmail.ini with the given keys (used by tests and ``make run``)."""
+    path = Path(path)
+    lines = [f"[{SECTION}]"]
+    for key, value in params.items():
+        if isinstance(value, bool):
+            value = "true" if value else "false"
+        lines.append(f"{key} = {value}")
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path

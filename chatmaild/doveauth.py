@@ -1,0 +1,161 @@
+"""Dovecot passdb/userdb dict that creates accounts on first login.
+
+Dovecot asks over a UNIX socket (``passdb`` and ``userdb`` with ``driver = dict``).
+For an existing account doveauth answers the stored password hash and Dovecot
+verifies the password itself; an unknown address is created on the spot when
+registration is open (no nocreate file), the password is long enough, the
+localpart is valid and the machine is not overloaded.
+
+Keys on the wire (Dovecot adds the ``shared/`` prefix):
+
+    shared/passdb/<password>"<user>    password and user escaped with %E
+    shared/userdb/<user>
+
+Iterating ``shared/userdb/`` lists every account (``doveadm user -A``).
+
+LOG LINES
+    Created address: ADDR
+    registration rejected: REASON: ADDR
+
+FILES
+    /etc/chatmail/chatmail.ini    configuration (doveauth_socket, mailboxes_dir, ...)
+    /etc/chatmail-nocreate        when present, no accounts are created
+
+SIGNALS
+    SIGTERM, SIGINT    finish requests in flight, then exit 0
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+
+from .accounts import Account, AccountStore
+from .addr import AddressError
+from .config import Config
+from .dictproxy import DictDaemon, ProtocolError
+from .service import Endpoint, run_daemon
+from .syslimits import resource_refusal
+
+log = logging.getLogger("doveauth")
+
+
+def split_escaped_key(rest: str) -> list[str]:
+    """Split ``%E``-escaped fields separated by unescaped ``"``; backslash quotes one char."""
+    fields: list[str] = []
+    current: list[str] = []
+    it = iter(rest)
+    for c in it:
+        if c == "\\":
+            nxt = next(it, None)
+            if nxt is None:
+                raise ProtocolError("key ends in a lone backslash")
+            current.append(nxt)
+        elif c == '"':
+            fields.append("".join(current))
+            current = []
+        else:
+            current.append(c)
+    fields.append("".join(current))
+    return fields
+
+
+class AuthService:
+    """passdb/userdb answers over the account store; used by the dict and checkpassword."""
+
+    def __init__(self, config: Config, store: AccountStore | None = None) -> None:
+        self.config = config
+        self.store = store or AccountStore(config)
+
+    def user_fields(self, account: Account, stored_hash: str, requested: str) -> dict[str, str]:
+        fields = {
+            "addr": account.addr,
+            "home": str(account.home),
+            "uid": self.config.vmail_user,
+            "gid": self.config.vmail_user,
+            "password": stored_hash,
+        }
+        if requested != account.addr:
+            fields["user"] = account.addr  # Dovecot continues with the canonical name
+        return fields
+
+    def userdb(self, user: str) -> dict[str, str] | None:
+        try:
+            account = self.store.account(user)
+        except AddressError:
+            return None
+        stored = account.password_hash()
+        if stored is None:
+            return None
+        return self.user_fields(account, stored, user)
+
+    def passdb(self, user: str, password: str) -> dict[str, str] | None:
+        """Answer an existing account, or create it when every rule allows."""
+        try:
+            account = self.store.account(user)
+        except AddressError as e:
+            log.warning("registration rejected: invalid address: %s: %r", e, user)
+            return None
+        stored = account.password_hash()
+        if stored is not None:
+            if account.is_disabled:
+                log.info("login refused for disabled account %s", account.addr)
+                return None
+            return self.user_fields(account, stored, user)
+        refusal = self.store.creation_refusal(user, password) or resource_refusal(self.config)
+        if refusal:
+            log.warning("registration rejected: %s: %s", refusal, account.addr)
+            return None
+        result = self.store.create(user, password)
+        if result.created:
+            log.info("Created address: %s", account.addr)
+        stored = account.password_hash()
+        if stored is None:  # deleted between create and read; let the client retry
+            return None
+        return self.user_fields(account, stored, user)
+
+
+class DoveauthDaemon(DictDaemon):
+    name = "doveauth"
+
+    def __init__(self, config: Config, args=None) -> None:
+        super().__init__(config, args)
+        self.auth = AuthService(config)
+
+    def endpoint(self) -> Endpoint:
+        # Dovecot's auth process connects as dovecot/root; vmail owns the socket
+        return Endpoint.unix(self.config.doveauth_socket, mode=0o666)
+
+    async def lookup(self, key: str, user: str | None) -> str | None:
+        namespace, _, rest = key.partition("/")
+        kind, _, rest = rest.partition("/")
+        if namespace != "shared" or kind not in ("passdb", "userdb"):
+            raise ProtocolError(f"unsupported key {key[:80]!r}")
+        fields = split_escaped_key(rest)
+        if kind == "userdb":
+            answer = self.auth.userdb(fields[0])
+        else:
+            if len(fields) != 2:
+                raise ProtocolError('passdb key needs <password>"<user>')
+            password, username = fields
+            known = self.auth.userdb(username)
+            if known is not None and not self.auth.store.account(username).is_disabled:
+                answer = known  # fast path: no thread for existing accounts
+            else:
+                # hashing and the creation lock block: keep them off the event loop
+                answer = await asyncio.to_thread(self.auth.passdb, username, password)
+        return json.dumps(answer) if answer is not None else None
+
+    async def iterate(self, flags, max_rows, paths, user):
+        if paths and paths[0].rstrip("/") == "shared/userdb":
+            return [(f"shared/userdb/{addr}", "") for addr in self.auth.store.iter_addresses()]
+        return []
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_daemon(DoveauthDaemon, __doc__, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,380 @@
+"""Shared daemon runtime: argv, config, logging, sockets, sd_notify, graceful stop.
+
+A daemon module supplies a :class:`Daemon` (connection handler plus optional
+background work) and calls :func:`run_daemon`; nothing else is per-daemon.
+
+Lifecycle: parse ``--config`` -> validate config -> set up logging (journald
+under systemd, stderr otherwise) -> take the listening socket from systemd
+(``LISTEN_FDS``) or bind it -> ``READY=1`` -> serve.  SIGTERM/SIGINT stop
+accepting, send ``STOPPING=1``, let in-flight requests finish (bounded by
+``--stop-timeout``), close idle connections and exit 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import stat
+import sys
+import textwrap
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from .config import DEFAULT_CONFIG_PATH, Config, ConfigError, read_config
+
+SD_LISTEN_FDS_START = 3
+EXIT_CONFIG = 78  # EX_CONFIG from sysexits.h, also systemd's "not configured"
+
+
+# ---------------------------------------------------------------- logging
+
+
+def setup_logging(prog: str, *, verbose: bool = False) -> logging.Logger:
+    """Log to journald when started by systemd, else to stderr; return the daemon's logger."""
+    level = logging.DEBUG if verbose else logging.INFO
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+    handler: logging.Handler | None = None
+    if os.environ.get("JOURNAL_STREAM") or os.environ.get("INVOCATION_ID"):
+        try:
+            from systemd.journal import JournalHandler  # type: ignore[import-not-found]
+
+            handler = JournalHandler(SYSLOG_IDENTIFIER=prog)
+            handler.setFormatter(logging.Formatter("%(message)s"))
+        except ImportError:
+            handler = None
+    if handler is None:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(
+            logging.Formatter(f"%(asctime)s {prog}[%(process)d] %(levelname)s %(message)s")
+        )
+    root.addHandler(handler)
+    root.setLevel(level)
+    return logging.getLogger(prog)
+
+
+# ---------------------------------------------------------------- sd_notify
+
+
+def sd_notify(state: str) -> None:
+    """Tell systemd about our state if it asked (NOTIFY_SOCKET); a no-op otherwise."""
+    if not os.environ.get("NOTIFY_SOCKET"):
+        return
+    try:
+        from systemd import daemon as sd_daemon  # type: ignore[import-not-found]
+
+        sd_daemon.notify(state)
+        return
+    except ImportError:
+        pass
+    # python-systemd missing: the protocol is one datagram, so speak it directly
+    addr = os.environ["NOTIFY_SOCKET"]
+    if addr.startswith("@"):
+        addr = "\0" + addr[1:]
+    with contextlib.suppress(OSError), socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+        s.sendto(state.encode(), addr)
+
+
+# ---------------------------------------------------------------- sockets
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """Where a daemon listens: a UNIX socket path or a TCP host:port."""
+
+    path: str | None = None
+    host: str | None = None
+    port: int | None = None
+    mode: int = 0o660
+
+    @classmethod
+    def unix(cls, path: str, mode: int = 0o660) -> Endpoint:
+        return cls(path=path, mode=mode)
+
+    @classmethod
+    def tcp(cls, host: str, port: int) -> Endpoint:
+        return cls(host=host, port=port)
+
+    @classmethod
+    def parse(cls, text: str) -> Endpoint:
+        """``/path/to.sock`` or ``host:port`` / ``[v6]:port``."""
+        if text.startswith("/"):
+            return cls.unix(text)
+        host, sep, port = text.rpartition(":")
+        if not sep or not port.isdigit():
+            raise ValueError(f"not a socket path or host:port: {text!r}")
+        return cls.tcp(host.strip("[]") or "127.0.0.1", int(port))
+
+    def __str__(self) -> str:
+        return self.path if self.path else f"{self.host}:{self.port}"
+
+
+def systemd_sockets() -> list[socket.socket]:
+    """Sockets passed by systemd socket activation, if they are meant for this process."""
+    if os.environ.get("LISTEN_PID") != str(os.getpid()):
+        return []
+    try:
+        count = int(os.environ.get("LISTEN_FDS", "0"))
+    except ValueError:
+        return []
+    for var in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
+        os.environ.pop(var, None)
+    fds = range(SD_LISTEN_FDS_START, SD_LISTEN_FDS_START + count)
+    return [socket.socket(fileno=fd) for fd in fds]
+
+
+def bind_socket(endpoint: Endpoint, backlog: int = 1024) -> socket.socket:
+    """Bind a listening socket, replacing a stale UNIX socket file but never a live one."""
+    if endpoint.path:
+        path = Path(endpoint.path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.exists() or path.is_symlink():
+            if not stat.S_ISSOCK(path.lstat().st_mode):
+                raise OSError(f"{path} exists and is not a socket; refusing to replace it")
+            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                probe.connect(str(path))
+            except OSError:
+                path.unlink()  # stale: nobody answers
+            else:
+                raise OSError(f"{path} is in use by another process")
+            finally:
+                probe.close()
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old_umask = os.umask(0o777 & ~endpoint.mode)
+        try:
+            sock.bind(str(path))
+        finally:
+            os.umask(old_umask)
+        os.chmod(path, endpoint.mode)
+    else:
+        infos = socket.getaddrinfo(
+            endpoint.host, endpoint.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
+        family, _, _, _, addr = infos[0]
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(addr)
+    sock.listen(backlog)
+    sock.setblocking(False)
+    return sock
+
+
+# ---------------------------------------------------------------- daemon base
+
+
+class Daemon:
+    """Base for a served daemon; override :meth:`handle_connection`.
+
+    ``request()`` marks work that graceful stop must let finish; connections
+    that are only waiting for input are closed at stop.
+    """
+
+    name = "daemon"
+
+    def __init__(self, config: Config, args: argparse.Namespace | None = None) -> None:
+        self.config = config
+        self.args = args
+        self.log = logging.getLogger(self.name)
+        self.stopping = asyncio.Event()
+        self._inflight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    def endpoint(self) -> Endpoint:
+        raise NotImplementedError
+
+    async def start(self) -> None:
+        """Start background work before the socket is served."""
+
+    async def stop(self) -> None:
+        """Stop background work after connections are done."""
+
+    async def handle_connection(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        raise NotImplementedError
+
+    @contextlib.contextmanager
+    def request(self) -> Iterator[None]:
+        self._inflight += 1
+        self._idle.clear()
+        try:
+            yield
+        finally:
+            self._inflight -= 1
+            if self._inflight == 0:
+                self._idle.set()
+
+    async def drain(self, timeout: float) -> bool:
+        """Wait until no request is in flight; False if the timeout hit first."""
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout)
+            return True
+        except TimeoutError:
+            return False
+
+
+class Server:
+    """Runs one Daemon on its socket until stopped."""
+
+    def __init__(self, daemon: Daemon, sock: socket.socket, stop_timeout: float = 30.0):
+        self.daemon = daemon
+        self.sock = sock
+        self.stop_timeout = stop_timeout
+        self.connections: set[asyncio.Task] = set()
+        self._server: asyncio.base_events.Server | None = None
+        self._stopped = asyncio.Event()
+
+    async def _on_connect(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self.connections.add(task)
+        try:
+            await self.daemon.handle_connection(reader, writer)
+        except asyncio.CancelledError:
+            pass
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        except Exception:
+            self.daemon.log.exception("connection handler failed; connection closed")
+        finally:
+            self.connections.discard(task)
+            writer.close()
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()
+
+    async def start(self) -> None:
+        await self.daemon.start()
+        # limit bounds one buffered line; protocols enforce their own smaller limits
+        if self.sock.family == socket.AF_UNIX:
+            self._server = await asyncio.start_unix_server(
+                self._on_connect, sock=self.sock, limit=2**20
+            )
+        else:
+            self._server = await asyncio.start_server(self._on_connect, sock=self.sock, limit=2**20)
+
+    async def stop(self) -> None:
+        """Graceful stop: no new connections, finish in-flight work, close the rest."""
+        if self._stopped.is_set():
+            return
+        self._stopped.set()
+        self.daemon.stopping.set()
+        if self._server is not None:
+            self._server.close()
+        if not await self.daemon.drain(self.stop_timeout):
+            self.daemon.log.warning("stop: requests still running after %ss", self.stop_timeout)
+        for task in list(self.connections):
+            task.cancel()
+        if self.connections:
+            await asyncio.wait(list(self.connections), timeout=5)
+        await self.daemon.stop()
+
+    async def serve_until_signal(self) -> None:
+        loop = asyncio.get_running_loop()
+        stop_requested = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop_requested.set)
+        await self.start()
+        sd_notify("READY=1")
+        self.daemon.log.info("listening on %s", self.daemon.endpoint())
+        await stop_requested.wait()
+        self.daemon.log.info("stopping")
+        sd_notify("STOPPING=1")
+        await self.stop()
+        self.daemon.log.info("stopped")
+
+
+# ---------------------------------------------------------------- command line
+
+
+def make_parser(prog: str, doc: str) -> argparse.ArgumentParser:
+    """An argparse parser whose --help reads like a man page, built from a module docstring.
+
+    The docstring's first line is the NAME summary; the rest is DESCRIPTION and
+    may contain FILES/SIGNALS/EXIT STATUS sections.
+    """
+    summary, _, body = (doc or prog).strip().partition("\n")
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description=f"{prog} - {summary.strip()}\n\n" + textwrap.dedent(body).strip(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--config",
+        "-c",
+        metavar="PATH",
+        default=os.environ.get("CHATMAIL_INI", DEFAULT_CONFIG_PATH),
+        help="chatmail.ini to read (default: %(default)s; env CHATMAIL_INI)",
+    )
+    parser.add_argument("--verbose", "-v", action="store_true", help="log debug messages")
+    return parser
+
+
+def load_config_or_exit(path: str, prog: str) -> Config:
+    try:
+        return read_config(path)
+    except ConfigError as e:
+        print(f"{prog}: {e}", file=sys.stderr)
+        raise SystemExit(EXIT_CONFIG) from None
+
+
+def run_daemon(
+    daemon_class: type[Daemon],
+    doc: str,
+    argv: list[str] | None = None,
+    add_arguments: Callable[[argparse.ArgumentParser], None] | None = None,
+) -> int:
+    """Entry point shared by every socket daemon."""
+    prog = daemon_class.name
+    parser = make_parser(prog, doc)
+    parser.add_argument(
+        "--listen",
+        metavar="SOCKET",
+        help="override the configured socket: /path.sock or host:port",
+    )
+    parser.add_argument(
+        "--stop-timeout",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="how long a stop waits for in-flight requests (default: %(default)s)",
+    )
+    if add_arguments:
+        add_arguments(parser)
+    args = parser.parse_args(argv)
+    log = setup_logging(prog, verbose=args.verbose)
+    config = load_config_or_exit(args.config, prog)
+
+    async def main() -> int:
+        daemon = daemon_class(config, args)
+        endpoint = Endpoint.parse(args.listen) if args.listen else daemon.endpoint()
+        inherited = systemd_sockets()
+        try:
+            sock = inherited[0] if inherited else bind_socket(endpoint)
+        except OSError as e:
+            log.error("cannot listen on %s: %s", endpoint, e)
+            return 1
+        sock.setblocking(False)
+        server = Server(daemon, sock, stop_timeout=args.stop_timeout)
+        try:
+            await server.serve_until_signal()
+        finally:
+            if endpoint.path and not inherited:
+                with contextlib.suppress(OSError):
+                    os.unlink(endpoint.path)
+        return 0
+
+    return asyncio.run(main())
+
+
+def run_async_main(coro_factory: Callable[[], Awaitable[int]]) -> int:
+    """For tools (not socket daemons) that still want one asyncio main."""
+    return asyncio.run(coro_factory())
