@@ -14,22 +14,28 @@ and :meth:`commit`.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import logging
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
 
 from .service import Daemon
 
-MAX_LINE = 64 * 1024
+MAX_LINE = 64 * 1024  # Dovecot's own DICT_CLIENT_MAX_LINE_LENGTH
+HEAD = 256  # bytes kept of an over-long line: enough for command letter and txid
+OVERSIZE = b"\0oversize\0"  # marks a refused line; NUL never starts a real command
 
 ESCAPE = "\x01"
 _UNESCAPE = {"0": "\0", "1": "\x01", "t": "\t", "r": "\r", "n": "\n"}
 _ESCAPE = {"\0": "\x010", "\x01": "\x011", "\t": "\x01t", "\r": "\x01r", "\n": "\x01n"}
 
-# iterate flags (lib-dict/dict.h)
+# iterate flags (Dovecot 2.3 lib-dict/dict.h)
 ITER_RECURSE = 0x01
-ITER_EXACT_KEY = 0x08
-ITER_NO_VALUE = 0x10
+ITER_SORT_BY_KEY = 0x02
+ITER_SORT_BY_VALUE = 0x04
+ITER_NO_VALUE = 0x08
+ITER_EXACT_KEY = 0x10
+ITER_ASYNC = 0x20
 
 log = logging.getLogger("chatmaild.dictproxy")
 
@@ -122,20 +128,35 @@ class DictConnection:
         self.transactions: dict[str, Transaction] = {}
 
     async def read_line(self) -> bytes | None:
-        """One request line without its LF, or None at EOF / oversize (connection ends)."""
+        """One request line without its LF, or None at EOF.
+
+        A line over MAX_LINE is consumed whole and returned as :data:`OVERSIZE`
+        plus its first bytes, so only that request fails and the stream stays in step.
+        """
         try:
             line = await self.reader.readuntil(b"\n")
         except asyncio.IncompleteReadError:
             return None  # EOF, possibly mid-line: nothing complete to answer
         except asyncio.LimitOverrunError:
-            line = None
-        if line is None or len(line) > MAX_LINE + 1:
-            # We cannot know whether the oversize command wanted a reply; F is the
-            # only safe answer, and the stream position is lost, so close.
-            self.daemon.log.warning("dict request line over %d bytes; closing connection", MAX_LINE)
-            await self.write("F")
-            return None
+            return OVERSIZE + await self._discard_line()
+        if len(line) > MAX_LINE + 1:
+            return OVERSIZE + line[:HEAD]
         return line[:-1]
+
+    async def _discard_line(self) -> bytes:
+        """Skip the rest of an over-long line; return its first bytes (command, txid)."""
+        head = b""
+        while True:
+            try:
+                rest = await self.reader.readuntil(b"\n")
+            except asyncio.LimitOverrunError as e:
+                chunk = await self.reader.read(max(e.consumed, 1))
+            except asyncio.IncompleteReadError as e:
+                return (head + e.partial)[:HEAD]  # EOF ends the connection next read
+            else:
+                return (head + rest)[:HEAD]
+            if len(head) < HEAD:
+                head += chunk[: HEAD - len(head)]
 
     async def write(self, *lines: str) -> None:
         data = "".join(line + "\n" for line in lines).encode("utf-8", "surrogateescape")
@@ -148,16 +169,22 @@ class DictConnection:
             if raw is None:
                 return
             with self.daemon.request():
-                try:
-                    text = raw.decode("utf-8")
-                except UnicodeDecodeError:
-                    text = raw.decode("utf-8", "surrogateescape")
-                text = text.rstrip("\r")
-                if not text:
-                    continue  # empty lines carry no command
-                replies = await self.dispatch(text)
+                if raw.startswith(OVERSIZE):
+                    replies = self.refuse_oversize(raw[len(OVERSIZE) :])
+                else:
+                    text = raw.decode("utf-8", "surrogateescape").rstrip("\r")
+                    if not text:
+                        continue  # empty lines carry no command
+                    replies = await self.dispatch(text)
                 if replies:
                     await self.write(*replies)
+
+    def refuse_oversize(self, head: bytes) -> list[str]:
+        text = head.decode("utf-8", "surrogateescape")
+        self.daemon.log.warning(
+            "dict request line over %d bytes refused: %r...", MAX_LINE, text[:40]
+        )
+        return self.failure(text[:1], text[1:])
 
     async def dispatch(self, line: str) -> list[str]:
         cmd, rest = line[0], line[1:]
@@ -169,10 +196,29 @@ class DictConnection:
             return await handler(self, rest)
         except ProtocolError as e:
             self.daemon.log.warning("malformed dict request %r: %s", line[:200], e)
-            return ["F"] if cmd in REPLYING else []
         except Exception:
             self.daemon.log.exception("dict request %r failed", line[:200])
-            return ["F"] if cmd in REPLYING else []
+        return self.failure(cmd, rest)
+
+    def failure(self, cmd: str, rest: str) -> list[str]:
+        """The answer to a request that could not be carried out.
+
+        Commands with a reply get F; a failed change poisons its transaction so
+        the later COMMIT answers F instead of silently committing less.
+        """
+        txid = rest.split("\t", 1)[0]
+        if cmd in ("C", "D"):
+            self.transactions.pop(txid, None)
+            return [f"{'A' if cmd == 'D' else ''}F{txid}"]
+        if cmd in REPLYING or cmd not in COMMANDS:
+            return ["F"]
+        if cmd in "SUAT":
+            txn = self.transactions.get(txid)
+            if txn is None:
+                self.transactions[txid] = Transaction(txid, self.user, failed="bad request")
+            elif not txn.failed:
+                txn.failed = "bad request"
+        return []
 
     # ------------------------------------------------------------ commands
 
@@ -209,20 +255,27 @@ class DictConnection:
         if len(paths) > 1 and not paths[-1].startswith(("shared/", "priv/")):
             user = paths.pop()
         rows: list[str] = []
-        result = await self.daemon.iterate(flags, max_rows, paths, user)
-        if hasattr(result, "__aiter__"):
-            items = [item async for item in result]  # type: ignore[union-attr]
+        result = self.daemon.iterate(flags, max_rows, paths, user)
+        if inspect.isawaitable(result):  # a coroutine returning rows
+            result = await result
+        if hasattr(result, "__aiter__"):  # or an async generator
+            async for key, value in result:  # type: ignore[union-attr]
+                if max_rows and len(rows) >= max_rows:
+                    break
+                rows.append(self._row(flags, key, value))
         else:
-            items = list(result)  # type: ignore[arg-type]
-        for key, value in items:
-            if max_rows and len(rows) >= max_rows:
-                break
-            row = "O" + tabescape(key) + "\t"
-            if not flags & ITER_NO_VALUE:
-                row += tabescape(value)
-            rows.append(row)
+            for key, value in result:  # type: ignore[union-attr]
+                if max_rows and len(rows) >= max_rows:
+                    break
+                rows.append(self._row(flags, key, value))
         rows.append("")  # end of iteration
         return rows
+
+    @staticmethod
+    def _row(flags: int, key: str, value: str) -> str:
+        if flags & ITER_NO_VALUE:
+            return "O" + tabescape(key) + "\t"
+        return "O" + tabescape(key) + "\t" + tabescape(value)
 
     def _txn(self, txid: str) -> Transaction:
         txn = self.transactions.get(txid)

@@ -29,16 +29,13 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
 
-from .accounts import Account, AccountStore
-from .addr import AddressError
+from .auth import AuthService
 from .config import Config
 from .dictproxy import DictDaemon, ProtocolError
 from .service import Endpoint, run_daemon
-from .syslimits import resource_refusal
 
-log = logging.getLogger("doveauth")
+__all__ = ["AuthService", "DoveauthDaemon", "main", "split_escaped_key"]
 
 
 def split_escaped_key(rest: str) -> list[str]:
@@ -59,61 +56,6 @@ def split_escaped_key(rest: str) -> list[str]:
             current.append(c)
     fields.append("".join(current))
     return fields
-
-
-class AuthService:
-    """passdb/userdb answers over the account store; used by the dict and checkpassword."""
-
-    def __init__(self, config: Config, store: AccountStore | None = None) -> None:
-        self.config = config
-        self.store = store or AccountStore(config)
-
-    def user_fields(self, account: Account, stored_hash: str, requested: str) -> dict[str, str]:
-        fields = {
-            "addr": account.addr,
-            "home": str(account.home),
-            "uid": self.config.vmail_user,
-            "gid": self.config.vmail_user,
-            "password": stored_hash,
-        }
-        if requested != account.addr:
-            fields["user"] = account.addr  # Dovecot continues with the canonical name
-        return fields
-
-    def userdb(self, user: str) -> dict[str, str] | None:
-        try:
-            account = self.store.account(user)
-        except AddressError:
-            return None
-        stored = account.password_hash()
-        if stored is None:
-            return None
-        return self.user_fields(account, stored, user)
-
-    def passdb(self, user: str, password: str) -> dict[str, str] | None:
-        """Answer an existing account, or create it when every rule allows."""
-        try:
-            account = self.store.account(user)
-        except AddressError as e:
-            log.warning("registration rejected: invalid address: %s: %r", e, user)
-            return None
-        stored = account.password_hash()
-        if stored is not None:
-            if account.is_disabled:
-                log.info("login refused for disabled account %s", account.addr)
-                return None
-            return self.user_fields(account, stored, user)
-        refusal = self.store.creation_refusal(user, password) or resource_refusal(self.config)
-        if refusal:
-            log.warning("registration rejected: %s: %s", refusal, account.addr)
-            return None
-        result = self.store.create(user, password)
-        if result.created:
-            log.info("Created address: %s", account.addr)
-        stored = account.password_hash()
-        if stored is None:  # deleted between create and read; let the client retry
-            return None
-        return self.user_fields(account, stored, user)
 
 
 class DoveauthDaemon(DictDaemon):

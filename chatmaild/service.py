@@ -284,7 +284,10 @@ class Server:
             loop.add_signal_handler(sig, stop_requested.set)
         await self.start()
         sd_notify("READY=1")
-        self.daemon.log.info("listening on %s", self.daemon.endpoint())
+        where = self.sock.getsockname()
+        if isinstance(where, tuple):
+            where = f"{where[0]}:{where[1]}"
+        self.daemon.log.info("listening on %s", where or "inherited socket")
         await stop_requested.wait()
         self.daemon.log.info("stopping")
         sd_notify("STOPPING=1")

@@ -1,0 +1,81 @@
+"""passdb/userdb logic shared by the doveauth dict daemon and the checkpassword program.
+
+Kept free of asyncio and the dict protocol so the checkpassword program, which
+Dovecot starts once per login, imports as little as possible.
+
+LOG LINES
+    Created address: ADDR
+    registration rejected: REASON: ADDR
+    login refused for disabled account ADDR
+"""
+
+from __future__ import annotations
+
+import logging
+
+from .accounts import Account, AccountStore
+from .addr import AddressError
+from .config import Config
+from .syslimits import resource_refusal
+
+log = logging.getLogger("doveauth")
+
+
+class AuthService:
+    """passdb/userdb answers over the account store; used by the dict and checkpassword."""
+
+    def __init__(self, config: Config, store: AccountStore | None = None) -> None:
+        self.config = config
+        self.store = store or AccountStore(config)
+
+    def user_fields(self, account: Account, stored_hash: str, requested: str) -> dict[str, str]:
+        fields = {
+            "addr": account.addr,
+            "home": str(account.home),
+            "uid": self.config.vmail_user,
+            "gid": self.config.vmail_user,
+            "password": stored_hash,
+        }
+        if requested != account.addr:
+            fields["user"] = account.addr  # Dovecot continues with the canonical name
+        return fields
+
+    def userdb(self, user: str) -> dict[str, str] | None:
+        """The account's fields if it exists (disabled or not), else None."""
+        try:
+            account = self.store.account(user)
+        except AddressError:
+            return None
+        stored = account.password_hash()
+        if stored is None:
+            return None
+        return self.user_fields(account, stored, user)
+
+    def passdb(self, user: str, password: str) -> dict[str, str] | None:
+        """Answer an existing account, or create it when every rule allows.
+
+        The password is not verified here for existing accounts: Dovecot
+        compares it with the returned hash (checkpassword verifies it itself).
+        """
+        try:
+            account = self.store.account(user)
+        except AddressError as e:
+            log.warning("registration rejected: invalid address: %s: %r", e, user)
+            return None
+        stored = account.password_hash()
+        if stored is not None:
+            if account.is_disabled:
+                log.info("login refused for disabled account %s", account.addr)
+                return None
+            return self.user_fields(account, stored, user)
+        refusal = self.store.creation_refusal(user, password) or resource_refusal(self.config)
+        if refusal:
+            log.warning("registration rejected: %s: %s", refusal, account.addr)
+            return None
+        result = self.store.create(user, password)
+        if result.created:
+            log.info("Created address: %s", account.addr)
+        stored = account.password_hash()
+        if stored is None:  # deleted between create and read; let the client retry
+            return None
+        return self.user_fields(account, stored, user)
