@@ -253,6 +253,16 @@ class Config:
     turn_socket_path: str = _key(
         parse_abspath, "TURN credentials socket", "/run/chatmail-turn/turn.socket"
     )
+    notification_concurrency: int = _key(
+        _int_in(1, 1024), "push notification requests in flight at once", 32
+    )
+    notification_timeout: float = _key(parse_float, "seconds one push request may take", 60.0)
+    notification_retry_delay: float = _key(
+        parse_float,
+        "seconds before the first push retry; later retries wait 8x longer each, and a"
+        " notification is dropped after 2250x this (8 s: ladder 0/8/64/512/4096 s, 5 h)",
+        8.0,
+    )
 
     # -- Postfix / Dovecot / web
     smtp_port: int = _key(parse_port, "MTA port (incoming relay mail)", 25)

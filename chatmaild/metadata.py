@@ -1,0 +1,189 @@
+"""IMAP METADATA dict for Dovecot: push tokens, new-mail events and server keys.
+
+Dovecot's ``mail_attribute_dict`` points here.  Keys on the wire:
+
+    priv/<mailbox-guid>/devicetoken    SET stores/refreshes the account's device token;
+                                       LOOKUP answers every valid token, space-separated
+    priv/<mailbox-guid>/messagenew     SET (from the LMTP Lua push hook) queues one push
+                                       notification per device token of the account
+    .../vendor/deltachat/irohrelay     the configured iroh_relay URL (N when unset)
+    .../vendor/deltachat/turn          <host>:3478:<user>:<password>, the credentials read
+                                       from turn_socket_path (N when it does not answer)
+    .../vendor/deltachat/maxsmtprecipients
+                                       1000, Postfix's smtpd_recipient_limit
+    .../vendor/deltachat/appversions   chatmaild/data/appversions.json if present
+
+Every other lookup answers N, every other change fails the transaction (F).
+Tokens expire 90 days after they were last set.  A notification is on disk in
+notification_dir before the SET is answered, and is retried until delivered,
+gone (410) or 5 hours old; see chatmaild.notifier.
+
+LOG LINES
+    notification exceeded deadline
+    Notification request failed: REASON; retry N in S s
+
+FILES
+    /etc/chatmail/chatmail.ini          configuration (metadata_socket, notification_url,
+                                        notification_dir, iroh_relay, turn_socket_path, ...)
+    <mailboxes_dir>/<addr>/metadata.json  device tokens of one account
+    <notification_dir>/<id>             one pending notification each
+
+SIGNALS
+    SIGTERM, SIGINT    finish requests in flight, then exit 0; queued notifications stay
+                       on disk and are sent after the next start
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+from .addr import AddressError
+from .config import Config
+from .dictproxy import DictDaemon, Transaction
+from .notifier import Notifier
+from .service import Endpoint, run_daemon
+from .tokens import TokenError, TokenStore
+
+TURN_PORT = 3478
+TURN_TIMEOUT = 5.0
+MAX_SMTP_RECIPIENTS = 1000  # Postfix's default smtpd_recipient_limit; clients chunk by it
+VENDOR = "/vendor/deltachat/"
+APPVERSIONS_PATH = Path(__file__).parent / "data" / "appversions.json"
+
+
+def private_key_name(key: str) -> str | None:
+    """``priv/<guid>/<name>`` -> ``name``; None for any other key."""
+    parts = key.split("/")
+    if len(parts) == 3 and parts[0] == "priv" and parts[1]:
+        return parts[2]
+    return None
+
+
+def server_key_name(key: str) -> str | None:
+    """The Delta Chat key name of ``shared/.../vendor/deltachat/<name>``; None otherwise."""
+    if not key.startswith("shared/"):
+        return None
+    head, sep, name = key.rpartition(VENDOR)
+    if not sep or not name or "/" in name:
+        return None
+    return name
+
+
+def turn_answer(host: str, credentials: str) -> str | None:
+    """``host:3478:user:password`` from one credentials line; None if the line is not user:pw."""
+    credentials = credentials.strip()
+    user, sep, password = credentials.partition(":")
+    if not sep or not user or not password or any(c.isspace() for c in credentials):
+        return None
+    # core splits on ":", so an IP relay's host goes out bare, never "[1.2.3.4]"
+    return f"{host.strip('[]')}:{TURN_PORT}:{user}:{password}"
+
+
+async def read_turn_credentials(path: str, timeout: float = TURN_TIMEOUT) -> str | None:
+    """One line from the TURN credentials socket, or None if it fails or times out."""
+
+    async def read() -> bytes:
+        reader, writer = await asyncio.open_unix_connection(path)
+        try:
+            return await reader.readline()
+        finally:
+            writer.close()
+
+    try:
+        line = await asyncio.wait_for(read(), timeout)
+    except (OSError, TimeoutError, ValueError):
+        return None
+    return line.decode("utf-8", "replace") if line else None
+
+
+def load_appversions(path: Path = APPVERSIONS_PATH) -> str | None:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return json.dumps(data, separators=(",", ":"), ensure_ascii=True)
+
+
+class MetadataDaemon(DictDaemon):
+    name = "chatmail-metadata"
+
+    def __init__(self, config: Config, args=None) -> None:
+        super().__init__(config, args)
+        self.tokens = TokenStore(config)
+        self.notifier = Notifier(config, self.tokens)
+
+    def endpoint(self) -> Endpoint:
+        return Endpoint.unix(self.config.metadata_socket, mode=0o660)
+
+    async def start(self) -> None:
+        await self.notifier.start()
+
+    async def stop(self) -> None:
+        await self.notifier.stop()
+
+    async def lookup(self, key: str, user: str | None) -> str | None:
+        name = private_key_name(key)
+        if name == "devicetoken":
+            if not user:
+                return None
+            try:
+                tokens = await asyncio.to_thread(self.tokens.tokens, user)
+            except AddressError as e:
+                self.log.warning("devicetoken lookup for %r: %s", user, e)
+                return None
+            return " ".join(tokens)  # "" (found, empty) when the account has none
+        name = server_key_name(key)
+        if name is not None:
+            answer = await self.server_value(name)
+            if answer is not None:
+                return answer
+        self.log.debug("no value for metadata key %r", key[:200])
+        return None
+
+    async def server_value(self, name: str) -> str | None:
+        if name == "irohrelay":
+            return self.config.iroh_relay or None
+        if name == "turn":
+            line = await read_turn_credentials(self.config.turn_socket_path)
+            if line is None:
+                self.log.warning("no TURN credentials from %s", self.config.turn_socket_path)
+                return None
+            return turn_answer(self.config.mail_domain, line)
+        if name == "maxsmtprecipients":
+            return str(MAX_SMTP_RECIPIENTS)
+        if name == "appversions":
+            return load_appversions()
+        return None
+
+    async def commit(self, txn: Transaction) -> bool:
+        if not txn.user:
+            self.log.warning("metadata transaction without a user")
+            return False
+        ok = True
+        for change in txn.changes:
+            name = private_key_name(change.key)
+            try:
+                if name == "devicetoken" and change.op == "set":
+                    await asyncio.to_thread(self.tokens.add, txn.user, str(change.value))
+                elif name == "messagenew" and change.op in ("set", "unset"):
+                    await self.notifier.notify(txn.user)
+                else:
+                    self.log.warning("refusing metadata %s of %r", change.op, change.key[:200])
+                    ok = False
+            except (AddressError, TokenError) as e:
+                self.log.warning("metadata %s of %r for %r: %s", change.op, name, txn.user, e)
+                ok = False
+            except OSError as e:
+                self.log.error("metadata %s of %r for %r: %s", change.op, name, txn.user, e)
+                ok = False
+        return ok
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_daemon(MetadataDaemon, __doc__, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
