@@ -1,0 +1,190 @@
+"""The push notifier in-process, against the loopback HTTP sink."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+
+import pytest
+
+from chatmaild.config import read_config
+from chatmaild.notifier import (
+    LOG_DEADLINE,
+    Notifier,
+    QueueDir,
+    decode_pending,
+    encode_pending,
+    is_expired,
+    retry_delay,
+)
+from chatmaild.tokens import TokenStore
+from tests.fixtures.metadata import DOMAIN
+
+USER = f"carol1234@{DOMAIN}"
+
+
+def test_retry_ladder_matches_reference():
+    assert [retry_delay(n, 8) for n in range(5)] == [0, 8, 64, 512, 4096]
+    # five attempts, the sixth is never made
+    assert not any(is_expired(n, 1000.0, 1000.0, 8) for n in range(5))
+    assert is_expired(5, 1000.0, 1000.0, 8)
+    # 5 h deadline counted from creation, also across restarts (retries reset to 0)
+    assert not is_expired(0, 0.0, 5 * 3600.0, 8)
+    assert is_expired(0, 0.0, 5 * 3600.0 + 1, 8)
+    assert is_expired(2, 0.0, 5 * 3600.0 - 10, 8)  # next try (+8 s) would be past it
+
+
+def test_queue_file_format_is_the_reference_one():
+    data = encode_pending(USER, 1700000000.25, "tok")
+    assert data == f"{USER}\n1700000000.25\ntok".encode()
+    pending = decode_pending("abc", data)
+    assert (pending.addr, pending.start_ts, pending.token) == (USER, 1700000000.25, "tok")
+    for bad in (b"", b"a@b\n1", b"a@b\nnan\ntok", b"a@b\nxx\ntok", b"\n1\ntok", b"a@b\n1\n"):
+        with pytest.raises(ValueError):
+            decode_pending("x", bad)
+
+
+def test_load_cleans_up_spurious_and_unreadable_files(tmp_path):
+    queue = QueueDir(tmp_path)
+    kept = queue.persist(USER, ["t1", "t2"], 100.0)
+    (tmp_path / "leftover.tmp").write_text("half")
+    (tmp_path / "garbage").write_text("not a notification")
+    (tmp_path / "empty").write_text("")
+    loaded = queue.load()
+    assert sorted(p.name for p in loaded) == sorted(p.name for p in kept)
+    assert sorted(os.listdir(tmp_path)) == sorted(p.name for p in kept)
+
+
+def make_notifier(metadata_ini, **overrides) -> tuple[Notifier, TokenStore]:
+    config = read_config(metadata_ini(**overrides))
+    store = TokenStore(config)
+    return Notifier(config, store), store
+
+
+def files(notifier: Notifier) -> list[str]:
+    return os.listdir(notifier.queue.path)
+
+
+async def wait(predicate, timeout: float = 15.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not reached"
+        await asyncio.sleep(0.01)
+
+
+def test_failure_ladder_drops_after_five_attempts(metadata_ini, http_sink, caplog):
+    http_sink.set_default(500)
+    notifier, store = make_notifier(metadata_ini, notification_retry_delay="0.002")
+    store.add(USER, "dead")
+
+    async def run():
+        await notifier.start()
+        assert await notifier.notify(USER) == 1
+        await wait(lambda: notifier.dropped == 1)
+        await notifier.stop()
+
+    with caplog.at_level(logging.INFO, logger="chatmaild.notifier"):
+        asyncio.run(run())
+    assert http_sink.count("dead", 500) == 5
+    assert [r.getMessage() for r in caplog.records].count(LOG_DEADLINE) == 1
+    assert files(notifier) == []
+    assert store.tokens(USER) == ["dead"]  # failures never remove a token, only 410 does
+
+
+def test_old_notification_is_dropped_at_first_failure(metadata_ini, http_sink, caplog):
+    http_sink.set_default(500)
+    notifier, _ = make_notifier(metadata_ini, notification_retry_delay="8")
+    notifier.queue.create()
+    notifier.queue.persist(USER, ["late"], time.time() - 5 * 3600 + 4)  # 4 s before deadline
+
+    async def run():
+        assert await notifier.start() == 1
+        await wait(lambda: notifier.dropped == 1)
+        await notifier.stop()
+
+    with caplog.at_level(logging.INFO, logger="chatmaild.notifier"):
+        asyncio.run(run())
+    assert http_sink.count("late") == 1
+    assert LOG_DEADLINE in caplog.messages
+    assert files(notifier) == []
+
+
+def test_concurrency_is_bounded(metadata_ini, http_sink):
+    http_sink.delay = 0.05
+    notifier, store = make_notifier(metadata_ini, notification_concurrency="4")
+    users = [f"user{i:05d}@{DOMAIN}" for i in range(20)]
+    for user in users:
+        store.add(user, f"tok-{user}")
+
+    async def run():
+        await notifier.start()
+        for user in users:
+            await notifier.notify(user)
+        await wait(lambda: notifier.sent == 20)
+        await notifier.stop()
+
+    asyncio.run(run())
+    assert sorted(http_sink.tokens()) == sorted(f"tok-{u}" for u in users)
+    assert 2 <= http_sink.max_in_flight <= 4
+    assert files(notifier) == []
+
+
+def test_one_request_in_flight_per_token_and_backlog_coalesces(metadata_ini, http_sink):
+    """Notifications for one device never overlap; queued ones ride on the next request."""
+    http_sink.delay = 0.1
+    notifier, store = make_notifier(metadata_ini)
+    store.add(USER, "phone")
+
+    async def run():
+        await notifier.start()
+        await notifier.notify(USER)
+        await wait(lambda: http_sink.in_flight == 1)
+        for _ in range(5):  # arrive while the first request is in flight
+            await notifier.notify(USER)
+        await wait(lambda: not notifier.lanes)
+        await notifier.stop()
+
+    asyncio.run(run())
+    assert http_sink.max_in_flight == 1
+    assert http_sink.tokens() == ["phone", "phone"]
+    assert files(notifier) == []
+
+
+def test_410_removes_only_that_token(metadata_ini, http_sink):
+    http_sink.set_status("old", 410)
+    notifier, store = make_notifier(metadata_ini)
+    store.add(USER, "old")
+    store.add(USER, "new")
+    other = f"dave12345@{DOMAIN}"
+    store.add(other, "old")  # same token string on another account stays
+
+    async def run():
+        await notifier.start()
+        await notifier.notify(USER)
+        await wait(lambda: notifier.gone == 1 and notifier.sent == 1)
+        await notifier.stop()
+
+    asyncio.run(run())
+    assert store.tokens(USER) == ["new"]
+    assert store.tokens(other) == ["old"]
+    assert files(notifier) == []
+
+
+def test_unreachable_endpoint_is_retried(metadata_ini, http_sink):
+    # a port nobody listens on: connection refused counts as a failure like a 5xx
+    notifier, store = make_notifier(
+        metadata_ini, notification_url="http://127.0.0.1:9/notify", notification_retry_delay="0.01"
+    )
+    store.add(USER, "tok")
+
+    async def run():
+        await notifier.start()
+        await notifier.notify(USER)
+        await wait(lambda: notifier.failed >= 2)
+        assert len(files(notifier)) == 1  # still queued between attempts
+        await notifier.stop()
+
+    asyncio.run(run())
+    assert len(files(notifier)) == 1
