@@ -173,6 +173,26 @@ class CreateResult:
     refused: str | None = None  # why creation was refused
 
 
+def drop_privileges(user: str) -> None:
+    """Become ``user`` (the store owner, vmail) when running as root; else do nothing.
+
+    Raises LookupError if the user does not exist.
+    """
+    if os.geteuid() != 0:
+        return
+    import pwd
+
+    try:
+        pw = pwd.getpwnam(user)
+    except KeyError:
+        raise LookupError(f"user {user!r} does not exist") from None
+    if pw.pw_uid == 0:
+        return
+    os.setgroups([])
+    os.setgid(pw.pw_gid)
+    os.setuid(pw.pw_uid)
+
+
 class AccountStore:
     """Accounts below ``config.mailboxes_dir``."""
 

@@ -93,21 +93,6 @@ def read_input(fd: int = INPUT_FD) -> bytes:
     return b"".join(chunks)
 
 
-def drop_privileges(user: str) -> None:
-    """Become ``user`` if running as root, so files are created as vmail would."""
-    if os.geteuid() != 0:
-        return
-    import pwd
-
-    try:
-        pw = pwd.getpwnam(user)
-    except KeyError:
-        raise CheckpasswordExit(EXIT_TEMPFAIL, f"vmail_user {user!r} does not exist") from None
-    os.setgroups([])
-    os.setgid(pw.pw_gid)
-    os.setuid(pw.pw_uid)
-
-
 def reply_environment(fields: dict[str, str], authorized: bool, credentials: bool) -> dict:
     """The environment checkpassword-reply turns into Dovecot passdb/userdb fields."""
     env = dict(os.environ)
@@ -184,6 +169,7 @@ def setup_logging(verbose: bool) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .accounts import drop_privileges
     from .config import ConfigError, read_config
 
     args = make_parser().parse_args(argv)
@@ -196,7 +182,10 @@ def main(argv: list[str] | None = None) -> int:
             config = read_config(args.config)
         except ConfigError as e:
             raise CheckpasswordExit(EXIT_TEMPFAIL, str(e)) from None
-        drop_privileges(config.vmail_user)
+        try:
+            drop_privileges(config.vmail_user)
+        except (LookupError, OSError) as e:
+            raise CheckpasswordExit(EXIT_TEMPFAIL, f"cannot switch to vmail_user: {e}") from None
         env = decide(config, user, password, dict(os.environ))
     except CheckpasswordExit as e:
         level = logging.ERROR if e.status in (EXIT_MISUSE, EXIT_TEMPFAIL) else logging.INFO

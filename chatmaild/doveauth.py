@@ -23,12 +23,16 @@ FILES
 
 SIGNALS
     SIGTERM, SIGINT    finish requests in flight, then exit 0
+
+OPERATOR TOOL
+    doveauth [--config PATH] lookup ADDR    ask the running daemon about ADDR
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import sys
 
 from .auth import AuthService
 from .config import Config
@@ -96,6 +100,12 @@ class DoveauthDaemon(DictDaemon):
 
 
 def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if "lookup" in args:  # `doveauth [-c INI] lookup ADDR`: the operator tool, not the daemon
+        from .admin import main as admin_main
+
+        i = args.index("lookup")
+        return admin_main([*args[:i], "doveauth", *args[i:]])
     return run_daemon(DoveauthDaemon, __doc__, argv)
 
 
