@@ -71,6 +71,14 @@ def parse_size(raw: str) -> int:
     return int(m.group(1)) * _SIZE_UNITS[m.group(2).lower()]
 
 
+def format_size(n: int) -> str:
+    """A byte count as ini text that :func:`parse_size` and :func:`parse_size_mb` read back."""
+    for unit, factor in (("T", 1024**4), ("G", 1024**3), ("M", 1024**2), ("K", 1024)):
+        if n and n % factor == 0:
+            return f"{n // factor}{unit}"
+    return f"{n}B"  # explicit unit: a bare number would mean MB to parse_size_mb
+
+
 def parse_size_mb(raw: str) -> int:
     """Like :func:`parse_size`, but a bare number means megabytes (reference syslimits)."""
     if raw.strip().isdigit():
@@ -331,6 +339,8 @@ class Config:
                 text = " ".join(value)
             elif value is None:
                 text = ""
+            elif f.metadata["parse"] in (parse_size, parse_size_mb):
+                text = format_size(value)
             else:
                 text = str(value)
             items.append((f.name, text, f.metadata["doc"]))
