@@ -359,7 +359,11 @@ def run_daemon(
     async def main() -> int:
         daemon = daemon_class(config, args)
         endpoint = Endpoint.parse(args.listen) if args.listen else daemon.endpoint()
-        inherited = systemd_sockets()
+        try:
+            inherited = systemd_sockets()
+        except OSError as e:
+            log.error("cannot use the sockets passed by systemd (LISTEN_FDS): %s", e)
+            return 1
         try:
             sock = inherited[0] if inherited else bind_socket(endpoint)
         except OSError as e:
