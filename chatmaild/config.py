@@ -242,6 +242,12 @@ class Config:
     postfix_reinject_port_incoming: int = _key(
         parse_port, "Postfix incoming re-injection port", 10026
     )
+    filtermail_idle_timeout: float = _key(
+        parse_float, "seconds filtermail waits for the next SMTP input before 421", 300.0
+    )
+    filtermail_session_timeout: float = _key(
+        parse_float, "longest filtermail SMTP session in seconds", 1800.0
+    )
 
     # -- DKIM
     dkim_selector: str = _key(parse_str, "DKIM selector", "opendkim")
@@ -250,6 +256,9 @@ class Config:
     )
     dns_resolver: str = _key(
         parse_str, "DNS server for DKIM key lookups, host[:port]; empty = system resolver", ""
+    )
+    dkim_dns_timeout: float = _key(
+        parse_float, "seconds a DKIM key lookup may take before a temporary 451", 20.0
     )
 
     # -- push notifications and metadata

@@ -1,0 +1,157 @@
+"""What the outgoing and incoming handlers share: message classification (off
+the event loop for large mail), header editing, account flags, re-injection."""
+
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import logging
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from ..accounts import AccountStore
+from ..addr import AddressError
+from ..config import Config
+from . import mime
+from .reinject import ReinjectClient, ReinjectError
+from .smtp import Envelope, Session
+
+log = logging.getLogger("filtermail")
+
+# above this size the MIME parse and OpenPGP walk run in a worker thread; the
+# semaphore bounds how many large messages are parsed at once (memory)
+THREAD_THRESHOLD = 128 * 1024
+LARGE_PARSES = 2
+
+
+@dataclass
+class Classification:
+    from_header: str  # raw value of the first From header ("" if none)
+    from_addr: str | None  # lowercased address from the From header
+    encrypted: bool
+    securejoin: bool
+    autocrypt_setup: bool  # a self-sent Autocrypt Setup Message (outgoing only)
+    mailer_daemon: bool  # a delivery report from a mailer-daemon (incoming only)
+
+
+def classify(
+    content: bytes | bytearray, outgoing: bool, mail_from: str, rcpts: Sequence[str]
+) -> Classification:
+    """Pure and CPU-bound: everything the policy needs to know about a message."""
+    # ParsedMessage slices the buffer with memoryviews: no copy of a large message
+    msg = mime.ParsedMessage(content)  # type: ignore[arg-type]
+    from_header = msg.get("From") or ""
+    from_addr = mime.from_address(msg)
+    encrypted = mime.is_encrypted(msg, outgoing)
+    securejoin = not encrypted and mime.is_securejoin(msg)
+    asm = False
+    daemon = False
+    if outgoing and not (encrypted or securejoin):
+        asm = mime.is_self_sent_autocrypt_setup(msg, mail_from, list(rcpts))
+    if not outgoing and not (encrypted or securejoin):
+        daemon = mime.is_mailer_daemon_report(msg)
+    return Classification(from_header, from_addr, encrypted, securejoin, asm, daemon)
+
+
+class BaseHandler:
+    outgoing = True
+
+    def __init__(self, config: Config, reinject: ReinjectClient) -> None:
+        self.config = config
+        self.accounts = AccountStore(config)
+        self.reinject = reinject
+        self._large = asyncio.Semaphore(LARGE_PARSES)
+
+    async def classify(self, content: bytearray, env: Envelope) -> Classification | str:
+        """The classification, or an SMTP error reply if the message does not parse."""
+        args = (env.mail_from or "", env.rcpt_tos)
+        try:
+            if len(content) > THREAD_THRESHOLD:
+                async with self._large:
+                    return await asyncio.to_thread(classify, content, self.outgoing, *args)
+            return classify(content, self.outgoing, *args)
+        except Exception as e:  # a parser bug must not look like an accepted message
+            log.info("failed to parse message: %r", e)
+            return f"500 Failed to parse message: {type(e).__name__}"
+
+    def is_disabled(self, addr: str) -> bool:
+        try:
+            return self.accounts.account(addr).is_disabled
+        except AddressError:
+            return False
+
+    def cleartext_ok(self, addr: str) -> bool:
+        try:
+            return not self.accounts.account(addr).enforces_e2ee_incoming
+        except AddressError:
+            return False
+
+    async def handle_rcpt(self, session: Session, env: Envelope, address: str) -> str | None:
+        return None
+
+    async def deliver(
+        self, env: Envelope, mail_from: str, rcpts: list[int], chunks: Sequence[bytes]
+    ) -> str:
+        """Re-inject; '250 OK' only after Postfix accepted, else the reply to pass back."""
+        try:
+            answer = await self.reinject.send(
+                mail_from,
+                env.mail_params,
+                [(env.rcpt_tos[i], env.rcpt_params[i]) for i in rcpts],
+                chunks,
+            )
+        except ReinjectError as e:
+            return e.reply
+        log.debug("re-injected: %s", answer)
+        return "250 OK"
+
+
+# ----------------------------------------------------------------- headers
+
+_FIELD_RE = re.compile(rb"([^:\s]+)\s*:")
+
+
+def header_fields(header_block: bytes) -> list[bytes]:
+    """Split a header block into fields (each with its continuation lines and CRLF)."""
+    fields: list[bytes] = []
+    for line in header_block.split(b"\r\n")[:-1]:
+        if line[:1] in (b" ", b"\t") and fields:
+            fields[-1] += line + b"\r\n"
+        else:
+            fields.append(line + b"\r\n")
+    return fields
+
+
+def field_name(f: bytes) -> bytes:
+    m = _FIELD_RE.match(f)
+    return m.group(1).lower() if m else b""
+
+
+DROP_HEADERS = {b"received", b"x-originating-ip", b"x-mailer", b"user-agent"}
+
+
+def clean_outgoing_headers(header_block: bytes, mail_domain: str) -> bytes:
+    """Privacy cleanup for mail leaving through this relay (what Postfix's authclean
+    also does, done here so it happens before the DKIM signature is made)."""
+    out = []
+    names = set()
+    for f in header_fields(header_block):
+        name = field_name(f)
+        names.add(name)
+        if name in DROP_HEADERS:
+            continue
+        if name == b"subject":
+            f = b"Subject: [...]\r\n"
+        out.append(f)
+    # Postfix would add these on re-injection, after our over-signing of Date
+    if b"date" not in names:
+        out.append(f"Date: {email.utils.formatdate()}\r\n".encode())
+    if b"message-id" not in names:
+        domain = mail_domain.strip("[]")
+        out.append(f"Message-ID: {email.utils.make_msgid(domain=domain)}\r\n".encode())
+    return b"".join(out)
+
+
+def domain_of(addr: str) -> str:
+    return addr.rpartition("@")[2]

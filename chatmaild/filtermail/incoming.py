@@ -1,0 +1,69 @@
+"""Incoming policy (Postfix ``smtpd_proxy_filter`` of the port-25 service).
+
+Encrypted mail, Secure-Join requests and mailer-daemon reports pass; other
+cleartext only if no remaining recipient enforces E2EE (``523``).  Then the
+origin check: a DKIM signature of exactly the From domain must verify
+(``554 5.7.1``; a DNS failure that may be temporary is ``451 4.7.1``).  A
+From that differs from the envelope sender resets the return path to
+``<>`` (forwarders, and no backscatter to forged senders).
+"""
+
+from __future__ import annotations
+
+import logging
+
+from ..config import Config
+from .common import BaseHandler, domain_of
+from .dkim import Verifier, split_message
+from .outgoing import ENCRYPTION_NEEDED
+from .reinject import ReinjectClient
+from .smtp import Envelope, Session
+
+log = logging.getLogger("filtermail")
+
+
+class IncomingHandler(BaseHandler):
+    outgoing = False
+
+    def __init__(self, config: Config, reinject: ReinjectClient, verifier: Verifier | None) -> None:
+        super().__init__(config, reinject)
+        self.verifier = verifier
+
+    async def handle_mail(self, session: Session, env: Envelope, address: str) -> str | None:
+        return None
+
+    async def handle_data(self, session: Session, env: Envelope, content: bytearray) -> str:
+        result = await self.classify(content, env)
+        if isinstance(result, str):
+            return result
+        if not result.from_addr:
+            return f"500 Invalid FROM header: {result.from_header[:200]}"
+        mail_from = env.mail_from or ""
+        if mail_from.lower() != result.from_addr:
+            mail_from = ""
+        rcpts = [i for i, a in enumerate(env.rcpt_tos) if not self.is_disabled(a)]
+        if result.encrypted or result.securejoin:
+            log.info("Incoming: Filtering encrypted mail.")
+        elif result.mailer_daemon:
+            log.info("Incoming: Filtering mailer-daemon message from %s", result.from_addr)
+        else:
+            log.info("Incoming: Filtering unencrypted mail.")
+            if not all(self.cleartext_ok(env.rcpt_tos[i]) for i in rcpts):
+                return ENCRYPTION_NEEDED
+        domain = domain_of(result.from_addr)
+        header_block, body_start = split_message(content)
+        if not domain.startswith("[") and self.verifier is not None:
+            verdict = await self.verifier.verify(header_block, content, body_start, domain)
+            if not verdict.ok:
+                log.info(
+                    "DKIM verification failed for mail from %s: %s (%s)",
+                    result.from_addr,
+                    verdict.reply,
+                    verdict.detail,
+                )
+                return verdict.reply
+            log.debug("DKIM ok: %s", verdict.detail)
+        if not rcpts:
+            log.info("All recipients disabled; mail dropped")
+            return "250 OK"
+        return await self.deliver(env, mail_from, rcpts, [content])

@@ -1,0 +1,80 @@
+"""Outgoing policy (Postfix ``smtpd_proxy_filter`` of submission/submissions).
+
+MAIL FROM: syntax, then the per-sender rate limit (``450 4.7.1``).  End of
+DATA: the From header must be the envelope sender (``500``); only OpenPGP
+encrypted mail, Secure-Join requests and a self-sent Autocrypt Setup Message
+may leave (else ``523``).  Accepted mail gets its privacy header cleanup and
+a DKIM signature, and is re-injected into Postfix.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from ..config import Config
+from .common import BaseHandler, clean_outgoing_headers
+from .dkim import DKIMError, Signer, split_message
+from .ratelimit import RateLimiter
+from .reinject import ReinjectClient
+from .smtp import Envelope, Session
+
+log = logging.getLogger("filtermail")
+
+ENCRYPTION_NEEDED = "523 Encryption Needed: Invalid Unencrypted Mail"
+
+
+class OutgoingHandler(BaseHandler):
+    outgoing = True
+
+    def __init__(self, config: Config, reinject: ReinjectClient, signer: Signer | None) -> None:
+        super().__init__(config, reinject)
+        self.signer = signer
+        self.limiter = RateLimiter(config.max_user_send_per_minute, config.max_user_send_burst_size)
+
+    async def handle_mail(self, session: Session, env: Envelope, address: str) -> str | None:
+        if not address:
+            return None  # bounces (null sender) are not rate limited
+        addr = address.lower()
+        if addr.count("@") != 1:
+            return f"500 Invalid from address <{addr}>"
+        wait = self.limiter.check(addr)
+        if wait:
+            log.info("rate limit: too much mail from %s", addr)
+            return f"450 4.7.1: Too much mail from {addr}, try again in {wait:.0f} s"
+        return None
+
+    async def handle_data(self, session: Session, env: Envelope, content: bytearray) -> str:
+        result = await self.classify(content, env)
+        if isinstance(result, str):
+            return result
+        if not result.from_addr:
+            return f"500 Invalid FROM header: {result.from_header[:200]}"
+        mail_from = (env.mail_from or "").lower()
+        if mail_from != result.from_addr:
+            return f"500 Invalid FROM <{result.from_addr}> for <{mail_from}>"
+        if result.encrypted or result.securejoin:
+            log.info("Outgoing: Filtering encrypted mail.")
+        else:
+            log.info("Outgoing: Filtering unencrypted mail.")
+            if not result.autocrypt_setup:
+                log.info("Rejected unencrypted mail from: %s", result.from_addr)
+                return ENCRYPTION_NEEDED
+        if self.is_disabled(mail_from):
+            log.info("dropped mail from disabled account %s", mail_from)
+            return "250 OK"
+        rcpts = [i for i, a in enumerate(env.rcpt_tos) if not self.is_disabled(a)]
+        if not rcpts:
+            log.info("All recipients disabled; mail dropped")
+            return "250 OK"
+
+        header_block, body_start = split_message(content)
+        headers = clean_outgoing_headers(header_block, self.config.mail_domain)
+        chunks = [headers, b"\r\n", memoryview(content)[body_start:]]
+        if self.signer is not None:
+            try:
+                signature = await self.signer.sign_async(headers, content, body_start)
+            except DKIMError as e:
+                log.warning("cannot DKIM-sign mail from %s: %s", mail_from, e)
+                return "554 5.6.0 Message headers cannot be signed"
+            chunks.insert(0, signature)
+        return await self.deliver(env, env.mail_from or "", rcpts, chunks)
