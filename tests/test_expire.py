@@ -5,10 +5,11 @@ from __future__ import annotations
 import os
 import re
 import stat
+from pathlib import Path
 
 import pytest
 
-from chatmaild import expire, maildir
+from chatmaild import expire, fsreport, maildir
 from chatmaild.expire import Policy, plan_mailbox
 from chatmaild.maildir import open_root, parse_maildir_name, scan_mailbox
 from chatmaild.testing.maildirs import maildir_name
@@ -452,3 +453,23 @@ def test_config_via_option_and_env(mailtree, capsys, monkeypatch):
     assert expire.main(["--remove"]) == 0
     assert not home.exists()
     assert capsys.readouterr().out.count("expire: removed 1 of 1 mailboxes") == 2
+
+
+@pytest.mark.parametrize(
+    "unit, module, calendar",
+    [("chatmail-expire", expire, "*-*-* 00:02:00"), ("chatmail-fsreport", None, "*-*-* 08:02:00")],
+)
+def test_systemd_units(unit, module, calendar):
+    module = module or fsreport
+    systemd = Path(__file__).resolve().parents[1] / "systemd"
+    service = (systemd / f"{unit}.service").read_text()
+    timer = (systemd / f"{unit}.timer").read_text()
+    assert "Type=oneshot" in service and "User=vmail" in service
+    assert f"OnCalendar={calendar}" in timer and "Persistent=true" in timer
+    exec_line = next(x for x in service.splitlines() if x.startswith("ExecStart="))
+    argv = exec_line.removeprefix("ExecStart=").split()
+    assert argv[0].endswith(f"/{unit}")
+    args = module.build_parser().parse_args(argv[1:])  # the flags exist
+    assert args.config == "/etc/chatmail/chatmail.ini"
+    if module is expire:
+        assert args.remove and args.verbose
