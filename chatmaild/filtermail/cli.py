@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from ..accounts import atomic_write
-from .dkim import DKIMError, Signer, generate_key, txt_record
+from .dkim import DKIMError, Signer, generate_key, public_value, txt_record
 
 KEYGEN_DOC = """Generate the DKIM signing key and print the DNS TXT record.
 
@@ -19,18 +19,6 @@ record to publish at <dkim_selector>._domainkey.<mail_domain>.  With an
 existing key only the record is printed; --force replaces the key (publish
 the new record first, or signatures fail until DNS has it).
 """
-
-
-def public_value(key_pem: bytes) -> bytes:
-    import base64
-
-    from cryptography.hazmat.primitives import serialization
-
-    key = serialization.load_pem_private_key(key_pem, password=None)
-    der = key.public_key().public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
-    return base64.b64encode(der)
 
 
 def zone_line(name: str, record: str) -> str:

@@ -20,6 +20,7 @@ import base64
 import hashlib
 import logging
 import re
+import subprocess
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -354,21 +355,26 @@ class Verifier:
         return VerifyResult(False, NO_VALID_SIGNATURE, detail)
 
 
-def generate_key(bits: int = 2048) -> tuple[bytes, bytes]:
-    """(private key PEM in PKCS#1 form, DNS p= value)."""
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric import rsa
+def _openssl(args: list[str], data: bytes | None = None) -> bytes:
+    try:
+        return subprocess.run(
+            ["openssl", *args], input=data, capture_output=True, check=True, timeout=60
+        ).stdout
+    except FileNotFoundError:
+        raise DKIMError("the openssl command is needed to make keys") from None
+    except subprocess.CalledProcessError as e:
+        raise DKIMError(f"openssl failed: {e.stderr.decode(errors='replace').strip()}") from None
 
-    key = rsa.generate_private_key(public_exponent=65537, key_size=bits)
-    pem = key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.TraditionalOpenSSL,
-        serialization.NoEncryption(),
-    )
-    der = key.public_key().public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
-    return pem, base64.b64encode(der)
+
+def public_value(key_pem: bytes) -> bytes:
+    """The DNS ``p=`` value (base64 SubjectPublicKeyInfo) of a PEM private key."""
+    return base64.b64encode(_openssl(["rsa", "-pubout", "-outform", "DER"], key_pem))
+
+
+def generate_key(bits: int = 2048) -> tuple[bytes, bytes]:
+    """(private key PEM in PKCS#1 form, which dkimpy reads; DNS p= value)."""
+    pem = _openssl(["genrsa", "-traditional", str(bits)])
+    return pem, public_value(pem)
 
 
 def txt_record(p_value: bytes) -> str:
