@@ -22,7 +22,7 @@ import os
 import secrets
 import shutil
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -173,13 +173,16 @@ class CreateResult:
     refused: str | None = None  # why creation was refused
 
 
-def drop_privileges(user: str) -> None:
+def drop_privileges(user: str, *, temporary: bool = False) -> Callable[[], None]:
     """Become ``user`` (the store owner, vmail) when running as root; else do nothing.
 
-    Raises LookupError if the user does not exist.
+    With ``temporary`` only the effective ids change and the returned function
+    switches back to root (for the checkpassword program, whose reply program
+    must run with the real uid Dovecot started it with).  Raises LookupError if
+    the user does not exist.
     """
     if os.geteuid() != 0:
-        return
+        return lambda: None
     import pwd
 
     try:
@@ -187,10 +190,23 @@ def drop_privileges(user: str) -> None:
     except KeyError:
         raise LookupError(f"user {user!r} does not exist") from None
     if pw.pw_uid == 0:
-        return
+        return lambda: None
+    groups = os.getgroups()
     os.setgroups([])
-    os.setgid(pw.pw_gid)
-    os.setuid(pw.pw_uid)
+    if not temporary:
+        os.setgid(pw.pw_gid)
+        os.setuid(pw.pw_uid)
+        return lambda: None
+    egid = os.getegid()
+    os.setegid(pw.pw_gid)
+    os.seteuid(pw.pw_uid)
+
+    def restore() -> None:
+        os.seteuid(0)
+        os.setegid(egid)
+        os.setgroups(groups)
+
+    return restore
 
 
 class AccountStore:

@@ -19,8 +19,10 @@ userdb lookup, or a passdb lookup with CREDENTIALS_LOOKUP=1): the account is
 answered if it exists (a disabled account only to userdb lookups) and
 AUTHORIZED=2 is passed on, as Dovecot requires.
 
-Started as root, the program switches to the vmail user (config key
-vmail_user) before touching the store.
+Started as root, the program works on the store with the effective ids of
+the vmail user (config key vmail_user), so files get the owner Dovecot
+expects, and switches back before executing REPLY-PROGRAM (Dovecot's
+checkpassword-reply refuses to run under a changed uid).
 
 LOG LINES (stderr, which Dovecot copies to its log)
     Created address: ADDR
@@ -109,6 +111,17 @@ def reply_environment(fields: dict[str, str], authorized: bool, credentials: boo
     return env
 
 
+def preload() -> None:
+    """Import now what the store code loads lazily: as vmail the Python library may be
+    unreadable (e.g. an interpreter below /root)."""
+    import codecs
+
+    from . import auth, syslimits  # noqa: F401
+
+    for name in ("ascii", "utf-8", "latin-1"):
+        codecs.lookup(name)
+
+
 def decide(config, user: str, password: str, environ: dict) -> dict:
     """Run the lookup or authentication; return the reply environment or raise."""
     from .accounts import verify_password
@@ -182,11 +195,14 @@ def main(argv: list[str] | None = None) -> int:
             config = read_config(args.config)
         except ConfigError as e:
             raise CheckpasswordExit(EXIT_TEMPFAIL, str(e)) from None
+        preload()
         try:
-            drop_privileges(config.vmail_user)
+            restore = drop_privileges(config.vmail_user, temporary=True)
         except (LookupError, OSError) as e:
             raise CheckpasswordExit(EXIT_TEMPFAIL, f"cannot switch to vmail_user: {e}") from None
         env = decide(config, user, password, dict(os.environ))
+        # checkpassword-reply refuses to run under another uid than Dovecot's
+        restore()
     except CheckpasswordExit as e:
         level = logging.ERROR if e.status in (EXIT_MISUSE, EXIT_TEMPFAIL) else logging.INFO
         log.log(level, "%s", e)
