@@ -55,33 +55,46 @@ ASM_SUBJECT = "Autocrypt Setup Message"
 _header_parser = BytesHeaderParser(policy=compat32)
 
 
+IDENTITY_ENCODINGS = ("7bit", "8bit", "binary", "")
+
+
 class Part:
-    """One MIME entity: its parsed header block and its raw (still encoded) body."""
+    """One MIME entity: its parsed header block and where its raw body lies in the message."""
 
-    __slots__ = ("headers", "body")
+    __slots__ = ("headers", "data", "start", "stop")
 
-    def __init__(self, headers: Message, body: bytes | memoryview):
+    def __init__(self, headers: Message, data: bytes, start: int, stop: int):
         self.headers = headers
-        self.body = body
+        self.data = data  # the whole message; the body is data[start:stop]
+        self.start = start
+        self.stop = stop
+
+    @property
+    def body(self) -> memoryview:
+        """The raw (still transfer-encoded) body, without copying it."""
+        return memoryview(self.data)[self.start : self.stop]
 
     @property
     def content_type(self) -> str:
         """``maintype/subtype``, lower-cased (``text/plain`` when absent or invalid)."""
         return self.headers.get_content_type()
 
+    @property
+    def transfer_encoding(self) -> str:
+        return str(self.headers.get("Content-Transfer-Encoding", "7bit")).strip().lower()
+
     def decoded_body(self) -> bytes | None:
         """The body with its Content-Transfer-Encoding removed, None if that fails."""
-        cte = str(self.headers.get("Content-Transfer-Encoding", "7bit")).strip().lower()
-        body = self.body
-        if cte in ("7bit", "8bit", "binary", ""):
-            return bytes(body)
+        cte = self.transfer_encoding
+        if cte in IDENTITY_ENCODINGS:
+            return self.data[self.start : self.stop]
         if cte == "base64":
             try:
-                return binascii.a2b_base64(body)
+                return binascii.a2b_base64(self.body)
             except (binascii.Error, ValueError):
                 return None
         if cte == "quoted-printable":
-            return binascii.a2b_qp(body)
+            return binascii.a2b_qp(self.body)
         return None
 
 
@@ -89,27 +102,27 @@ def _parse_headers(block: bytes | memoryview) -> Message:
     return _header_parser.parsebytes(bytes(block))
 
 
-def _split_entity(data: bytes | memoryview, start: int, end: int) -> tuple[int, int, bytes]:
+def _split_entity(data: bytes, start: int, end: int) -> tuple[int, int, bytes]:
     """Split data[start:end] into header block and body.
 
     Returns ``(body_start, header_end, eol)``.  The header block ends at the
     first empty line; an entity that starts with an empty line has no headers.
     """
-    mv = memoryview(data)
-    chunk = bytes(mv[start : min(end, start + MAX_HEADER_BLOCK)])
-    if chunk.startswith(b"\r\n"):
+    lim = min(end, start + MAX_HEADER_BLOCK)
+    if data.startswith(b"\r\n", start, end):
         return start + 2, start, b"\r\n"
-    if chunk.startswith(b"\n"):
+    if data.startswith(b"\n", start, end):
         return start + 1, start, b"\n"
-    crlf = chunk.find(b"\r\n\r\n")
-    lf = chunk.find(b"\n\n")
-    if crlf >= 0 and (lf < 0 or crlf <= lf):
-        return start + crlf + 4, start + crlf + 2, b"\r\n"
+    crlf = data.find(b"\r\n\r\n", start, lim)
+    # an LF-only blank line counts only if it comes first (never searched past crlf)
+    lf = data.find(b"\n\n", start, crlf + 2 if crlf >= 0 else lim)
     if lf >= 0:
-        return start + lf + 2, start + lf + 1, b"\n"
+        return lf + 2, lf + 1, b"\n"
+    if crlf >= 0:
+        return crlf + 4, crlf + 2, b"\r\n"
     # no body at all (or an absurd header block): everything is header
-    first_eol = chunk.find(b"\n")
-    eol = b"\r\n" if first_eol > 0 and chunk[first_eol - 1] == 0x0D else b"\n"
+    first_eol = data.find(b"\n", start, lim)
+    eol = b"\r\n" if first_eol > start and data[first_eol - 1] == 0x0D else b"\n"
     return end, end, eol
 
 
@@ -190,7 +203,7 @@ class ParsedMessage:
             stop = max(nxt, start)
             body_start, header_end, _ = _split_entity(data, start, stop)
             body_start = min(body_start, stop)
-            parts.append(Part(_parse_headers(mv[start:header_end]), mv[body_start:stop]))
+            parts.append(Part(_parse_headers(mv[start:header_end]), data, body_start, stop))
         return parts  # the epilogue after the close delimiter is ignored
 
 
@@ -238,10 +251,14 @@ def _encryption_problem(msg: ParsedMessage, outgoing: bool) -> str | None:
         return "first part is not 'Version: 1'"
     if payload.content_type != "application/octet-stream":
         return f"second part is {payload.content_type}"
-    text = payload.decoded_body()
-    if text is None:
-        return "second part has an unknown transfer encoding"
-    problem = armor_problem(text, outgoing)
+    if payload.transfer_encoding in IDENTITY_ENCODINGS:
+        # check the armor in place: a 25 MB payload is not copied before decoding
+        problem = armor_problem(payload.data, outgoing, start=payload.start, end=payload.stop)
+    else:
+        text = payload.decoded_body()
+        if text is None:
+            return "second part has an unknown transfer encoding"
+        problem = armor_problem(text, outgoing)
     return None if problem is None else f"payload: {problem}"
 
 

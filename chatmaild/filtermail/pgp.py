@@ -36,6 +36,7 @@ a chat client can read uses it; ``allow_aead=True`` accepts it as the final pack
 from __future__ import annotations
 
 import binascii
+import functools
 import re
 
 BEGIN = b"-----BEGIN PGP MESSAGE-----"
@@ -97,14 +98,22 @@ def _gf2_mulmod(a: int, b: int) -> int:
     return r
 
 
-def _shift_tables(nbytes: int) -> tuple[list[int], list[int], list[int]]:
-    """Tables for "run a CRC register through ``nbytes`` zero bytes" (= * x^(8n) mod P)."""
-    xk, base, e = 1, 2, 8 * nbytes
+@functools.lru_cache(maxsize=64)
+def _xpow(nbytes: int) -> int:
+    """x^(8*nbytes) mod P: running a CRC register through nbytes zero bytes multiplies by it."""
+    result, base, e = 1, 2, 8 * nbytes
     while e:
         if e & 1:
-            xk = _gf2_mulmod(xk, base)
+            result = _gf2_mulmod(result, base)
         base = _gf2_mulmod(base, base)
         e >>= 1
+    return result
+
+
+@functools.lru_cache(maxsize=32)
+def _shift_tables(nbytes: int) -> tuple[list[int], list[int], list[int]]:
+    """Per-byte tables of "register * x^(8*nbytes) mod P" for the 3 register bytes."""
+    xk = _xpow(nbytes)
     basis = [_gf2_mulmod(1 << i, xk) for i in range(24)]
 
     def table(shift: int) -> list[int]:
@@ -120,30 +129,33 @@ def _shift_tables(nbytes: int) -> tuple[list[int], list[int], list[int]]:
     return table(16), table(8), table(0)
 
 
+def _crc24_bytewise(data: bytes, crc: int) -> int:
+    for b in data:
+        crc = ((crc << 8) & 0xFFFFFF) ^ _T[(crc >> 16) ^ b]
+    return crc
+
+
 def crc24(data: bytes) -> int:
     """OpenPGP CRC24 of ``data``.
 
     A byte-at-a-time loop costs ~90 ns/byte in Python (2 s for 25 MB), so large
-    inputs are cut into L lanes of k bytes that advance in lock-step, one
-    C-level ``bytes.translate`` / big-int XOR per step over all lanes, and the
-    lane CRCs are then combined (CRC is linear: crc(A|B) = shift(crc(A)) ^ crc(B)).
+    inputs are cut into L lanes of k bytes that advance in lock-step: each step
+    is a few C-level ``bytes.translate`` / big-int XORs over all lanes at once.
+    The lane CRCs are then combined using linearity, crc(A|B) = crc(A)*x^(8|B|) ^ crc(B)
+    (zero initial value), and the few bytes that do not fill a lane go first.
     """
     n = len(data)
-    if n < 16384:
-        crc = _CRC24_INIT
-        for b in data:
-            crc = ((crc << 8) & 0xFFFFFF) ^ _T[(crc >> 16) ^ b]
-        return crc
-    k = max(64, int(n**0.5) * 2)
-    lanes = -(-n // k)
-    # The init value equals XOR-ing it into the first 3 bytes of a zero-init CRC,
-    # and leading zero bytes do not change a zero-init CRC: pad at the front.
-    head = (int.from_bytes(data[:3], "big") ^ _CRC24_INIT).to_bytes(3, "big")
-    m = bytes(lanes * k - n) + head + data[3:]
+    if n < 1024:
+        return _crc24_bytewise(data, _CRC24_INIT)
+    k = 16
+    while 16 * k * k < n:
+        k <<= 1
+    lanes, rest = divmod(n, k)
+    head = _crc24_bytewise(data[:rest], _CRC24_INIT)
     hi = mid = lo = 0
     fb = int.from_bytes
-    for s in range(k):
-        idx = (hi ^ fb(m[s::k], "big")).to_bytes(lanes, "big")
+    for s in range(rest, rest + k):
+        idx = (hi ^ fb(data[s::k], "big")).to_bytes(lanes, "big")
         hi = mid ^ fb(idx.translate(_T_HI), "big")
         mid = lo ^ fb(idx.translate(_T_MID), "big")
         lo = fb(idx.translate(_T_LO), "big")
@@ -156,7 +168,7 @@ def crc24(data: bytes) -> int:
         strict=True,
     ):
         acc = s0[acc >> 16] ^ s1[(acc >> 8) & 0xFF] ^ s2[acc & 0xFF] ^ (h << 16 | md << 8 | lw)
-    return acc
+    return acc ^ _gf2_mulmod(head, _xpow(lanes * k))
 
 
 # --- packets ----------------------------------------------------------------
@@ -254,46 +266,52 @@ def check_openpgp_packets(data: bytes, *, allow_aead: bool = False) -> bool:
 # --- armor ------------------------------------------------------------------
 
 
-def dearmor(text: str | bytes, outgoing: bool) -> tuple[bytes | None, str | None]:
-    """Strictly decode an armored PGP MESSAGE: ``(binary, None)`` or ``(None, reason)``."""
+_B64_AND_CRLF = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/=\r\n"
+
+
+def dearmor(
+    text: str | bytes, outgoing: bool, *, start: int = 0, end: int | None = None
+) -> tuple[bytes | None, str | None]:
+    """Strictly decode an armored PGP MESSAGE: ``(binary, None)`` or ``(None, reason)``.
+
+    ``start``/``end`` select the armored text inside a larger buffer (a MIME
+    part inside the whole message), so a 25 MB payload is not copied before
+    it is decoded.
+    """
     try:
-        return _dearmor(text, outgoing)
+        if isinstance(text, str):
+            try:
+                text = text.encode("utf-8", "surrogateescape")
+            except UnicodeEncodeError:
+                return None, "not encodable text"
+        elif not isinstance(text, bytes):
+            text = bytes(text)
+        stop = len(text) if end is None else max(0, min(end, len(text)))
+        return _dearmor(text, max(0, start), stop, outgoing)
     except Exception as exc:  # never let hostile input escape as an exception
         return None, f"armor parse failed: {type(exc).__name__}"
 
 
-def _dearmor(text: str | bytes, outgoing: bool) -> tuple[bytes | None, str | None]:
-    if isinstance(text, str):
-        try:
-            text = text.encode("utf-8", "surrogateescape")
-        except UnicodeEncodeError:
-            return None, "not encodable text"
-    elif not isinstance(text, bytes):
-        text = bytes(text)
-    if not text.startswith(BEGIN + CRLF):
+def _dearmor(buf: bytes, start: int, end: int, outgoing: bool) -> tuple[bytes | None, str | None]:
+    if not buf.startswith(BEGIN + CRLF, start, end):
         return None, "does not start with BEGIN PGP MESSAGE line"
-    end = len(text)
-    while end >= 2 and text[end - 2] == 0x0D and text[end - 1] == 0x0A:
+    while end - start >= 2 and buf[end - 2] == 0x0D and buf[end - 1] == 0x0A:
         end -= 2
-    end_line = CRLF + END
-    if end < len(BEGIN) + len(end_line) or text[end - len(end_line) : end] != end_line:
+    pos = start + len(BEGIN) + 2
+    if end - pos < len(END) or not buf.endswith(CRLF + END, pos - 2, end):
         return None, "does not end with END PGP MESSAGE line"
-    pos = len(BEGIN) + 2
     stop = end - len(END)  # just after the CRLF ending the last line before END
-    if pos > stop:
-        return None, "BEGIN and END lines overlap"
 
     # armor headers, then the blank line
     nheaders = 0
     while True:
-        eol = text.find(CRLF, pos, stop)
+        eol = buf.find(CRLF, pos, stop)
         if eol < 0:
             return None, "no payload"
-        line = text[pos:eol]
-        if not line:  # the blank line that ends the (possibly empty) header block
-            pos = eol + 2
+        if eol == pos:  # the blank line that ends the (possibly empty) header block
+            pos += 2
             break
-        if b":" not in line:
+        if buf.find(b":", pos, eol) < 0:
             if nheaders:
                 return None, "missing blank line after armor headers"
             # No blank line at all: RFC-invalid, but unambiguous (base64 has no
@@ -301,7 +319,7 @@ def _dearmor(text: str | bytes, outgoing: bool) -> tuple[bytes | None, str | Non
             break
         if outgoing:
             return None, "armor header in outgoing message"
-        if not _ARMOR_HEADER_RE.fullmatch(line):
+        if not _ARMOR_HEADER_RE.fullmatch(buf, pos, eol):
             return None, "malformed armor header"
         nheaders += 1
         if nheaders > MAX_ARMOR_HEADERS:
@@ -310,20 +328,37 @@ def _dearmor(text: str | bytes, outgoing: bool) -> tuple[bytes | None, str | Non
 
     # optional CRC24 line: the last line before END, exactly "=XXXX"
     crc = None
-    last = text.rfind(CRLF, pos - 2, stop - 2) + 2
-    if last >= pos and _CRC_LINE_RE.fullmatch(text, last, stop - 2):
-        crc = int.from_bytes(binascii.a2b_base64(text[last + 1 : stop - 2]), "big")
+    last = buf.rfind(CRLF, pos - 2, stop - 2) + 2
+    if last >= pos and _CRC_LINE_RE.fullmatch(buf, last, stop - 2):
+        crc = int.from_bytes(binascii.a2b_base64(buf[last + 1 : stop - 2]), "big")
         stop = last
-    if stop <= pos:
+    dend = stop - 2  # the base64 lines are buf[pos:dend], joined by CRLF
+    if dend <= pos:
         return None, "no payload"
-    region = text[pos : stop - 2]
-    if region.startswith(CRLF) or region.endswith(CRLF) or CRLF + CRLF in region:
+
+    # Strict base64 without copying the text: only alphabet, "=" and CRLF ...
+    junk = len(buf.translate(None, _B64_AND_CRLF))
+    junk_outside = len(buf[:pos].translate(None, _B64_AND_CRLF))
+    junk_outside += len(buf[dend:].translate(None, _B64_AND_CRLF))
+    if junk != junk_outside:
+        return None, "invalid base64: character outside the alphabet"
+    # ... CR and LF only as CRLF pairs, no blank lines ...
+    ncrlf = buf.count(CRLF, pos, dend)
+    if buf.count(b"\r", pos, dend) != ncrlf or buf.count(b"\n", pos, dend) != ncrlf:
+        return None, "invalid base64: bare CR or LF"
+    if buf.startswith(CRLF, pos, dend) or buf.endswith(CRLF, pos, dend):
         return None, "blank line inside base64"
-    data = region.replace(CRLF, b"")
-    try:
-        binary = binascii.a2b_base64(data, strict_mode=True)
-    except binascii.Error as exc:
-        return None, f"invalid base64: {exc}"
+    if buf.find(CRLF + CRLF, pos, dend) >= 0:
+        return None, "blank line inside base64"
+    # ... and "=" padding only at the very end, completing the last quantum.
+    npad = buf.count(b"=", pos, dend)
+    if npad and (npad > 2 or buf.find(b"=", pos, dend) != dend - npad):
+        return None, "invalid base64: misplaced padding"
+    nchars = dend - pos - 2 * ncrlf - npad
+    if (nchars + npad) % 4 or (npad and nchars % 4 != 4 - npad):
+        return None, "invalid base64: incorrect length or padding"
+    # the non-strict decoder skips the (validated) CRLFs; nothing else is left to skip
+    binary = binascii.a2b_base64(memoryview(buf)[pos:dend])
     if not binary:
         return None, "no payload"
     if crc is not None and crc24(binary) != crc:
@@ -331,9 +366,17 @@ def _dearmor(text: str | bytes, outgoing: bool) -> tuple[bytes | None, str | Non
     return binary, None
 
 
-def armor_problem(text: str | bytes, outgoing: bool, *, allow_aead: bool = False) -> str | None:
-    """Why ``text`` is not an acceptable armored encrypted message, or None if it is."""
-    binary, problem = dearmor(text, outgoing)
+def armor_problem(
+    text: str | bytes,
+    outgoing: bool,
+    *,
+    allow_aead: bool = False,
+    start: int = 0,
+    end: int | None = None,
+) -> str | None:
+    """Why ``text`` (or ``text[start:end]``) is not an acceptable armored encrypted
+    message, or None if it is one."""
+    binary, problem = dearmor(text, outgoing, start=start, end=end)
     if problem is not None:
         return problem
     return packet_problem(binary, allow_aead=allow_aead)
