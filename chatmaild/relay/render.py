@@ -1,0 +1,293 @@
+"""Render the Postfix, Dovecot and systemd templates from chatmail.ini.
+
+The same templates (top-level ``postfix/``, ``dovecot/``, ``systemd/``) serve
+production (``make install``), ``make run`` and the tests.  A template is plain
+config text with ``{{ name }}`` placeholders; Dovecot and Postfix use ``$`` and
+``%`` themselves, so nothing else is special.  An unknown name is an error, so a
+typo cannot silently render an empty setting.
+
+What differs between a production host and a loopback relay in a state
+directory (paths, listen addresses, the default transport, ...) is a
+:class:`Layout`; everything else comes from :class:`~chatmaild.config.Config`.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import sys
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+from ..config import Config
+
+PLACEHOLDER = re.compile(r"\{\{\s*([A-Za-z_][A-Za-z0-9_]*)\s*\}\}")
+
+# checkout root: the templates live next to the package, not inside it
+SOURCE_ROOT = Path(os.environ.get("CHATMAILD_SOURCE_ROOT", Path(__file__).resolve().parents[2]))
+
+POSTFIX_FILES = (
+    "main.cf",
+    "master.cf",
+    "submission_header_cleanup",
+    "lmtp_header_cleanup",
+    "login_map",
+    "tls_policy",
+)
+DOVECOT_FILES = ("dovecot.conf", "auth.conf")
+PUSH_LUA = "push_notification.lua"
+
+# components a relay can run; "postfix"/"dovecot" are the servers, the rest
+# are chatmaild daemons (module name used to check they exist)
+DAEMON_MODULES = {
+    "doveauth": "chatmaild.doveauth",
+    "lastlogin": "chatmaild.lastlogin",
+    "metadata": "chatmaild.metadata",
+    "filtermail": "chatmaild.filtermail",
+    "newemail": "chatmaild.newemail",
+}
+ALL_COMPONENTS = ("postfix", "dovecot", *DAEMON_MODULES)
+
+
+class TemplateError(Exception):
+    """A template names a variable nobody provides."""
+
+
+def render_text(text: str, variables: Mapping[str, object], source: str = "template") -> str:
+    """Substitute ``{{ name }}``; raise TemplateError naming every unknown variable."""
+    missing = sorted({m.group(1) for m in PLACEHOLDER.finditer(text)} - set(variables))
+    if missing:
+        raise TemplateError(f"{source}: unknown template variable(s): {', '.join(missing)}")
+    return PLACEHOLDER.sub(lambda m: str(variables[m.group(1)]), text)
+
+
+def render_file(src: Path, dest: Path, variables: Mapping[str, object], mode: int = 0o644) -> None:
+    """Render ``src`` into ``dest`` atomically (a half-written main.cf must never be read)."""
+    text = render_text(src.read_text(encoding="utf-8"), variables, str(src))
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f".{dest.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.chmod(tmp, mode)
+    os.replace(tmp, dest)
+
+
+def bin_path(name: str) -> str:
+    """Absolute path of one of our console scripts (in the running venv)."""
+    candidate = Path(sys.executable).parent / name
+    if candidate.exists():
+        return str(candidate)
+    return shutil.which(name) or str(candidate)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where a relay's files live and what it listens on."""
+
+    root: Path  # "/" for production, the state directory otherwise
+    postfix_config_dir: Path
+    postfix_queue_dir: Path
+    postfix_data_dir: Path
+    dovecot_config_dir: Path
+    dovecot_base_dir: Path
+    dovecot_state_dir: Path
+    dovecot_instance: str
+    tls_cert: Path
+    tls_key: Path
+    log_dir: Path | None  # None: syslog/journald
+    listen_host: str | None  # None: every interface
+    default_transport: str
+    smtp_tls_security_level: str
+    imap_login_min_avail: int = 10
+    nodelay_so: Path | None = None
+    components: frozenset[str] = frozenset(ALL_COMPONENTS)
+    peers: tuple[tuple[str, str], ...] = field(default=())  # (domain, postfix nexthop)
+
+    @classmethod
+    def production(cls, config: Config, root: Path = Path("/")) -> Layout:
+        cert, key = config.tls_external_cert_and_key or (
+            "/etc/chatmail/tls/cert.pem",
+            "/etc/chatmail/tls/key.pem",
+        )
+        return cls(
+            root=root,
+            postfix_config_dir=Path("/etc/postfix"),
+            postfix_queue_dir=Path("/var/spool/postfix"),
+            postfix_data_dir=Path("/var/lib/postfix"),
+            dovecot_config_dir=Path("/etc/dovecot"),
+            dovecot_base_dir=Path("/run/dovecot"),
+            dovecot_state_dir=Path("/var/lib/dovecot"),
+            dovecot_instance="dovecot",
+            tls_cert=Path(cert),
+            tls_key=Path(key),
+            log_dir=None,
+            listen_host=None,
+            default_transport="smtp",
+            smtp_tls_security_level="verify",
+        )
+
+    @classmethod
+    def local(cls, state_dir: Path, config: Config, **kw: object) -> Layout:
+        """A relay living entirely in ``state_dir``, on 127.0.0.1, delivering nowhere else."""
+        state_dir = state_dir.resolve()
+        cert, key = config.tls_external_cert_and_key or (
+            str(state_dir / "tls/cert.pem"),
+            str(state_dir / "tls/key.pem"),
+        )
+        values: dict[str, object] = dict(
+            root=state_dir,
+            postfix_config_dir=state_dir / "etc/postfix",
+            postfix_queue_dir=state_dir / "postfix/spool",
+            postfix_data_dir=state_dir / "postfix/data",
+            dovecot_config_dir=state_dir / "etc/dovecot",
+            dovecot_base_dir=state_dir / "dovecot/run",
+            dovecot_state_dir=state_dir / "dovecot/state",
+            dovecot_instance=f"chatmail-{config.imaps_port}",
+            tls_cert=Path(cert),
+            tls_key=Path(key),
+            log_dir=state_dir / "log",
+            listen_host="127.0.0.1",
+            default_transport="error:5.7.1 delivery outside this local relay is disabled",
+            smtp_tls_security_level="encrypt",
+            imap_login_min_avail=1,
+        )
+        values.update(kw)
+        return cls(**values)  # type: ignore[arg-type]
+
+    def with_(self, **changes: object) -> Layout:
+        return replace(self, **changes)  # type: ignore[arg-type]
+
+
+def template_variables(config: Config, layout: Layout) -> dict[str, object]:
+    """Every value the templates may use."""
+    comps = layout.components
+    host = layout.listen_host
+    filtering = "filtermail" in comps
+
+    def listen(port: int) -> str:
+        return f"{host}:{port}" if host else str(port)
+
+    if host:
+        listen_addresses = host
+        interfaces, protocols = host, "ipv4"
+        mynetworks = "127.0.0.0/8"
+    else:
+        listen_addresses = "*" if config.disable_ipv6 else "*, ::"
+        interfaces = "all"
+        protocols = "ipv4" if config.disable_ipv6 else "all"
+        mynetworks = "127.0.0.0/8" if config.disable_ipv6 else "127.0.0.0/8 [::1]/128"
+    filter_host = config.filtermail_host
+    milter = f"inet:{filter_host}:{config.filtermail_milter_port}" if filtering else ""
+    log = layout.log_dir
+    imap_plugins = ["last_login"] if "lastlogin" in comps else []
+    # new-mail events for push notifications come from Lua in LMTP (metadata's script)
+    push = "metadata" in comps and (SOURCE_ROOT / "dovecot" / PUSH_LUA).exists()
+    lmtp_plugins = (
+        ["mail_lua", "notify", "push_notification", "push_notification_lua"] if push else []
+    )
+    return {
+        # identity and limits
+        "mail_domain": config.mail_domain,
+        "mail_domain_bare": config.mail_domain.strip("[]"),
+        "max_message_size": config.max_message_size,
+        "max_mailbox_size_mb": config.max_mailbox_size_mb,
+        "quota_expire_target_mb": config.max_mailbox_size_mb * 70 // 100,
+        "max_smtp_connections": config.max_smtp_connections,
+        "client_connection_limit": max(1, config.max_smtp_connections // 5),
+        "max_imap_connections": config.max_imap_connections,
+        "vmail_user": config.vmail_user,
+        "mailboxes_dir": config.mailboxes_dir,
+        # sockets of our dict daemons
+        "doveauth_socket": config.doveauth_socket,
+        "metadata_socket": config.metadata_socket,
+        "lastlogin_socket": config.lastlogin_socket,
+        # listeners
+        "listen_addresses": listen_addresses,
+        "inet_interfaces": interfaces,
+        "inet_protocols": protocols,
+        "mynetworks": mynetworks,
+        "smtp_listen": listen(config.smtp_port),
+        "submission_listen": listen(config.submission_port),
+        "submissions_listen": listen(config.submissions_port),
+        "imap_port": config.imap_port,
+        "imaps_port": config.imaps_port,
+        "postfix_host": config.postfix_host,
+        "postfix_reinject_port": config.postfix_reinject_port,
+        "postfix_reinject_port_incoming": config.postfix_reinject_port_incoming,
+        # filtermail wiring; empty disables the proxy filter / milter in Postfix
+        "outgoing_proxy_filter": (
+            f"{filter_host}:{config.filtermail_smtp_port}" if filtering else ""
+        ),
+        "incoming_proxy_filter": (
+            f"{filter_host}:{config.filtermail_smtp_port_incoming}" if filtering else ""
+        ),
+        "reinject_milters": milter,
+        "non_smtpd_milters": milter,
+        # paths
+        "postfix_config_dir": layout.postfix_config_dir,
+        "postfix_queue_dir": layout.postfix_queue_dir,
+        "postfix_data_dir": layout.postfix_data_dir,
+        "postfix_maillog_file": log / "postfix.log" if log else "",
+        "postfix_maillog_prefixes": f"{log}, /var, /dev/stdout" if log else "/var, /dev/stdout",
+        "dovecot_config_dir": layout.dovecot_config_dir,
+        "dovecot_base_dir": layout.dovecot_base_dir,
+        "dovecot_state_dir": layout.dovecot_state_dir,
+        "dovecot_instance": layout.dovecot_instance,
+        "dovecot_log_path": log / "dovecot.log" if log else "syslog",
+        "dovecot_preload_env": f"LD_PRELOAD={layout.nodelay_so}" if layout.nodelay_so else "",
+        "push_notification_lua": layout.dovecot_config_dir / PUSH_LUA,
+        "imap_extra_plugins": " ".join(imap_plugins),
+        "lmtp_extra_plugins": " ".join(lmtp_plugins),
+        "imap_login_min_avail": layout.imap_login_min_avail,
+        "quota_expire_bin": bin_path("chatmail-quota-expire"),
+        "tls_cert": layout.tls_cert,
+        "tls_key": layout.tls_key,
+        # remote delivery
+        "default_transport": layout.default_transport,
+        "relay_transport": layout.default_transport,
+        "smtp_tls_security_level": layout.smtp_tls_security_level,
+    }
+
+
+def transport_map(peers: Iterable[tuple[str, str]]) -> str:
+    lines = ["# explicit routes (texthash: no postmap needed); rewritten by the relay code"]
+    lines += [f"{domain}\t{nexthop}" for domain, nexthop in peers]
+    return "\n".join(lines) + "\n"
+
+
+def render_all(
+    config: Config,
+    layout: Layout,
+    *,
+    prefix: Path = Path("/"),
+    source_root: Path = SOURCE_ROOT,
+) -> list[Path]:
+    """Write the Postfix and Dovecot configuration of ``layout``; return the files written.
+
+    Files go to their layout path below ``prefix`` (``/`` installs for real; another
+    directory shows what would be installed), their content names the layout paths.
+    """
+    variables = template_variables(config, layout)
+
+    def dest(path: Path) -> Path:
+        return prefix / path.relative_to("/")
+
+    written: list[Path] = []
+    for name in POSTFIX_FILES:
+        target = dest(layout.postfix_config_dir / name)
+        render_file(source_root / "postfix" / name, target, variables)
+        written.append(target)
+    transport = dest(layout.postfix_config_dir / "transport")
+    transport.write_text(transport_map(layout.peers), encoding="utf-8")
+    written.append(transport)
+    for name in DOVECOT_FILES:
+        target = dest(layout.dovecot_config_dir / name)
+        render_file(source_root / "dovecot" / name, target, variables)
+        written.append(target)
+    lua = source_root / "dovecot" / PUSH_LUA
+    if lua.exists():
+        target = dest(layout.dovecot_config_dir / PUSH_LUA)
+        shutil.copyfile(lua, target)
+        written.append(target)
+    return written

@@ -1,0 +1,581 @@
+"""A complete relay in one state directory: real Postfix + Dovecot + our daemons.
+
+``Relay`` is what ``make run`` and the tests use.  It renders the production
+templates with a :meth:`Layout.local` layout (everything below the state
+directory, every listener on 127.0.0.1, free ports picked at start, no mail
+leaves the machine except to explicitly added peer relays), starts:
+
+1. the chatmaild daemons, as the vmail user (``setpriv``), umask 077;
+2. ``postfix -c <dir> start`` (creates ``spool/private`` for Dovecot's sockets);
+3. ``dovecot -c <file>``;
+
+waits until every socket answers and writes ``relay.json``.  ``stop()`` ends
+the servers and daemons and waits until every process of the relay is gone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import json
+import logging
+import os
+import pwd
+import secrets
+import shutil
+import signal
+import socket
+import ssl
+import string
+import subprocess
+import time
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+from ..config import Config, read_config, write_config
+from .render import (
+    ALL_COMPONENTS,
+    DAEMON_MODULES,
+    Layout,
+    bin_path,
+    render_all,
+    transport_map,
+)
+
+log = logging.getLogger("chatmaild.relay")
+
+DEFAULT_DOMAIN = "chat.example"
+START_TIMEOUT = 30.0
+STOP_TIMEOUT = 15.0
+
+# ini keys holding a TCP port, and the short names used in Relay.ports
+PORT_KEYS = {
+    "smtp": "smtp_port",
+    "submission": "submission_port",
+    "submissions": "submissions_port",
+    "imap": "imap_port",
+    "imaps": "imaps_port",
+    "reinject": "postfix_reinject_port",
+    "reinject_incoming": "postfix_reinject_port_incoming",
+    "filtermail": "filtermail_smtp_port",
+    "filtermail_incoming": "filtermail_smtp_port_incoming",
+    "filtermail_milter": "filtermail_milter_port",
+    "newemail": "newemail_port",
+}
+
+
+class RelayError(RuntimeError):
+    """The relay could not start; the message includes the relevant log tail."""
+
+
+def available_components() -> tuple[str, ...]:
+    """Every component whose code exists in this checkout."""
+    have = ["postfix", "dovecot"]
+    for name, module in DAEMON_MODULES.items():
+        if importlib.util.find_spec(module) is not None:
+            have.append(name)
+    return tuple(have)
+
+
+def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
+    """Ports the kernel says are free right now (held together so they are distinct)."""
+    socks = []
+    try:
+        for _ in range(count):
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            s.bind((host, 0))
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+def _children_map() -> dict[int, list[int]]:
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        # the command name may contain spaces and parentheses: ppid follows the last ")"
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        children.setdefault(ppid, []).append(int(entry))
+    return children
+
+
+def process_tree(pid: int) -> set[int]:
+    """``pid`` and all its descendants that exist now."""
+    children = _children_map()
+    found, todo = set(), [pid]
+    while todo:
+        p = todo.pop()
+        if p in found:
+            continue
+        found.add(p)
+        todo.extend(children.get(p, []))
+    return {p for p in found if Path(f"/proc/{p}").exists()}
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
+
+
+def _read_pid(path: Path) -> int | None:
+    try:
+        return int(path.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _tail(path: Path, lines: int = 25) -> str:
+    try:
+        text = path.read_text(errors="replace").splitlines()
+    except OSError:
+        return f"({path} missing)"
+    return f"--- {path} (last {lines} lines)\n" + "\n".join(text[-lines:])
+
+
+def client_tls_context() -> ssl.SSLContext:
+    """TLS context for talking to a local relay's self-signed certificate."""
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    return ctx
+
+
+class Relay:
+    """One relay (Postfix, Dovecot, chatmaild daemons) living in ``state_dir``.
+
+    ``overrides`` are chatmail.ini keys (``{"mail_domain": "other.example"}``);
+    every port not given is picked free.  ``components`` selects what runs
+    (default: everything whose code exists, see :func:`available_components`).
+    """
+
+    def __init__(
+        self,
+        state_dir: str | os.PathLike,
+        overrides: Mapping[str, object] | None = None,
+        components: Iterable[str] | None = None,
+        *,
+        nodelay: bool | None = None,
+    ) -> None:
+        self.state_dir = Path(state_dir).resolve()
+        self.components = frozenset(available_components() if components is None else components)
+        unknown = self.components - set(ALL_COMPONENTS)
+        if unknown:
+            raise ValueError(f"unknown relay components: {', '.join(sorted(unknown))}")
+        self.overrides = {k: str(v) for k, v in (overrides or {}).items()}
+        self.nodelay_requested = nodelay
+        self.etc_dir = self.state_dir / "etc"
+        self.ini_path = self.etc_dir / "chatmail.ini"
+        self.log_dir = self.state_dir / "log"
+        self.run_dir = self.state_dir / "run"
+        self.json_path = self.state_dir / "relay.json"
+        self.peers: dict[str, str] = {}
+        self._procs: dict[str, subprocess.Popen] = {}
+        self._started = False
+        self.config: Config = self._write_ini()
+        self.layout = Layout.local(
+            self.state_dir, self.config, components=self.components, nodelay_so=None
+        )
+        self.ports: dict[str, int | str] = {
+            name: getattr(self.config, key) for name, key in PORT_KEYS.items()
+        }
+        self.ports["lmtp"] = str(self.layout.postfix_queue_dir / "private/dovecot-lmtp")
+
+    # ------------------------------------------------------------ configuration
+
+    def _write_ini(self) -> Config:
+        """Write chatmail.ini for this relay: dev defaults, free ports, then the overrides."""
+        domain = self.overrides.get("mail_domain", DEFAULT_DOMAIN)
+        s = self.state_dir
+        params: dict[str, object] = {
+            "mail_domain": domain,
+            "mailboxes_dir": s / "vmail/mail" / domain.strip("[]"),
+            "passdb_path": s / "vmail/passdb.sqlite",  # absent: no migration
+            "nocreate_file": s / "etc/nocreate",
+            "doveauth_socket": s / "run/doveauth.socket",
+            "metadata_socket": s / "run/metadata.socket",
+            "lastlogin_socket": s / "run/lastlogin.socket",
+            "turn_socket_path": s / "run/turn.socket",
+            "dkim_key_path": s / "dkim/dkim.private",
+            "filtermail_host": "127.0.0.1",
+            "postfix_host": "127.0.0.1",
+            "disable_ipv6": True,
+            # several relays and test runs share two cores: do not refuse accounts under load
+            "max_load_1m": 1000,
+            "min_available_memory": "16M",
+            "min_free_disk_space": "64M",
+        }
+        missing = [key for key in PORT_KEYS.values() if key not in self.overrides]
+        params.update(zip(missing, free_ports(len(missing)), strict=True))
+        params.update(self.overrides)
+        self.etc_dir.mkdir(parents=True, exist_ok=True)
+        write_config(self.ini_path, **params)
+        return read_config(self.ini_path)
+
+    @property
+    def mail_domain(self) -> str:
+        return self.config.mail_domain
+
+    @property
+    def host(self) -> str:
+        return "127.0.0.1"
+
+    def facts(self) -> dict[str, object]:
+        """What scripts need to talk to this relay (also written to relay.json)."""
+        return {
+            "mail_domain": self.mail_domain,
+            "host": self.host,
+            "ports": self.ports,
+            "state_dir": str(self.state_dir),
+            "mailboxes_dir": self.config.mailboxes_dir,
+            "config": str(self.ini_path),
+            "log_dir": str(self.log_dir),
+            "components": sorted(self.components),
+            "nodelay": self.layout.nodelay_so is not None,
+            "peers": self.peers,
+        }
+
+    # ------------------------------------------------------------ start
+
+    def __enter__(self) -> Relay:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def start(self) -> Relay:
+        if self._started:
+            return self
+        self._started = True
+        try:
+            self._prepare()
+            self._start_daemons()
+            if "postfix" in self.components:
+                self._start_postfix()
+            if "dovecot" in self.components:
+                self._start_dovecot()
+            self._wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+        self._write_json()
+        log.info("relay %s ready in %s", self.mail_domain, self.state_dir)
+        return self
+
+    def _prepare(self) -> None:
+        vmail = pwd.getpwnam(self.config.vmail_user)
+        os.chmod(self.state_dir, 0o755)  # postfix, dovecot, vmail all traverse it
+        for d in (self.log_dir, self.layout.postfix_queue_dir, self.layout.dovecot_state_dir):
+            d.mkdir(parents=True, exist_ok=True)
+        postfix_user = pwd.getpwnam("postfix")
+        self.layout.postfix_data_dir.mkdir(parents=True, exist_ok=True)
+        os.chown(self.layout.postfix_data_dir, postfix_user.pw_uid, postfix_user.pw_gid)
+        for d in (self.run_dir, self.state_dir / "vmail", Path(self.config.mailboxes_dir)):
+            d.mkdir(parents=True, exist_ok=True)
+            os.chown(d, vmail.pw_uid, vmail.pw_gid)
+        if self.config.tls_external_cert_and_key is None:
+            self._make_tls(vmail.pw_gid)
+        if "filtermail" in self.components:
+            self._make_dkim_key(vmail)
+        if self.nodelay_requested is not False and "dovecot" in self.components:
+            from .nodelay import prepare_nodelay
+
+            so = prepare_nodelay(self.state_dir / "nodelay", required=bool(self.nodelay_requested))
+            self.layout = self.layout.with_(nodelay_so=so)
+        self.layout = self.layout.with_(peers=tuple(self.peers.items()))
+        render_all(self.config, self.layout)
+
+    def _make_tls(self, vmail_gid: int) -> None:
+        tls = self.state_dir / "tls"
+        cert, key = tls / "cert.pem", tls / "key.pem"
+        if cert.exists() and key.exists():
+            return
+        tls.mkdir(parents=True, exist_ok=True)
+        name = self.mail_domain.strip("[]")
+        subprocess.run(
+            ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
+             "-nodes", "-days", "3650", "-subj", f"/CN={name}",
+             "-addext", f"subjectAltName=DNS:{name},IP:127.0.0.1",
+             "-keyout", str(key), "-out", str(cert)],
+            check=True, capture_output=True,
+        )  # fmt: skip
+        # root-started Postfix/Dovecot read the key before dropping privileges;
+        # the onboarding endpoint runs as vmail and needs it too
+        os.chown(key, 0, vmail_gid)
+        os.chmod(key, 0o640)
+        os.chmod(cert, 0o644)
+
+    def _make_dkim_key(self, vmail: pwd.struct_passwd) -> None:
+        key = Path(self.config.dkim_key_path)
+        if key.exists():
+            return
+        key.parent.mkdir(parents=True, exist_ok=True)
+        subprocess.run(
+            ["openssl", "genrsa", "-out", str(key), "2048"], check=True, capture_output=True
+        )
+        os.chown(key, vmail.pw_uid, vmail.pw_gid)
+        os.chmod(key, 0o600)
+
+    def _daemon_commands(self) -> dict[str, list[str]]:
+        ini = str(self.ini_path)
+        cmds: dict[str, list[str]] = {}
+        c = self.components
+        if "doveauth" in c:
+            cmds["doveauth"] = [bin_path("doveauth"), "--config", ini]
+        if "lastlogin" in c:
+            cmds["lastlogin"] = [bin_path("chatmail-lastlogin"), "--config", ini]
+        if "metadata" in c:
+            cmds["metadata"] = [bin_path("chatmail-metadata"), "--config", ini]
+        if "filtermail" in c:
+            cmds["filtermail"] = [bin_path("filtermail"), "--config", ini, "outgoing"]
+            cmds["filtermail-incoming"] = [bin_path("filtermail"), "--config", ini, "incoming"]
+        if "newemail" in c:
+            cmds["newemail"] = [bin_path("chatmail-newemail"), "--config", ini]
+        return cmds
+
+    def _start_daemons(self) -> None:
+        env = {
+            k: v
+            for k, v in os.environ.items()
+            if k not in ("NOTIFY_SOCKET", "JOURNAL_STREAM", "INVOCATION_ID", "LISTEN_FDS")
+        }
+        env["HOME"] = str(self.run_dir)
+        env["PYTHONUNBUFFERED"] = "1"
+        user = self.config.vmail_user
+        for name, cmd in self._daemon_commands().items():
+            with open(self.log_dir / f"{name}.log", "ab") as logf:
+                self._procs[name] = subprocess.Popen(
+                    ["setpriv", f"--reuid={user}", f"--regid={user}", "--init-groups", *cmd],
+                    stdin=subprocess.DEVNULL,
+                    stdout=logf,
+                    stderr=subprocess.STDOUT,
+                    env=env,
+                    cwd=self.run_dir,
+                    umask=0o077,
+                    start_new_session=True,  # Ctrl-C of `make run` is handled by us, in order
+                )
+
+    def _start_postfix(self) -> None:
+        self._run_server_command(
+            "postfix", ["postfix", "-c", str(self.layout.postfix_config_dir), "start"]
+        )
+
+    def _start_dovecot(self) -> None:
+        self._run_server_command(
+            "dovecot", ["dovecot", "-c", str(self.layout.dovecot_config_dir / "dovecot.conf")]
+        )
+
+    def _run_server_command(self, name: str, cmd: list[str]) -> None:
+        # output to a file, not a pipe: the daemonized master may keep the pipe open
+        out = self.log_dir / f"{name}-start.out"
+        with open(out, "wb") as f:
+            res = subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=f, stderr=subprocess.STDOUT)
+        if res.returncode != 0:
+            raise RelayError(
+                f"{name} start failed ({res.returncode}):\n"
+                + _tail(out)
+                + "\n"
+                + _tail(self.log_dir / f"{name}.log")
+            )
+
+    def _readiness_checks(self) -> list[tuple[str, str | tuple[str, int], Path]]:
+        """(what, unix path or (host, port), log to show on failure)."""
+        c, cfg, logs = self.components, self.config, self.log_dir
+        checks: list[tuple[str, str | tuple[str, int], Path]] = []
+        for name, key in (
+            ("doveauth", "doveauth_socket"),
+            ("lastlogin", "lastlogin_socket"),
+            ("metadata", "metadata_socket"),
+        ):
+            if name in c:
+                checks.append((name, getattr(cfg, key), logs / f"{name}.log"))
+        if "filtermail" in c:
+            checks.append(("filtermail", ("127.0.0.1", cfg.filtermail_smtp_port),
+                           logs / "filtermail.log"))  # fmt: skip
+            checks.append(("filtermail-incoming", ("127.0.0.1", cfg.filtermail_smtp_port_incoming),
+                           logs / "filtermail-incoming.log"))  # fmt: skip
+        if "newemail" in c:
+            checks.append(("newemail", ("127.0.0.1", cfg.newemail_port), logs / "newemail.log"))
+        if "postfix" in c:
+            for name in ("smtp", "submission", "submissions", "reinject", "reinject_incoming"):
+                checks.append((f"postfix {name}", ("127.0.0.1", int(self.ports[name])),
+                               logs / "postfix.log"))  # fmt: skip
+        if "dovecot" in c:
+            for name in ("imap", "imaps"):
+                checks.append((f"dovecot {name}", ("127.0.0.1", int(self.ports[name])),
+                               logs / "dovecot.log"))  # fmt: skip
+            if "postfix" in c:
+                checks.append(("dovecot lmtp", str(self.ports["lmtp"]), logs / "dovecot.log"))
+        return checks
+
+    def _wait_ready(self, timeout: float = START_TIMEOUT) -> None:
+        pending = self._readiness_checks()
+        deadline = time.monotonic() + timeout
+        while pending:
+            for name, proc in self._procs.items():
+                if proc.poll() is not None:
+                    raise RelayError(
+                        f"{name} exited with {proc.returncode} during start\n"
+                        + _tail(self.log_dir / f"{name}.log")
+                    )
+            pending = [chk for chk in pending if not _connectable(chk[1])]
+            if not pending:
+                break
+            if time.monotonic() > deadline:
+                what, _, logfile = pending[0]
+                raise RelayError(
+                    f"not ready after {timeout:.0f}s: {', '.join(p[0] for p in pending)}\n"
+                    + _tail(logfile)
+                )
+            time.sleep(0.02)
+
+    def _write_json(self) -> None:
+        tmp = self.json_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.facts(), indent=2) + "\n", encoding="utf-8")
+        os.replace(tmp, self.json_path)
+
+    # ------------------------------------------------------------ peers
+
+    def add_peer(self, other: Relay | str, port: int | None = None) -> None:
+        """Route mail for another relay's domain to its port 25 on loopback.
+
+        Every other destination stays refused; ``other`` may be a Relay or a
+        domain with its SMTP ``port``.
+        """
+        if isinstance(other, Relay):
+            domain, port = other.mail_domain, other.config.smtp_port
+        else:
+            domain = other
+        if port is None:
+            raise ValueError("add_peer(domain, port): port is required for a domain")
+        self.peers[domain] = f"smtp:[127.0.0.1]:{port}"
+        transport = self.layout.postfix_config_dir / "transport"
+        if transport.parent.exists():
+            tmp = transport.with_suffix(".tmp")
+            tmp.write_text(transport_map(self.peers.items()), encoding="utf-8")
+            os.replace(tmp, transport)
+        if self._postfix_pid() is not None:
+            subprocess.run(
+                ["postfix", "-c", str(self.layout.postfix_config_dir), "reload"],
+                check=True,
+                capture_output=True,
+            )
+        if self.json_path.exists():
+            self._write_json()
+
+    # ------------------------------------------------------------ stop
+
+    def _postfix_pid(self) -> int | None:
+        pid = _read_pid(self.layout.postfix_queue_dir / "pid/master.pid")
+        return pid if pid and _alive(pid) else None
+
+    def _dovecot_pid(self) -> int | None:
+        pid = _read_pid(self.layout.dovecot_base_dir / "master.pid")
+        return pid if pid and _alive(pid) else None
+
+    def stop(self) -> None:
+        """Stop everything this relay started; wait until no process of it is left."""
+        if not self._started:
+            return
+        self._started = False
+        doomed: set[int] = set()
+        for pid in (self._dovecot_pid(), self._postfix_pid()):
+            if pid is not None:
+                # masters stop their children on SIGTERM
+                doomed |= process_tree(pid)
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGTERM)
+        for proc in self._procs.values():
+            if proc.poll() is None:
+                doomed |= process_tree(proc.pid)
+                with contextlib.suppress(ProcessLookupError):
+                    proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + STOP_TIMEOUT
+        while time.monotonic() < deadline:
+            for proc in self._procs.values():
+                proc.poll()  # reap our direct children
+            doomed = {p for p in doomed if _alive(p)}
+            if not doomed:
+                break
+            time.sleep(0.02)
+        for pid in doomed:
+            log.warning("relay %s: pid %d did not stop in time; killing it", self.state_dir, pid)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        for proc in self._procs.values():
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=5)
+        self._procs.clear()
+        with contextlib.suppress(OSError):
+            self.json_path.unlink()
+
+    # ------------------------------------------------------------ client helpers
+
+    def new_credentials(self) -> tuple[str, str]:
+        """A fresh random address (valid localpart length) and password for this relay."""
+        alphabet = string.ascii_lowercase + string.digits
+        local = "".join(secrets.choice(alphabet) for _ in range(self.config.username_max_length))
+        password = secrets.token_urlsafe(18)
+        return f"{local}@{self.mail_domain}", password
+
+    def imap(self, addr: str, password: str):
+        """A logged-in IMAP4_SSL connection (creates the account on first login)."""
+        import imaplib
+
+        conn = imaplib.IMAP4_SSL(
+            self.host, int(self.ports["imaps"]), ssl_context=client_tls_context(), timeout=30
+        )
+        conn.login(addr, password)
+        return conn
+
+    def smtp(self, addr: str | None = None, password: str | None = None):
+        """SMTP_SSL to implicit-TLS submission, logged in when credentials are given."""
+        import smtplib
+
+        conn = smtplib.SMTP_SSL(
+            self.host, int(self.ports["submissions"]), context=client_tls_context(), timeout=30
+        )
+        if addr is not None and password is not None:
+            conn.login(addr, password)
+        return conn
+
+    def running_pids(self) -> set[int]:
+        """Every process of this relay right now (masters with children, daemons)."""
+        pids: set[int] = set()
+        for pid in (self._dovecot_pid(), self._postfix_pid()):
+            if pid is not None:
+                pids |= process_tree(pid)
+        for proc in self._procs.values():
+            if proc.poll() is None:
+                pids |= process_tree(proc.pid)
+        return pids
+
+
+def _connectable(target: str | tuple[str, int]) -> bool:
+    if isinstance(target, str):
+        if not os.path.exists(target):
+            return False
+        family, addr = socket.AF_UNIX, target
+    else:
+        family, addr = socket.AF_INET, target
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.settimeout(1)
+        try:
+            s.connect(addr)
+        except OSError:
+            return False
+    return True
+
+
+def remove_state(state_dir: Path) -> None:
+    shutil.rmtree(state_dir, ignore_errors=True)

@@ -1,0 +1,122 @@
+"""The relay stack against real Postfix and Dovecot (no filtermail)."""
+
+from __future__ import annotations
+
+import email
+import json
+import socket
+import time
+from pathlib import Path
+
+import pytest
+
+from chatmaild.relay import Relay, TemplateError, render_text
+
+pytestmark = pytest.mark.relay
+
+
+def wait_for_messages(relay: Relay, addr: str, password: str, count: int = 1, timeout=20):
+    """Messages in INBOX, polling until ``count`` arrived (delivery is asynchronous)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        conn = relay.imap(addr, password)
+        try:
+            conn.select("INBOX")
+            _, data = conn.search(None, "ALL")
+            nums = data[0].split()
+            if len(nums) >= count or time.monotonic() > deadline:
+                msgs = []
+                for num in nums:
+                    _, fetched = conn.fetch(num, "(RFC822)")
+                    msgs.append(email.message_from_bytes(fetched[0][1]))
+                return msgs
+        finally:
+            conn.logout()
+        time.sleep(0.1)
+
+
+def test_render_rejects_unknown_variable():
+    assert render_text("a = {{ x }} $y %u", {"x": 1}) == "a = 1 $y %u"
+    with pytest.raises(TemplateError, match="nosuch"):
+        render_text("a = {{ nosuch }}", {"x": 1})
+
+
+def test_imap_login_creates_account(relay):
+    addr, password = relay.new_credentials()
+    conn = relay.imap(addr, password)
+    _, caps = conn.capability()
+    conn.logout()
+    assert b"XDELTAPUSH" in caps[0] and b"XCHATMAIL" in caps[0]
+    home = Path(relay.config.mailboxes_dir) / addr
+    assert (home / "password").exists()
+    # wrong password for an existing account is refused
+    with pytest.raises(Exception, match="AUTHENTICATIONFAILED|Authentication failed"):
+        relay.imap(addr, password + "x")
+
+
+def test_submit_and_deliver_with_header_cleanup(relay):
+    sender, spw = relay.new_credentials()
+    rcpt, rpw = relay.new_credentials()
+    relay.imap(rcpt, rpw).logout()  # create the recipient
+    msg = (
+        f"From: {sender}\r\nTo: {rcpt}\r\nSubject: secret subject\r\n"
+        "User-Agent: Foomail 1.0\r\nX-Mailer: bar\r\n\r\nhello\r\n"
+    )
+    with relay.smtp(sender, spw) as smtp:
+        smtp.sendmail(sender, [rcpt], msg)
+    [got] = wait_for_messages(relay, rcpt, rpw)
+    assert got["Subject"] == "[...]"
+    assert got.get_payload().strip() == "hello"
+    for header in ("Received", "User-Agent", "X-Mailer", "X-Originating-IP"):
+        assert header not in got, header
+    assert "127.0.0.1" not in got.as_string()
+
+
+def test_sender_must_match_login(relay):
+    import smtplib
+
+    a, apw = relay.new_credentials()
+    b, _ = relay.new_credentials()
+    with relay.smtp(a, apw) as smtp, pytest.raises(smtplib.SMTPRecipientsRefused) as exc:
+        smtp.sendmail(b, [a], f"From: {b}\r\nTo: {a}\r\n\r\nx\r\n")
+    assert exc.value.recipients[a][0] == 553
+
+
+def test_nothing_leaves_the_box(relay):
+    import smtplib
+
+    a, apw = relay.new_credentials()
+    # accepted for delivery, then refused by the default transport: the bounce comes back
+    with relay.smtp(a, apw) as smtp:
+        smtp.sendmail(a, ["someone@outside.example"], f"From: {a}\r\nTo: x\r\n\r\nx\r\n")
+    bounces = wait_for_messages(relay, a, apw)
+    assert bounces and "outside.example" in bounces[0].as_string()
+    assert "delivery outside this local relay is disabled" in bounces[0].as_string()
+    # port 25 does not relay for strangers
+    with smtplib.SMTP("127.0.0.1", relay.ports["smtp"], timeout=10) as smtp:
+        smtp.starttls(context=__import__("chatmaild.relay").relay.client_tls_context())
+        smtp.ehlo("peer.example")
+        with pytest.raises(smtplib.SMTPRecipientsRefused):
+            smtp.sendmail("x@peer.example", ["y@outside.example"], "Subject: x\r\n\r\nx\r\n")
+
+
+def test_relay_json_and_clean_stop(relay_factory):
+    relay = relay_factory(components=["postfix", "dovecot", "doveauth"])
+    facts = json.loads((relay.state_dir / "relay.json").read_text())
+    assert facts["mail_domain"] == relay.mail_domain
+    assert facts["ports"]["imaps"] == relay.ports["imaps"]
+    pids = relay.running_pids()
+    assert len(pids) > 5
+    relay.stop()
+    assert not any(Path(f"/proc/{p}").exists() and _not_zombie(p) for p in pids)
+    for name in ("smtp", "submissions", "imaps", "imap"):
+        with socket.socket() as s:
+            assert s.connect_ex(("127.0.0.1", relay.ports[name])) != 0, name
+    assert not (relay.state_dir / "relay.json").exists()
+
+
+def _not_zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
