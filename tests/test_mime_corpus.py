@@ -348,3 +348,34 @@ def test_domains():
 def test_public_api_is_exported():
     for name in mime.__all__:
         assert hasattr(mime, name)
+
+
+@pytest.mark.parametrize("name", ["encrypted", "encrypted-deltachat", "securejoin-vc", "asm"])
+def test_bytearray_input_gives_the_same_verdicts_and_stays_resizable(name):
+    data = load_mail(name, to_addr=A if name == "asm" else B)
+    buf = bytearray(data)
+    msg = ParsedMessage(buf)
+    assert msg.data is buf  # no copy
+    assert is_encrypted(msg, True) == is_encrypted(data, True)
+    assert is_securejoin(msg) == is_securejoin(data)
+    assert from_address(msg) == from_address(data)
+    assert is_self_sent_autocrypt_setup(msg, A, [A]) == is_self_sent_autocrypt_setup(data, A, [A])
+    buf += b"x"  # no memoryview export is left behind
+
+
+def test_large_partial_length_message():
+    """A multi-megabyte payload in 8 KiB partial chunks (as GnuPG writes from a pipe)."""
+    import os
+
+    from tests.test_pgp_basic import armor, new_packet, partial_packet
+
+    binary = new_packet(1, b"\x03" + os.urandom(100)) + partial_packet(
+        18, b"\x01" + os.urandom(3_000_000), 13
+    )
+    enc = load_mail("encrypted")
+    head, _, rest = enc.partition(b"-----BEGIN PGP MESSAGE-----")
+    tail = rest[rest.index(b"-----END PGP MESSAGE-----") + 25 :]
+    big = head + armor(binary).rstrip(b"\r\n") + tail
+    assert is_encrypted(big, outgoing=True), encryption_problem(big, True)
+    broken = big.replace(b"\r\n-----END", b"\r\nA-----END", 1)  # one stray base64 char
+    assert not is_encrypted(broken, outgoing=True)

@@ -63,7 +63,7 @@ class Part:
 
     __slots__ = ("headers", "data", "start", "stop")
 
-    def __init__(self, headers: Message, data: bytes, start: int, stop: int):
+    def __init__(self, headers: Message, data: bytes | bytearray, start: int, stop: int):
         self.headers = headers
         self.data = data  # the whole message; the body is data[start:stop]
         self.start = start
@@ -102,7 +102,7 @@ def _parse_headers(block: bytes | memoryview) -> Message:
     return _header_parser.parsebytes(bytes(block))
 
 
-def _split_entity(data: bytes, start: int, end: int) -> tuple[int, int, bytes]:
+def _split_entity(data: bytes | bytearray, start: int, end: int) -> tuple[int, int, bytes]:
     """Split data[start:end] into header block and body.
 
     Returns ``(body_start, header_end, eol)``.  The header block ends at the
@@ -129,7 +129,8 @@ def _split_entity(data: bytes, start: int, end: int) -> tuple[int, int, bytes]:
 class ParsedMessage:
     """A message parsed once for all checks: headers now, body parts on demand."""
 
-    def __init__(self, data: bytes):
+    def __init__(self, data: bytes | bytearray):
+        # a bytearray is used as it is (no copy); do not resize it while checks run
         self.data = data
         body_start, header_end, self.eol = _split_entity(data, 0, len(data))
         self.headers: Message = _parse_headers(memoryview(data)[:header_end])
@@ -207,7 +208,7 @@ class ParsedMessage:
         return parts  # the epilogue after the close delimiter is ignored
 
 
-def _after_delimiter(data: bytes, tail: int, eol: bytes) -> int | None:
+def _after_delimiter(data: bytes | bytearray, tail: int, eol: bytes) -> int | None:
     """After ``--boundary`` at ``tail``: -1 for a close delimiter, the start of
     the next part for a delimiter line, None if this is no delimiter line."""
     if data.startswith(b"--", tail):
@@ -218,16 +219,18 @@ def _after_delimiter(data: bytes, tail: int, eol: bytes) -> int | None:
     return line_end + len(eol)
 
 
-def _parsed(msg: bytes | ParsedMessage) -> ParsedMessage:
+def _parsed(msg: bytes | bytearray | ParsedMessage) -> ParsedMessage:
     if isinstance(msg, ParsedMessage):
         return msg
-    return ParsedMessage(bytes(msg))
+    if not isinstance(msg, bytes | bytearray):
+        msg = bytes(msg)
+    return ParsedMessage(msg)
 
 
 # --- encryption ---------------------------------------------------------------
 
 
-def encryption_problem(msg: bytes | ParsedMessage, outgoing: bool) -> str | None:
+def encryption_problem(msg: bytes | bytearray | ParsedMessage, outgoing: bool) -> str | None:
     """Why the message is not an RFC 3156 encrypted message, or None if it is one."""
     try:
         return _encryption_problem(_parsed(msg), outgoing)
@@ -262,7 +265,7 @@ def _encryption_problem(msg: ParsedMessage, outgoing: bool) -> str | None:
     return None if problem is None else f"payload: {problem}"
 
 
-def is_encrypted(msg: bytes | ParsedMessage, outgoing: bool) -> bool:
+def is_encrypted(msg: bytes | bytearray | ParsedMessage, outgoing: bool) -> bool:
     """True for a PGP/MIME (RFC 3156) message whose payload passes the armor and packet checks.
 
     ``outgoing`` forbids armor headers (``Version:``, ``Comment:``) in the payload.
@@ -273,7 +276,7 @@ def is_encrypted(msg: bytes | ParsedMessage, outgoing: bool) -> bool:
 # --- exceptions to the encryption rule ------------------------------------------
 
 
-def is_securejoin(msg: bytes | ParsedMessage) -> bool:
+def is_securejoin(msg: bytes | bytearray | ParsedMessage) -> bool:
     """True for a legacy Secure-Join ``vc-request``/``vg-request`` in its exact shape.
 
     One ``Secure-Join`` header whose value is exactly the step, a multipart
@@ -300,7 +303,7 @@ def is_securejoin(msg: bytes | ParsedMessage) -> bool:
 
 
 def is_self_sent_autocrypt_setup(
-    msg: bytes | ParsedMessage, mail_from: str, rcpts: list[str]
+    msg: bytes | bytearray | ParsedMessage, mail_from: str, rcpts: list[str]
 ) -> bool:
     """True for an Autocrypt Setup Message a user sends to themselves only.
 
@@ -322,7 +325,7 @@ def is_self_sent_autocrypt_setup(
         return False
 
 
-def is_mailer_daemon_report(msg: bytes | ParsedMessage) -> bool:
+def is_mailer_daemon_report(msg: bytes | bytearray | ParsedMessage) -> bool:
     """True for a delivery status report from a mailer daemon (incoming only).
 
     A non-empty ``Auto-Submitted`` header, a From address whose local part is
@@ -488,7 +491,7 @@ def address_domain(addr: str) -> str | None:
     return domain or None
 
 
-def from_address(msg: bytes | ParsedMessage) -> str | None:
+def from_address(msg: bytes | bytearray | ParsedMessage) -> str | None:
     """The lower-cased address of the one and only From mailbox, or None.
 
     None if there is no From header, more than one, or more than one mailbox

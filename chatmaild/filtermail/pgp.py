@@ -270,7 +270,7 @@ _B64_AND_CRLF = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789
 
 
 def dearmor(
-    text: str | bytes, outgoing: bool, *, start: int = 0, end: int | None = None
+    text: str | bytes | bytearray, outgoing: bool, *, start: int = 0, end: int | None = None
 ) -> tuple[bytes | None, str | None]:
     """Strictly decode an armored PGP MESSAGE: ``(binary, None)`` or ``(None, reason)``.
 
@@ -284,7 +284,7 @@ def dearmor(
                 text = text.encode("utf-8", "surrogateescape")
             except UnicodeEncodeError:
                 return None, "not encodable text"
-        elif not isinstance(text, bytes):
+        elif not isinstance(text, bytes | bytearray):
             text = bytes(text)
         stop = len(text) if end is None else max(0, min(end, len(text)))
         return _dearmor(text, max(0, start), stop, outgoing)
@@ -292,7 +292,9 @@ def dearmor(
         return None, f"armor parse failed: {type(exc).__name__}"
 
 
-def _dearmor(buf: bytes, start: int, end: int, outgoing: bool) -> tuple[bytes | None, str | None]:
+def _dearmor(
+    buf: bytes | bytearray, start: int, end: int, outgoing: bool
+) -> tuple[bytes | None, str | None]:
     if not buf.startswith(BEGIN + CRLF, start, end):
         return None, "does not start with BEGIN PGP MESSAGE line"
     while end - start >= 2 and buf[end - 2] == 0x0D and buf[end - 1] == 0x0A:
@@ -367,7 +369,7 @@ def _dearmor(buf: bytes, start: int, end: int, outgoing: bool) -> tuple[bytes | 
 
 
 def armor_problem(
-    text: str | bytes,
+    text: str | bytes | bytearray,
     outgoing: bool,
     *,
     allow_aead: bool = False,
