@@ -16,6 +16,7 @@ re-checked under it.
 from __future__ import annotations
 
 import errno
+import functools
 import hmac
 import logging
 import os
@@ -23,7 +24,7 @@ import secrets
 import shutil
 import warnings
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import filelock
@@ -105,6 +106,11 @@ class Account:
 
     addr: str
     home: Path
+    # plain-string paths for the lookup hot path (pathlib costs microseconds per join)
+    _password_file: str = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_password_file", os.path.join(self.home, PASSWORD))
 
     @property
     def password_path(self) -> Path:
@@ -113,7 +119,7 @@ class Account:
     def password_hash(self) -> str | None:
         """The stored hash, or None when there is no (or an empty) password file."""
         try:
-            with open(self.password_path, "rb") as fp:
+            with open(self._password_file, "rb") as fp:
                 data = fp.read(4096)
         except (FileNotFoundError, NotADirectoryError):
             return None
@@ -151,7 +157,7 @@ class Account:
 
     @property
     def is_disabled(self) -> bool:
-        return self._flag(FLAG_DISABLED).exists()
+        return os.path.exists(os.path.join(self.home, FLAG_DISABLED))
 
     @property
     def enforces_e2ee_incoming(self) -> bool:
@@ -215,15 +221,21 @@ class AccountStore:
     def __init__(self, config: Config) -> None:
         self.config = config
         self.root = Path(config.mailboxes_dir)
+        # Account objects are immutable: remember recent ones, lookups repeat a lot
+        self._accounts = functools.lru_cache(maxsize=4096)(self._make_account)
 
     # -- addressing
 
     def account(self, raw_addr: str) -> Account:
         """The Account for an address; raises AddressError for anything unsafe."""
+        return self._accounts(raw_addr)
+
+    def _make_account(self, raw_addr: str) -> Account:
         addr = canonical_address(raw_addr, self.config.mail_domain)
         home = self.root / addr
         # belt and braces: the validated name is one plain path component
-        assert home.parent == self.root and home.name == addr
+        if home.parent != self.root or home.name != addr:
+            raise AddressError(f"{addr!r} is not a plain directory name")
         return Account(addr, home)
 
     def lookup(self, raw_addr: str) -> Account | None:

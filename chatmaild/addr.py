@@ -8,10 +8,18 @@ is always exactly one safe directory name below ``mailboxes_dir``.
 
 from __future__ import annotations
 
+import functools
 import re
 
 LOCALPART_RE = re.compile(r"[a-z0-9_-]+(?:\.[a-z0-9_-]+)*")
 MAX_LOCALPART = 64  # RFC 5321
+_CONTROL_OR_SPACE = re.compile(r"[\x00-\x20\x7f]")
+
+
+@functools.lru_cache(maxsize=16)
+def _valid_address_re(mail_domain: str) -> re.Pattern[str]:
+    """A lower-case address that needs no further checks (the fast path of lookups)."""
+    return re.compile(LOCALPART_RE.pattern + "@" + re.escape(mail_domain))
 
 
 class AddressError(ValueError):
@@ -25,11 +33,18 @@ def canonical_address(raw: str, mail_domain: str) -> str:
     folded; any non-ASCII character is refused rather than normalised, so two
     different byte strings can never map to one account by Unicode rules.
     """
+    if isinstance(raw, str) and raw.isascii():
+        addr = raw.lower()
+        if len(addr) - len(mail_domain) - 1 <= MAX_LOCALPART and _valid_address_re(
+            mail_domain
+        ).fullmatch(addr):
+            return addr
+    # slow path: find out what exactly is wrong (or accept an edge case)
     if not isinstance(raw, str) or not raw:
         raise AddressError("empty address")
     if not raw.isascii():
         raise AddressError("address contains non-ASCII characters")
-    if any(ord(c) < 0x21 or c == "\x7f" for c in raw):
+    if _CONTROL_OR_SPACE.search(raw):
         raise AddressError("address contains control characters or spaces")
     addr = raw.lower()
     localpart, sep, domain = addr.rpartition("@")

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+import re
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
 
@@ -62,8 +63,11 @@ def tabunescape(text: str) -> str:
     return "".join(out)
 
 
+_NEEDS_ESCAPE = re.compile("[\0\x01\t\r\n]")
+
+
 def tabescape(text: str) -> str:
-    if not any(c in text for c in _ESCAPE):
+    if not _NEEDS_ESCAPE.search(text):
         return text
     return "".join(_ESCAPE.get(c, c) for c in text)
 
