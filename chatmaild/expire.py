@@ -266,7 +266,11 @@ def apply_plan(
     removed = 0
     for reason, msgs in by_reason.items():
         if remove:
-            files, size = unlink_messages(root_fd, name, msgs)
+            result = unlink_messages(root_fd, name, msgs)
+            files, size = result.files, result.size
+            for error in result.errors:
+                log.error("cannot remove %s", error)
+            totals.errors += len(result.errors)
         else:
             files, size = len(msgs), sum(m.size for m in msgs)
         totals.removed_messages[reason] += files

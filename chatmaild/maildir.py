@@ -280,19 +280,28 @@ def open_dir(root_fd: int, parts: Iterable[str]) -> Iterator[int]:
         os.close(fd)
 
 
-def unlink_messages(root_fd: int, mailbox: str, messages: Iterable[Message]) -> tuple[int, int]:
-    """Unlink message files; returns ``(files, bytes)`` actually removed.
+@dataclass(slots=True)
+class Unlinked:
+    files: int = 0
+    size: int = 0  # S= bytes
+    errors: list[str] = field(default_factory=list)
+
+
+def unlink_messages(root_fd: int, mailbox: str, messages: Iterable[Message]) -> Unlinked:
+    """Unlink message files, carrying on past errors (each one is reported).
 
     A file is only ever unlinked, never truncated or rewritten, so a Dovecot
     process that has it open keeps reading the old content and merely sees it
     vanish on its next sync.  A file already gone (Dovecot renamed it to set a
-    flag, or expunged it) is skipped.
+    flag, or expunged it) is skipped.  A folder that is no longer a real
+    directory (swapped for a symlink) is refused as a whole.
     """
     by_folder: dict[tuple[str, ...], list[Message]] = {}
     for msg in messages:
         by_folder.setdefault(msg.folder, []).append(msg)
-    files = size = 0
+    result = Unlinked()
     for folder, msgs in by_folder.items():
+        where = "/".join((mailbox, *folder))
         try:
             with open_dir(root_fd, (mailbox, *folder)) as fd:
                 for msg in msgs:
@@ -300,11 +309,16 @@ def unlink_messages(root_fd: int, mailbox: str, messages: Iterable[Message]) -> 
                         os.unlink(msg.name, dir_fd=fd)
                     except FileNotFoundError:
                         continue
-                    files += 1
-                    size += msg.size
+                    except OSError as e:
+                        result.errors.append(f"{where}/{msg.name!r}: {e.strerror}")
+                        continue
+                    result.files += 1
+                    result.size += msg.size
         except FileNotFoundError:
             continue
-    return files, size
+        except OSError as e:
+            result.errors.append(f"{where}: {e.strerror}")
+    return result
 
 
 def remove_maildirsize(root_fd: int, mailbox: str) -> bool:

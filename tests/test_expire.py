@@ -3,8 +3,14 @@
 from __future__ import annotations
 
 import os
+import pwd
 import re
+import shutil
 import stat
+import subprocess
+import sys
+import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -13,6 +19,7 @@ from chatmaild import expire, fsreport, maildir
 from chatmaild.expire import Policy, plan_mailbox
 from chatmaild.maildir import open_root, parse_maildir_name, scan_mailbox
 from chatmaild.testing.maildirs import maildir_name
+from tests.fixtures.expire import MailTree
 
 DAY = 86400
 SUMMARY_RE = re.compile(
@@ -310,13 +317,14 @@ def test_folder_swapped_for_symlink_after_scan_is_not_followed(mailtree, outside
     bait = outside / "cur" / msg.name
     bait.write_text("bait")
     os.symlink(outside, home / ".Folder")
+    totals = expire.Totals()
     fd = open_root(mailtree.root)
     try:
-        with pytest.raises(OSError):
-            expire.apply_plan(fd, s, plan, policy(mailtree), expire.Totals(), remove=True)
+        assert expire.apply_plan(fd, s, plan, policy(mailtree), totals, remove=True) == 0
     finally:
         os.close(fd)
     assert bait.exists()
+    assert totals.errors == 1
 
 
 def test_message_vanishing_concurrently_is_skipped(mailtree):
@@ -473,3 +481,57 @@ def test_systemd_units(unit, module, calendar):
     assert args.config == "/etc/chatmail/chatmail.ini"
     if module is expire:
         assert args.remove and args.verbose
+
+
+@pytest.fixture
+def vmail_tree():
+    """A MailTree in a world-traversable directory whose accounts belong to vmail."""
+    vmail = pwd.getpwnam("vmail")
+    base = Path(tempfile.mkdtemp(prefix="expire-vmail-"))
+    os.chmod(base, 0o755)
+    tree = MailTree(base, time.time())
+    os.chmod(tree.ini, 0o644)
+    os.chown(tree.root, vmail.pw_uid, vmail.pw_gid)
+    tree.vmail = vmail
+    yield tree
+    shutil.rmtree(base)
+
+
+def test_runs_as_vmail_and_carries_on_past_permission_errors(vmail_tree):
+    tree = vmail_tree
+    home = tree.account(tree.addr("mixed"))
+    gone = [
+        tree.message(home, "cur", days_ago=30),
+        tree.message(home, ".DeltaChat/new", days_ago=30),
+    ]
+    stuck = tree.message(home, ".Root/cur", days_ago=30)  # directory left owned by root
+    dead = tree.account(tree.addr("dead"), login_days_ago=100)
+    tree.message(dead, "cur", days_ago=1)
+    for dirpath, dirnames, filenames in os.walk(tree.root):
+        for name in [*dirnames, *filenames]:
+            path = os.path.join(dirpath, name)
+            if not path.startswith(str(home / ".Root")):
+                os.chown(path, tree.vmail.pw_uid, tree.vmail.pw_gid, follow_symlinks=False)
+    proc = subprocess.run(
+        [
+            "setpriv",
+            f"--reuid={tree.vmail.pw_uid}",
+            f"--regid={tree.vmail.pw_gid}",
+            "--init-groups",
+            sys.executable,
+            "-m",
+            "chatmaild.expire",
+            "--config",
+            str(tree.ini),
+            "--remove",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 1, proc.stderr
+    assert "cannot remove" in proc.stderr and "Permission denied" in proc.stderr
+    assert summary(proc.stdout) == ("removed", 1, 2, 3, 4, 3000)
+    assert not any(p.exists() for p in gone) and not dead.exists()
+    assert stuck.exists()
+    assert (home / "password").exists()
