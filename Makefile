@@ -21,3 +21,8 @@ bench: deps
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info
+
+# A complete relay on 127.0.0.1 (Ctrl-C stops it): STATE=dir, CONFIG=chatmail.ini overrides
+STATE ?= state
+run: deps
+	$(PY) -m chatmaild.relay --state $(STATE) $(if $(CONFIG),--config $(CONFIG))

@@ -21,7 +21,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from ..config import Config
+from ..config import DEFAULT_CONFIG_PATH, Config
 
 PLACEHOLDER = re.compile(r"\{\{\s*([A-Za-z_][A-Za-z0-9_]*)\s*\}\}")
 
@@ -103,6 +103,9 @@ class Layout:
     nodelay_so: Path | None = None
     components: frozenset[str] = frozenset(ALL_COMPONENTS)
     peers: tuple[tuple[str, str], ...] = field(default=())  # (domain, postfix nexthop)
+    # "dict" (doveauth) or "checkpassword" (chatmail-checkpassword run by Dovecot's auth)
+    auth_backend: str = "dict"
+    ini_path: Path | None = None  # chatmail.ini the checkpassword program reads; None: default
 
     @classmethod
     def production(cls, config: Config, root: Path = Path("/")) -> Layout:
@@ -186,7 +189,22 @@ def template_variables(config: Config, layout: Layout) -> dict[str, object]:
     lmtp_plugins = (
         ["mail_lua", "notify", "push_notification", "push_notification_lua"] if push else []
     )
+    if layout.auth_backend == "checkpassword":
+        auth_driver = "checkpassword"
+        ini = layout.ini_path or DEFAULT_CONFIG_PATH
+        auth_args = f"{bin_path('chatmail-checkpassword')} --config {ini}"
+        auth_service_user = config.vmail_user
+    elif layout.auth_backend == "dict":
+        auth_driver = "dict"
+        auth_args = str(layout.dovecot_config_dir / "auth.conf")
+        auth_service_user = "$default_internal_user"
+    else:
+        raise ValueError(f"unknown auth_backend {layout.auth_backend!r}")
     return {
+        # authentication: doveauth over dict, or the checkpassword program
+        "auth_driver": auth_driver,
+        "auth_args": auth_args,
+        "auth_service_user": auth_service_user,
         # identity and limits
         "mail_domain": config.mail_domain,
         "mail_domain_bare": config.mail_domain.strip("[]"),
@@ -222,7 +240,6 @@ def template_variables(config: Config, layout: Layout) -> dict[str, object]:
         "incoming_proxy_filter": (
             f"{filter_host}:{config.filtermail_smtp_port_incoming}" if filtering else ""
         ),
-        "reinject_milters": milter,
         "non_smtpd_milters": milter,
         # paths
         "postfix_config_dir": layout.postfix_config_dir,

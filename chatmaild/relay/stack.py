@@ -165,6 +165,7 @@ class Relay:
         components: Iterable[str] | None = None,
         *,
         nodelay: bool | None = None,
+        reuse_ports: bool = False,
     ) -> None:
         self.state_dir = Path(state_dir).resolve()
         self.components = frozenset(available_components() if components is None else components)
@@ -173,6 +174,7 @@ class Relay:
             raise ValueError(f"unknown relay components: {', '.join(sorted(unknown))}")
         self.overrides = {k: str(v) for k, v in (overrides or {}).items()}
         self.nodelay_requested = nodelay
+        self.reuse_ports = reuse_ports
         self.etc_dir = self.state_dir / "etc"
         self.ini_path = self.etc_dir / "chatmail.ini"
         self.log_dir = self.state_dir / "log"
@@ -206,6 +208,7 @@ class Relay:
             "lastlogin_socket": s / "run/lastlogin.socket",
             "turn_socket_path": s / "run/turn.socket",
             "dkim_key_path": s / "dkim/dkim.private",
+            "tls_external_cert_and_key": f"{s}/tls/cert.pem {s}/tls/key.pem",
             "filtermail_host": "127.0.0.1",
             "postfix_host": "127.0.0.1",
             "disable_ipv6": True,
@@ -215,6 +218,14 @@ class Relay:
             "min_free_disk_space": "64M",
         }
         missing = [key for key in PORT_KEYS.values() if key not in self.overrides]
+        if self.reuse_ports:
+            # a restarted `make run` keeps its ports (and so its dclogin links) when free
+            previous = _previous_ports(self.ini_path)
+            for key in list(missing):
+                port = previous.get(key)
+                if port and port not in params.values() and _port_free(port):
+                    params[key] = port
+                    missing.remove(key)
         params.update(zip(missing, free_ports(len(missing)), strict=True))
         params.update(self.overrides)
         self.etc_dir.mkdir(parents=True, exist_ok=True)
@@ -283,8 +294,7 @@ class Relay:
         for d in (self.run_dir, self.state_dir / "vmail", Path(self.config.mailboxes_dir)):
             d.mkdir(parents=True, exist_ok=True)
             os.chown(d, vmail.pw_uid, vmail.pw_gid)
-        if self.config.tls_external_cert_and_key is None:
-            self._make_tls(vmail.pw_gid)
+        self._make_tls(vmail.pw_gid)
         if "filtermail" in self.components:
             self._make_dkim_key(vmail)
         if self.nodelay_requested is not False and "dovecot" in self.components:
@@ -296,11 +306,12 @@ class Relay:
         render_all(self.config, self.layout)
 
     def _make_tls(self, vmail_gid: int) -> None:
-        tls = self.state_dir / "tls"
-        cert, key = tls / "cert.pem", tls / "key.pem"
+        cert, key = (Path(p) for p in self.config.tls_external_cert_and_key or ("", ""))
         if cert.exists() and key.exists():
             return
-        tls.mkdir(parents=True, exist_ok=True)
+        if self.state_dir not in key.parents:
+            raise RelayError(f"TLS certificate {cert} or key {key} missing")
+        key.parent.mkdir(parents=True, exist_ok=True)
         name = self.mail_domain.strip("[]")
         subprocess.run(
             ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
@@ -316,15 +327,26 @@ class Relay:
         os.chmod(cert, 0o644)
 
     def _make_dkim_key(self, vmail: pwd.struct_passwd) -> None:
+        from ..filtermail.dkim import generate_key
+
         key = Path(self.config.dkim_key_path)
         if key.exists():
             return
         key.parent.mkdir(parents=True, exist_ok=True)
-        subprocess.run(
-            ["openssl", "genrsa", "-out", str(key), "2048"], check=True, capture_output=True
-        )
-        os.chown(key, vmail.pw_uid, vmail.pw_gid)
-        os.chmod(key, 0o600)
+        pem, _ = generate_key(2048)
+        tmp = key.with_name(f".{key.name}.tmp")
+        tmp.write_bytes(pem)
+        os.chown(tmp, 0, vmail.pw_gid)
+        os.chmod(tmp, 0o640)
+        os.replace(tmp, key)
+
+    def dkim_record(self) -> tuple[str, str]:
+        """(DNS name, TXT value) publishing this relay's DKIM public key."""
+        from ..filtermail.dkim import public_value, txt_record
+
+        pem = Path(self.config.dkim_key_path).read_bytes()
+        name = f"{self.config.dkim_selector}._domainkey.{self.mail_domain.strip('[]')}"
+        return name, txt_record(public_value(pem))
 
     def _daemon_commands(self) -> dict[str, list[str]]:
         ini = str(self.ini_path)
@@ -339,8 +361,15 @@ class Relay:
         if "filtermail" in c:
             cmds["filtermail"] = [bin_path("filtermail"), "--config", ini, "outgoing"]
             cmds["filtermail-incoming"] = [bin_path("filtermail"), "--config", ini, "incoming"]
+            cmds["filtermail-milter"] = [bin_path("filtermail"), "--config", ini, "milter"]
         if "newemail" in c:
-            cmds["newemail"] = [bin_path("chatmail-newemail"), "--config", ini]
+            cmds["newemail"] = [
+                bin_path("chatmail-newemail"),
+                "--config",
+                ini,
+                "--listen",
+                f"127.0.0.1:{self.config.newemail_port}",
+            ]
         return cmds
 
     def _start_daemons(self) -> None:
@@ -404,6 +433,8 @@ class Relay:
                            logs / "filtermail.log"))  # fmt: skip
             checks.append(("filtermail-incoming", ("127.0.0.1", cfg.filtermail_smtp_port_incoming),
                            logs / "filtermail-incoming.log"))  # fmt: skip
+            checks.append(("filtermail-milter", ("127.0.0.1", cfg.filtermail_milter_port),
+                           logs / "filtermail-milter.log"))  # fmt: skip
         if "newemail" in c:
             checks.append(("newemail", ("127.0.0.1", cfg.newemail_port), logs / "newemail.log"))
         if "postfix" in c:
@@ -559,6 +590,27 @@ class Relay:
             if proc.poll() is None:
                 pids |= process_tree(proc.pid)
         return pids
+
+
+def _previous_ports(ini: Path) -> dict[str, int]:
+    import configparser
+
+    parser = configparser.ConfigParser(interpolation=None)
+    try:
+        parser.read(ini, encoding="utf-8")
+        items = dict(parser.items("params"))
+    except (configparser.Error, OSError):
+        return {}
+    return {k: int(v) for k, v in items.items() if k in PORT_KEYS.values() and v.isdigit()}
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
 
 
 def _connectable(target: str | tuple[str, int]) -> bool:

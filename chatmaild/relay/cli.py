@@ -1,0 +1,188 @@
+"""``chatmaild render`` and ``chatmaild dev`` (also ``python -m chatmaild.relay``).
+
+``render`` writes the production Postfix/Dovecot configuration for the
+chatmail.ini given with ``--config`` below ``--root`` (``/`` installs it).
+
+``dev`` runs a complete relay on 127.0.0.1 in a state directory: real
+Postfix and Dovecot, every chatmaild daemon, self-signed TLS.  It prints one
+ready block with the ports, a fresh ``dclogin:`` link and the ``DCACCOUNT:``
+URL, writes the same facts to ``<state>/relay.json`` and stops everything on
+Ctrl-C or SIGTERM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import configparser
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+from ..config import ConfigError
+from .render import Layout, render_all
+from .stack import Relay, RelayError, available_components
+
+PROG = "chatmaild"
+SECTION = "params"
+
+
+def read_overrides(path: str | None) -> dict[str, str]:
+    """The [params] of a user's ini, as raw strings (validated when the relay reads them)."""
+    if not path:
+        return {}
+    parser = configparser.ConfigParser(interpolation=None, strict=True)
+    try:
+        with open(path, encoding="utf-8") as f:
+            parser.read_file(f)
+    except (OSError, configparser.Error) as e:
+        raise ConfigError(f"{path}: cannot read: {e}") from None
+    if not parser.has_section(SECTION):
+        raise ConfigError(f"{path}: missing section [{SECTION}]")
+    return dict(parser.items(SECTION))
+
+
+def check_traversable(path: Path) -> None:
+    """Postfix, Dovecot and vmail must reach the state directory."""
+    for parent in [path, *path.parents]:
+        if parent.exists() and not os.stat(parent).st_mode & 0o001:
+            raise RelayError(
+                f"{parent} is not traversable by other users (mode "
+                f"{oct(os.stat(parent).st_mode & 0o777)}); the mail servers could not reach "
+                f"the state directory. Choose another STATE= or chmod o+x {parent}"
+            )
+
+
+def ready_text(relay: Relay, seconds: float) -> str:
+    from ..newemail import dcaccount_url, dclogin_url
+
+    p, host = relay.ports, relay.host
+    addr, password = relay.new_credentials()
+    link = dclogin_url(
+        addr,
+        password,
+        imap_host=host,
+        imap_port=int(p["imaps"]),
+        smtp_host=host,
+        smtp_port=int(p["submissions"]),
+    )
+    lines = [
+        f"chatmail relay {relay.mail_domain} ready in {seconds:.1f} s "
+        f"(state {relay.state_dir}, logs {relay.log_dir})",
+        f"  IMAP {host}:{p['imaps']} (TLS) {host}:{p['imap']} (STARTTLS)   "
+        f"submission {host}:{p['submissions']} (TLS) {host}:{p['submission']} (STARTTLS)   "
+        f"MTA {host}:{p['smtp']}",
+    ]
+    if "newemail" in relay.components:
+        web = f"{host}:{p['newemail']}"
+        lines.append(f"  onboarding https://{web}/new")
+        lines.append(f"  {dcaccount_url(web)}")
+    lines.append(f"  new account: {link}")
+    lines.append(f"  facts for scripts: {relay.json_path}    Ctrl-C stops the relay")
+    return "\n".join(lines)
+
+
+def run_dev(state: str, config: str | None, nodelay: bool | None = None) -> int:
+    state_dir = Path(state).absolute()
+    try:
+        overrides = read_overrides(config)
+        state_dir.mkdir(parents=True, exist_ok=True)
+        check_traversable(state_dir)
+        start = time.monotonic()
+        relay = Relay(
+            state_dir, overrides, available_components(), nodelay=nodelay, reuse_ports=True
+        )
+    except (ConfigError, RelayError, OSError) as e:
+        print(f"{PROG} dev: {e}", file=sys.stderr)
+        return 78 if isinstance(e, ConfigError) else 1
+
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        relay.start()
+    except RelayError as e:
+        print(f"{PROG} dev: relay did not start: {e}", file=sys.stderr)
+        return 1
+    try:
+        print(ready_text(relay, time.monotonic() - start), flush=True)
+        while not stop.wait(1):
+            pass
+        print("stopping...", flush=True)
+    finally:
+        # a second Ctrl-C while stopping must not leave half the relay running
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        relay.stop()
+    print("stopped; no process of this relay is left", flush=True)
+    return 0
+
+
+def cmd_dev(args: argparse.Namespace) -> int:
+    return run_dev(args.state, args.dev_config, nodelay=False if args.no_nodelay else None)
+
+
+def cmd_render(args: argparse.Namespace) -> int:
+    from ..service import load_config_or_exit
+
+    config = load_config_or_exit(args.config, PROG)
+    layout = Layout.production(config)
+    for path in render_all(config, layout, prefix=Path(args.root)):
+        print(path)
+    return 0
+
+
+def add_dev_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--state",
+        default=os.environ.get("STATE") or "state",
+        help="state directory (default: $STATE or ./state)",
+    )
+    parser.add_argument(
+        "--config",
+        dest="dev_config",
+        default=os.environ.get("CONFIG") or None,
+        metavar="INI",
+        help="chatmail.ini whose [params] override the local defaults (default: $CONFIG)",
+    )
+    parser.add_argument(
+        "--no-nodelay",
+        action="store_true",
+        help="run stock Dovecot without the no-delay shim (slower IDLE notifications)",
+    )
+
+
+def add_cli(subparsers) -> None:
+    """Register ``render`` and ``dev`` on the ``chatmaild`` command."""
+    p = subparsers.add_parser(
+        "render",
+        help="write the Postfix/Dovecot configuration for chatmail.ini",
+        description="Render the production Postfix and Dovecot configuration from the\n"
+        "chatmail.ini given with --config into ROOT (/ installs it).",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--root", default="/", help="directory to write below (default: /)")
+    p.set_defaults(func=cmd_render)
+    p = subparsers.add_parser(
+        "dev",
+        help="run a complete local relay on 127.0.0.1 (make run)",
+        description=__doc__.split("\n\n", 2)[2],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_dev_arguments(p)
+    p.set_defaults(func=cmd_dev)
+
+
+def main(argv: list[str] | None = None) -> int:
+    import logging
+
+    parser = argparse.ArgumentParser(
+        prog="python -m chatmaild.relay",
+        description=__doc__.split("\n\n", 2)[2],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_dev_arguments(parser)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
+    return cmd_dev(args)
