@@ -1,0 +1,229 @@
+"""filtermail behind real Postfix: two federated loopback relays (chat.example and
+other.example) whose DKIM keys are served by a loopback DNS server.
+
+A relay's incoming filter accepts only mail with a valid aligned DKIM
+signature, so mail (and bounces) arriving at the other relay prove that the
+sending relay signed them.
+"""
+
+from __future__ import annotations
+
+import gzip
+import shutil
+import smtplib
+import ssl
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from chatmaild.filtermail.dkim import Signer, public_value, split_message, txt_record
+from chatmaild.relay.render import bin_path
+from chatmaild.relay.stack import Relay, _connectable
+from chatmaild.testing import mails
+from chatmaild.testing.dns import LoopbackDNS
+
+pytestmark = [pytest.mark.postfix, pytest.mark.timeout(240)]
+
+COMPONENTS = ["postfix", "dovecot", "doveauth", "filtermail"]
+
+
+def start_milter(relay: Relay) -> subprocess.Popen | None:
+    """The bounce-signing milter, unless the relay already runs it."""
+    if _connectable(("127.0.0.1", relay.config.filtermail_milter_port)):
+        return None
+    logf = open(relay.log_dir / "filtermail-milter-test.log", "ab")  # noqa: SIM115
+    proc = subprocess.Popen(
+        [bin_path("filtermail"), "--config", str(relay.ini_path), "milter"],
+        stdout=logf,
+        stderr=subprocess.STDOUT,
+    )
+    deadline = time.monotonic() + 20
+    while not _connectable(("127.0.0.1", relay.config.filtermail_milter_port)):
+        assert proc.poll() is None and time.monotonic() < deadline, "milter did not start"
+        time.sleep(0.05)
+    return proc
+
+
+@pytest.fixture(scope="module")
+def fed(dkim_keys):
+    """Two relays peered with each other; yields (a, b, dns)."""
+    dns = LoopbackDNS().start()
+    # pytest's own tmp dirs are 0700: Postfix and Dovecot could not traverse them
+    root = Path(tempfile.mkdtemp(prefix="filtermail-fed-", dir="/tmp"))
+    root.chmod(0o755)
+    common = {"dns_resolver": dns.address, "dkim_dns_timeout": 2}
+    a = Relay(
+        root / "a",
+        {"mail_domain": "chat.example", "max_user_send_per_minute": 1,
+         "max_user_send_burst_size": 3, **common},
+        components=COMPONENTS,
+    )  # fmt: skip
+    b = Relay(root / "b", {"mail_domain": "other.example", **common}, components=COMPONENTS)
+    milters = []
+    try:
+        for relay in (a, b):
+            relay.start()
+            milters.append(start_milter(relay))
+            key = Path(relay.config.dkim_key_path).read_bytes()
+            name = f"{relay.config.dkim_selector}._domainkey.{relay.mail_domain}"
+            dns.set_txt(name, txt_record(public_value(key)))
+        # the test key of other.example, for mail we sign ourselves
+        dns.set_txt("dkim._domainkey.other.example", txt_record(dkim_keys["other.example"][1]))
+        dns.set_txt("slow._domainkey.other.example", txt_record(dkim_keys["other.example"][1]))
+        dns.fail("slow._domainkey.other.example", "timeout")
+        a.add_peer(b)
+        b.add_peer(a)
+        yield a, b, dns
+    finally:
+        for proc in milters:
+            if proc is not None:
+                proc.terminate()
+                proc.wait(10)
+        a.stop()
+        b.stop()
+        dns.stop()
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def account(relay: Relay) -> tuple[str, str]:
+    addr, password = relay.new_credentials()
+    relay.imap(addr, password).logout()  # creates the account
+    return addr, password
+
+
+def wait_for_mail(relay: Relay, addr: str, marker: bytes, timeout: float = 20) -> bytes:
+    home = Path(relay.config.mailboxes_dir) / addr
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for path in home.rglob("*"):
+            if path.is_file() and path.parent.name in ("new", "cur"):
+                data = path.read_bytes()
+                if data.startswith(b"\x1f\x8b"):  # Dovecot's zlib plugin stores gzip
+                    data = gzip.decompress(data)
+                if marker in data:
+                    return data
+        time.sleep(0.1)
+    raise AssertionError(f"no mail with {marker!r} for {addr}; postfix log:\n" + tail(relay))
+
+
+def tail(relay: Relay) -> str:
+    text = ""
+    for name in ("postfix.log", "filtermail.log", "filtermail-incoming.log"):
+        path = relay.log_dir / name
+        if path.exists():
+            text += f"== {name}\n" + "\n".join(path.read_text().splitlines()[-15:]) + "\n"
+    return text
+
+
+def port25(relay: Relay) -> smtplib.SMTP:
+    conn = smtplib.SMTP("127.0.0.1", relay.config.smtp_port, timeout=60)
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    conn.starttls(context=ctx)
+    conn.ehlo("mx.other.example")
+    return conn
+
+
+def submit_code(relay: Relay, addr: str, password: str, rcpts: list[str], msg: bytes):
+    with relay.smtp(addr, password) as conn:
+        try:
+            conn.sendmail(addr, rcpts, msg)
+        except smtplib.SMTPDataError as e:
+            return e.smtp_code, e.smtp_error.decode()
+        except smtplib.SMTPSenderRefused as e:
+            return e.smtp_code, e.smtp_error.decode()
+        except smtplib.SMTPRecipientsRefused as e:
+            # Postfix passes MAIL FROM to the proxy with the first RCPT
+            code, text = next(iter(e.recipients.values()))
+            return code, text.decode()
+    return 250, ""
+
+
+def test_submission_encrypted_leaves_cleaned_and_signed(fed):
+    a, b, _ = fed
+    alice, pw = account(a)
+    bob, _ = account(b)
+    msg = mails.encrypted_message(
+        alice, [bob], subject="secret subject", extra_headers=("X-Mailer: leaky 1.0",)
+    )
+    assert submit_code(a, alice, pw, [bob], msg) == (250, "")
+    # b's incoming filter only takes mail with a valid signature of chat.example
+    got = wait_for_mail(b, bob, b"-----BEGIN PGP MESSAGE-----")
+    head = got.split(b"\r\n\r\n", 1)[0] if b"\r\n\r\n" in got else got.split(b"\n\n", 1)[0]
+    assert b"Subject: [...]" in head
+    assert b"secret subject" not in got and b"leaky" not in got
+
+
+def test_submission_rejections(fed):
+    a, b, _ = fed
+    alice, pw = account(a)
+    bob, _ = account(b)
+    code, text = submit_code(a, alice, pw, [bob], mails.plain_message(alice, [bob]))
+    assert code == 523 and "Encryption Needed" in text
+    carol, pw2 = account(a)
+    forged = mails.encrypted_message(bob, [bob])
+    code, text = submit_code(a, carol, pw2, [bob], forged)
+    assert code == 500 and "Invalid FROM" in text
+
+
+def test_submission_rate_limit(fed):
+    a, b, _ = fed
+    dave, pw = account(a)
+    bob, _ = account(b)
+    for _ in range(3):
+        assert submit_code(a, dave, pw, [bob], mails.encrypted_message(dave, [bob]))[0] == 250
+    code, text = submit_code(a, dave, pw, [bob], mails.encrypted_message(dave, [bob]))
+    assert code == 450 and "Too much mail from" in text
+
+
+def signed(msg: bytes, dkim_keys, selector: str = "dkim") -> bytes:
+    signer = Signer.from_file("other.example", selector, str(dkim_keys["other.example"][0]))
+    header_block, start = split_message(msg)
+    return signer.sign(header_block, msg, start) + msg
+
+
+def test_incoming_port25_dkim(fed, dkim_keys):
+    a, _, _ = fed
+    bob, _ = account(a)
+    sender = "remote@other.example"
+    good = signed(mails.encrypted_message(sender, [bob], subject="good one"), dkim_keys)
+    with port25(a) as conn:
+        conn.sendmail(sender, [bob], good)
+    assert b"good one" in wait_for_mail(a, bob, b"good one")
+
+    def refused(message: bytes) -> tuple[int, str]:
+        with port25(a) as conn, pytest.raises(smtplib.SMTPDataError) as e:
+            conn.sendmail(sender, [bob], message)
+        return e.value.smtp_code, e.value.smtp_error.decode()
+
+    unsigned = mails.encrypted_message(sender, [bob])
+    assert refused(unsigned) == (554, "5.7.1 No DKIM signature found")
+    third = "x@third.example"
+    misaligned = signed(mails.encrypted_message(third, [bob]), dkim_keys)
+    with port25(a) as conn, pytest.raises(smtplib.SMTPDataError) as e:
+        conn.sendmail(third, [bob], misaligned)
+    assert e.value.smtp_code == 554
+    tampered = good.replace(b"good one", b"evil one")
+    code, text = refused(tampered)
+    assert code == 554 and "No valid DKIM signature" in text
+    slow = signed(mails.encrypted_message(sender, [bob]), dkim_keys, selector="slow")
+    with port25(a) as conn, pytest.raises(smtplib.SMTPDataError) as e:
+        conn.sendmail(sender, [bob], slow)
+    assert 400 <= e.value.smtp_code < 500
+
+
+def test_bounce_leaves_signed(fed):
+    """Mail from other.example to an unknown chat.example user bounces; the bounce is
+    made by chat.example's Postfix and must be DKIM-signed (by the milter) to be
+    accepted back at other.example."""
+    a, b, _ = fed
+    erin, pw = account(b)
+    nobody = "nobody999@chat.example"
+    message = mails.encrypted_message(erin, [nobody], subject="to nobody")
+    assert submit_code(b, erin, pw, [nobody], message) == (250, "")
+    bounce = wait_for_mail(b, erin, b"Undelivered Mail Returned to Sender", timeout=40)
+    assert b"MAILER-DAEMON@chat.example" in bounce
