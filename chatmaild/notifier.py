@@ -258,13 +258,15 @@ class Notifier:
         Returns how many were queued.  Raises (AddressError, OSError) if they
         could not be persisted; nothing is queued then.
         """
-        tokens = await asyncio.to_thread(self.tokens.tokens, addr)
-        if not tokens:
-            return 0
-        written = await asyncio.to_thread(self.queue.persist, addr, tokens, self.clock())
+        written = await asyncio.to_thread(self._persist_for, addr)
         for pending in written:
             self._enqueue(pending)
         return len(written)
+
+    def _persist_for(self, addr: str) -> list[Pending]:
+        # one thread hop for both file operations: this is on the LMTP delivery's path
+        tokens = self.tokens.tokens(addr)
+        return self.queue.persist(addr, tokens, self.clock()) if tokens else []
 
     def _enqueue(self, pending: Pending) -> None:
         key = (pending.addr, pending.token)

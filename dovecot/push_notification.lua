@@ -34,7 +34,8 @@ function dovecot_lua_notify_event_message_new(user, event)
   local mailbox = user:mailbox(event.mailbox)
   -- a failure must not disturb the delivery itself: log it and go on
   local ok, err = pcall(function()
-    mailbox:sync()
+    -- attributes need an opened mailbox; a sync would be wasted work here
+    mailbox:open()
     mailbox:metadata_set(ATTRIBUTE, "")
   end)
   mailbox:free()
