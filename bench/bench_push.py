@@ -58,6 +58,15 @@ def rss_mb(pid: int) -> float:
     raise RuntimeError(f"no VmRSS for pid {pid}")
 
 
+def pss_mb(pid: int) -> float:
+    """Proportional set size: shared library pages split among the processes using them."""
+    with open(f"/proc/{pid}/smaps_rollup") as f:
+        for line in f:
+            if line.startswith("Pss:"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError(f"no Pss for pid {pid}")
+
+
 # ---------------------------------------------------------------- 1. latency
 
 
@@ -181,12 +190,14 @@ def bench_recovery_and_rss(sink: HttpSink, tmp: Path) -> None:
         DictClient.wait(config.metadata_socket).close()
         DictClient.wait(config.lastlogin_socket).close()
         time.sleep(1.0)
-        total = 0.0
+        total = pss = 0.0
         for name, proc in procs.items():
             mb = rss_mb(proc.pid)
             total += mb
+            pss += pss_mb(proc.pid)
             print(f"{name} rss idle: {mb:.1f} MB (target < {TARGET_RSS_MB})")
         print(f"metadata+lastlogin rss idle: {total:.1f} MB")
+        print(f"metadata+lastlogin pss idle: {pss:.1f} MB")
     finally:
         for proc in procs.values():
             proc.send_signal(signal.SIGTERM)

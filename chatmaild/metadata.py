@@ -118,7 +118,15 @@ class MetadataDaemon(DictDaemon):
         return Endpoint.unix(self.config.metadata_socket, mode=0o660)
 
     async def start(self) -> None:
-        await self.notifier.start()
+        if not self.config.mailboxes_path.is_dir():
+            # without it neither tokens nor the queue can be stored; say so instead of a traceback
+            self.log.error("mailboxes_dir %s does not exist", self.config.mailboxes_dir)
+            raise SystemExit(1)
+        try:
+            await self.notifier.start()
+        except OSError as e:
+            self.log.error("cannot use notification_dir %s: %s", self.config.notification_dir, e)
+            raise SystemExit(1) from None
 
     async def stop(self) -> None:
         await self.notifier.stop()

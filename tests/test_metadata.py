@@ -263,3 +263,11 @@ def test_sigterm_keeps_queue(metadata_daemon, metadata_ini, http_sink):
     assert http_sink.wait_for(lambda s: len(s.tokens()) >= 1, 15)
     assert metadata_daemon.kill(signal.SIGTERM) == 0
     assert len(queue_files(metadata_ini)) == 1
+
+
+def test_missing_mailboxes_dir_exits_with_clear_error(metadata_daemon, metadata_ini, tmp_path):
+    metadata_ini(mailboxes_dir=str(tmp_path / "nonexistent"))
+    with pytest.raises(RuntimeError, match="exited"):
+        metadata_daemon.start()
+    assert metadata_daemon.proc.wait(10) == 1
+    assert "mailboxes_dir" in metadata_daemon.log() and "does not exist" in metadata_daemon.log()
