@@ -271,3 +271,26 @@ def test_missing_mailboxes_dir_exits_with_clear_error(metadata_daemon, metadata_
         metadata_daemon.start()
     assert metadata_daemon.proc.wait(10) == 1
     assert "mailboxes_dir" in metadata_daemon.log() and "does not exist" in metadata_daemon.log()
+
+
+def test_token_store_cap_and_concurrent_writers(metadata_ini):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from chatmaild.tokens import MAX_TOKENS, TokenStore
+
+    config = read_config(metadata_ini.path)
+    clock = iter(range(1_000_000_000, 2_000_000_000))
+    store = TokenStore(config, clock=lambda: float(next(clock)))
+    for i in range(MAX_TOKENS + 3):
+        store.add(USER, f"t{i}")
+    tokens = store.tokens(USER)
+    assert len(tokens) == MAX_TOKENS
+    assert tokens[0] == "t3"  # the three oldest-set went
+
+    # many writers at once (separate stores, like separate processes): no token is lost
+    other = f"frank1234@{DOMAIN}"
+    real = TokenStore(config)
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda i: TokenStore(config).add(other, f"p{i}"), range(24)))
+    assert sorted(real.tokens(other)) == sorted(f"p{i}" for i in range(24))
+    assert real.remove(other, "p5") and not real.remove(other, "p5")
