@@ -193,7 +193,9 @@ def template_variables(config: Config, layout: Layout) -> dict[str, object]:
         auth_driver = "checkpassword"
         ini = layout.ini_path or DEFAULT_CONFIG_PATH
         auth_args = f"{bin_path('chatmail-checkpassword')} --config {ini}"
-        auth_service_user = config.vmail_user
+        # root: the program then works on the store as vmail_user (effective ids) and
+        # hands Dovecot's checkpassword-reply the uid it expects
+        auth_service_user = "root"
     elif layout.auth_backend == "dict":
         auth_driver = "dict"
         auth_args = str(layout.dovecot_config_dir / "auth.conf")
@@ -252,12 +254,17 @@ def template_variables(config: Config, layout: Layout) -> dict[str, object]:
         "dovecot_state_dir": layout.dovecot_state_dir,
         "dovecot_instance": layout.dovecot_instance,
         "dovecot_log_path": log / "dovecot.log" if log else "syslog",
+        "dovecot_stats_writer": "" if log else "stats-writer",
         "dovecot_preload_env": f"LD_PRELOAD={layout.nodelay_so}" if layout.nodelay_so else "",
         "push_notification_lua": layout.dovecot_config_dir / PUSH_LUA,
         "imap_extra_plugins": " ".join(imap_plugins),
         "lmtp_extra_plugins": " ".join(lmtp_plugins),
         "imap_login_min_avail": layout.imap_login_min_avail,
-        "quota_expire_bin": bin_path("chatmail-quota-expire"),
+        # the quota-warning script's command: quota-expire must read this relay's ini
+        # (it checks the mailbox path against mailboxes_dir); Dovecot appends its args
+        "quota_expire_bin": (
+            f"{bin_path('chatmail-quota-expire')} --config {layout.ini_path or DEFAULT_CONFIG_PATH}"
+        ),
         "tls_cert": layout.tls_cert,
         "tls_key": layout.tls_key,
         # remote delivery

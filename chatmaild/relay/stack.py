@@ -185,7 +185,11 @@ class Relay:
         self._started = False
         self.config: Config = self._write_ini()
         self.layout = Layout.local(
-            self.state_dir, self.config, components=self.components, nodelay_so=None
+            self.state_dir,
+            self.config,
+            components=self.components,
+            nodelay_so=None,
+            ini_path=self.ini_path,
         )
         self.ports: dict[str, int | str] = {
             name: getattr(self.config, key) for name, key in PORT_KEYS.items()

@@ -1,0 +1,114 @@
+"""Relay figures: `make run` start/stop, submit -> IMAP IDLE EXISTS, Delta Chat latency.
+
+Every figure names the Dovecot used ("stock" = Debian's 2.3 as is, "nodelay" =
+with the LD_PRELOAD shim from dovecot/nodelay.c).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from chatmaild.relay import Relay
+from chatmaild.testing.imapidle import IdleClient
+from chatmaild.testing.mails import encrypted_message
+
+ROOT = Path(__file__).resolve().parents[1]
+IDLE_SAMPLES = 30
+
+
+def pct(values: list[float], p: float) -> float:
+    values = sorted(values)
+    return values[min(len(values) - 1, int(round(p / 100 * (len(values) - 1))))]
+
+
+def state_dir() -> Path:
+    d = Path(tempfile.mkdtemp(prefix="bench-relay-", dir="/tmp"))
+    d.chmod(0o755)
+    return d
+
+
+def bench_make_run() -> None:
+    """Start the newcomer's relay as `make run` does (python -m chatmaild.relay)."""
+    d = state_dir()
+    try:
+        starts, stops = [], []
+        for _ in range(3):
+            t0 = time.monotonic()
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "chatmaild.relay", "--state", str(d)],
+                cwd=ROOT,
+                stdout=subprocess.PIPE,
+                text=True,
+            )
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                if " ready in " in line:
+                    break
+            else:
+                raise RuntimeError(f"make run exited with {proc.wait()} before ready")
+            starts.append(time.monotonic() - t0)
+            t1 = time.monotonic()
+            proc.send_signal(signal.SIGINT)
+            proc.communicate(timeout=60)
+            stops.append(time.monotonic() - t1)
+        # the first start also builds the shim and creates TLS/DKIM keys
+        print(f"make run ready, first start: {starts[0] * 1000:.0f} ms")
+        print(f"make run ready, later starts: {statistics.median(starts[1:]) * 1000:.0f} ms"
+              " (target < 5000 ms)")  # fmt: skip
+        print(f"make run stop: {statistics.median(stops) * 1000:.0f} ms")
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def idle_latencies(relay: Relay, samples: int) -> list[float]:
+    sender, spw = relay.new_credentials()
+    rcpt, rpw = relay.new_credentials()
+    client = IdleClient(relay.host, int(relay.ports["imaps"]), rcpt, rpw)
+    out = []
+    try:
+        with relay.smtp(sender, spw) as smtp:
+            for _ in range(samples):
+                msg = encrypted_message(sender, [rcpt], size=3000)
+                client.idle()
+                t0 = time.monotonic()
+                smtp.sendmail(sender, [rcpt], msg)
+                client.wait_exists(timeout=10)
+                out.append((time.monotonic() - t0) * 1000)
+                client.done()
+                time.sleep(0.05)
+    finally:
+        client.close()
+    return out
+
+
+def bench_idle() -> None:
+    for label, nodelay in (("nodelay", True), ("stock", False)):
+        d = state_dir()
+        try:
+            with Relay(d, {"max_user_send_per_minute": 6000}, nodelay=nodelay) as relay:
+                lat = idle_latencies(relay, IDLE_SAMPLES if nodelay else 10)
+        finally:
+            shutil.rmtree(d, ignore_errors=True)
+        target = " (target p50 < 30 ms)" if nodelay else ""
+        print(f"submit -> IDLE EXISTS p50, {label} Dovecot: {pct(lat, 50):.1f} ms{target}")
+        print(f"submit -> IDLE EXISTS p90, {label} Dovecot: {pct(lat, 90):.1f} ms")
+
+
+def main() -> None:
+    if os.geteuid() != 0:
+        print("bench_relay: needs root (starts Postfix and Dovecot)")
+        return
+    bench_make_run()
+    bench_idle()
+
+
+if __name__ == "__main__":
+    main()
