@@ -1,11 +1,14 @@
 """Persistent push notifier: one POST of the device token per (account, token) per message.
 
 Every notification is first written to its own file in ``notification_dir``
-(``addr\\nstart_ts\\ntoken``, the reference relay's format, written as ``.tmp``,
-fsynced and renamed) and only then queued, so a crash or ``kill -9`` loses
-nothing: at start every file is queued again.  A file is deleted when the push
-service accepted the token (2xx), when it answered 410 Gone (the token is then
-removed from the account), or when the notification is dropped.
+(``addr\\nstart_ts\\ntoken``, the reference relay's format, written as ``.tmp``
+and renamed) and only then queued, so a crash or ``kill -9`` loses nothing: at
+start every file is queued again.  The files are not fsynced: the message they
+announce is not either (Dovecot's LMTP runs with ``mail_fsync = never``), so
+an fsync would add disk latency to every delivery without making a power loss
+any less lossy.  A file is deleted when the push service accepted the token
+(2xx), when it answered 410 Gone (the token is then removed from the account),
+or when the notification is dropped.
 
 Scheduling is asyncio only: a retry is a loop timer, at most
 ``notification_concurrency`` requests run at once over one keep-alive HTTP
@@ -35,7 +38,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .accounts import fsync_dir
 from .config import Config
 from .tokens import TokenStore
 
@@ -113,7 +115,7 @@ class QueueDir:
         self.path.mkdir(mode=0o700, parents=True, exist_ok=True)
 
     def persist(self, addr: str, tokens: Iterable[str], start_ts: float) -> list[Pending]:
-        """Write one durable file per token; returns them once all are on disk."""
+        """Write one file per token (atomically, by rename); returns them once all exist."""
         written: list[Pending] = []
         tmps: list[Path] = []
         try:
@@ -124,7 +126,6 @@ class QueueDir:
                 tmps.append(tmp)
                 try:
                     os.write(fd, encode_pending(addr, start_ts, token))
-                    os.fsync(fd)
                 finally:
                     os.close(fd)
                 written.append(Pending(name, addr, token, start_ts))
@@ -135,8 +136,6 @@ class QueueDir:
             for tmp in tmps:
                 with contextlib.suppress(OSError):
                     tmp.unlink()
-        if written:
-            fsync_dir(self.path)
         return written
 
     def remove(self, pending: Pending) -> None:
