@@ -234,6 +234,8 @@ def bench_recovery_and_rss(sink: HttpSink, tmp: Path) -> None:
 def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="bench-push-", dir="/tmp"))
     tmp.chmod(0o755)
+    # other work on the machine shows up in every figure here: say how busy it was
+    print(f"push bench load1 at start: {os.getloadavg()[0]:.2f} load")
     try:
         with HttpSink() as sink:
             bench_recovery_and_rss(sink, tmp)
