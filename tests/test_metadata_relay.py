@@ -187,3 +187,19 @@ def test_only_successful_login_moves_last_login(push_relay):
     push_relay.imap(addr, password).logout()
     today = int(time.time()) // DAY * DAY
     assert wait_until(lambda: password_mtime(push_relay, addr) == today)
+
+
+def test_delivery_succeeds_while_metadata_daemon_is_down(push_relay, http_sink):
+    addr, password = push_relay.new_credentials()
+    conn = push_relay.imap(addr, password)
+    set_token(conn, "tok")
+    proc = push_relay._procs["metadata"]
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(10)
+
+    deliver(push_relay, "sender@elsewhere.example", addr)  # asserts LMTP accepted it
+    typ, data = conn.select("INBOX")
+    assert typ == "OK" and data == [b"1"]
+    log = (push_relay.log_dir / "dovecot.log").read_text(errors="replace")
+    assert "chatmail push hook: cannot set /private/messagenew" in log
+    conn.logout()
