@@ -106,6 +106,8 @@ class Layout:
     # "dict" (doveauth) or "checkpassword" (chatmail-checkpassword run by Dovecot's auth)
     auth_backend: str = "dict"
     ini_path: Path | None = None  # chatmail.ini the checkpassword program reads; None: default
+    # program Dovecot's quota-warning service runs as vmail; None: our console script
+    quota_expire_bin: str | None = None
 
     @classmethod
     def production(cls, config: Config, root: Path = Path("/")) -> Layout:
@@ -263,7 +265,8 @@ def template_variables(config: Config, layout: Layout) -> dict[str, object]:
         # the quota-warning script's command: quota-expire must read this relay's ini
         # (it checks the mailbox path against mailboxes_dir); Dovecot appends its args
         "quota_expire_bin": (
-            f"{bin_path('chatmail-quota-expire')} --config {layout.ini_path or DEFAULT_CONFIG_PATH}"
+            f"{layout.quota_expire_bin or bin_path('chatmail-quota-expire')}"
+            f" --config {layout.ini_path or DEFAULT_CONFIG_PATH}"
         ),
         "tls_cert": layout.tls_cert,
         "tls_key": layout.tls_key,

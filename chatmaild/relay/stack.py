@@ -28,6 +28,7 @@ import socket
 import ssl
 import string
 import subprocess
+import sys
 import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -307,6 +308,9 @@ class Relay:
             so = prepare_nodelay(self.state_dir / "nodelay", required=bool(self.nodelay_requested))
             self.layout = self.layout.with_(nodelay_so=so)
         self.layout = self.layout.with_(peers=tuple(self.peers.items()))
+        if "dovecot" in self.components:
+            launcher = vmail_launcher(self.state_dir / "bin", "chatmaild.quota_expire")
+            self.layout = self.layout.with_(quota_expire_bin=launcher)
         render_all(self.config, self.layout)
 
     def _make_tls(self, vmail_gid: int) -> None:
@@ -631,6 +635,45 @@ def _connectable(target: str | tuple[str, int]) -> bool:
         except OSError:
             return False
     return True
+
+
+def _world_executable(path: str) -> bool:
+    """Whether a user with no special rights can reach and execute ``path``."""
+    real = Path(os.path.realpath(path))
+    try:
+        return all(p.stat().st_mode & 0o001 for p in (real, *real.parents))
+    except OSError:
+        return False
+
+
+def vmail_launcher(bin_dir: Path, module: str) -> str | None:
+    """A launcher for ``module`` that Dovecot (as vmail, without root's rights) can execute.
+
+    None when the running interpreter is reachable by everyone (the normal case:
+    a venv on the system Python).  A venv on an interpreter below a private
+    directory (pyenv in /root) cannot be executed by vmail; then the launcher
+    runs the system python3 with this checkout on sys.path (Dovecot-run tools
+    need only the standard library).
+    """
+    if _world_executable(sys.executable):
+        return None
+    system_python = "/usr/bin/python3"
+    if not _world_executable(system_python):
+        return None
+    source_root = Path(__file__).resolve().parents[2]
+    bin_dir.mkdir(parents=True, exist_ok=True)
+    os.chmod(bin_dir, 0o755)
+    launcher = bin_dir / module.rpartition(".")[2]
+    launcher.write_text(
+        f"#!{system_python} -I\n"
+        "import sys\n"
+        f"sys.path.insert(0, {str(source_root)!r})\n"
+        f"from {module} import main\n"
+        "sys.exit(main())\n",
+        encoding="utf-8",
+    )
+    os.chmod(launcher, 0o755)
+    return str(launcher)
 
 
 def remove_state(state_dir: Path) -> None:
