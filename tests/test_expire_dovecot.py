@@ -239,3 +239,49 @@ def test_quota_warning_runs_quota_expire(qrelay):
         [f"aged-{i:02d}" for i in range(expected, 12)] + [f"fresh-{i}" for i in range(3)]
     )
     assert used_kib == kib(remaining)
+
+
+def test_expire_while_delivering_and_reading(qrelay):
+    """Unlinking under a running Dovecot: no delivery lost, open sessions keep working."""
+    addr, password, home = new_account(qrelay)
+    vmail = pwd.getpwnam("vmail")
+    old_ts = int(time.time()) - 30 * DAY
+    for i in range(300):  # a month-old backlog, as Dovecot would have stored it
+        body = f"Subject: old-{i:03d}\n\nold\n".encode()
+        path = home / "cur" / f"{old_ts + i}.M{i}P1.old,S={len(body)},W={len(body) + 3}:2,S"
+        path.write_bytes(body)
+        os.chown(path, vmail.pw_uid, vmail.pw_gid)
+        os.utime(path, (old_ts + i, old_ts + i))
+    for i in range(5):
+        deliver(qrelay, addr, f"keep-{i}")
+    reader = qrelay.imap(addr, password)  # a client with the mailbox open meanwhile
+    typ, data = reader.select("INBOX")
+    assert typ == "OK" and int(data[0]) == 305
+
+    vmail_cmd = ["setpriv", f"--reuid={vmail.pw_uid}", f"--regid={vmail.pw_gid}",
+                 "--init-groups", sys.executable, "-m", "chatmaild.expire",
+                 "--config", str(qrelay.ini_path), "--remove"]  # fmt: skip
+    expire = subprocess.Popen(vmail_cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        for i in range(30):
+            deliver(qrelay, addr, f"during-{i:02d}")
+            typ, _ = reader.fetch(str(1 + i % 5), "(BODY.PEEK[HEADER.FIELDS (SUBJECT)])")
+            assert typ == "OK"
+    finally:
+        out, err = expire.communicate(timeout=120)
+    assert expire.returncode == 0, err
+    assert re.search(r"expire: removed \d+ of \d+ mailboxes and (\d+) of", out)
+
+    typ, _ = reader.noop()  # learns about the expunges
+    assert typ == "OK"
+    typ, data = reader.search(None, "ALL")
+    assert typ == "OK" and len(data[0].split()) == 35
+    reader.logout()
+    subjects, used_kib, _ = imap_state(qrelay, addr, password)
+    assert sorted(subjects) == sorted(
+        [f"keep-{i}" for i in range(5)] + [f"during-{i:02d}" for i in range(30)]
+    )
+    assert used_kib == kib(sum(s_size(p) for p in message_files(home)))
+    log_lines = (qrelay.log_dir / "dovecot.log").read_text(errors="replace").splitlines()
+    problems = [x for x in log_lines if addr in x and re.search(r"Error|Panic|Fatal|orrupt", x)]
+    assert problems == []
