@@ -461,7 +461,10 @@ def _add_extra(subparsers, entry: str) -> None:
     except Exception as e:  # a broken plugin must not take the other commands down
         print(f"{PROG}: commands of {module_name} unavailable: {e!r}", file=sys.stderr)
         return
-    getattr(module, func_name or "add_cli")(subparsers)
+    try:
+        getattr(module, func_name or "add_cli")(subparsers)
+    except Exception as e:
+        print(f"{PROG}: commands of {module_name} unavailable: {e!r}", file=sys.stderr)
 
 
 def main(argv: list[str] | None = None) -> int:
