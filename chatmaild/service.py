@@ -19,6 +19,7 @@ import logging
 import os
 import signal
 import socket
+import ssl
 import stat
 import sys
 import textwrap
@@ -192,6 +193,10 @@ class Daemon:
     def endpoint(self) -> Endpoint:
         raise NotImplementedError
 
+    def ssl_context(self) -> ssl.SSLContext | None:
+        """TLS for a TCP endpoint, handshake done before handle_connection; None: plain."""
+        return None
+
     async def start(self) -> None:
         """Start background work before the socket is served."""
 
@@ -261,6 +266,9 @@ class Server:
         if self.sock.family == socket.AF_UNIX:
             self._server = await asyncio.start_unix_server(self._on_connect, **opts)
         else:
+            tls = self.daemon.ssl_context()
+            if tls is not None:
+                opts.update(ssl=tls, ssl_handshake_timeout=10)
             self._server = await asyncio.start_server(self._on_connect, **opts)
 
     async def stop(self) -> None:
@@ -331,6 +339,21 @@ def load_config_or_exit(path: str, prog: str) -> Config:
         raise SystemExit(EXIT_CONFIG) from None
 
 
+def raise_fd_limit(log: logging.Logger) -> None:
+    """Soft open-files limit up to the hard one: Dovecot may hold thousands of
+    connections to one dict daemon, and the usual soft limit is 1024."""
+    import resource
+
+    try:
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if hard == resource.RLIM_INFINITY:
+            hard = 1 << 20
+        if soft < hard:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (ValueError, OSError) as e:
+        log.warning("cannot raise the open files limit: %s", e)
+
+
 def run_daemon(
     daemon_class: type[Daemon],
     doc: str,
@@ -356,6 +379,7 @@ def run_daemon(
         add_arguments(parser)
     args = parser.parse_args(argv)
     log = setup_logging(prog, verbose=args.verbose)
+    raise_fd_limit(log)
     config = load_config_or_exit(args.config, prog)
 
     async def main() -> int:

@@ -194,3 +194,31 @@ def test_help_reads_like_a_man_page():
     assert out.startswith("usage: doveauth")
     for part in ("doveauth - ", "LOG LINES", "FILES", "SIGNALS", "--config", "--listen"):
         assert part in out
+
+
+def test_thousands_of_idle_connections(daemon_factory, tmp_path):
+    """Idle connections cost no request slot: a burst of 3000 all get served."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 8192)), hard))
+    sock = tmp_path / "d.socket"
+    # a soft limit of 1024 for the daemon: it must raise it itself
+    daemon = daemon_factory(
+        MEMDICT,
+        listen=sock,
+        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (1024, hard)),
+    )
+    clients = []
+    try:
+        for _ in range(3000):
+            clients.append(RawDictClient(sock, timeout=30))
+        for c in clients[::100]:
+            assert c.lookup("shared/x") == "N"
+        with RawDictClient(sock) as fresh:
+            assert fresh.lookup("shared/y") == "N"
+    finally:
+        for c in clients:
+            c.close()
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    assert daemon.proc.poll() is None
