@@ -112,30 +112,34 @@ def test_old_notification_is_dropped_at_first_failure(metadata_ini, http_sink, c
 
 
 def test_concurrency_is_bounded(metadata_ini, http_sink):
-    http_sink.delay = 0.05
     notifier, store = make_notifier(metadata_ini, notification_concurrency="4")
     users = [f"user{i:05d}@{DOMAIN}" for i in range(20)]
     for user in users:
         store.add(user, f"tok-{user}")
+    http_sink.pause()
 
     async def run():
         await notifier.start()
         for user in users:
             await notifier.notify(user)
+        await wait(lambda: http_sink.in_flight == 4)
+        await asyncio.sleep(0.2)  # room for a fifth request, if the bound were broken
+        assert http_sink.in_flight == 4
+        http_sink.resume()
         await wait(lambda: notifier.sent == 20)
         await notifier.stop()
 
     asyncio.run(run())
     assert sorted(http_sink.tokens()) == sorted(f"tok-{u}" for u in users)
-    assert 2 <= http_sink.max_in_flight <= 4
+    assert http_sink.max_in_flight == 4
     assert files(notifier) == []
 
 
 def test_one_request_in_flight_per_token_and_backlog_coalesces(metadata_ini, http_sink):
     """Notifications for one device never overlap; queued ones ride on the next request."""
-    http_sink.delay = 0.1
     notifier, store = make_notifier(metadata_ini)
     store.add(USER, "phone")
+    http_sink.pause()
 
     async def run():
         await notifier.start()
@@ -143,6 +147,7 @@ def test_one_request_in_flight_per_token_and_backlog_coalesces(metadata_ini, htt
         await wait(lambda: http_sink.in_flight == 1)
         for _ in range(5):  # arrive while the first request is in flight
             await notifier.notify(USER)
+        http_sink.resume()
         await wait(lambda: not notifier.lanes)
         await notifier.stop()
 

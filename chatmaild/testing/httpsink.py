@@ -45,6 +45,8 @@ class HttpSink:
         self._thread: threading.Thread | None = None
         self._runner = None
         self.delay = 0.0  # seconds to wait before answering (to observe concurrency)
+        self._running = threading.Event()  # cleared by pause(): requests wait unanswered
+        self._running.set()
         self.in_flight = 0
         self.max_in_flight = 0
 
@@ -70,6 +72,13 @@ class HttpSink:
             self.default_status = status
             self._statuses.clear()
             self._scripts.clear()
+
+    def pause(self) -> None:
+        """Hold every request (counted in ``in_flight``) until :meth:`resume`."""
+        self._running.clear()
+
+    def resume(self) -> None:
+        self._running.set()
 
     def _answer(self, token: str) -> int:
         script = self._scripts.get(token)
@@ -114,6 +123,8 @@ class HttpSink:
         try:
             if self.delay:
                 await asyncio.sleep(self.delay)
+            while not self._running.is_set():
+                await asyncio.sleep(0.005)
         finally:
             with self._lock:
                 self.in_flight -= 1
