@@ -206,6 +206,9 @@ class NewEmailDaemon(Daemon):
         self.tls.load_cert_chain(cert, key)
         self.limiter = RateLimiter()
 
+    def ssl_context(self) -> ssl.SSLContext:
+        return self.tls
+
     def endpoint(self) -> Endpoint:
         # every interface (the relay's public onboarding); --listen narrows it
         return Endpoint.tcp(
@@ -218,7 +221,6 @@ class NewEmailDaemon(Daemon):
         peer = writer.get_extra_info("peername")
         ip = peer[0] if isinstance(peer, tuple) else "local"
         try:
-            await asyncio.wait_for(writer.start_tls(self.tls), REQUEST_TIMEOUT)
             request = await asyncio.wait_for(read_request(reader), REQUEST_TIMEOUT)
         except (ssl.SSLError, TimeoutError, ValueError, ConnectionError) as e:
             self.log.debug("bad request from %s: %s", ip, e)
