@@ -23,7 +23,9 @@ is a symlink or directory makes the account untouchable by rule 1.  Symlinks
 are never followed; names that are not account names are left alone, except
 ``.deleting-*`` directories (an interrupted removal), which are finished.
 
-Without --remove this is a dry run that only reports.  The last line is
+Without --remove this is a dry run that only reports.  Only one --remove run
+works at a time (a lock on mailboxes_dir); a second one says so and exits 0.
+The last line is
 
   expire: removed M of N mailboxes and F of T messages (B bytes) in S seconds
 
@@ -38,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import fcntl
 import logging
 import os
 import sys
@@ -198,8 +201,11 @@ class Totals:
     skipped_symlinks: int = 0
     errors: int = 0
     seconds: float = 0.0
+    busy: bool = False  # another removing run holds the lock
 
     def summary(self, remove: bool) -> str:
+        if self.busy:
+            return "expire: another chatmail-expire --remove is running, nothing done"
         verb = "removed" if remove else "dry run, would remove"
         return (
             f"expire: {verb} {sum(self.removed_mailboxes.values())} of {self.mailboxes} "
@@ -300,6 +306,14 @@ def expire_tree(
         log.warning("%s does not exist; nothing to expire", mailboxes_dir)
         return totals
     try:
+        if remove:
+            # one removing run at a time (timer and a manual run); a lock on the
+            # directory itself needs no extra file and dies with the process
+            try:
+                fcntl.flock(root_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                totals.busy = True
+                return totals
         names, trash, totals.skipped_symlinks = list_root(root_fd)
         for leftover in trash:
             if remove:
@@ -310,7 +324,9 @@ def expire_tree(
                     log.error("cannot finish removing %s: %s", leftover, e)
                     continue
             totals.trash_finished += 1
-            log.info("finished interrupted removal %s", leftover)
+            log.info(
+                "%s interrupted removal %s", "finished" if remove else "would finish", leftover
+            )
         if totals.skipped_symlinks:
             log.warning("skipped %d symlink(s) in %s", totals.skipped_symlinks, mailboxes_dir)
         if maxnum is not None:
@@ -422,7 +438,7 @@ def main(argv: list[str] | None = None) -> int:
     policy = Policy.from_config(config, now)
     totals = expire_tree(config.mailboxes_dir, policy, remove=args.remove, maxnum=args.maxnum)
     print(totals.summary(args.remove), flush=True)
-    if args.textfile:
+    if args.textfile and not totals.busy:  # the running one will write its figures
         try:
             write_textfile(
                 args.textfile,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import pwd
 import re
@@ -535,3 +536,20 @@ def test_runs_as_vmail_and_carries_on_past_permission_errors(vmail_tree):
     assert not any(p.exists() for p in gone) and not dead.exists()
     assert stuck.exists()
     assert (home / "password").exists()
+
+
+def test_one_removing_run_at_a_time(mailtree, capsys):
+    home = mailtree.account(mailtree.addr("locked"), login_days_ago=100)
+    fd = os.open(mailtree.root, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # as a running chatmail-expire does
+        rc, out = run(mailtree, "--remove", "--textfile", str(mailtree.base), capsys=capsys)
+        assert rc == 0
+        assert out == "expire: another chatmail-expire --remove is running, nothing done\n"
+        assert home.exists() and not (mailtree.base / "expire.prom").exists()
+        # a dry run does not need the lock
+        assert summary(run(mailtree, capsys=capsys)[1])[:2] == ("dry run, would remove", 1)
+    finally:
+        os.close(fd)
+    assert summary(run(mailtree, "--remove", capsys=capsys)[1])[:2] == ("removed", 1)
+    assert not home.exists()
