@@ -70,6 +70,7 @@ from .service import load_config_or_exit, make_parser, setup_logging
 PROG = "chatmail-expire"
 QUOTA_TARGET_RATIO = 0.70  # relieve down to 70%; Dovecot's quota_warning fires at 75%
 PROTECT_SECONDS = DAY  # mail younger than this is never deleted for quota
+QUOTA_FROM_CONFIG = -1  # Policy.from_config: take the quota target from max_mailbox_size
 
 # reasons, used in logs and metric labels
 OLD, LARGE, QUOTA, IN_MAILBOX = "old", "large", "quota", "mailbox"
@@ -95,9 +96,11 @@ class Policy:
     quota_target: int | None  # bytes of cur/new to relieve down to; None: no quota relief
 
     @classmethod
-    def from_config(cls, config: Config, now: float, quota_target: int | None = -1) -> Policy:
-        """Config values; ``quota_target=-1`` means 70% of max_mailbox_size."""
-        if quota_target == -1:
+    def from_config(
+        cls, config: Config, now: float, quota_target: int | None = QUOTA_FROM_CONFIG
+    ) -> Policy:
+        """The config's rules; the quota target defaults to 70% of max_mailbox_size."""
+        if quota_target == QUOTA_FROM_CONFIG:
             quota_target = int(config.max_mailbox_size * QUOTA_TARGET_RATIO)
         return cls(
             now=now,
@@ -180,7 +183,7 @@ def plan_mailbox(scan: MailboxScan, policy: Policy, *, whole: bool = True) -> Ma
             if total <= target or msg.ts >= protect_from:
                 break  # sorted by delivery time: everything after is younger still
             if msg.mtime >= protect_from:
-                continue  # touched recently (e.g. appended with an old date): keep
+                continue  # written within 24 h under an older name (e.g. restored): keep
             deletions.append((msg, QUOTA))
             total -= msg.size
     plan.quota_after = total
