@@ -29,7 +29,9 @@ import dkim as dkimpy
 import dns.asyncresolver
 import dns.exception
 import dns.resolver
-from dkim.crypto import HASH_ALGORITHMS, UnparsableKeyError, parse_pem_private_key
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import padding, rsa
+from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 
 log = logging.getLogger("filtermail")
 
@@ -134,15 +136,25 @@ def _parse_headers(header_block: bytes) -> dkimpy.DKIM:
 
 
 class Signer:
-    """Signs mail of one domain with one key (relaxed/simple, rsa-sha256)."""
+    """Signs mail of one domain with one key (relaxed/simple, rsa-sha256).
+
+    dkimpy canonicalizes and hashes the headers; the RSA operation runs in
+    OpenSSL (``cryptography``), about 20 times faster than dkimpy's pure-Python
+    modular exponentiation, which would otherwise cap a relay at ~150 msg/s.
+    """
 
     def __init__(self, domain: str, selector: str, key_pem: bytes) -> None:
         self.domain = domain.encode("ascii")
         self.selector = selector.encode("ascii")
         try:
-            self.key = parse_pem_private_key(key_pem)
-        except UnparsableKeyError as e:
+            key = serialization.load_pem_private_key(key_pem, password=None)
+        except (ValueError, TypeError) as e:
             raise DKIMError(f"cannot parse DKIM private key: {e}") from None
+        if not isinstance(key, rsa.RSAPrivateKey):
+            raise DKIMError("DKIM private key is not an RSA key")
+        if key.key_size < 1024:
+            raise DKIMError(f"DKIM key of {key.key_size} bits is too small")
+        self.key = key
 
     @classmethod
     def from_file(cls, domain: str, selector: str, path: str) -> Signer:
@@ -157,7 +169,6 @@ class Signer:
     def sign_with_hash(self, header_block: bytes, bh: bytes) -> bytes:
         """The ``DKIM-Signature: ...CRLF`` line for these headers and body hash."""
         d = _parse_headers(header_block)
-        d.hasher = HASH_ALGORITHMS[b"rsa-sha256"]
         include = self.header_list(d)
         policy = dkimpy.CanonicalizationPolicy.from_c_value(b"relaxed/simple")
         fields = [
@@ -171,8 +182,17 @@ class Signer:
             (b"bh", base64.b64encode(bh)),
             (b"b", b"0" * 60),  # forces b= onto its own folded line, as dkimpy does
         ]
-        value = d.gen_header(fields, include, policy, b"DKIM-Signature", self.key)
-        return b"DKIM-Signature: " + value
+        name = b"DKIM-Signature"
+        # the signed form of our own header: folded exactly as emitted, with b= empty
+        value = dkimpy.fold(b"; ".join(b"=".join(x) for x in fields), namelen=len(name))
+        value = dkimpy.RE_BTAG.sub(b"\\1", value)
+        h = hashlib.sha256()
+        headers = policy.canonicalize_headers(d.headers)
+        dkimpy.hash_headers(h, policy, headers, include, (name, b" " + value), dict(fields))
+        signature = self.key.sign(h.digest(), padding.PKCS1v15(), Prehashed(hashes.SHA256()))
+        fields[-1] = (b"b", base64.b64encode(signature))
+        value = dkimpy.fold(b"; ".join(b"=".join(x) for x in fields) + b"\r\n", namelen=len(name))
+        return name + b": " + value
 
     def sign(self, header_block: bytes, content: bytes | bytearray, body_start: int) -> bytes:
         return self.sign_with_hash(header_block, body_hash(content, body_start, b"simple"))

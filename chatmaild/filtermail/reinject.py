@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -27,6 +28,7 @@ from .smtp import dot_stuff
 log = logging.getLogger("filtermail")
 
 WRITE_SLICE = 256 * 1024
+COALESCE_LIMIT = 1024 * 1024
 
 
 class ReinjectError(Exception):
@@ -114,6 +116,10 @@ class ReinjectClient:
         except (OSError, TimeoutError) as e:
             log.error("re-injection: cannot connect to %s: %s", self.target, e)
             raise ReinjectError("451 4.4.1 Re-injection failed: cannot connect to Postfix") from e
+        sock = writer.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            # small writes (commands, the final dot) must not wait for delayed ACKs
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         conn = ClientConnection(reader, writer, self.timeout)
         try:
             greeting = await conn.read_reply()
@@ -239,21 +245,23 @@ class ReinjectClient:
         return reply.text
 
     async def _write_content(
-        self, conn: ClientConnection, chunks: Sequence[bytes | bytearray]
+        self, conn: ClientConnection, chunks: Sequence[bytes | bytearray | memoryview]
     ) -> None:
-        last = b""
-        for chunk in chunks:
-            if not chunk:
-                continue
-            stuffed = dot_stuff(chunk)
-            view = memoryview(stuffed)
-            for start in range(0, len(view), WRITE_SLICE):
-                conn.writer.write(view[start : start + WRITE_SLICE])
-                async with asyncio.timeout(conn.timeout):
-                    await conn.writer.drain()
-            last = bytes(view[-2:])
-            del view
-        conn.writer.write(b".\r\n" if last in (b"", b"\r\n") else b"\r\n.\r\n")
+        pieces = [dot_stuff(c) for c in chunks if len(c)]
+        last = bytes(pieces[-1][-2:]) if pieces else b""
+        pieces.append(b".\r\n" if last in (b"", b"\r\n") else b"\r\n.\r\n")
+        total = sum(len(p) for p in pieces)
+        if total <= COALESCE_LIMIT:
+            # one write, one TCP segment train: the common small chat message
+            conn.writer.write(b"".join(pieces))
+        else:
+            # large: slices straight from the buffers, never a whole-message copy
+            for piece in pieces:
+                view = memoryview(piece)
+                for start in range(0, len(view), WRITE_SLICE):
+                    conn.writer.write(view[start : start + WRITE_SLICE])
+                    async with asyncio.timeout(conn.timeout):
+                        await conn.writer.drain()
         async with asyncio.timeout(conn.timeout):
             await conn.writer.drain()
 
