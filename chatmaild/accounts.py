@@ -274,13 +274,19 @@ class AccountStore:
         return None
 
     def create(
-        self, raw_addr: str, password: str, *, password_is_hash: bool = False
+        self,
+        raw_addr: str,
+        password: str,
+        *,
+        password_is_hash: bool = False,
+        enforce_e2ee: bool = True,
     ) -> CreateResult:
         """Create the account unless it exists (then return it unchanged).
 
         Callers check :meth:`creation_refusal` (and system limits) first; this
         method only re-validates the address.  Concurrent calls for one address
-        produce exactly one password file.
+        produce exactly one password file.  ``enforce_e2ee=False`` (migrated old
+        accounts) leaves out the enforceE2EEincoming flag.
         """
         account = self.account(raw_addr)
         existing = account.password_hash()
@@ -292,7 +298,8 @@ class AccountStore:
             if account.password_hash() is not None:
                 return CreateResult(account, created=False)
             stored = password if password_is_hash else hash_password(password)
-            touch_flag(account.home / FLAG_ENFORCE_E2EE)
+            if enforce_e2ee:
+                touch_flag(account.home / FLAG_ENFORCE_E2EE)
             atomic_write(account.password_path, stored.encode("ascii"))
         return CreateResult(account, created=True)
 

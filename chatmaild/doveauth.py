@@ -11,7 +11,11 @@ Keys on the wire (Dovecot adds the ``shared/`` prefix):
     shared/passdb/<password>"<user>    password and user escaped with %E
     shared/userdb/<user>
 
-Iterating ``shared/userdb/`` lists every account (``doveadm user -A``).
+Iterating ``shared/userdb/`` lists every account (``doveadm user '*'``).
+
+At start, accounts of the reference relay's old sqlite database
+(passdb_path) are moved into the store once; the file is then renamed to
+``<passdb_path>.old``.
 
 LOG LINES
     Created address: ADDR
@@ -31,15 +35,24 @@ OPERATOR TOOL
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import logging
+import os
+import sqlite3
 import sys
+from pathlib import Path
 
+from .accounts import AccountStore
+from .addr import AddressError
 from .auth import AuthService
 from .config import Config
 from .dictproxy import DictDaemon, ProtocolError
 from .service import Endpoint, run_daemon
 
-__all__ = ["AuthService", "DoveauthDaemon", "main", "split_escaped_key"]
+__all__ = ["AuthService", "DoveauthDaemon", "main", "migrate_legacy_db", "split_escaped_key"]
+
+log = logging.getLogger("doveauth")
 
 
 def split_escaped_key(rest: str) -> list[str]:
@@ -64,12 +77,57 @@ def split_escaped_key(rest: str) -> list[str]:
     return fields
 
 
+MIGRATION_SKIP_PREFIXES = ("ci-", "ac_")  # test accounts of the reference's CI
+MIGRATION_PROGRESS = 10000
+
+
+def migrate_legacy_db(config: Config, store: AccountStore | None = None) -> int:
+    """Move accounts from the reference relay's old sqlite passdb into the store.
+
+    Runs at every start and does nothing once ``passdb_path`` is gone: after a
+    complete migration the database is renamed to ``<passdb_path>.old`` (and its
+    WAL/SHM files removed).  Existing accounts are never overwritten, so an
+    interrupted migration can simply run again.  Returns the accounts created.
+    """
+    path = Path(config.passdb_path)
+    if not path.exists():
+        return 0
+    store = store or AccountStore(config)
+    log.info("migrating accounts from %s", path)
+    created = 0
+    with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=60)) as db:
+        for n, row in enumerate(db.execute("SELECT * FROM users"), 1):
+            addr, stored = str(row[0] or ""), str(row[1] or "")
+            if addr.startswith(MIGRATION_SKIP_PREFIXES):
+                continue
+            try:
+                result = store.create(addr, stored, password_is_hash=True, enforce_e2ee=False)
+            except AddressError as e:
+                log.warning("migration: skipping %r: %s", addr, e)
+                continue
+            if result.created:
+                created += 1
+                last_login = row[2] if len(row) > 2 else None
+                if last_login:
+                    result.account.set_last_login(int(last_login))
+            if n % MIGRATION_PROGRESS == 0:
+                log.info("migration: %d rows done", n)
+    os.rename(path, f"{path}.old")
+    for sibling in path.parent.glob(path.name + "-*"):  # -wal, -shm
+        sibling.unlink(missing_ok=True)
+    log.info("migrated %d accounts; %s renamed to %s.old", created, path, path)
+    return created
+
+
 class DoveauthDaemon(DictDaemon):
     name = "doveauth"
 
     def __init__(self, config: Config, args=None) -> None:
         super().__init__(config, args)
         self.auth = AuthService(config)
+
+    async def start(self) -> None:
+        await asyncio.to_thread(migrate_legacy_db, self.config, self.auth.store)
 
     def endpoint(self) -> Endpoint:
         # Dovecot's auth process connects as dovecot/root; vmail owns the socket

@@ -234,3 +234,46 @@ def test_doveauth_lookup_commands(doveauth):
     )
     assert missing.returncode == 1
     assert "no account" in missing.stderr
+
+
+def test_migration_from_legacy_sqlite_db(daemon_factory, tmp_path):
+    """The reference relay's old passdb.sqlite moves into the store once, at start."""
+    import sqlite3
+
+    from chatmaild.accounts import hash_password
+
+    db_path = tmp_path / "passdb.sqlite"
+    stored = hash_password("migrated-password")
+    with sqlite3.connect(db_path) as db:
+        db.execute("CREATE TABLE users (addr TEXT PRIMARY KEY, password TEXT, last_login INTEGER)")
+        rows = [
+            (f"old{i:04d}@{TEST_DOMAIN}", stored, 1_600_000_000 + i * 86400 if i % 2 else "")
+            for i in range(1000)
+        ]
+        rows += [
+            (f"ci-abcdef@{TEST_DOMAIN}", stored, ""),
+            (f"ac_abcdef@{TEST_DOMAIN}", stored, ""),
+            ("../evil@example.org", stored, ""),
+        ]
+        db.executemany("INSERT INTO users VALUES (?, ?, ?)", rows)
+    (tmp_path / "passdb.sqlite-wal").write_bytes(b"")
+    ini = write_test_ini(tmp_path, passdb_path=db_path)
+    daemon = daemon_factory("chatmaild.doveauth", ini=ini)
+    wait_for_socket(tmp_path / "doveauth.socket", proc=daemon.proc)
+    # the socket accepts at once; requests are answered after the migration
+    with RawDictClient(tmp_path / "doveauth.socket", timeout=60) as client:
+        fields = passdb(client, f"old0002@{TEST_DOMAIN}", "anything")
+        assert fields["password"] == stored
+
+    store = AccountStore(read_config(ini))
+    addrs = list(store.iter_addresses())
+    assert len(addrs) == 1000
+    assert all(a.startswith("old") for a in addrs)
+    odd = store.account(f"old0001@{TEST_DOMAIN}")
+    assert odd.password_hash() == stored
+    assert odd.last_login() == (1_600_000_000 + 86400) // 86400 * 86400
+    assert not odd.enforces_e2ee_incoming  # old accounts keep accepting cleartext
+    assert not db_path.exists()
+    assert (tmp_path / "passdb.sqlite.old").exists()
+    assert not (tmp_path / "passdb.sqlite-wal").exists()
+    assert "migrated 1000 accounts" in daemon.log()
