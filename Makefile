@@ -26,3 +26,11 @@ clean:
 STATE ?= state
 run: deps
 	$(PY) -m chatmaild.relay --state $(STATE) $(if $(CONFIG),--config $(CONFIG))
+
+# This host becomes a relay (root, Debian 12): MAIL_DOMAIN=... the first time
+install:
+	MAIL_DOMAIN=$(MAIL_DOMAIN) TLS_CERT=$(TLS_CERT) TLS_KEY=$(TLS_KEY) ./scripts/install.sh
+
+# Remove units and the installed package; mail and /etc/chatmail stay
+uninstall:
+	./scripts/uninstall.sh

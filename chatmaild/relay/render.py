@@ -51,6 +51,19 @@ DAEMON_MODULES = {
 ALL_COMPONENTS = ("postfix", "dovecot", *DAEMON_MODULES)
 
 
+# where `make install` puts the virtualenv and the no-delay shim
+PRODUCTION_LIB = Path("/usr/local/lib/chatmaild")
+PRODUCTION_VENV = PRODUCTION_LIB / "venv"
+
+
+def production_nodelay() -> Path | None:
+    """The installed no-delay shim, if it is there and fits the installed Dovecot."""
+    from .nodelay import SO_NAME, applies, dovecot_version
+
+    so = PRODUCTION_LIB / SO_NAME
+    return so if so.exists() and applies(dovecot_version()) else None
+
+
 class TemplateError(Exception):
     """A template names a variable nobody provides."""
 
@@ -130,6 +143,8 @@ class Layout:
             listen_host=None,
             default_transport="smtp",
             smtp_tls_security_level="verify",
+            quota_expire_bin=f"{PRODUCTION_VENV}/bin/chatmail-quota-expire",
+            nodelay_so=production_nodelay(),
         )
 
     @classmethod

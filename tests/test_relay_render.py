@@ -1,0 +1,102 @@
+"""Production rendering (`chatmaild render`) and the systemd units `make install` installs."""
+
+from __future__ import annotations
+
+import configparser
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from chatmaild.admin import main as chatmaild_main
+
+ROOT = Path(__file__).resolve().parents[1]
+SYSTEMD = ROOT / "systemd"
+
+
+@pytest.fixture
+def rendered(tmp_path):
+    tls = tmp_path / "tls"
+    tls.mkdir()
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
+         "-nodes", "-subj", "/CN=chat.example.org", "-keyout", str(tls / "key.pem"),
+         "-out", str(tls / "cert.pem")],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    ini = tmp_path / "chatmail.ini"
+    ini.write_text(
+        "[params]\nmail_domain = chat.example.org\n"
+        f"tls_external_cert_and_key = {tls}/cert.pem {tls}/key.pem\n"
+    )
+    root = tmp_path / "root"
+    assert chatmaild_main(["--config", str(ini), "render", "--root", str(root)]) == 0
+    return root
+
+
+def test_postfix_accepts_rendered_config(rendered):
+    pdir = rendered / "etc/postfix"
+    res = subprocess.run(["postconf", "-c", str(pdir), "-n"], capture_output=True, text=True)
+    assert res.returncode == 0 and "warning" not in res.stderr, res.stderr
+    main = dict(line.split(" = ", 1) for line in res.stdout.splitlines() if " = " in line)
+    assert main["mydestination"] == "chat.example.org"
+    assert main["queue_directory"] == "/var/spool/postfix"
+    assert main["default_transport"] == "smtp"  # production delivers to the world
+    assert main["inet_interfaces"] == "all"
+    res = subprocess.run(["postconf", "-c", str(pdir), "-M"], capture_output=True, text=True)
+    assert res.returncode == 0 and "warning" not in res.stderr, res.stderr
+    services = [line.split()[0] for line in res.stdout.splitlines()]
+    for svc in ("25", "587", "465", "127.0.0.1:10025", "127.0.0.1:10026", "authclean"):
+        assert svc in services
+    master = (pdir / "master.cf").read_text()
+    assert "smtpd_proxy_filter=127.0.0.1:10080" in master
+    assert "smtpd_proxy_filter=127.0.0.1:10081" in master
+
+
+def test_dovecot_accepts_rendered_config(rendered):
+    conf = rendered / "etc/dovecot/dovecot.conf"
+    res = subprocess.run(["doveconf", "-c", str(conf), "-n"], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    assert "proxy:/run/doveauth/doveauth.socket:auth" in (conf.parent / "auth.conf").read_text()
+    assert "/usr/local/lib/chatmaild/venv/bin/chatmail-quota-expire" in res.stdout
+    assert "imap_capability = +XDELTAPUSH XCHATMAIL" in res.stdout
+
+
+def _unit(path: Path) -> configparser.ConfigParser:
+    parser = configparser.ConfigParser(strict=False, interpolation=None)
+    parser.optionxform = str  # type: ignore[assignment]
+    parser.read(path)
+    return parser
+
+
+@pytest.mark.parametrize(
+    "unit",
+    [
+        "doveauth.service",
+        "chatmail-lastlogin.service",
+        "chatmail-metadata.service",
+        "filtermail.service",
+        "filtermail-incoming.service",
+        "filtermail-milter.service",
+        "chatmail-newemail.service",
+    ],
+)
+def test_daemon_units(unit):
+    svc = _unit(SYSTEMD / unit)["Service"]
+    assert svc["Type"] == "notify"
+    assert svc["Restart"] == "always"
+    assert svc["User"] == "vmail"
+    assert svc["NoNewPrivileges"] == "yes" and svc["ProtectSystem"] == "strict"
+    assert svc["PrivateTmp"] == "yes"
+    exe = svc["ExecStart"].split()[0]
+    assert exe.startswith("/usr/local/lib/chatmaild/venv/bin/")
+    # the console script the unit runs is one this package declares
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    assert f'\n{Path(exe).name} = "' in pyproject
+
+
+@pytest.mark.parametrize("name", ["chatmail-expire", "chatmail-fsreport"])
+def test_timers(name):
+    timer = _unit(SYSTEMD / f"{name}.timer")
+    assert timer["Timer"]["OnCalendar"]
+    assert _unit(SYSTEMD / f"{name}.service")["Service"]["Type"] == "oneshot"
