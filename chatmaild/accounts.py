@@ -108,6 +108,10 @@ class Account:
     home: Path
     # plain-string paths for the lookup hot path (pathlib costs microseconds per join)
     _password_file: str = field(init=False, repr=False, compare=False)
+    # (inode, mtime_ns, size) of the password file last read, and its text
+    _read_cache: tuple[tuple[int, int, int], str] | None = field(
+        default=None, init=False, repr=False, compare=False
+    )
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "_password_file", os.path.join(self.home, PASSWORD))
@@ -117,8 +121,17 @@ class Account:
         return self.home / PASSWORD
 
     def password_hash(self) -> str | None:
-        """The stored hash, or None when there is no (or an empty) password file."""
+        """The stored hash, or None when there is no (or an empty) password file.
+
+        One stat() answers repeated lookups: the text is re-read whenever the
+        file's identity changes (every write replaces it with a new inode).
+        """
         try:
+            st = os.stat(self._password_file)
+            key = (st.st_ino, st.st_mtime_ns, st.st_size)
+            cached = self._read_cache
+            if cached is not None and cached[0] == key:
+                return cached[1]
             with open(self._password_file, "rb") as fp:
                 data = fp.read(4096)
         except (FileNotFoundError, NotADirectoryError):
@@ -127,6 +140,8 @@ class Account:
         if not text:
             log.error("empty password file for %s", self.addr)
             return None
+        # a file replaced between stat and read is cached under the old key: re-read next time
+        object.__setattr__(self, "_read_cache", (key, text))
         return text
 
     @property
