@@ -614,6 +614,8 @@ def _previous_ports(ini: Path) -> dict[str, int]:
 
 def _port_free(port: int) -> bool:
     with socket.socket() as s:
+        # as the servers bind: connections of the previous run in TIME_WAIT do not count
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind(("127.0.0.1", port))
         except OSError:
