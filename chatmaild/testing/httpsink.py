@@ -182,3 +182,67 @@ class HttpSink:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+class SinkProcess:
+    """An :class:`HttpSink` in a child process, for benchmarks: the sink then does not
+    share a GIL with the code that drives the load, so arrival times are not skewed."""
+
+    def __init__(self) -> None:
+        import multiprocessing
+
+        ctx = multiprocessing.get_context("spawn")
+        self._conn, child = ctx.Pipe()
+        self._proc = ctx.Process(target=_sink_child, args=(child,), daemon=True)
+        self._proc.start()
+        self.url: str = self._conn.recv()
+
+    def _call(self, command: str):
+        self._conn.send(command)
+        return self._conn.recv()
+
+    def posts(self) -> list[Post]:
+        return self._call("posts")
+
+    def count(self) -> int:
+        return self._call("count")
+
+    def clear(self) -> None:
+        self._call("clear")
+
+    def wait_count(self, n: int, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while self.count() < n:
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.005)
+        return True
+
+    def stop(self) -> None:
+        if self._proc.is_alive():
+            self._call("stop")
+            self._proc.join(10)
+
+    def __enter__(self) -> SinkProcess:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def _sink_child(conn) -> None:
+    with HttpSink() as sink:
+        conn.send(sink.url)
+        while True:
+            command = conn.recv()
+            if command == "posts":
+                with sink._lock:
+                    conn.send(list(sink.posts))
+            elif command == "count":
+                conn.send(len(sink.posts))
+            elif command == "clear":
+                sink.clear()
+                conn.send(None)
+            else:
+                conn.send(None)
+                return
