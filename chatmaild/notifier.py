@@ -206,7 +206,7 @@ class Notifier:
         self._session: aiohttp.ClientSession | None = None
         self._inflight = 0
         self._closing = False
-        # counters for tests, benchmarks and the status log
+        # counters for tests and benchmarks
         self.sent = 0
         self.failed = 0
         self.gone = 0
@@ -220,12 +220,15 @@ class Notifier:
         recovered = await asyncio.to_thread(self.queue.load)
         for pending in recovered:
             self._enqueue(pending)
+        # without an endpoint nothing is sent; queued files wait for one to be configured
         self._workers = [
             asyncio.create_task(self._worker(), name=f"notifier-{i}")
-            for i in range(self.concurrency)
+            for i in range(self.concurrency if self.url else 0)
         ]
         if recovered:
             log.info("requeued %d pending notifications", len(recovered))
+        if not self.url:
+            log.warning("notification_url is empty: push notifications are disabled")
         return len(recovered)
 
     async def stop(self, timeout: float = 5.0) -> None:
@@ -257,6 +260,8 @@ class Notifier:
         Returns how many were queued.  Raises (AddressError, OSError) if they
         could not be persisted; nothing is queued then.
         """
+        if not self.url:
+            return 0
         written = await asyncio.to_thread(self._persist_for, addr)
         for pending in written:
             self._enqueue(pending)
@@ -287,6 +292,8 @@ class Notifier:
     async def _worker(self) -> None:
         while True:
             lane = await self._ready.get()
+            if self._closing:
+                continue  # stopping: its files stay queued for the next start
             self._inflight += 1
             try:
                 await self._attempt(lane)

@@ -193,3 +193,19 @@ def test_unreachable_endpoint_is_retried(metadata_ini, http_sink):
 
     asyncio.run(run())
     assert len(files(notifier)) == 1
+
+
+def test_empty_url_disables_push_and_keeps_the_queue(metadata_ini):
+    notifier, store = make_notifier(metadata_ini, notification_url="")
+    store.add(USER, "tok")
+    notifier.queue.create()
+    notifier.queue.persist(USER, ["old"], time.time())
+
+    async def run():
+        assert await notifier.start() == 1
+        assert await notifier.notify(USER) == 0
+        await asyncio.sleep(0.1)
+        await notifier.stop()
+
+    asyncio.run(run())
+    assert len(files(notifier)) == 1  # kept for when an endpoint is configured
