@@ -467,7 +467,12 @@ class Relay:
                         f"{name} exited with {proc.returncode} during start\n"
                         + _tail(self.log_dir / f"{name}.log")
                     )
-            pending = [chk for chk in pending if not _connectable(chk[1])]
+            tcp, unix = _listening()
+            pending = [
+                chk
+                for chk in pending
+                if not (chk[1] in unix if isinstance(chk[1], str) else chk[1] in tcp)
+            ]
             if not pending:
                 break
             if time.monotonic() > deadline:
@@ -623,20 +628,30 @@ def _port_free(port: int) -> bool:
     return True
 
 
-def _connectable(target: str | tuple[str, int]) -> bool:
-    if isinstance(target, str):
-        if not os.path.exists(target):
-            return False
-        family, addr = socket.AF_UNIX, target
-    else:
-        family, addr = socket.AF_INET, target
-    with socket.socket(family, socket.SOCK_STREAM) as s:
-        s.settimeout(1)
-        try:
-            s.connect(addr)
-        except OSError:
-            return False
-    return True
+def _listening() -> tuple[set[tuple[str, int]], set[str]]:
+    """Listening IPv4 TCP (host, port) and UNIX socket paths, from /proc/net.
+
+    Looking instead of connecting keeps readiness checks out of the servers'
+    logs (a probe that never speaks TLS is logged as a failed handshake).
+    """
+    tcp: set[tuple[str, int]] = set()
+    with open("/proc/net/tcp") as f:
+        for line in f.readlines()[1:]:
+            fields = line.split()
+            if fields[3] != "0A":  # TCP_LISTEN
+                continue
+            host, port = fields[1].split(":")
+            ip = socket.inet_ntoa(bytes.fromhex(host)[::-1])
+            tcp.add((ip, int(port, 16)))
+            if ip == "0.0.0.0":
+                tcp.add(("127.0.0.1", int(port, 16)))
+    unix: set[str] = set()
+    with open("/proc/net/unix") as f:
+        for line in f.readlines()[1:]:
+            fields = line.split()
+            if len(fields) >= 8 and int(fields[3], 16) & 0x10000:  # __SO_ACCEPTCON
+                unix.add(fields[7])
+    return tcp, unix
 
 
 def _world_executable(path: str) -> bool:
