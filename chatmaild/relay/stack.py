@@ -693,5 +693,25 @@ def vmail_launcher(bin_dir: Path, module: str) -> str | None:
     return str(launcher)
 
 
+def connectable(target: str | tuple[str, int]) -> bool:
+    """Whether a UNIX socket path or (host, port) accepts a connection now."""
+    if isinstance(target, str):
+        if not os.path.exists(target):
+            return False
+        family, addr = socket.AF_UNIX, target
+    else:
+        family, addr = socket.AF_INET, target
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.settimeout(1)
+        try:
+            s.connect(addr)
+        except OSError:
+            return False
+    return True
+
+
+_connectable = connectable  # older name, used by other areas' tests
+
+
 def remove_state(state_dir: Path) -> None:
     shutil.rmtree(state_dir, ignore_errors=True)
