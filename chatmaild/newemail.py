@@ -36,6 +36,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import json
+import re
 import secrets
 import ssl
 import string
@@ -167,7 +168,10 @@ def handle_request(
     path = path.split("?", 1)[0]
     if path not in NEW_PATHS:
         return Response(404, "Not Found", b"not found\n"), None
-    public = host or config.mail_domain
+    # the redirect names the relay's own domain; only a relay reached by IP
+    # address (no DNS, like `make run`) is named as the client reached it
+    ip_host = host if host and host_is_ip(host) and re.fullmatch(r"[\w.:\[\]]+", host) else None
+    public = ip_host or config.mail_domain.strip("[]")
     if method == "GET" and path == "/new":
         return Response(301, "Moved Permanently", headers={"Location": dcaccount_url(public)}), None
     if method != "POST":

@@ -68,6 +68,11 @@ def test_routes(config):
     resp, addr = handle_request(config, "GET", "/new", "chat.example")
     assert resp.status == 301 and resp.headers["Location"] == "DCACCOUNT:https://chat.example/new"
     assert addr is None
+    # a forged Host header does not end up in the redirect; an IP (no DNS) does
+    resp, _ = handle_request(config, "GET", "/new", "evil.example")
+    assert resp.headers["Location"] == "DCACCOUNT:https://chat.example/new"
+    resp, _ = handle_request(config, "GET", "/new", "127.0.0.1:8443")
+    assert resp.headers["Location"] == "DCACCOUNT:https://127.0.0.1:8443/new"
     assert handle_request(config, "GET", "/other", None)[0].status == 404
     assert handle_request(config, "PUT", "/new", None)[0].status == 405
     resp, addr = handle_request(config, "POST", "/cgi-bin/newemail.py", "chat.example")
