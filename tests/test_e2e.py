@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import email
 import email.policy
+import imaplib
 import os
 import smtplib
 import time
@@ -27,6 +28,7 @@ from chatmaild.testing.dcclient import (
     wait_incoming_text,
 )
 from chatmaild.testing.dns import LoopbackDNS
+from chatmaild.testing.httpsink import HttpSink
 from chatmaild.testing.mails import encrypted_message, plain_message
 
 pytestmark = [pytest.mark.relay, pytest.mark.timeout(240)]
@@ -41,12 +43,25 @@ def dns():
 
 
 @pytest.fixture(scope="module")
-def relays(dns, tmp_path_factory):
+def push_sink():
+    with HttpSink() as sink:
+        yield sink
+
+
+@pytest.fixture(scope="module")
+def relays(dns, push_sink):
     from tests.fixtures.relay import RelayPool
 
     pool = RelayPool()
     try:
-        a = pool({"mail_domain": "chat.example", "dns_resolver": dns.address}, FULL)
+        a = pool(
+            {
+                "mail_domain": "chat.example",
+                "dns_resolver": dns.address,
+                "notification_url": push_sink.url,
+            },
+            FULL,
+        )
         b = pool({"mail_domain": "other.example", "dns_resolver": dns.address}, FULL)
         for relay in (a, b):
             dns.set_txt(*relay.dkim_record())
@@ -242,6 +257,26 @@ def test_delivered_headers_carry_no_client_traces(relay_a):
     ):
         assert header not in got, header
     assert b"127.0.0.1" not in raw and b"10.1.2.3" not in raw
+
+
+def test_push_notification_for_submitted_mail(relay_a, push_sink):
+    """Device token over IMAP METADATA; mail through submission and filtermail pushes it."""
+    sender, spw = relay_a.new_credentials()
+    rcpt, rpw = relay_a.new_credentials()
+    imaplib.Commands.setdefault("SETMETADATA", ("AUTH", "SELECTED"))
+    conn = relay_a.imap(rcpt, rpw)
+    try:
+        typ, data = conn._simple_command(
+            "SETMETADATA", "INBOX", '(/private/devicetoken "e2e-device-token")'
+        )
+        assert typ == "OK", data
+    finally:
+        conn.logout()
+    with relay_a.smtp(sender, spw) as smtp:
+        smtp.sendmail(sender, [rcpt], encrypted_message(sender, [rcpt]))
+    assert push_sink.wait_for(lambda s: s.count("e2e-device-token") >= 1, timeout=30)
+    # one delivery, one push
+    assert push_sink.count("e2e-device-token") == 1
 
 
 def test_dclogin_link_matches_relay(relay_a):
