@@ -46,8 +46,12 @@ fi
 
 # 3. the Python package in its own virtualenv
 [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
-"$VENV/bin/pip" install -q --upgrade pip
-"$VENV/bin/pip" install -q "$SRC"
+pip_log=$(mktemp)
+if ! { "$VENV/bin/pip" install -q --upgrade pip && "$VENV/bin/pip" install -q "$SRC"; } >"$pip_log" 2>&1; then
+    cat "$pip_log" >&2
+    die "pip install failed"
+fi
+rm -f "$pip_log"
 say "installed chatmaild into $VENV"
 PY="$VENV/bin/python"
 export CHATMAILD_SOURCE_ROOT="$SRC"  # templates come from this checkout

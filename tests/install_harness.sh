@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# Test harness for `make install` (run by tests/test_relay_install.py as root):
+# inside a private mount namespace /etc, /usr/local, /home, /var and /run are
+# overlays on $WORK, so the host stays untouched.  `make install` runs there;
+# then, in a private network namespace as well (only lo, so binding the real
+# ports 25/465/993 harms nobody), the installed daemons are started from their
+# unit files' ExecStart/User lines, Postfix and Dovecot from the rendered
+# production configs, and $CHECK (a Python script) talks to them.
+set -euo pipefail
+WORK=$1
+CHECK=$2
+SRC=$(cd "$(dirname "$0")/.." && pwd)
+
+for d in etc usr/local home var run; do
+    name=${d//\//_}
+    mkdir -p "$WORK/$name/upper" "$WORK/$name/work"
+    mount -t overlay overlay \
+        -o "lowerdir=/$d,upperdir=$WORK/$name/upper,workdir=$WORK/$name/work" "/$d"
+done
+
+cd "$SRC"
+make install MAIL_DOMAIN=chat.example.org > "$WORK/install.out" 2>&1 || {
+    cat "$WORK/install.out"; exit 1; }
+make install > "$WORK/install2.out" 2>&1 || { echo "second install failed"; cat "$WORK/install2.out"; exit 1; }
+
+exec unshare -n bash -s "$WORK" "$CHECK" "$SRC" <<'NETNS'
+set -euo pipefail
+WORK=$1; CHECK=$2; SRC=$3
+ip link set lo up
+pids=()
+cleanup() {
+    dovecot stop >/dev/null 2>&1 || true
+    postfix stop >/dev/null 2>&1 || true
+    for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+    sleep 1.5
+}
+trap cleanup EXIT
+# what systemd would do for each daemon unit: RuntimeDirectory=, User=, ExecStart=
+for unit in "$SRC"/systemd/*.service; do
+    grep -q '^Type=notify' "$unit" || continue
+    exec_start=$(sed -n 's/^ExecStart=//p' "$unit")
+    user=$(sed -n 's/^User=//p' "$unit")
+    rundir=$(sed -n 's/^RuntimeDirectory=//p' "$unit")
+    if [ -n "$rundir" ]; then
+        install -d -o "$user" -g "$user" -m 0755 "/run/$rundir"
+    fi
+    caps=()
+    if grep -q '^AmbientCapabilities=CAP_NET_BIND_SERVICE' "$unit"; then
+        caps=(--inh-caps +net_bind_service --ambient-caps +net_bind_service)
+    fi
+    # shellcheck disable=SC2086
+    setpriv --reuid="$user" --regid="$user" --init-groups "${caps[@]}" $exec_start \
+        > "$WORK/$(basename "$unit" .service).log" 2>&1 &
+    pids+=($!)
+done
+postfix start > "$WORK/postfix-start.log" 2>&1
+dovecot > "$WORK/dovecot-start.log" 2>&1
+/usr/local/lib/chatmaild/venv/bin/python "$CHECK"
+NETNS
