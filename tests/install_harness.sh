@@ -23,7 +23,7 @@ make install MAIL_DOMAIN=chat.example.org > "$WORK/install.out" 2>&1 || {
     cat "$WORK/install.out"; exit 1; }
 make install > "$WORK/install2.out" 2>&1 || { echo "second install failed"; cat "$WORK/install2.out"; exit 1; }
 
-exec unshare -n bash -s "$WORK" "$CHECK" "$SRC" <<'NETNS'
+unshare -n bash -s "$WORK" "$CHECK" "$SRC" <<'NETNS'
 set -euo pipefail
 WORK=$1; CHECK=$2; SRC=$3
 ip link set lo up
@@ -57,3 +57,11 @@ postfix start > "$WORK/postfix-start.log" 2>&1
 dovecot > "$WORK/dovecot-start.log" 2>&1
 /usr/local/lib/chatmaild/venv/bin/python "$CHECK"
 NETNS
+
+# uninstall removes our software and units, never mail or keys
+make uninstall > "$WORK/uninstall.out" 2>&1
+[ ! -e /usr/local/lib/chatmaild ] || { echo "uninstall left /usr/local/lib/chatmaild"; exit 1; }
+[ ! -e /etc/systemd/system/doveauth.service ] || { echo "uninstall left units"; exit 1; }
+ls /home/vmail/mail/chat.example.org/*/password > /dev/null || { echo "uninstall lost mail"; exit 1; }
+[ -f /etc/dkimkeys/opendkim.private ] && [ -f /etc/chatmail/chatmail.ini ] || { echo "uninstall lost keys"; exit 1; }
+echo "uninstall ok"

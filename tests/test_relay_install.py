@@ -1,7 +1,7 @@
 """`make install` on this host, sealed off: overlays for the system directories
 and a private network namespace (see tests/install_harness.sh).
 
-Proves the production path end to end: install (twice: idempotent), the
+Proves the production path end to end: install (twice: idempotent) and uninstall (mail and keys stay), the
 rendered production Postfix/Dovecot configs start, the daemons start from
 their unit files' command lines, and a new account can log in, send and
 receive on the standard ports.  Needs PyPI for the package's virtualenv.
@@ -85,6 +85,7 @@ def test_make_install_production_path():
         )
         assert res.returncode == 0, res.stdout + res.stderr + logs
         assert "install check ok" in res.stdout
+        assert "uninstall ok" in res.stdout
         out = (work / "install.out").read_text()
         assert "_domainkey.chat.example.org. 3600 IN TXT" in out
         assert "chat.example.org. 3600 IN MX 10 chat.example.org." in out
