@@ -116,3 +116,25 @@ def _mail_config(pid: int, state: Path) -> bool:
         return f"MAIL_CONFIG={state}".encode() in Path(f"/proc/{pid}/environ").read_bytes()
     except OSError:
         return False
+
+
+def test_restart_after_kill_ends_leftovers(base):
+    state = base / "state"
+    proc, _ = start_dev(state)
+    facts = json.loads((state / "relay.json").read_text())
+    proc.kill()  # no cleanup at all: the servers and daemons keep running
+    proc.wait()
+    master = int((state / "postfix/spool/pid/master.pid").read_text().split()[0])
+    assert _alive(master)
+    proc, lines = start_dev(state)
+    try:
+        assert any("leftover processes" in line for line in lines)
+        assert not _alive(master)
+        imap_ports = json.loads((state / "relay.json").read_text())["ports"]
+        assert imap_ports["imaps"] == facts["ports"]["imaps"]
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=60)
+    assert proc.returncode == 0
+    left = [p for p in os.listdir("/proc") if p.isdigit() and str(state) in _cmdline(int(p))]
+    assert not [p for p in left if _alive(int(p))]

@@ -128,6 +128,17 @@ def _alive(pid: int) -> bool:
     return state != "Z"
 
 
+def _wait_gone(pids: set[int], timeout: float) -> None:
+    """Wait until ``pids`` are gone; SIGKILL whatever is left after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while pids and time.monotonic() < deadline:
+        pids = {p for p in pids if _alive(p)}
+        time.sleep(0.02)
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
 def _read_pid(path: Path) -> int | None:
     try:
         return int(path.read_text().split()[0])
@@ -184,6 +195,8 @@ class Relay:
         self.peers: dict[str, str] = {}
         self._procs: dict[str, subprocess.Popen] = {}
         self._started = False
+        # a killed earlier run may still hold this directory's ports and pid files
+        self._reap_stale()
         self.config: Config = self._write_ini()
         self.layout = Layout.local(
             self.state_dir,
@@ -287,6 +300,35 @@ class Relay:
         self._write_json()
         log.info("relay %s ready in %s", self.mail_domain, self.state_dir)
         return self
+
+    def _reap_stale(self) -> None:
+        """End processes a killed earlier run of this state directory left running.
+
+        Only processes provably ours are touched: the masters named by this
+        directory's pid files, daemons whose command line names this relay's ini.
+        """
+        doomed: set[int] = set()
+        # the masters' pid files where Layout.local puts them
+        for pidfile in ("dovecot/run/master.pid", "postfix/spool/pid/master.pid"):
+            pid = _read_pid(self.state_dir / pidfile)
+            if pid is not None and _alive(pid):
+                doomed |= process_tree(pid)
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGTERM)
+        for pidfile in self.run_dir.glob("*.relay-pid") if self.run_dir.exists() else []:
+            pid = _read_pid(pidfile)
+            try:
+                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes() if pid else b""
+            except OSError:
+                cmdline = b""
+            if pid and str(self.ini_path).encode() in cmdline:
+                doomed |= process_tree(pid)
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGTERM)
+            pidfile.unlink()
+        if doomed:
+            log.warning("relay %s: stopping %d leftover processes", self.state_dir, len(doomed))
+            _wait_gone(doomed, STOP_TIMEOUT)
 
     def _prepare(self) -> None:
         vmail = pwd.getpwnam(self.config.vmail_user)
@@ -401,6 +443,8 @@ class Relay:
                     umask=0o077,
                     start_new_session=True,  # Ctrl-C of `make run` is handled by us, in order
                 )
+            # recorded so that a later start can end what a killed run left behind
+            (self.run_dir / f"{name}.relay-pid").write_text(f"{self._procs[name].pid}\n")
 
     def _start_postfix(self) -> None:
         self._run_server_command(
