@@ -1,11 +1,11 @@
 """`make install` on this host, sealed off: overlays for the system directories
 and a private network namespace (see tests/install_harness.sh).
 
-Proves the production path end to end: install (twice: idempotent) and uninstall (mail and keys stay), the
+Proves the production path end to end: install (twice: idempotent), the
 rendered production Postfix/Dovecot configs start, the daemons start from
-their unit files' command lines, and a new account can log in, send and
-receive on the standard ports.  Needs PyPI for the package's virtualenv.
-"""
+their unit files' command lines, a new account can log in, send and receive
+on the standard ports, and uninstall keeps mail, config and keys.
+Needs PyPI for the package's virtualenv."""
 
 from __future__ import annotations
 
