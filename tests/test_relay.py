@@ -106,7 +106,10 @@ def test_relay_json_and_clean_stop(relay_factory):
     assert facts["mail_domain"] == relay.mail_domain
     assert facts["ports"]["imaps"] == relay.ports["imaps"]
     pids = relay.running_pids()
-    assert len(pids) > 5
+    # both masters and their children plus doveauth; how many children Postfix
+    # and Dovecot keep idle varies, so check membership rather than a count
+    masters = {relay._dovecot_pid(), relay._postfix_pid()}
+    assert None not in masters and masters < pids
     relay.stop()
     assert not any(Path(f"/proc/{p}").exists() and _not_zombie(p) for p in pids)
     for name in ("smtp", "submissions", "imaps", "imap"):
