@@ -47,7 +47,7 @@ import string
 import sys
 from collections.abc import Callable
 
-from .accounts import FLAG_DISABLED, AccountStore, drop_privileges
+from .accounts import FLAG_DISABLED, Account, AccountStore, drop_privileges
 from .addr import AddressError, canonical_address, check_creatable
 from .config import Config, config_fields
 from .service import load_config_or_exit, make_parser
@@ -143,6 +143,18 @@ def _canonical(store: AccountStore, raw: str) -> str | None:
         return None
 
 
+def _existing_account(store: AccountStore, raw: str) -> Account | None:
+    """The account for ``raw``, or None after telling the operator why not."""
+    addr = _canonical(store, raw)
+    if addr is None:
+        return None
+    account = store.account(addr)
+    if not account.exists:
+        print(f"{PROG}: no account {addr}", file=sys.stderr)
+        return None
+    return account
+
+
 def cmd_accounts(args: argparse.Namespace) -> int:
     store = _store(args)
     for addr in store.iter_addresses():
@@ -163,13 +175,10 @@ def cmd_accounts(args: argparse.Namespace) -> int:
 
 def cmd_account_show(args: argparse.Namespace) -> int:
     store = _store(args)
-    addr = _canonical(store, args.addr)
-    if addr is None:
+    account = _existing_account(store, args.addr)
+    if account is None:
         return 1
-    account = store.account(addr)
-    if not account.exists:
-        print(f"{PROG}: no account {addr}", file=sys.stderr)
-        return 1
+    addr = account.addr
     print(f"address:              {addr}")
     print(f"home:                 {account.home}")
     print(f"last login:           {_date(account.last_login())}")
@@ -229,13 +238,10 @@ def cmd_account_create(args: argparse.Namespace) -> int:
 
 def _set_disabled(args: argparse.Namespace, disabled: bool) -> int:
     store = _store(args, write=True)
-    addr = _canonical(store, args.addr)
-    if addr is None:
+    account = _existing_account(store, args.addr)
+    if account is None:
         return 1
-    account = store.account(addr)
-    if not account.exists:
-        print(f"{PROG}: no account {addr}", file=sys.stderr)
-        return 1
+    addr = account.addr
     account.set_flag(FLAG_DISABLED, disabled)
     log.info("account %s: %s", "disabled" if disabled else "enabled", addr)
     print(f"{addr}: {'disabled' if disabled else 'enabled'}")

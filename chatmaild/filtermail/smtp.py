@@ -137,7 +137,8 @@ class Connection:
         self.idle_timeout = idle_timeout
         self.deadline = time.monotonic() + total_timeout
 
-    async def _fill(self) -> None:
+    async def _read_chunk(self) -> bytes:
+        """Next bytes from the client within the idle and session timeouts; EOFError at EOF."""
         remaining = self.deadline - time.monotonic()
         timeout = min(self.idle_timeout, remaining)
         if timeout <= 0:
@@ -146,7 +147,10 @@ class Connection:
             chunk = await self.reader.read(READ_CHUNK)
         if not chunk:
             raise EOFError
-        self.buf += chunk
+        return chunk
+
+    async def _fill(self) -> None:
+        self.buf += await self._read_chunk()
 
     async def read_line(self) -> tuple[bytes, bool]:
         """Next line up to and including LF; (line, too_long).  Raises EOFError at EOF."""
@@ -191,15 +195,7 @@ class Connection:
                 dropped += len(data) - 4
                 del data[:-4]
             pos = max(0, len(data) - 4)
-            remaining = self.deadline - time.monotonic()
-            timeout = min(self.idle_timeout, remaining)
-            if timeout <= 0:
-                raise TimeoutError
-            async with asyncio.timeout(timeout):
-                chunk = await self.reader.read(READ_CHUNK)
-            if not chunk:
-                raise EOFError
-            data += chunk
+            data += await self._read_chunk()
 
     async def reply(self, text: str) -> None:
         self.writer.write(text.encode("utf-8", "surrogateescape") + b"\r\n")
