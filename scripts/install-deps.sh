@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 APT_PACKAGES=(
     postfix dovecot-core dovecot-imapd dovecot-lmtpd
     libsystemd-dev pkg-config gcc python3-dev python3-venv
-    openssl gnupg sq dovecot-dev iproute2 util-linux procps
+    openssl gnupg sq zstd dovecot-dev iproute2 util-linux procps
 )
 
 need_apt=()

@@ -6,7 +6,6 @@ the chatmail-checkpassword program as Dovecot's checkpassword passdb/userdb.
 
 from __future__ import annotations
 
-import gzip
 import imaplib
 import shutil
 import subprocess
@@ -20,6 +19,7 @@ import pytest
 
 from chatmaild.accounts import AccountStore, verify_password
 from chatmaild.relay import Relay
+from chatmaild.testing.maildirs import stored_message
 from tests.fixtures.relay import base_components
 
 pytestmark = [pytest.mark.dovecot]
@@ -76,9 +76,7 @@ def test_first_login_creates_account_and_lands_in_maildir(auth_relay):
     assert account.enforces_e2ee_incoming
     stored = list((account.home / "new").iterdir()) + list((account.home / "cur").iterdir())
     assert len(stored) == 1
-    data = stored[0].read_bytes()
-    if data[:2] == b"\x1f\x8b":  # zlib_save = gz
-        data = gzip.decompress(data)
+    data = stored_message(stored[0])
     assert b"Subject: hello" in data
     vmail_uid = account.home.stat().st_uid
     assert stored[0].stat().st_uid == vmail_uid == account.password_path.stat().st_uid

@@ -11,7 +11,6 @@ messages and a quota usage equal to their sizes.
 from __future__ import annotations
 
 import base64
-import gzip
 import os
 import pwd
 import re
@@ -27,6 +26,7 @@ import pytest
 
 from chatmaild.maildir import parse_maildir_name
 from chatmaild.relay import Relay
+from chatmaild.testing.maildirs import stored_message
 from tests.fixtures.relay import RelayPool
 
 pytestmark = [pytest.mark.dovecot, pytest.mark.postfix, pytest.mark.relay]
@@ -80,9 +80,7 @@ def message_files(home: Path) -> list[Path]:
 
 
 def subject_of(path: Path) -> str:
-    data = path.read_bytes()
-    if data[:2] == b"\x1f\x8b":  # zlib_save = gz
-        data = gzip.decompress(data)
+    data = stored_message(path)
     m = re.search(rb"^Subject: (.*)$", data, re.MULTILINE)
     assert m, path
     return m.group(1).decode().strip()

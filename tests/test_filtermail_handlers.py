@@ -68,6 +68,19 @@ def test_outgoing_encrypted_is_cleaned_signed_and_reinjected(filters):
     assert h.count(b"from") == 2 and h.count(b"autocrypt") == 1 and b"content-type" in h
 
 
+def test_outgoing_signs_only_mail_that_leaves_the_relay(filters):
+    c = filters.client(filters.out_port)
+    local = mails.encrypted_message(ALICE, [BOB])
+    assert c.transaction(ALICE, [BOB], local) == "250 OK"
+    mixed = mails.encrypted_message(ALICE, [BOB, REMOTE.upper()])
+    assert c.transaction(ALICE, [BOB, REMOTE.upper()], mixed) == "250 OK"
+    got_local, got_mixed = filters.sink.messages
+    assert b"DKIM-Signature:" not in got_local.content
+    assert b"\r\nSubject: [...]\r\n" in got_local.content  # still cleaned
+    assert got_mixed.content.startswith(b"DKIM-Signature: ")
+    assert dkimpy_verifies(got_mixed.content, filters.dns)
+
+
 def test_outgoing_cleartext_rejected_523(filters):
     c = filters.client(filters.out_port)
     r = c.transaction(ALICE, [REMOTE], mails.plain_message(ALICE, [REMOTE]))
@@ -147,6 +160,19 @@ def test_outgoing_reinject_failures_are_passed_back(filters):
     assert c.transaction(ALICE, [REMOTE], msg) == "250 OK"  # pooled connection still fine
     filters.servers[0].close()  # the sink stops listening: new connections fail
     filters.loop.run(filters.servers[0].wait_closed())
+
+
+def test_a_partly_refused_envelope_delivers_nothing(filters):
+    # MAIL, RCPTs and DATA are pipelined: DATA gets 354 for the accepted recipient,
+    # and the re-injection hangs up before any content, so nobody gets the message
+    c = filters.client(filters.out_port)
+    msg = mails.encrypted_message(ALICE, [BOB, REMOTE])
+    filters.sink.refused_rcpts = {REMOTE}
+    assert c.transaction(ALICE, [BOB, REMOTE], msg).startswith("550 5.1.1 refused recipient")
+    filters.sink.refused_rcpts = set()
+    assert filters.sink.messages == []
+    assert c.transaction(ALICE, [BOB, REMOTE], msg) == "250 OK"  # a fresh connection works
+    assert filters.sink.messages[0].rcpt_tos == [BOB, REMOTE]
 
 
 def test_reinject_connection_refused_is_4xx(filters_factory):

@@ -8,7 +8,6 @@ sending relay signed them.
 
 from __future__ import annotations
 
-import gzip
 import shutil
 import smtplib
 import ssl
@@ -24,6 +23,7 @@ from chatmaild.relay.render import bin_path
 from chatmaild.relay.stack import Relay, _connectable
 from chatmaild.testing import mails
 from chatmaild.testing.dns import LoopbackDNS
+from chatmaild.testing.maildirs import stored_message
 
 pytestmark = [pytest.mark.postfix, pytest.mark.timeout(240)]
 
@@ -100,9 +100,7 @@ def wait_for_mail(relay: Relay, addr: str, marker: bytes, timeout: float = 20) -
     while time.monotonic() < deadline:
         for path in home.rglob("*"):
             if path.is_file() and path.parent.name in ("new", "cur"):
-                data = path.read_bytes()
-                if data.startswith(b"\x1f\x8b"):  # Dovecot's zlib plugin stores gzip
-                    data = gzip.decompress(data)
+                data = stored_message(path)
                 if marker in data:
                     return data
         time.sleep(0.1)

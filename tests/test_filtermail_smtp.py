@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
+
 import pytest
 
 from chatmaild.filtermail.smtp import (
@@ -224,6 +227,25 @@ def test_total_timeout_during_data(smtp_factory):
     assert c.cmd("DATA").startswith("354")
     c.send(b"Subject: slow\r\n")
     assert c.reply().startswith("421")
+
+
+def test_idle_timeout_counts_only_silence_of_the_client(smtp_factory):
+    handler, port = smtp_factory(idle_timeout=1.0)
+    c = SMTPClient(port)
+    c.cmd("EHLO x")
+    for _ in range(8):  # busy for 1.6 s, never silent for 1 s
+        time.sleep(0.2)
+        assert c.cmd("NOOP").startswith("250")
+
+    async def slow(*a):  # the filter's own work does not count as client silence
+        await asyncio.sleep(1.5)
+        return "250 slow but fine"
+
+    handler.handle_data = slow
+    assert c.transaction("a@b.example", ["r@b.example"], b"S: x\r\n\r\nx\r\n") == (
+        "250 slow but fine"
+    )
+    assert c.reply().startswith("421 4.4.2")  # and then silence is cut again
 
 
 def test_handler_crash_is_451(smtp_factory, loop_thread):

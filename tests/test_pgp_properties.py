@@ -1,4 +1,4 @@
-"""Property and fuzz tests: hostile input never raises, damage is always refused."""
+"""Property and fuzz tests: hostile input never raises, structural damage is always refused."""
 
 from __future__ import annotations
 
@@ -76,21 +76,25 @@ def test_appended_garbage_is_refused(name, data):
 
 
 @SETTINGS
-@given(name=st.sampled_from([n for n in VALID_NAMES if n != "encrypted-nocrc"]), data=st.data())
-def test_any_single_base64_change_is_caught_when_a_crc_is_present(name, data):
+@given(name=st.sampled_from(VALID_NAMES), data=st.data())
+def test_any_single_base64_change_keeps_a_verdict_of_the_packet_walk(name, data):
+    # the CRC is not verified (RFC 9580), so a changed character is refused exactly
+    # when the bytes it decodes to no longer walk as an encrypted message
     text = ARMORED[name]
     begin = text.index(b"\r\n\r\n") + 4
-    end = text.rindex(b"\r\n=")
+    end = text.rindex(b"\r\n=") if b"\r\n=" in text else text.rindex(b"\r\n-----END")
     pos = data.draw(st.integers(min_value=begin, max_value=end - 1))
-    if text[pos] in b"\r\n":
+    if text[pos] in b"\r\n=":
         return
     new = data.draw(
         st.sampled_from(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/")
     )
-    if new == text[pos]:
-        return
     mutated = text[:pos] + bytes([new]) + text[pos + 1 :]
-    assert not pgp.check_armored_payload(mutated, outgoing=False)
+    binary, problem = pgp.dearmor(mutated, False)
+    assert problem is None or "base64" in problem  # a last-quantum change may break padding
+    if binary is not None:
+        verdict = pgp.check_openpgp_packets(binary)
+        assert pgp.check_armored_payload(mutated, outgoing=False) == verdict
 
 
 @SETTINGS

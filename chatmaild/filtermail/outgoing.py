@@ -3,16 +3,17 @@
 MAIL FROM: syntax, then the per-sender rate limit (``450 4.7.1``).  End of
 DATA: the From header must be the envelope sender (``500``); only OpenPGP
 encrypted mail, Secure-Join requests and a self-sent Autocrypt Setup Message
-may leave (else ``523``).  Accepted mail gets its privacy header cleanup and
-a DKIM signature, and is re-injected into Postfix.
+may leave (else ``523``).  Accepted mail gets its privacy header cleanup, a
+DKIM signature when it leaves the relay, and is re-injected into Postfix.
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 
 from ..config import Config
-from .common import BaseHandler, clean_outgoing_headers
+from .common import BaseHandler, clean_outgoing_headers, domain_of
 from .dkim import DKIMError, Signer, split_message
 from .ratelimit import RateLimiter
 from .reinject import ReinjectClient
@@ -29,6 +30,7 @@ class OutgoingHandler(BaseHandler):
     def __init__(self, config: Config, reinject: ReinjectClient, signer: Signer | None) -> None:
         super().__init__(config, reinject)
         self.signer = signer
+        self.local_domain = config.mail_domain.lower()
         self.limiter = RateLimiter(config.max_user_send_per_minute, config.max_user_send_burst_size)
 
     async def handle_mail(self, session: Session, env: Envelope, address: str) -> str | None:
@@ -42,6 +44,12 @@ class OutgoingHandler(BaseHandler):
             log.info("rate limit: too much mail from %s", addr)
             return f"450 4.7.1: Too much mail from {addr}, try again in {wait:.0f} s"
         return None
+
+    def leaves_relay(self, rcpts: Iterable[str]) -> bool:
+        """True if some recipient is on another domain.  Mail for our own users
+        goes straight to their mailboxes where nobody checks DKIM, so it is not
+        signed: the RSA signature is the largest part of filtering a message."""
+        return any(domain_of(a).lower() != self.local_domain for a in rcpts)
 
     async def handle_data(self, session: Session, env: Envelope, content: bytearray) -> str:
         result = await self.classify(content, env)
@@ -70,7 +78,7 @@ class OutgoingHandler(BaseHandler):
         header_block, body_start = split_message(content)
         headers = clean_outgoing_headers(header_block, self.config.mail_domain)
         chunks = [headers, b"\r\n", memoryview(content)[body_start:]]
-        if self.signer is not None:
+        if self.signer is not None and self.leaves_relay(env.rcpt_tos[i] for i in rcpts):
             try:
                 signature = await self.signer.sign_async(headers, content, body_start)
             except DKIMError as e:

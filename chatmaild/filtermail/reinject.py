@@ -1,9 +1,11 @@
 """Asynchronous SMTP client that hands accepted mail back to Postfix.
 
-Connections are pooled and reused (no connect/EHLO per message); MAIL and
-all RCPTs go out in one write when the server offers PIPELINING.  DATA is
-sent only after every recipient was accepted, so a partly refused envelope
-never turns into a half-delivered or empty message.  The message body is
+Connections are pooled and reused (no connect/EHLO per message); MAIL, all
+RCPTs and DATA go out in one write when the server offers PIPELINING.  If a
+recipient was refused but DATA was still answered 354, the connection is
+dropped before any content is sent, which makes Postfix discard the
+transaction: a partly refused envelope never turns into a half-delivered or
+empty message.  One timeout bounds each whole transaction.  The message body is
 written in slices straight from the caller's buffers (dot-stuffed on the
 fly), so a large message is not copied into the transport as a whole.
 
@@ -58,27 +60,27 @@ class ClientConnection:
         self.writer = writer
         self.timeout = timeout
         self.pipelining = False
+        self.stage = "MAIL"  # how far the current transaction got
         self.last_used = time.monotonic()
         self.transactions = 0
 
     async def read_reply(self) -> Reply:
+        """One (possibly multi-line) reply; the caller bounds the time it may take."""
         lines = []
-        async with asyncio.timeout(self.timeout):
-            while True:
-                raw = await self.reader.readline()
-                if not raw.endswith(b"\n"):
-                    raise ConnectionError("connection closed by server")
-                line = raw.rstrip(b"\r\n").decode("utf-8", "replace")
-                if len(line) < 3 or not line[:3].isdigit():
-                    raise ConnectionError(f"malformed reply {line!r}")
-                lines.append(line)
-                if len(line) == 3 or line[3] != "-":
-                    return Reply(int(line[:3]), "\r\n".join(lines))
+        while True:
+            raw = await self.reader.readline()
+            if not raw.endswith(b"\n"):
+                raise ConnectionError("connection closed by server")
+            line = raw.rstrip(b"\r\n").decode("utf-8", "replace")
+            if len(line) < 3 or not line[:3].isdigit():
+                raise ConnectionError(f"malformed reply {line!r}")
+            lines.append(line)
+            if len(line) == 3 or line[3] != "-":
+                return Reply(int(line[:3]), "\r\n".join(lines))
 
     async def send(self, data: bytes) -> None:
         self.writer.write(data)
-        async with asyncio.timeout(self.timeout):
-            await self.writer.drain()
+        await self.writer.drain()
 
     def close(self) -> None:
         self.writer.close()
@@ -122,11 +124,12 @@ class ReinjectClient:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         conn = ClientConnection(reader, writer, self.timeout)
         try:
-            greeting = await conn.read_reply()
-            if greeting.code != 220:
-                raise ReinjectError(self._forwarded(greeting))
-            await conn.send(f"EHLO {self.helo}\r\n".encode())
-            ehlo = await conn.read_reply()
+            async with asyncio.timeout(self.timeout):
+                greeting = await conn.read_reply()
+                if greeting.code != 220:
+                    raise ReinjectError(self._forwarded(greeting))
+                await conn.send(f"EHLO {self.helo}\r\n".encode())
+                ehlo = await conn.read_reply()
             if ehlo.code != 250:
                 raise ReinjectError(self._forwarded(ehlo))
         except (OSError, TimeoutError, ConnectionError) as e:
@@ -195,41 +198,12 @@ class ReinjectClient:
         chunks: Sequence[bytes | bytearray],
         reused: bool,
     ) -> str:
-        stage = "MAIL"
         try:
-            commands = [_cmd(f"MAIL FROM:<{mail_from}>", mail_params)]
-            commands += [_cmd(f"RCPT TO:<{addr}>", params) for addr, params in rcpts]
-            if conn.pipelining:
-                await conn.send(b"".join(commands))
-                replies = [await conn.read_reply() for _ in commands]
-            else:
-                replies = []
-                for command in commands:
-                    await conn.send(command)
-                    replies.append(await conn.read_reply())
-                    if not replies[-1].ok:
-                        break
-            failed = next((r for r in replies if not r.ok), None)
-            if failed is not None:
-                await conn.send(b"RSET\r\n")
-                await conn.read_reply()
-                self._checkin(conn)
-                if reused and failed.code == 421:
-                    raise ReinjectError(failed.text, retry_fresh=True)
-                log.warning("re-injection to %s refused: %s", self.target, failed.text)
-                raise ReinjectError(self._forwarded(failed))
-            stage = "DATA"
-            await conn.send(b"DATA\r\n")
-            reply = await conn.read_reply()
-            if reply.code != 354:
-                self._checkin(conn)
-                raise ReinjectError(self._forwarded(reply))
-            stage = "content"
-            await self._write_content(conn, chunks)
-            stage = "final"
-            reply = await conn.read_reply()
+            async with asyncio.timeout(self.timeout):
+                reply = await self._exchange(conn, mail_from, mail_params, rcpts, chunks, reused)
         except (OSError, TimeoutError, ConnectionError) as e:
             conn.close()
+            stage = conn.stage
             if reused and stage == "MAIL":
                 raise ReinjectError("451 4.4.2 stale connection", retry_fresh=True) from e
             log.error("re-injection to %s failed at %s: %r", self.target, stage, e)
@@ -243,6 +217,55 @@ class ReinjectClient:
             log.warning("re-injection to %s refused: %s", self.target, reply.text)
             raise ReinjectError(self._forwarded(reply))
         return reply.text
+
+    async def _exchange(
+        self,
+        conn: ClientConnection,
+        mail_from: str,
+        mail_params: Sequence[str],
+        rcpts: Sequence[tuple[str, Sequence[str]]],
+        chunks: Sequence[bytes | bytearray],
+        reused: bool,
+    ) -> Reply:
+        """The SMTP dialogue of one transaction; ``conn.stage`` says how far it got."""
+        conn.stage = "MAIL"
+        commands = [_cmd(f"MAIL FROM:<{mail_from}>", mail_params)]
+        commands += [_cmd(f"RCPT TO:<{addr}>", params) for addr, params in rcpts]
+        if conn.pipelining:
+            await conn.send(b"".join(commands) + b"DATA\r\n")
+            replies = [await conn.read_reply() for _ in commands]
+            data_reply: Reply | None = await conn.read_reply()
+        else:
+            replies = []
+            for command in commands:
+                await conn.send(command)
+                replies.append(await conn.read_reply())
+                if not replies[-1].ok:
+                    break
+            data_reply = None
+        failed = next((r for r in replies if not r.ok), None)
+        if failed is not None:
+            if data_reply is not None and data_reply.code == 354:
+                conn.close()  # in DATA already: hanging up makes Postfix drop the transaction
+            else:
+                await conn.send(b"RSET\r\n")
+                await conn.read_reply()
+                self._checkin(conn)
+            if reused and failed.code == 421:
+                raise ReinjectError(failed.text, retry_fresh=True)
+            log.warning("re-injection to %s refused: %s", self.target, failed.text)
+            raise ReinjectError(self._forwarded(failed))
+        conn.stage = "DATA"
+        if data_reply is None:
+            await conn.send(b"DATA\r\n")
+            data_reply = await conn.read_reply()
+        if data_reply.code != 354:
+            self._checkin(conn)
+            raise ReinjectError(self._forwarded(data_reply))
+        conn.stage = "content"
+        await self._write_content(conn, chunks)
+        conn.stage = "final"
+        return await conn.read_reply()
 
     async def _write_content(
         self, conn: ClientConnection, chunks: Sequence[bytes | bytearray | memoryview]
@@ -260,10 +283,8 @@ class ReinjectClient:
                 view = memoryview(piece)
                 for start in range(0, len(view), WRITE_SLICE):
                     conn.writer.write(view[start : start + WRITE_SLICE])
-                    async with asyncio.timeout(conn.timeout):
-                        await conn.writer.drain()
-        async with asyncio.timeout(conn.timeout):
-            await conn.writer.drain()
+                    await conn.writer.drain()
+        await conn.writer.drain()
 
     async def close(self) -> None:
         while self._idle:

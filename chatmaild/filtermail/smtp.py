@@ -122,7 +122,13 @@ def parse_params(text: str) -> list[str] | None:
 
 
 class Connection:
-    """One client connection: buffered line/data reading with timeouts, and replies."""
+    """One client connection: buffered line/data reading with timeouts, and replies.
+
+    Timeouts cost nothing per read: a read only notes when it started, and one
+    watchdog timer per connection wakes up now and then (at the earliest moment
+    a timeout could be due) and cancels a read that waited too long.  Only a
+    read waiting for the client counts; time spent on a message does not.
+    """
 
     def __init__(
         self,
@@ -135,16 +141,46 @@ class Connection:
         self.writer = writer
         self.buf = bytearray()
         self.idle_timeout = idle_timeout
-        self.deadline = time.monotonic() + total_timeout
+        self.loop = asyncio.get_running_loop()
+        self.deadline = self.loop.time() + total_timeout
+        self.task = asyncio.current_task()
+        self.read_started: float | None = None  # loop time, while a read waits
+        self.expired = False
+        self.watchdog = self.loop.call_at(self._due(self.loop.time()), self._watch)
+
+    def _due(self, now: float) -> float:
+        start = now if self.read_started is None else self.read_started
+        return min(start + self.idle_timeout, self.deadline)
+
+    def _watch(self) -> None:
+        now = self.loop.time()
+        if self.read_started is None and now >= self.deadline:
+            return  # busy past the deadline: the next read times out by itself
+        due = self._due(now)
+        if self.read_started is not None and now >= due and self.task is not None:
+            self.expired = True
+            self.task.cancel()
+            return
+        self.watchdog = self.loop.call_at(due, self._watch)
+
+    def close(self) -> None:
+        self.watchdog.cancel()
+        self.writer.close()
 
     async def _read_chunk(self) -> bytes:
         """Next bytes from the client within the idle and session timeouts; EOFError at EOF."""
-        remaining = self.deadline - time.monotonic()
-        timeout = min(self.idle_timeout, remaining)
-        if timeout <= 0:
+        if self.expired or self.loop.time() >= self.deadline:
             raise TimeoutError
-        async with asyncio.timeout(timeout):
+        self.read_started = self.loop.time()
+        try:
             chunk = await self.reader.read(READ_CHUNK)
+        except asyncio.CancelledError:
+            if not self.expired or self.task is None:
+                raise
+            self.task.uncancel()
+            raise TimeoutError from None
+        finally:
+            self.read_started = None
         if not chunk:
             raise EOFError
         return chunk
@@ -258,7 +294,7 @@ class SMTPServer:
         except (EOFError, ProtocolClose):
             pass
         finally:
-            writer.close()
+            conn.close()
 
     async def _command(
         self, conn: Connection, session: Session, env: Envelope, verb: str, arg: str

@@ -6,12 +6,25 @@ their age in the mtime (set with ``os.utime``), exactly what the tools read.
 
 from __future__ import annotations
 
+import gzip
 import itertools
 import os
+import subprocess
 from pathlib import Path
 
 DAY = 86400
 _seq = itertools.count(1)
+
+
+def stored_message(path: Path) -> bytes:
+    """A delivered message as the client sees it: Dovecot's zlib plugin may have
+    stored it zstd- (what our config writes) or gzip-compressed (older relays)."""
+    data = path.read_bytes()
+    if data[:4] == b"\x28\xb5\x2f\xfd":
+        return subprocess.run(["zstd", "-dcq"], input=data, capture_output=True, check=True).stdout
+    if data[:2] == b"\x1f\x8b":
+        return gzip.decompress(data)
+    return data
 
 
 def maildir_name(ts: float, size: int, *, new: bool = False, flags: str = "S") -> str:

@@ -26,13 +26,44 @@ def _packet(tag: int, body: bytes) -> bytes:
     return bytes([0xC0 | tag]) + length + body
 
 
+def _crc24_table() -> list[int]:
+    table = []
+    for i in range(256):
+        r = i << 16
+        for _ in range(8):
+            r = (r << 1) ^ (0x1864CFB if r & 0x800000 else 0)
+        table.append(r & 0xFFFFFF)
+    return table
+
+
+_CRC24_TABLE = _crc24_table()
+
+
+def crc24(data: bytes) -> int:
+    """The armor checksum of RFC 4880 6.1 (filtermail does not verify it; writers may add it)."""
+    crc = 0xB704CE
+    for b in data:
+        crc = ((crc << 8) & 0xFFFFFF) ^ _CRC24_TABLE[(crc >> 16) ^ b]
+    return crc
+
+
+def armor(
+    binary: bytes, headers: tuple[bytes, ...] = (), crc: bool = True, width: int = 64
+) -> bytes:
+    """``binary`` in ASCII armor with CRLF line ends, optionally with armor headers and CRC."""
+    b64 = base64.b64encode(binary)
+    lines = [b64[i : i + width] for i in range(0, len(b64), width)]
+    out = [pgp.BEGIN, *headers, b"", *lines]
+    if crc:
+        out.append(b"=" + base64.b64encode(crc24(binary).to_bytes(3, "big")))
+    out.append(pgp.END)
+    return b"\r\n".join(out) + b"\r\n"
+
+
 def armored_payload(size: int) -> bytes:
     binary = _packet(1, b"\x03" + os.urandom(8) + b"\x12" + os.urandom(80))
     binary += _packet(18, b"\x01" + os.urandom(max(size, 16)))
-    b64 = base64.b64encode(binary)
-    lines = [b64[i : i + 76] for i in range(0, len(b64), 76)]
-    crc = b"=" + base64.b64encode(pgp.crc24(binary).to_bytes(3, "big"))
-    return b"\r\n".join([pgp.BEGIN, b"", *lines, crc, pgp.END]) + b"\r\n"
+    return armor(binary, width=76)
 
 
 def _headers(from_addr: str, to_addrs: list[str], subject: str, extra: list[str]) -> list[str]:

@@ -32,7 +32,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent.parent))
 
-from chatmaild.filtermail.pgp import BEGIN, END, crc24  # noqa: E402
+from chatmaild.testing.mails import armor as _armor  # noqa: E402
 
 ALICE = "alice@example.org"
 BOB = "bob@example.org"
@@ -62,13 +62,7 @@ def dearmor_loose(text: bytes) -> bytes:
 
 
 def armor(binary: bytes, headers: tuple[bytes, ...] = (), crc: bool = True) -> bytes:
-    b64 = base64.b64encode(binary)
-    lines = [b64[i : i + 64] for i in range(0, len(b64), 64)]
-    out = [BEGIN, *headers, b"", *lines]
-    if crc:
-        out.append(b"=" + base64.b64encode(crc24(binary).to_bytes(3, "big")))
-    out.append(END)
-    return b"\r\n".join(out) + b"\r\n"
+    return _armor(binary, headers, crc)
 
 
 def pgp_mime(payload: bytes, boundary: str = "Gx2JcB3pDwVnF7tq", extra: bytes = b"") -> bytes:
