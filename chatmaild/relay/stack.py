@@ -633,6 +633,8 @@ class Relay:
         conn = smtplib.SMTP_SSL(
             self.host, int(self.ports["submissions"]), context=client_tls_context(), timeout=30
         )
+        # like mail clients do: commands and the end of data go out at once (no Nagle)
+        conn.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if addr is not None and password is not None:
             conn.login(addr, password)
         return conn
