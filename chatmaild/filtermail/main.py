@@ -5,7 +5,8 @@ Usage: filtermail [--config INI] outgoing|incoming|milter
 outgoing  listens on filtermail_host:filtermail_smtp_port for Postfix's
           submission proxy filter: per-sender rate limit, From must match
           the sender, only encrypted mail leaves (523 otherwise), privacy
-          header cleanup, DKIM signature, re-injection to
+          header cleanup, DKIM signature when a recipient is on another
+          domain (nobody checks one on local mail), re-injection to
           postfix_reinject_port.
 incoming  listens on filtermail_smtp_port_incoming for the port-25 proxy
           filter: encrypted mail, Secure-Join and mailer-daemon reports pass,
