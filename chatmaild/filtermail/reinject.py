@@ -29,6 +29,9 @@ from .smtp import dot_stuff
 
 log = logging.getLogger("filtermail")
 
+# a message as pieces that each start at a line start (headers, body, ...)
+Chunks = Sequence[bytes | bytearray | memoryview]
+
 WRITE_SLICE = 256 * 1024
 COALESCE_LIMIT = 1024 * 1024
 
@@ -172,35 +175,31 @@ class ReinjectClient:
         mail_from: str,
         mail_params: Sequence[str],
         rcpts: Sequence[tuple[str, Sequence[str]]],
-        chunks: Sequence[bytes | bytearray],
+        chunks: Chunks,
     ) -> str:
         """Deliver one message (``chunks`` unstuffed, each starting at a line start).
 
         Returns Postfix's final 250 reply; raises :class:`ReinjectError`.
         """
+        envelope = [_cmd(f"MAIL FROM:<{mail_from}>", mail_params)]
+        envelope += [_cmd(f"RCPT TO:<{addr}>", params) for addr, params in rcpts]
         conn = self._checkout()
         if conn is not None:
             try:
-                return await self._transaction(conn, mail_from, mail_params, rcpts, chunks, True)
+                return await self._transaction(conn, envelope, chunks, True)
             except ReinjectError as e:
                 if not e.retry_fresh:
                     raise
                 # the pooled connection had been closed by Postfix: nothing was sent yet
         conn = await self._connect()
-        return await self._transaction(conn, mail_from, mail_params, rcpts, chunks, False)
+        return await self._transaction(conn, envelope, chunks, False)
 
     async def _transaction(
-        self,
-        conn: ClientConnection,
-        mail_from: str,
-        mail_params: Sequence[str],
-        rcpts: Sequence[tuple[str, Sequence[str]]],
-        chunks: Sequence[bytes | bytearray],
-        reused: bool,
+        self, conn: ClientConnection, envelope: list[bytes], chunks: Chunks, reused: bool
     ) -> str:
         try:
             async with asyncio.timeout(self.timeout):
-                reply = await self._exchange(conn, mail_from, mail_params, rcpts, chunks, reused)
+                reply = await self._exchange(conn, envelope, chunks, reused)
         except (OSError, TimeoutError, ConnectionError) as e:
             conn.close()
             stage = conn.stage
@@ -219,18 +218,11 @@ class ReinjectClient:
         return reply.text
 
     async def _exchange(
-        self,
-        conn: ClientConnection,
-        mail_from: str,
-        mail_params: Sequence[str],
-        rcpts: Sequence[tuple[str, Sequence[str]]],
-        chunks: Sequence[bytes | bytearray],
-        reused: bool,
+        self, conn: ClientConnection, commands: list[bytes], chunks: Chunks, reused: bool
     ) -> Reply:
-        """The SMTP dialogue of one transaction; ``conn.stage`` says how far it got."""
+        """The SMTP dialogue of one transaction (``commands``: MAIL and the RCPTs);
+        ``conn.stage`` says how far it got."""
         conn.stage = "MAIL"
-        commands = [_cmd(f"MAIL FROM:<{mail_from}>", mail_params)]
-        commands += [_cmd(f"RCPT TO:<{addr}>", params) for addr, params in rcpts]
         if conn.pipelining:
             await conn.send(b"".join(commands) + b"DATA\r\n")
             replies = [await conn.read_reply() for _ in commands]
@@ -267,9 +259,7 @@ class ReinjectClient:
         conn.stage = "final"
         return await conn.read_reply()
 
-    async def _write_content(
-        self, conn: ClientConnection, chunks: Sequence[bytes | bytearray | memoryview]
-    ) -> None:
+    async def _write_content(self, conn: ClientConnection, chunks: Chunks) -> None:
         pieces = [dot_stuff(c) for c in chunks if len(c)]
         last = bytes(pieces[-1][-2:]) if pieces else b""
         pieces.append(b".\r\n" if last in (b"", b"\r\n") else b"\r\n.\r\n")
