@@ -147,7 +147,7 @@ def decide(config, user: str, password: str, environ: dict) -> dict:
 
 def make_parser() -> argparse.ArgumentParser:
     # not service.make_parser: that pulls in asyncio, and this runs once per login
-    from .config import DEFAULT_CONFIG_PATH
+    from .config import add_config_arguments
 
     summary, _, body = __doc__.strip().partition("\n")
     parser = argparse.ArgumentParser(
@@ -155,14 +155,7 @@ def make_parser() -> argparse.ArgumentParser:
         description=f"chatmail-checkpassword - {summary}\n{body}",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument(
-        "--config",
-        "-c",
-        metavar="PATH",
-        default=os.environ.get("CHATMAIL_INI", DEFAULT_CONFIG_PATH),
-        help="chatmail.ini to read (default: %(default)s; env CHATMAIL_INI)",
-    )
-    parser.add_argument("--verbose", "-v", action="store_true", help="log debug messages")
+    add_config_arguments(parser)
     parser.add_argument(
         "reply",
         nargs=argparse.REMAINDER,

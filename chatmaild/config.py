@@ -7,10 +7,12 @@ key, the value and what is allowed; unknown keys produce one warning.
 
 from __future__ import annotations
 
+import argparse
 import configparser
 import dataclasses
 import ipaddress
 import logging
+import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -19,6 +21,20 @@ from typing import Any
 
 DEFAULT_CONFIG_PATH = "/etc/chatmail/chatmail.ini"
 SECTION = "params"
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--config`` and ``--verbose``, the options every chatmaild program takes
+    (here, not in service.py, so that light programs need not import the runtime)."""
+    parser.add_argument(
+        "--config",
+        "-c",
+        metavar="PATH",
+        default=os.environ.get("CHATMAIL_INI", DEFAULT_CONFIG_PATH),
+        help="chatmail.ini to read (default: %(default)s; env CHATMAIL_INI)",
+    )
+    parser.add_argument("--verbose", "-v", action="store_true", help="log debug messages")
+
 
 log = logging.getLogger("chatmaild.config")
 

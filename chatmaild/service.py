@@ -27,7 +27,7 @@ from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import DEFAULT_CONFIG_PATH, Config, ConfigError, read_config
+from .config import Config, ConfigError, add_config_arguments, read_config
 
 SD_LISTEN_FDS_START = 3
 LISTEN_BACKLOG = 4096  # the kernel caps it at net.core.somaxconn
@@ -320,14 +320,7 @@ def make_parser(prog: str, doc: str) -> argparse.ArgumentParser:
         description=f"{prog} - {summary.strip()}\n\n" + textwrap.dedent(body).strip(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument(
-        "--config",
-        "-c",
-        metavar="PATH",
-        default=os.environ.get("CHATMAIL_INI", DEFAULT_CONFIG_PATH),
-        help="chatmail.ini to read (default: %(default)s; env CHATMAIL_INI)",
-    )
-    parser.add_argument("--verbose", "-v", action="store_true", help="log debug messages")
+    add_config_arguments(parser)
     return parser
 
 

@@ -64,16 +64,21 @@ class BaseHandler:
         self._large = asyncio.Semaphore(LARGE_PARSES)
 
     async def classify(self, content: bytearray, env: Envelope) -> Classification | str:
-        """The classification, or an SMTP error reply if the message does not parse."""
+        """The classification, or an SMTP error reply if the message does not parse
+        or has no single From address."""
         args = (env.mail_from or "", env.rcpt_tos)
         try:
             if len(content) > THREAD_THRESHOLD:
                 async with self._large:
-                    return await asyncio.to_thread(classify, content, self.outgoing, *args)
-            return classify(content, self.outgoing, *args)
+                    result = await asyncio.to_thread(classify, content, self.outgoing, *args)
+            else:
+                result = classify(content, self.outgoing, *args)
         except Exception as e:  # a parser bug must not look like an accepted message
             log.info("failed to parse message: %r", e)
             return f"500 Failed to parse message: {type(e).__name__}"
+        if not result.from_addr:  # both directions need the author: alignment, DKIM domain
+            return f"500 Invalid FROM header: {result.from_header[:200]}"
+        return result
 
     def is_disabled(self, addr: str) -> bool:
         try:

@@ -36,8 +36,6 @@ class IncomingHandler(BaseHandler):
         result = await self.classify(content, env)
         if isinstance(result, str):
             return result
-        if not result.from_addr:
-            return f"500 Invalid FROM header: {result.from_header[:200]}"
         mail_from = env.mail_from or ""
         if mail_from.lower() != result.from_addr:
             mail_from = ""

@@ -55,8 +55,6 @@ class OutgoingHandler(BaseHandler):
         result = await self.classify(content, env)
         if isinstance(result, str):
             return result
-        if not result.from_addr:
-            return f"500 Invalid FROM header: {result.from_header[:200]}"
         mail_from = (env.mail_from or "").lower()
         if mail_from != result.from_addr:
             return f"500 Invalid FROM <{result.from_addr}> for <{mail_from}>"

@@ -56,12 +56,9 @@ class Reply:
 
 
 class ClientConnection:
-    def __init__(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, timeout: float
-    ) -> None:
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.reader = reader
         self.writer = writer
-        self.timeout = timeout
         self.pipelining = False
         self.stage = "MAIL"  # how far the current transaction got
         self.last_used = time.monotonic()
@@ -125,7 +122,7 @@ class ReinjectClient:
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             # small writes (commands, the final dot) must not wait for delayed ACKs
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        conn = ClientConnection(reader, writer, self.timeout)
+        conn = ClientConnection(reader, writer)
         try:
             async with asyncio.timeout(self.timeout):
                 greeting = await conn.read_reply()
