@@ -76,6 +76,7 @@ def test_first_login_creates_account_and_lands_in_maildir(auth_relay):
     assert account.enforces_e2ee_incoming
     stored = list((account.home / "new").iterdir()) + list((account.home / "cur").iterdir())
     assert len(stored) == 1
+    assert stored[0].read_bytes()[:4] == b"\x28\xb5\x2f\xfd"  # zlib_save = zstd
     data = stored_message(stored[0])
     assert b"Subject: hello" in data
     vmail_uid = account.home.stat().st_uid
