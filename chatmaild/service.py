@@ -180,6 +180,9 @@ class Daemon:
     """
 
     name = "daemon"
+    # longest line (or HTTP head) a connection's reader buffers; protocols enforce
+    # their own, often smaller, limits
+    stream_limit = 2**20
 
     def __init__(self, config: Config, args: argparse.Namespace | None = None) -> None:
         self.config = config
@@ -259,11 +262,14 @@ class Server:
 
     async def start(self) -> None:
         await self.daemon.start()
-        # limit bounds one buffered line; protocols enforce their own smaller limits.
         # backlog: asyncio would otherwise listen() again with 100, and a burst of
         # connects (Dovecot opening many dict connections) would get EAGAIN.
-        opts = {"sock": self.sock, "limit": 2**20, "backlog": LISTEN_BACKLOG}
+        opts = {"sock": self.sock, "limit": self.daemon.stream_limit, "backlog": LISTEN_BACKLOG}
         if self.sock.family == socket.AF_UNIX:
+            if sys.version_info >= (3, 13):
+                # 3.13 would unlink the socket file at close, even one systemd
+                # handed over (LISTEN_FDS); run_daemon removes the files it bound
+                opts["cleanup_socket"] = False
             self._server = await asyncio.start_unix_server(self._on_connect, **opts)
         else:
             tls = self.daemon.ssl_context()
