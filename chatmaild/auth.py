@@ -1,7 +1,6 @@
-"""passdb/userdb logic shared by the doveauth dict daemon and the checkpassword program.
+"""passdb/userdb rules, shared by doveauth's two responders (the dict one and the HTTP one).
 
-Kept free of asyncio and the dict protocol so the checkpassword program, which
-Dovecot starts once per login, imports as little as possible.
+Kept free of asyncio and any wire protocol: the responders translate, this decides.
 
 LOG LINES
     Created address: ADDR
@@ -22,7 +21,7 @@ log = logging.getLogger("doveauth")
 
 
 class AuthService:
-    """passdb/userdb answers over the account store; used by the dict and checkpassword."""
+    """passdb/userdb answers over the account store."""
 
     def __init__(self, config: Config, store: AccountStore | None = None) -> None:
         self.config = config
@@ -55,7 +54,7 @@ class AuthService:
         """Answer an existing account, or create it when every rule allows.
 
         The password is not verified here for existing accounts: Dovecot
-        compares it with the returned hash (checkpassword verifies it itself).
+        compares it with the returned hash.
         """
         try:
             account = self.store.account(user)

@@ -241,6 +241,11 @@ class Config:
     doveauth_socket: str = _key(
         parse_abspath, "doveauth dict socket", "/run/doveauth/doveauth.socket"
     )
+    doveauth_http_socket: str = _key(
+        parse_abspath,
+        "doveauth HTTP socket (Dovecot 2.4's Lua passdb/userdb)",
+        "/run/doveauth/doveauth-http.socket",
+    )
     metadata_socket: str = _key(
         parse_abspath, "chatmail-metadata dict socket", "/run/chatmail-metadata/metadata.socket"
     )

@@ -1,12 +1,20 @@
-"""Dovecot passdb/userdb dict that creates accounts on first login.
+"""Dovecot passdb/userdb that creates accounts on first login.
 
-Dovecot asks over a UNIX socket (``passdb`` and ``userdb`` with ``driver = dict``).
-For an existing account doveauth answers the stored password hash and Dovecot
-verifies the password itself; an unknown address is created on the spot when
-registration is open (no nocreate file), the password is long enough, the
-localpart is valid and the machine is not overloaded.
+Dovecot asks over a UNIX socket.  For an existing account doveauth answers
+the stored password hash and Dovecot verifies the password itself; an unknown
+address is created on the spot when registration is open (no nocreate file),
+the password is long enough, the localpart is valid and the machine is not
+overloaded.
 
-Keys on the wire (Dovecot adds the ``shared/`` prefix):
+doveauth answers two protocols with the same rules, each on its own socket:
+
+- the dict protocol on doveauth_socket, for Dovecot 2.3's ``passdb`` and
+  ``userdb`` with ``driver = dict``;
+- HTTP on doveauth_http_socket (mode 0600: only the vmail user), for Dovecot
+  2.4's Lua passdb/userdb (dovecot/auth.lua), which has neither the dict nor
+  the checkpassword driver any more; see chatmaild.authhttp for the routes.
+
+Dict keys on the wire (Dovecot adds the ``shared/`` prefix):
 
     shared/passdb/<password>"<user>    password and user escaped with %E
     shared/userdb/<user>
@@ -22,7 +30,8 @@ LOG LINES
     registration rejected: REASON: ADDR
 
 FILES
-    /etc/chatmail/chatmail.ini    configuration (doveauth_socket, mailboxes_dir, ...)
+    /etc/chatmail/chatmail.ini    configuration (doveauth_socket, doveauth_http_socket,
+                                  mailboxes_dir, ...)
     /etc/chatmail-nocreate        when present, no accounts are created
 
 SIGNALS
@@ -46,9 +55,10 @@ from pathlib import Path
 from .accounts import AccountStore
 from .addr import AddressError
 from .auth import AuthService
+from .authhttp import AuthHttpResponder
 from .config import Config
 from .dictproxy import DictDaemon, ProtocolError
-from .service import Endpoint, run_daemon
+from .service import Endpoint, Server, bind_socket, run_daemon
 
 __all__ = ["AuthService", "DoveauthDaemon", "main", "migrate_legacy_db", "split_escaped_key"]
 
@@ -125,13 +135,45 @@ class DoveauthDaemon(DictDaemon):
     def __init__(self, config: Config, args=None) -> None:
         super().__init__(config, args)
         self.auth = AuthService(config)
+        self.http = AuthHttpResponder(config, self.passdb, self.userdb, self.all_users)
+        self.http_server: Server | None = None
 
     async def start(self) -> None:
         await asyncio.to_thread(migrate_legacy_db, self.config, self.auth.store)
+        # the HTTP responder (Dovecot 2.4) runs next to the dict one, on its own socket
+        path = self.config.doveauth_http_socket
+        sock = bind_socket(Endpoint.unix(path, mode=0o600))
+        stop_timeout = getattr(self.args, "stop_timeout", 30.0)
+        self.http_server = Server(self.http, sock, stop_timeout=stop_timeout)
+        await self.http_server.start()
+
+    async def stop(self) -> None:
+        if self.http_server is not None:
+            await self.http_server.stop()
+            with contextlib.suppress(OSError):
+                os.unlink(self.config.doveauth_http_socket)
 
     def endpoint(self) -> Endpoint:
         # Dovecot's auth process connects as dovecot/root; vmail owns the socket
         return Endpoint.unix(self.config.doveauth_socket, mode=0o666)
+
+    # ------------------------------------------------------------ lookups (both protocols)
+
+    async def passdb(self, username: str, password: str) -> dict[str, str] | None:
+        """An existing, enabled account's fields, else whatever creation decides."""
+        known = self.auth.userdb(username)
+        if known is not None and not self.auth.store.account(username).is_disabled:
+            return known  # fast path: no thread for existing accounts
+        # hashing and the creation lock block: keep them off the event loop
+        return await asyncio.to_thread(self.auth.passdb, username, password)
+
+    def userdb(self, username: str) -> dict[str, str] | None:
+        return self.auth.userdb(username)
+
+    async def all_users(self) -> list[str]:
+        return await asyncio.to_thread(lambda: list(self.auth.store.iter_addresses()))
+
+    # ------------------------------------------------------------ dict protocol
 
     async def lookup(self, key: str, user: str | None) -> str | None:
         namespace, _, rest = key.partition("/")
@@ -140,17 +182,12 @@ class DoveauthDaemon(DictDaemon):
             raise ProtocolError(f"unsupported key {key[:80]!r}")
         fields = split_escaped_key(rest)
         if kind == "userdb":
-            answer = self.auth.userdb(fields[0])
+            answer = self.userdb(fields[0])
         else:
             if len(fields) != 2:
                 raise ProtocolError('passdb key needs <password>"<user>')
             password, username = fields
-            known = self.auth.userdb(username)
-            if known is not None and not self.auth.store.account(username).is_disabled:
-                answer = known  # fast path: no thread for existing accounts
-            else:
-                # hashing and the creation lock block: keep them off the event loop
-                answer = await asyncio.to_thread(self.auth.passdb, username, password)
+            answer = await self.passdb(username, password)
         return json.dumps(answer) if answer is not None else None
 
     async def iterate(self, flags, max_rows, paths, user):
