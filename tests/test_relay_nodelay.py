@@ -1,4 +1,4 @@
-"""The Dovecot no-delay shim: applied to stock Dovecot 2.3, harmless otherwise."""
+"""The Dovecot no-delay shim: applied to stock Dovecot 2.3 and 2.4.0-2.4.4, harmless otherwise."""
 
 from __future__ import annotations
 
@@ -36,13 +36,15 @@ def deliver_and_wait_idle(relay) -> IdleClient:
 
 
 def test_version_gate():
-    assert applies("2.3.19.1")
-    assert not applies("2.4.1")
-    assert not applies(None)
+    # the versions whose mailbox-watch.c and timeout_add_short() the shim was checked against
+    for version in ("2.3.0", "2.3.19.1", "2.4.0", "2.4.1-4", "2.4.4"):
+        assert applies(version), version
+    for version in ("2.2.36", "2.4.5", "2.5.0", "3.0.0", "", None):
+        assert not applies(version), version
 
 
 def test_idle_notification_with_shim(relay_factory):
-    assert applies(dovecot_version()), "this machine's Dovecot should be the stock 2.3"
+    assert applies(dovecot_version()), "this machine's Dovecot should be Debian's 2.3 or 2.4.1"
     relay = relay_factory(components=["postfix", "dovecot", "doveauth"], nodelay=True)
     assert relay.layout.nodelay_so is not None
     client = deliver_and_wait_idle(relay)

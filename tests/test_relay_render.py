@@ -9,6 +9,9 @@ from pathlib import Path
 import pytest
 
 from chatmaild.admin import main as chatmaild_main
+from chatmaild.config import read_config
+from chatmaild.relay.dovecotversion import UnsupportedDovecot, installed_series, series_of
+from chatmaild.relay.render import Layout, render_all
 
 ROOT = Path(__file__).resolve().parents[1]
 SYSTEMD = ROOT / "systemd"
@@ -53,13 +56,71 @@ def test_postfix_accepts_rendered_config(rendered):
     assert "smtpd_proxy_filter=127.0.0.1:10081" in master
 
 
+# what doveconf -n must show of the production config, per Dovecot series
+DOVECOT_EXPECTED = {
+    "2.3": [
+        "imap_capability = +XDELTAPUSH XCHATMAIL",
+        "mail_attribute_dict = proxy:/run/chatmail-metadata/metadata.socket:metadata",
+        "args = /etc/dovecot/auth.conf",
+    ],
+    "2.4": [
+        "XDELTAPUSH = yes",
+        "XCHATMAIL = yes",
+        "lua_file = /etc/dovecot/auth.lua",
+        "socket_path = /run/doveauth/doveauth-http.socket",
+        "socket_path = /run/chatmail-metadata/metadata.socket",
+        "socket_path = /run/chatmail-lastlogin/lastlogin.socket",
+        "lmtp_user_concurrency_limit = unlimited",
+    ],
+}
+
+
 def test_dovecot_accepts_rendered_config(rendered):
     conf = rendered / "etc/dovecot/dovecot.conf"
     res = subprocess.run(["doveconf", "-c", str(conf), "-n"], capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
-    assert "proxy:/run/doveauth/doveauth.socket:auth" in (conf.parent / "auth.conf").read_text()
     assert "/usr/local/lib/chatmaild/venv/bin/chatmail-quota-expire" in res.stdout
-    assert "imap_capability = +XDELTAPUSH XCHATMAIL" in res.stdout
+    for line in DOVECOT_EXPECTED[installed_series()]:
+        assert line in res.stdout, line
+    if installed_series() == "2.3":
+        assert "proxy:/run/doveauth/doveauth.socket:auth" in (conf.parent / "auth.conf").read_text()
+
+
+@pytest.mark.parametrize("series", ["2.3", "2.4"])
+def test_each_dovecot_series_gets_its_own_files(tmp_path, series):
+    ini = tmp_path / "chatmail.ini"
+    ini.write_text("[params]\nmail_domain = chat.example.org\n")
+    config = read_config(ini)
+    layout = Layout.production(config).with_(
+        dovecot_series=series, nodelay_so=Path("/usr/local/lib/chatmaild/dovecot_nodelay.so")
+    )
+    written = render_all(config, layout, prefix=tmp_path / "root")
+    dovecot = {p.name for p in written if p.parent.name == "dovecot"}
+    conf = (tmp_path / "root/etc/dovecot/dovecot.conf").read_text()
+    if series == "2.3":
+        assert dovecot == {"dovecot.conf", "auth.conf", "push_notification.lua"}
+        assert "driver = dict" in conf
+        assert "import_environment = TZ " in conf
+        assert "LD_PRELOAD=/usr/local/lib/chatmaild/dovecot_nodelay.so" in conf
+    else:
+        assert dovecot == {"dovecot.conf", "auth.lua", "push_notification.lua"}
+        # 2.4 refuses a configuration that does not start with these
+        assert conf.splitlines()[:2] == [
+            "dovecot_config_version = 2.4.0",
+            "dovecot_storage_version = 2.4.0",
+        ]
+        block = conf.split("import_environment {", 1)[1].split("\n}\n", 1)[0]
+        assert "  LD_PRELOAD = /usr/local/lib/chatmaild/dovecot_nodelay.so" in block.splitlines()
+        for gone in ("mail_location", "plugin {", "driver = dict", "checkpassword", "%u"):
+            assert gone not in conf, gone
+
+
+def test_unsupported_dovecot_is_refused():
+    for version in ("2.2.36", "2.5.0", None):
+        with pytest.raises(UnsupportedDovecot):
+            series_of(version)
+    assert series_of("2.3.19.1") == "2.3"
+    assert series_of("2.4.1-4") == "2.4"
 
 
 def _unit(path: Path) -> configparser.ConfigParser:

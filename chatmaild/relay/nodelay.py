@@ -1,9 +1,11 @@
 """Build and vet the Dovecot no-delay shim (``dovecot/nodelay.c``).
 
-The shim interposes one Dovecot 2.3 library function by its exact signature,
-so it is only used with a Dovecot whose major.minor it was written for.  With
-any other version (or without gcc/dovecot headers) the relay runs without it:
-correct, just ~500 ms slower to announce new mail to IDLE clients.
+The shim interposes one Dovecot library function by its exact signature, so
+it is only used with the Dovecot versions it was checked against: every 2.3,
+and 2.4.0 to 2.4.4 (the 500 ms delay is still hard-coded in their
+lib-storage/mailbox-watch.c, and timeout_add_short() kept its signature).
+With any other version (or without gcc) the relay runs without it: correct,
+just ~500 ms slower to announce new mail to IDLE clients.
 """
 
 from __future__ import annotations
@@ -15,11 +17,13 @@ import shutil
 import subprocess
 from pathlib import Path
 
+from .dovecotversion import dovecot_version, version_tuple
 from .render import SOURCE_ROOT
+
+__all__ = ["applies", "build", "dovecot_version", "prepare_nodelay"]
 
 log = logging.getLogger("chatmaild.relay.nodelay")
 
-SUPPORTED_SERIES = ("2.3.",)  # timeout_add_short(msecs, file, line, cb, ctx) in lib-storage
 SO_NAME = "dovecot_nodelay.so"
 
 
@@ -27,18 +31,12 @@ class NodelayUnavailable(RuntimeError):
     pass
 
 
-def dovecot_version() -> str | None:
-    try:
-        out = subprocess.run(
-            ["dovecot", "--version"], capture_output=True, text=True, check=True
-        ).stdout
-    except (OSError, subprocess.CalledProcessError):
-        return None
-    return out.split()[0] if out.split() else None
-
-
 def applies(version: str | None) -> bool:
-    return version is not None and version.startswith(SUPPORTED_SERIES)
+    """Whether the shim was checked against this Dovecot version."""
+    # timeout_add_short(msecs, file, line, cb, ctx) and NOTIFY_DELAY_MSECS = 500 in
+    # lib-storage/mailbox-watch.c, read in the sources of each of these
+    numbers = version_tuple(version) or ()
+    return numbers[:2] == (2, 3) or (2, 4, 0) <= numbers[:3] <= (2, 4, 4)
 
 
 def build(dest_dir: Path, source: Path | None = None) -> Path:
@@ -46,7 +44,7 @@ def build(dest_dir: Path, source: Path | None = None) -> Path:
     source = source or SOURCE_ROOT / "dovecot" / "nodelay.c"
     version = dovecot_version()
     if not applies(version):
-        raise NodelayUnavailable(f"Dovecot {version} is not a supported series {SUPPORTED_SERIES}")
+        raise NodelayUnavailable(f"the shim was not checked against Dovecot {version}")
     gcc = shutil.which("gcc") or shutil.which("cc")
     if gcc is None:
         raise NodelayUnavailable("no C compiler (gcc) found")

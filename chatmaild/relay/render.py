@@ -9,6 +9,11 @@ typo cannot silently render an empty setting.
 What differs between a production host and a loopback relay in a state
 directory (paths, listen addresses, the default transport, ...) is a
 :class:`Layout`; everything else comes from :class:`~chatmaild.config.Config`.
+
+Dovecot 2.3 and 2.4 take different configuration syntax (and 2.4 has no dict
+passdb): the installed series (``dovecot --version``) picks
+``dovecot/dovecot.conf`` + ``auth.conf`` (2.3, doveauth over the dict protocol)
+or ``dovecot/dovecot-2.4.conf`` + ``auth.lua`` (2.4, doveauth over HTTP).
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from ..config import DEFAULT_CONFIG_PATH, Config
+from .dovecotversion import dovecot_version, installed_series
 
 PLACEHOLDER = re.compile(r"\{\{\s*([A-Za-z_][A-Za-z0-9_]*)\s*\}\}")
 
@@ -36,8 +42,14 @@ POSTFIX_FILES = (
     "login_map",
     "tls_policy",
 )
-DOVECOT_FILES = ("dovecot.conf", "auth.conf")
+# per Dovecot series: (template in dovecot/, rendered name), then files copied as they are
+DOVECOT_TEMPLATES = {
+    "2.3": (("dovecot.conf", "dovecot.conf"), ("auth.conf", "auth.conf")),
+    "2.4": (("dovecot-2.4.conf", "dovecot.conf"),),
+}
 PUSH_LUA = "push_notification.lua"
+AUTH_LUA = "auth.lua"
+DOVECOT_COPIES = {"2.3": (PUSH_LUA,), "2.4": (PUSH_LUA, AUTH_LUA)}
 
 # components a relay can run; "postfix"/"dovecot" are the servers, the rest
 # are chatmaild daemons (module name used to check they exist)
@@ -58,7 +70,7 @@ PRODUCTION_VENV = PRODUCTION_LIB / "venv"
 
 def production_nodelay() -> Path | None:
     """The installed no-delay shim, if it is there and fits the installed Dovecot."""
-    from .nodelay import SO_NAME, applies, dovecot_version
+    from .nodelay import SO_NAME, applies
 
     so = PRODUCTION_LIB / SO_NAME
     return so if so.exists() and applies(dovecot_version()) else None
@@ -116,9 +128,9 @@ class Layout:
     nodelay_so: Path | None = None
     components: frozenset[str] = frozenset(ALL_COMPONENTS)
     peers: tuple[tuple[str, str], ...] = field(default=())  # (domain, postfix nexthop)
-    # "dict" (doveauth) or "checkpassword" (chatmail-checkpassword run by Dovecot's auth)
-    auth_backend: str = "dict"
-    ini_path: Path | None = None  # chatmail.ini the checkpassword program reads; None: default
+    # "2.3" or "2.4"; None: the installed Dovecot's
+    dovecot_series: str | None = None
+    ini_path: Path | None = None  # chatmail.ini quota-expire reads; None: the default
     # program Dovecot's quota-warning service runs as vmail; None: our console script
     quota_expire_bin: str | None = None
 
@@ -180,7 +192,8 @@ class Layout:
 
 
 def template_variables(config: Config, layout: Layout) -> dict[str, object]:
-    """Every value the templates may use."""
+    """Every value the templates may use (in the syntax of the layout's Dovecot series)."""
+    series = layout.dovecot_series or installed_series()
     comps = layout.components
     host = layout.listen_host
     filtering = "filtermail" in comps
@@ -206,24 +219,16 @@ def template_variables(config: Config, layout: Layout) -> dict[str, object]:
     lmtp_plugins = (
         ["mail_lua", "notify", "push_notification", "push_notification_lua"] if push else []
     )
-    if layout.auth_backend == "checkpassword":
-        auth_driver = "checkpassword"
-        ini = layout.ini_path or DEFAULT_CONFIG_PATH
-        auth_args = f"{bin_path('chatmail-checkpassword')} --config {ini}"
-        # root: the program then works on the store as vmail_user (effective ids) and
-        # hands Dovecot's checkpassword-reply the uid it expects
-        auth_service_user = "root"
-    elif layout.auth_backend == "dict":
-        auth_driver = "dict"
-        auth_args = str(layout.dovecot_config_dir / "auth.conf")
-        auth_service_user = "$default_internal_user"
-    else:
-        raise ValueError(f"unknown auth_backend {layout.auth_backend!r}")
+    preload = layout.nodelay_so
+    if series == "2.3":
+        preload_env = f"LD_PRELOAD={preload}" if preload else ""
+        imap_extra_plugins = " ".join(imap_plugins)
+        lmtp_extra_plugins = " ".join(lmtp_plugins)
+    else:  # 2.4: key = value lines inside import_environment { } and mail_plugins { }
+        preload_env = f"LD_PRELOAD = {preload}" if preload else ""
+        imap_extra_plugins = "\n".join(f"    {p} = yes" for p in imap_plugins)
+        lmtp_extra_plugins = "\n".join(f"    {p} = yes" for p in lmtp_plugins)
     return {
-        # authentication: doveauth over dict, or the checkpassword program
-        "auth_driver": auth_driver,
-        "auth_args": auth_args,
-        "auth_service_user": auth_service_user,
         # identity and limits
         "mail_domain": config.mail_domain,
         "mail_domain_bare": config.mail_domain.strip("[]"),
@@ -235,8 +240,9 @@ def template_variables(config: Config, layout: Layout) -> dict[str, object]:
         "max_imap_connections": config.max_imap_connections,
         "vmail_user": config.vmail_user,
         "mailboxes_dir": config.mailboxes_dir,
-        # sockets of our dict daemons
+        # sockets of our dict daemons (and doveauth's HTTP one for Dovecot 2.4)
         "doveauth_socket": config.doveauth_socket,
+        "doveauth_http_socket": config.doveauth_http_socket,
         "metadata_socket": config.metadata_socket,
         "lastlogin_socket": config.lastlogin_socket,
         # listeners
@@ -272,10 +278,11 @@ def template_variables(config: Config, layout: Layout) -> dict[str, object]:
         "dovecot_instance": layout.dovecot_instance,
         "dovecot_log_path": log / "dovecot.log" if log else "syslog",
         "dovecot_stats_writer": "" if log else "stats-writer",
-        "dovecot_preload_env": f"LD_PRELOAD={layout.nodelay_so}" if layout.nodelay_so else "",
+        "dovecot_preload_env": preload_env,
         "push_notification_lua": layout.dovecot_config_dir / PUSH_LUA,
-        "imap_extra_plugins": " ".join(imap_plugins),
-        "lmtp_extra_plugins": " ".join(lmtp_plugins),
+        "dovecot_auth_lua": layout.dovecot_config_dir / AUTH_LUA,
+        "imap_extra_plugins": imap_extra_plugins,
+        "lmtp_extra_plugins": lmtp_extra_plugins,
         "imap_login_min_avail": layout.imap_login_min_avail,
         # the quota-warning script's command: quota-expire must read this relay's ini
         # (it checks the mailbox path against mailboxes_dir); Dovecot appends its args
@@ -323,13 +330,15 @@ def render_all(
     transport = dest(layout.postfix_config_dir / "transport")
     transport.write_text(transport_map(layout.peers), encoding="utf-8")
     written.append(transport)
-    for name in DOVECOT_FILES:
+    series = layout.dovecot_series or installed_series()
+    for template, name in DOVECOT_TEMPLATES[series]:
         target = dest(layout.dovecot_config_dir / name)
-        render_file(source_root / "dovecot" / name, target, variables)
+        render_file(source_root / "dovecot" / template, target, variables)
         written.append(target)
-    lua = source_root / "dovecot" / PUSH_LUA
-    if lua.exists():
-        target = dest(layout.dovecot_config_dir / PUSH_LUA)
-        shutil.copyfile(lua, target)
-        written.append(target)
+    for name in DOVECOT_COPIES[series]:
+        source = source_root / "dovecot" / name
+        if source.exists():
+            target = dest(layout.dovecot_config_dir / name)
+            shutil.copyfile(source, target)
+            written.append(target)
     return written

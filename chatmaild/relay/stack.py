@@ -222,6 +222,7 @@ class Relay:
             "passdb_path": s / "vmail/passdb.sqlite",  # absent: no migration
             "nocreate_file": s / "etc/nocreate",
             "doveauth_socket": s / "run/doveauth.socket",
+            "doveauth_http_socket": s / "run/doveauth-http.socket",
             "metadata_socket": s / "run/metadata.socket",
             "lastlogin_socket": s / "run/lastlogin.socket",
             "turn_socket_path": s / "run/turn.socket",
@@ -475,6 +476,7 @@ class Relay:
         checks: list[tuple[str, str | tuple[str, int], Path]] = []
         for name, key in (
             ("doveauth", "doveauth_socket"),
+            ("doveauth", "doveauth_http_socket"),  # Dovecot 2.4's Lua passdb/userdb
             ("lastlogin", "lastlogin_socket"),
             ("metadata", "metadata_socket"),
         ):
