@@ -18,7 +18,8 @@
 # leaves nothing in it).  The command runs via nsenter in the container's
 # namespaces; then the container is powered off: on success, failure, Ctrl-C or
 # SIGTERM alike (and, via PDEATHSIG, even when this script is killed).  The
-# command's exit status is the script's.  One run at a time (a second waits).
+# command's exit status is the script's.  Runs may overlap (they share the
+# venv below); a rebuild waits until no container runs.
 #
 # Kept between runs (host paths):
 #   $CACHE/trixie-state   mounted at /var/lib/chatmaild-test (the test venv);
@@ -211,17 +212,22 @@ ensure_rootfs() {
 # The tarball unpacked once; containers boot it read-only under a tmpfs overlay
 # (--volatile=overlay), so every run starts from the same pristine system and
 # nothing needs restoring or removing per run.
+rootfs_id() { echo "$(cat "$KEY_FILE")@$(stat -c %Y "$TARBALL")"; }
+
+unpacked_is_current() {
+    [ -d "$ROOT" ] && [ "$(cat "$ROOT.id" 2>/dev/null)" = "$(rootfs_id)" ]
+}
+
 ensure_unpacked() {
-    local id t
-    id="$(cat "$KEY_FILE")@$(stat -c %Y "$TARBALL")"
-    [ "$(cat "$ROOT.id" 2>/dev/null)" = "$id" ] && [ -d "$ROOT" ] && return 0
+    local t
+    unpacked_is_current && return 0
     t=$(now)
     rm -rf --one-file-system "$ROOT" "$ROOT.new" "$ROOT.id"
     mkdir "$ROOT.new"
     zstd -q -d -T0 -c "$TARBALL" | tar -C "$ROOT.new" --numeric-owner --xattrs \
         --xattrs-include='*' --acls -xpf -
     mv "$ROOT.new" "$ROOT"
-    echo "$id" >"$ROOT.id"
+    rootfs_id >"$ROOT.id"
     # a new root may have another Python: the persistent venv starts afresh
     rm -rf --one-file-system "$STATE"
     say "restored the $SUITE root from $TARBALL in $(since "$t") s"
@@ -261,14 +267,16 @@ cleanup() {
 }
 
 # Local directories pip is told to read (find-links, file:// indexes) in the
-# host's pip configuration and PIP_* environment: they are bind-mounted read-only.
+# host's pip configuration and PIP_* environment: they are bind-mounted read-only
+# (for a PEP 503 ".../simple" index its parent, where the files usually are).
 pip_local_dirs() {
     {
         for f in "${PIP_CONFIGS[@]}"; do [ -f "$f" ] && cat "$f"; done
         env | grep -E '^PIP_(FIND_LINKS|INDEX_URL|EXTRA_INDEX_URL)=' || true
-    } | grep -oE '(file://)?/[^ ,;"]+' | sed 's|^file://||' | while read -r path; do
-        [ -d "$path" ] && echo "$path"
-    done | sort -u
+    } | grep -oE '(file://)?/[^ ,;"]+' | sed -e 's|^file://||' -e 's|/$||' -e 's|/simple$||' \
+        | while read -r path; do
+            [ -d "$path" ] && echo "$path"
+        done | sort -u
 }
 PIP_CONFIGS=(/etc/pip.conf "$HOME/.config/pip/pip.conf")
 HOST_CA=/etc/ssl/certs/ca-certificates.crt
@@ -311,14 +319,20 @@ wait_booted() {
 run_inside() {
     local t rc cwd binds=() envs=() dir f
     mkdir -p "$CACHE"
-    # one run (or build) at a time: they share the unpacked root and the venv
+    # Containers share the unpacked root (read-only under their overlays) and the
+    # venv: a run holds a shared lock, building or unpacking needs it exclusively.
     exec {run_lock}>"$CACHE/$SUITE.lock"
-    if ! flock -n "$run_lock"; then
-        say "waiting for another $SUITE run to finish"
-        flock "$run_lock"
+    flock -s "$run_lock"
+    if [ "${CHATMAILD_TRIXIE_REFRESH:-0}" = 1 ] || ! cache_is_fresh || ! unpacked_is_current; then
+        flock -u "$run_lock"
+        if ! flock -n -x "$run_lock"; then
+            say "waiting for other $SUITE runs to end before rebuilding the root"
+            flock -x "$run_lock"
+        fi
+        ensure_rootfs
+        ensure_unpacked
+        flock -s "$run_lock"
     fi
-    ensure_rootfs
-    ensure_unpacked
     mkdir -p "$STATE" "$PIP_CACHE"
     work=$(mktemp -d "/tmp/chatmaild-$SUITE.XXXXXX")
     trap cleanup EXIT
