@@ -169,6 +169,7 @@ def main() -> None:
             mailboxes_dir=tmpdir / "mail",
             nocreate_file=tmpdir / "nocreate",
             doveauth_socket=sock,
+            doveauth_http_socket=tmpdir / "doveauth-http.socket",
             max_load_1m=10000,
             min_available_memory="1M",
             min_free_disk_space="1M",
