@@ -280,7 +280,8 @@ pip_local_dirs() {
 }
 PIP_CONFIGS=(/etc/pip.conf "$HOME/.config/pip/pip.conf")
 HOST_CA=/etc/ssl/certs/ca-certificates.crt
-INSIDE_CA=/etc/chatmaild-host-ca.crt
+# not below /etc, /var, /usr/local or /home: the install test overlays those
+INSIDE_CA=/usr/share/chatmaild/host-ca.crt
 
 container_leader() {
     local child
