@@ -1,5 +1,6 @@
 # chatmaild: see README.md.  `make test` installs everything it needs itself.
-VENV := .venv
+VENV ?= .venv
+export VENV
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
