@@ -18,6 +18,7 @@ import pytest
 from chatmaild.accounts import FLAG_DISABLED, AccountStore, verify_password
 from chatmaild.config import read_config
 from tests.fixtures.dict import TEST_DOMAIN, write_test_ini
+from tests.sandbox import world_readable_tempdir
 
 REPLY = "/usr/lib/dovecot/checkpassword-reply"
 ADDR = f"cpuser@{TEST_DOMAIN}"
@@ -230,12 +231,10 @@ def test_root_works_on_store_as_vmail_and_replies_as_root():
     """Started by a root auth process: files belong to vmail, the reply runs as root."""
     import pwd
     import shutil
-    import tempfile
 
     vmail = pwd.getpwnam("vmail")
-    base = Path(tempfile.mkdtemp(prefix="cp-vmail-", dir="/tmp"))
+    base = world_readable_tempdir("cp-vmail-")
     try:
-        base.chmod(0o755)
         mail = base / "mail"
         mail.mkdir()
         os.chown(mail, vmail.pw_uid, vmail.pw_gid)
