@@ -1,5 +1,6 @@
 # chatmaild: see README.md.  `make test` installs everything it needs itself.
-VENV := .venv
+VENV ?= .venv
+export VENV
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
@@ -22,10 +23,12 @@ bench: deps
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info
 
-# A complete relay on 127.0.0.1 (Ctrl-C stops it): STATE=dir, CONFIG=chatmail.ini overrides
+# A complete relay on 127.0.0.1 (Ctrl-C stops it): STATE=dir, CONFIG=chatmail.ini overrides,
+# PEERS="dir ..." state directories of other local relays to exchange mail with
 STATE ?= state
 run: deps
-	$(PY) -m chatmaild.relay --state $(STATE) $(if $(CONFIG),--config $(CONFIG))
+	$(PY) -m chatmaild.relay --state $(STATE) $(if $(CONFIG),--config $(CONFIG)) \
+		$(foreach peer,$(PEERS),--peer $(peer))
 
 # This host becomes a relay (root, Debian 12): MAIL_DOMAIN=... the first time
 install:

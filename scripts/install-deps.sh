@@ -1,15 +1,33 @@
 #!/usr/bin/env bash
-# Install what the tests and the local relay need on Debian 12: apt packages,
-# the vmail user, and a virtualenv (.venv) holding chatmaild and its test deps.
+# Install what the tests and the local relay need on Debian 12 or 13: apt packages
+# (the servers AND chatmaild's runtime libraries: operators run Debian's python3-*),
+# the vmail user, and a virtualenv ($VENV, default .venv) on Debian's /usr/bin/python3
+# that sees those libraries and adds only chatmaild (editable) and the test tools.
 # Idempotent; a rerun with nothing to do takes about a second.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+VENV=${VENV:-.venv}
+# the interpreter operators run; not whatever python3 is first on PATH
+PYTHON=/usr/bin/python3
+
+# shellcheck disable=SC1091
+. /etc/os-release
 APT_PACKAGES=(
     postfix dovecot-core dovecot-imapd dovecot-lmtpd
-    libsystemd-dev pkg-config gcc python3-dev python3-venv
-    openssl gnupg sq zstd dovecot-dev iproute2 util-linux procps
+    python3 python3-venv
+    # chatmaild's runtime dependencies, as the Debian package will depend on them
+    python3-aiohttp python3-aiosmtpd python3-cryptography python3-dkim python3-dnspython
+    python3-filelock python3-systemd python3-uvloop
+    # the no-delay IDLE shim is compiled against the installed Dovecot
+    gcc dovecot-dev
+    openssl gnupg sq zstd iproute2 util-linux procps
 )
+case "${VERSION_CODENAME:-}" in
+    bookworm) ;;
+    # Python 3.13 has no crypt module; Dovecot 2.4 creates accounts through Lua
+    *) APT_PACKAGES+=(python3-crypt-r dovecot-auth-lua) ;;
+esac
 
 need_apt=()
 for pkg in "${APT_PACKAGES[@]}"; do
@@ -31,13 +49,21 @@ if [ "$(id -u)" = 0 ] && ! id vmail >/dev/null 2>&1; then
     useradd --system --home-dir /home/vmail --shell /usr/sbin/nologin vmail
 fi
 
-PY=${PYTHON:-python3}
-if [ ! -x .venv/bin/python ]; then
-    "$PY" -m venv .venv
+# a venv made from another interpreter, or without Debian's libraries, is made anew
+if [ -f "$VENV/pyvenv.cfg" ] && ! { grep -qx "home = $(dirname "$PYTHON")" "$VENV/pyvenv.cfg" &&
+    grep -qx "include-system-site-packages = true" "$VENV/pyvenv.cfg"; }; then
+    echo "install-deps: $VENV is not a $PYTHON venv with system site packages; recreating it"
+    rm -rf "$VENV"
 fi
-stamp=.venv/.chatmaild-deps
-if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
-    .venv/bin/pip install -q --upgrade pip
-    .venv/bin/pip install -q -e '.[test]'
+if [ ! -x "$VENV/bin/python" ]; then
+    "$PYTHON" -m venv --system-site-packages "$VENV"
+fi
+stamp=$VENV/.chatmaild-deps
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ "$0" -nt "$stamp" ]; then
+    "$VENV/bin/pip" install -q --upgrade pip
+    # runtime requirements must be met by Debian's packages: pip installs none of them
+    "$VENV/bin/pip" install -q --no-deps -e .
+    "$VENV/bin/python" scripts/requirements.py test | xargs "$VENV/bin/pip" install -q
+    "$VENV/bin/python" scripts/requirements.py check
     touch "$stamp"
 fi

@@ -11,10 +11,8 @@ import imaplib
 import shutil
 import signal
 import subprocess
-import tempfile
 import threading
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
@@ -22,6 +20,7 @@ from chatmaild.accounts import AccountStore, verify_password
 from chatmaild.relay import Relay
 from chatmaild.testing.maildirs import stored_message
 from tests.fixtures.relay import base_components
+from tests.sandbox import world_readable_tempdir
 
 pytestmark = [pytest.mark.dovecot]
 
@@ -30,8 +29,7 @@ MESSAGE = b"From: a@b\r\nSubject: hello\r\nMessage-ID: <t1@x>\r\n\r\nbody\r\n"
 
 @pytest.fixture(scope="module")
 def auth_relay() -> Iterator[Relay]:
-    state = Path(tempfile.mkdtemp(prefix="chatmail-auth-", dir="/tmp"))
-    state.chmod(0o755)
+    state = world_readable_tempdir("auth-")
     relay = Relay(state, None, base_components())
     try:
         relay.start()

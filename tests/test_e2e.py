@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from chatmaild.relay import Relay
+from chatmaild.relay.dns import LoopbackDNS
 from chatmaild.testing.dcclient import (
     DCClients,
     relay_dclogin,
@@ -27,7 +28,6 @@ from chatmaild.testing.dcclient import (
     wait_incoming,
     wait_incoming_text,
 )
-from chatmaild.testing.dns import LoopbackDNS
 from chatmaild.testing.httpsink import HttpSink
 from chatmaild.testing.mails import encrypted_message, plain_message
 

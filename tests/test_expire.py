@@ -9,8 +9,6 @@ import re
 import shutil
 import stat
 import subprocess
-import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -21,6 +19,7 @@ from chatmaild.expire import Policy, plan_mailbox
 from chatmaild.maildir import open_root, parse_maildir_name, scan_mailbox
 from chatmaild.testing.maildirs import maildir_name
 from tests.fixtures.expire import MailTree
+from tests.sandbox import world_readable_tempdir
 
 DAY = 86400
 SUMMARY_RE = re.compile(
@@ -485,15 +484,15 @@ def test_systemd_units(unit, module, calendar):
 
 
 @pytest.fixture
-def vmail_tree():
+def vmail_tree(vmail_python):
     """A MailTree in a world-traversable directory whose accounts belong to vmail."""
     vmail = pwd.getpwnam("vmail")
-    base = Path(tempfile.mkdtemp(prefix="expire-vmail-"))
-    os.chmod(base, 0o755)
+    base = world_readable_tempdir("expire-vmail-")
     tree = MailTree(base, time.time())
     os.chmod(tree.ini, 0o644)
     os.chown(tree.root, vmail.pw_uid, vmail.pw_gid)
     tree.vmail = vmail
+    tree.python = vmail_python
     yield tree
     shutil.rmtree(base)
 
@@ -519,7 +518,7 @@ def test_runs_as_vmail_and_carries_on_past_permission_errors(vmail_tree):
             f"--reuid={tree.vmail.pw_uid}",
             f"--regid={tree.vmail.pw_gid}",
             "--init-groups",
-            sys.executable,
+            tree.python,
             "-m",
             "chatmaild.expire",
             "--config",

@@ -17,7 +17,6 @@ import re
 import secrets
 import smtplib
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -129,7 +128,7 @@ def imap_state(relay: Relay, addr: str, password: str) -> tuple[list[str], int, 
         conn.logout()
 
 
-def run_as_vmail(*argv: str) -> subprocess.CompletedProcess:
+def run_as_vmail(relay: Relay, *argv: str) -> subprocess.CompletedProcess:
     vmail = pwd.getpwnam("vmail")
     return subprocess.run(
         [
@@ -137,7 +136,7 @@ def run_as_vmail(*argv: str) -> subprocess.CompletedProcess:
             f"--reuid={vmail.pw_uid}",
             f"--regid={vmail.pw_gid}",
             "--init-groups",
-            sys.executable,
+            relay.python,
             *argv,
         ],
         capture_output=True,
@@ -171,7 +170,9 @@ def test_expire_removes_aged_mail_and_inactive_accounts(qrelay):
     deliver(qrelay, gone_addr, "never read")
     age(gone_home / "password", 100)
 
-    proc = run_as_vmail("-m", "chatmaild.expire", "--config", str(qrelay.ini_path), "--remove")
+    proc = run_as_vmail(
+        qrelay, "-m", "chatmaild.expire", "--config", str(qrelay.ini_path), "--remove"
+    )
     assert proc.returncode == 0, proc.stderr
     m = re.search(r"expire: removed (\d+) of \d+ mailboxes and (\d+) of \d+ messages", proc.stdout)
     assert m and int(m.group(1)) >= 1 and int(m.group(2)) >= 4, proc.stdout
@@ -257,7 +258,7 @@ def test_expire_while_delivering_and_reading(qrelay):
     assert typ == "OK" and int(data[0]) == 305
 
     vmail_cmd = ["setpriv", f"--reuid={vmail.pw_uid}", f"--regid={vmail.pw_gid}",
-                 "--init-groups", sys.executable, "-m", "chatmaild.expire",
+                 "--init-groups", qrelay.python, "-m", "chatmaild.expire",
                  "--config", str(qrelay.ini_path), "--remove"]  # fmt: skip
     expire = subprocess.Popen(vmail_cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:

@@ -12,18 +12,17 @@ import shutil
 import smtplib
 import ssl
 import subprocess
-import tempfile
 import time
 from pathlib import Path
 
 import pytest
 
 from chatmaild.filtermail.dkim import Signer, public_value, split_message, txt_record
-from chatmaild.relay.render import bin_path
+from chatmaild.relay.dns import LoopbackDNS
 from chatmaild.relay.stack import Relay, _connectable
 from chatmaild.testing import mails
-from chatmaild.testing.dns import LoopbackDNS
 from chatmaild.testing.maildirs import stored_message
+from tests.sandbox import world_readable_tempdir
 
 pytestmark = [pytest.mark.postfix, pytest.mark.timeout(240)]
 
@@ -36,7 +35,7 @@ def start_milter(relay: Relay) -> subprocess.Popen | None:
         return None
     logf = open(relay.log_dir / "filtermail-milter-test.log", "ab")  # noqa: SIM115
     proc = subprocess.Popen(
-        [bin_path("filtermail"), "--config", str(relay.ini_path), "milter"],
+        [relay.layout.program("filtermail"), "--config", str(relay.ini_path), "milter"],
         stdout=logf,
         stderr=subprocess.STDOUT,
     )
@@ -51,9 +50,7 @@ def start_milter(relay: Relay) -> subprocess.Popen | None:
 def fed(dkim_keys):
     """Two relays peered with each other; yields (a, b, dns)."""
     dns = LoopbackDNS().start()
-    # pytest's own tmp dirs are 0700: Postfix and Dovecot could not traverse them
-    root = Path(tempfile.mkdtemp(prefix="filtermail-fed-", dir="/tmp"))
-    root.chmod(0o755)
+    root = world_readable_tempdir("fed-")
     common = {"dns_resolver": dns.address, "dkim_dns_timeout": 2}
     a = Relay(
         root / "a",

@@ -13,7 +13,6 @@ import time
 import pytest
 
 from chatmaild.relay import Relay
-from chatmaild.relay.render import bin_path
 from tests.fixtures.metadata import wait_until
 
 pytestmark = [pytest.mark.dovecot, pytest.mark.postfix]
@@ -119,20 +118,7 @@ def test_lmtp_delivery_pushes_every_token_with_retry_and_gone(push_relay, http_s
 
 def respawn_metadata(relay: Relay) -> subprocess.Popen:
     """Start chatmail-metadata again the way the relay does (as vmail); the relay stops it."""
-    user = relay.config.vmail_user
-    cmd = [bin_path("chatmail-metadata"), "--config", str(relay.ini_path)]
-    with open(relay.log_dir / "metadata.log", "ab") as logf:
-        proc = subprocess.Popen(
-            ["setpriv", f"--reuid={user}", f"--regid={user}", "--init-groups", *cmd],
-            stdin=subprocess.DEVNULL,
-            stdout=logf,
-            stderr=subprocess.STDOUT,
-            cwd=relay.run_dir,
-            umask=0o077,
-            start_new_session=True,
-        )
-    relay._procs["metadata"] = proc  # so relay.stop() ends it like the others
-    return proc
+    return relay.spawn("metadata")
 
 
 def test_sigkill_with_pending_notifications(relay_factory, http_sink):
@@ -175,8 +161,7 @@ def password_mtime(relay: Relay, addr: str) -> int:
 def test_only_successful_login_moves_last_login(push_relay):
     addr, password = push_relay.new_credentials()
     push_relay.imap(addr, password).logout()  # creates the account
-    # the plugin commits asynchronously (Dovecot 2.4 may do so after LOGOUT's answer):
-    # its write of this login must have landed before the file is set back
+    # that login's own last-login write is asynchronous: let it land before back-dating
     today = int(time.time()) // DAY * DAY
     assert wait_until(lambda: password_mtime(push_relay, addr) == today)
     old_day = (int(time.time()) // DAY - 10) * DAY

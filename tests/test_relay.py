@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from chatmaild.relay import Relay, TemplateError, render_text
+from chatmaild.relay import Relay, RelayError, TemplateError, render_text
 
 pytestmark = pytest.mark.relay
 
@@ -123,3 +123,42 @@ def _not_zombie(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
     except OSError:
         return False
+
+
+class FailsRightAfterDovecot(Relay):
+    """A start that fails the moment Dovecot has been launched (before its pid file exists)."""
+
+    def spawn(self, name: str):
+        proc = super().spawn(name)
+        if name == "dovecot":
+            self.dovecot_launched = proc.pid
+            raise RelayError("simulated failure right after starting Dovecot")
+        return proc
+
+
+def test_a_failed_start_leaves_no_server_running():
+    from tests.sandbox import leftover_processes, world_readable_tempdir
+
+    state = world_readable_tempdir("failing-")
+    relay = FailsRightAfterDovecot(state, None, ("postfix", "dovecot", "doveauth"))
+    with pytest.raises(RelayError, match="simulated"):
+        relay.start()
+    assert relay.dovecot_launched
+    assert not Path(f"/proc/{relay.dovecot_launched}").exists()
+    assert leftover_processes(state) == []
+
+
+def test_leftover_check_finds_a_process_of_the_session(tmp_path):
+    """The end-of-run check sees a server started below a test directory and still running."""
+    import subprocess
+
+    from tests.sandbox import leftover_processes, world_readable_tempdir
+
+    state = world_readable_tempdir("leak-")
+    proc = subprocess.Popen(["sh", "-c", "sleep 60", str(state / "etc/dovecot.conf")])
+    try:
+        assert [line for line in leftover_processes(state) if f"pid {proc.pid}:" in line]
+    finally:
+        proc.kill()
+        proc.wait()
+    assert leftover_processes(state) == []

@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-import tempfile
 import textwrap
 from pathlib import Path
 
 import pytest
+
+from tests.sandbox import world_readable_tempdir
 
 pytestmark = [pytest.mark.relay, pytest.mark.timeout(420)]
 ROOT = Path(__file__).resolve().parents[1]
@@ -71,7 +72,7 @@ CHECK = textwrap.dedent(
 
 
 def test_make_install_production_path():
-    work = Path(tempfile.mkdtemp(prefix="chatmail-install-", dir="/tmp"))
+    work = world_readable_tempdir("install-")
     try:
         check = work / "check.py"
         check.write_text(CHECK)

@@ -10,13 +10,13 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import urllib.parse
 from pathlib import Path
 
 import pytest
 
 from chatmaild.relay import client_tls_context
+from tests.sandbox import world_readable_tempdir
 
 pytestmark = [pytest.mark.relay, pytest.mark.timeout(120)]
 ROOT = Path(__file__).resolve().parents[1]
@@ -54,8 +54,7 @@ def _alive(pid: int) -> bool:
 
 @pytest.fixture
 def base():
-    d = Path(tempfile.mkdtemp(prefix="chatmail-run-", dir="/tmp"))
-    d.chmod(0o755)
+    d = world_readable_tempdir("run-")
     yield d
     shutil.rmtree(d, ignore_errors=True)
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import configparser
+import hashlib
 import os
 import signal
 import sys
@@ -44,15 +45,41 @@ def read_overrides(path: str | None) -> dict[str, str]:
     return dict(parser.items(SECTION))
 
 
-def check_traversable(path: Path) -> None:
-    """Postfix, Dovecot and vmail must reach the state directory."""
-    for parent in [path, *path.parents]:
-        if parent.exists() and not os.stat(parent).st_mode & 0o001:
-            raise RelayError(
-                f"{parent} is not traversable by other users (mode "
-                f"{oct(os.stat(parent).st_mode & 0o777)}); the mail servers could not reach "
-                f"the state directory. Choose another STATE= or chmod o+x {parent}"
-            )
+# where a state directory lives when the one asked for is out of the servers' reach
+PRIVATE_STATE_HOME = Path("/var/lib/chatmaild-dev")
+
+
+def traversable(path: Path) -> bool:
+    """Whether users without special rights (postfix, dovecot, vmail) reach ``path``."""
+    try:
+        return all(os.stat(p).st_mode & 0o001 for p in (path, *path.parents) if p.exists())
+    except OSError:
+        return False
+
+
+def reachable_state_dir(state: Path) -> Path:
+    """``state`` itself, or a directory the mail servers can reach that ``state`` links to.
+
+    A checkout in /root (mode 0700) is where root's clone lands; ``./state`` there is
+    out of reach for Postfix, Dovecot and vmail.  Then the state lives below
+    PRIVATE_STATE_HOME and ``state`` becomes a symlink to it, so a restart finds it.
+    """
+    if state.is_symlink() or traversable(state):
+        return state.resolve()
+    if state.exists():
+        raise RelayError(
+            f"{state} is out of reach for the mail servers (a directory above it is not "
+            f"traversable by other users); remove it to let it become a link to a directory "
+            f"below {PRIVATE_STATE_HOME}, or choose another STATE="
+        )
+    digest = hashlib.sha256(str(state).encode()).hexdigest()[:8]
+    target = PRIVATE_STATE_HOME / f"{state.name}-{digest}"
+    target.mkdir(parents=True, exist_ok=True)
+    for d in (PRIVATE_STATE_HOME, target):
+        os.chmod(d, 0o755)
+    state.parent.mkdir(parents=True, exist_ok=True)
+    state.symlink_to(target, target_is_directory=True)
+    return target
 
 
 def ready_text(relay: Relay, seconds: float) -> str:
@@ -84,17 +111,31 @@ def ready_text(relay: Relay, seconds: float) -> str:
     return "\n".join(lines)
 
 
-def run_dev(state: str, config: str | None, nodelay: bool | None = None) -> int:
+def run_dev(
+    state: str, config: str | None, nodelay: bool | None = None, peers: list[str] | None = None
+) -> int:
+    from .dns import LoopbackDNS
+    from .peers import PeerError, PeerLinks
+
     state_dir = Path(state).absolute()
+    dns = LoopbackDNS().start()  # DKIM keys of this relay and its peers, for filtermail
     try:
         overrides = read_overrides(config)
+        overrides.setdefault("dns_resolver", dns.address)
+        state_dir = reachable_state_dir(state_dir)
         state_dir.mkdir(parents=True, exist_ok=True)
-        check_traversable(state_dir)
         start = time.monotonic()
         relay = Relay(
-            state_dir, overrides, available_components(), nodelay=nodelay, reuse_ports=True
+            state_dir,
+            overrides,
+            available_components(),
+            nodelay=nodelay,
+            reuse_ports=True,
+            supervise=True,
         )
+        links = PeerLinks(relay, dns, [Path(p).absolute() for p in peers or ()])
     except (ConfigError, RelayError, OSError) as e:
+        dns.stop()
         print(f"{PROG} dev: {e}", file=sys.stderr)
         return 78 if isinstance(e, ConfigError) else 1
 
@@ -104,23 +145,36 @@ def run_dev(state: str, config: str | None, nodelay: bool | None = None) -> int:
     try:
         relay.start()
     except RelayError as e:
+        dns.stop()
         print(f"{PROG} dev: relay did not start: {e}", file=sys.stderr)
         return 1
     try:
+        links.publish_own_key()
+        links.register()
+        links.refresh()
         print(ready_text(relay, time.monotonic() - start), flush=True)
         while not stop.wait(1):
-            pass
+            links.refresh()
         print("stopping...", flush=True)
+    except (PeerError, OSError) as e:
+        print(f"{PROG} dev: {e}", file=sys.stderr)
+        return 1
     finally:
         # a second Ctrl-C while stopping must not leave half the relay running
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         relay.stop()
+        dns.stop()
     print("stopped; no process of this relay is left", flush=True)
     return 0
 
 
 def cmd_dev(args: argparse.Namespace) -> int:
-    return run_dev(args.state, args.dev_config, nodelay=False if args.no_nodelay else None)
+    return run_dev(
+        args.state,
+        args.dev_config,
+        nodelay=False if args.no_nodelay else None,
+        peers=args.peers,
+    )
 
 
 def cmd_render(args: argparse.Namespace) -> int:
@@ -145,6 +199,15 @@ def add_dev_arguments(parser: argparse.ArgumentParser) -> None:
         default=os.environ.get("CONFIG") or None,
         metavar="INI",
         help="chatmail.ini whose [params] override the local defaults (default: $CONFIG)",
+    )
+    parser.add_argument(
+        "--peer",
+        dest="peers",
+        action="append",
+        default=[],
+        metavar="STATE",
+        help="state directory of another local relay to exchange mail with (repeatable); "
+        "the other relay links back",
     )
     parser.add_argument(
         "--no-nodelay",

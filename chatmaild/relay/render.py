@@ -21,7 +21,6 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import sys
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -98,14 +97,6 @@ def render_file(src: Path, dest: Path, variables: Mapping[str, object], mode: in
     os.replace(tmp, dest)
 
 
-def bin_path(name: str) -> str:
-    """Absolute path of one of our console scripts (in the running venv)."""
-    candidate = Path(sys.executable).parent / name
-    if candidate.exists():
-        return str(candidate)
-    return shutil.which(name) or str(candidate)
-
-
 @dataclass(frozen=True)
 class Layout:
     """Where a relay's files live and what it listens on."""
@@ -131,8 +122,12 @@ class Layout:
     # "2.3" or "2.4"; None: the installed Dovecot's
     dovecot_series: str | None = None
     ini_path: Path | None = None  # chatmail.ini quota-expire reads; None: the default
-    # program Dovecot's quota-warning service runs as vmail; None: our console script
-    quota_expire_bin: str | None = None
+    # where our programs are (Dovecot runs quota-expire from here)
+    bin_dir: Path = PRODUCTION_VENV / "bin"
+
+    def program(self, name: str) -> str:
+        """Absolute path of one of our console scripts in this layout."""
+        return str(self.bin_dir / name)
 
     @classmethod
     def production(cls, config: Config, root: Path = Path("/")) -> Layout:
@@ -155,7 +150,6 @@ class Layout:
             listen_host=None,
             default_transport="smtp",
             smtp_tls_security_level="verify",
-            quota_expire_bin=f"{PRODUCTION_VENV}/bin/chatmail-quota-expire",
             nodelay_so=production_nodelay(),
         )
 
@@ -183,6 +177,7 @@ class Layout:
             default_transport="error:5.7.1 delivery outside this local relay is disabled",
             smtp_tls_security_level="encrypt",
             imap_login_min_avail=1,
+            bin_dir=state_dir / "bin",
         )
         values.update(kw)
         return cls(**values)  # type: ignore[arg-type]
@@ -287,7 +282,7 @@ def template_variables(config: Config, layout: Layout) -> dict[str, object]:
         # the quota-warning script's command: quota-expire must read this relay's ini
         # (it checks the mailbox path against mailboxes_dir); Dovecot appends its args
         "quota_expire_bin": (
-            f"{layout.quota_expire_bin or bin_path('chatmail-quota-expire')}"
+            f"{layout.program('chatmail-quota-expire')}"
             f" --config {layout.ini_path or DEFAULT_CONFIG_PATH}"
         ),
         "tls_cert": layout.tls_cert,

@@ -5,12 +5,16 @@ templates with a :meth:`Layout.local` layout (everything below the state
 directory, every listener on 127.0.0.1, free ports picked at start, no mail
 leaves the machine except to explicitly added peer relays), starts:
 
-1. the chatmaild daemons, as the vmail user (``setpriv``), umask 077;
-2. ``postfix -c <dir> start`` (creates ``spool/private`` for Dovecot's sockets);
-3. ``dovecot -c <file>``;
+1. the chatmaild daemons, as the vmail user (``setpriv``), umask 077, from a
+   copy of the package staged in the state directory (see :mod:`.staging`);
+2. ``postfix -c <dir> start-fg`` (creates ``spool/private`` for Dovecot's sockets);
+3. ``dovecot -F -c <file>``;
 
-waits until every socket answers and writes ``relay.json``.  ``stop()`` ends
-the servers and daemons and waits until every process of the relay is gone.
+every one a child process in the foreground, so it can always be stopped, even
+when a start fails halfway; waits until every socket answers and writes
+``relay.json``.  ``stop()`` ends the servers and daemons and waits until every
+process of the relay is gone.  With ``supervise=True`` (``make run``) a daemon
+or server that dies is restarted with back-off, like ``Restart=always`` units.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ import socket
 import ssl
 import string
 import subprocess
-import sys
+import threading
 import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -38,16 +42,22 @@ from .render import (
     ALL_COMPONENTS,
     DAEMON_MODULES,
     Layout,
-    bin_path,
     render_all,
     transport_map,
 )
+from .staging import stage
 
 log = logging.getLogger("chatmaild.relay")
 
 DEFAULT_DOMAIN = "chat.example"
 START_TIMEOUT = 30.0
 STOP_TIMEOUT = 15.0
+# restart back-off of supervised processes: first delay, doubling up to the cap;
+# a process that ran this long before dying starts again from the first delay
+RESTART_DELAY = 0.5
+RESTART_DELAY_MAX = 30.0
+RESTART_RESET_AFTER = 60.0
+SERVERS = ("postfix", "dovecot")
 
 # ini keys holding a TCP port, and the short names used in Relay.ports
 PORT_KEYS = {
@@ -139,6 +149,13 @@ def _wait_gone(pids: set[int], timeout: float) -> None:
             os.kill(pid, signal.SIGKILL)
 
 
+def _comm(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return ""
+
+
 def _read_pid(path: Path) -> int | None:
     try:
         return int(path.read_text().split()[0])
@@ -178,6 +195,7 @@ class Relay:
         *,
         nodelay: bool | None = None,
         reuse_ports: bool = False,
+        supervise: bool = False,
     ) -> None:
         self.state_dir = Path(state_dir).resolve()
         self.components = frozenset(available_components() if components is None else components)
@@ -187,6 +205,7 @@ class Relay:
         self.overrides = {k: str(v) for k, v in (overrides or {}).items()}
         self.nodelay_requested = nodelay
         self.reuse_ports = reuse_ports
+        self.supervise = supervise
         self.etc_dir = self.state_dir / "etc"
         self.ini_path = self.etc_dir / "chatmail.ini"
         self.log_dir = self.state_dir / "log"
@@ -194,6 +213,11 @@ class Relay:
         self.json_path = self.state_dir / "relay.json"
         self.peers: dict[str, str] = {}
         self._procs: dict[str, subprocess.Popen] = {}
+        self._started_at: dict[str, float] = {}
+        self._lock = threading.Lock()  # _procs: the supervisor restarts, stop() ends
+        self._stopping = threading.Event()
+        self._supervisor: threading.Thread | None = None
+        self.restarts: dict[str, int] = {}
         self._started = False
         # a killed earlier run may still hold this directory's ports and pid files
         self._reap_stale()
@@ -259,6 +283,11 @@ class Relay:
     def host(self) -> str:
         return "127.0.0.1"
 
+    @property
+    def python(self) -> str:
+        """Debian's python3 with this relay's staged chatmaild importable (runs as vmail)."""
+        return self.layout.program("python3")
+
     def facts(self) -> dict[str, object]:
         """What scripts need to talk to this relay (also written to relay.json)."""
         return {
@@ -272,6 +301,8 @@ class Relay:
             "components": sorted(self.components),
             "nodelay": self.layout.nodelay_so is not None,
             "peers": self.peers,
+            # (DNS name, TXT value) other local relays publish to verify our signatures
+            "dkim": list(self.dkim_record()) if self.dkim_available() else None,
         }
 
     # ------------------------------------------------------------ start
@@ -287,18 +318,24 @@ class Relay:
         if self._started:
             return self
         self._started = True
+        self._stopping.clear()
         try:
             self._prepare()
-            self._start_daemons()
-            if "postfix" in self.components:
-                self._start_postfix()
-            if "dovecot" in self.components:
-                self._start_dovecot()
+            for name in self._commands():
+                if name == "dovecot" and "postfix" in self.components:
+                    # Dovecot binds its LMTP and auth sockets in the directory Postfix makes
+                    self._wait_ready(self.layout.postfix_queue_dir / "private")
+                self.spawn(name)
             self._wait_ready()
         except BaseException:
             self.stop()
             raise
         self._write_json()
+        if self.supervise:
+            self._supervisor = threading.Thread(
+                target=self._supervise, name=f"relay-supervisor-{self.mail_domain}", daemon=True
+            )
+            self._supervisor.start()
         log.info("relay %s ready in %s", self.mail_domain, self.state_dir)
         return self
 
@@ -351,9 +388,8 @@ class Relay:
             so = prepare_nodelay(self.state_dir / "nodelay", required=bool(self.nodelay_requested))
             self.layout = self.layout.with_(nodelay_so=so)
         self.layout = self.layout.with_(peers=tuple(self.peers.items()))
-        if "dovecot" in self.components:
-            launcher = vmail_launcher(self.state_dir / "bin", "chatmaild.quota_expire")
-            self.layout = self.layout.with_(quota_expire_bin=launcher)
+        # Dovecot runs quota-expire as vmail, the daemons run as vmail: a copy they can reach
+        stage(self.state_dir)
         render_all(self.config, self.layout)
 
     def _make_tls(self, vmail_gid: int) -> None:
@@ -391,6 +427,9 @@ class Relay:
         os.chmod(tmp, 0o640)
         os.replace(tmp, key)
 
+    def dkim_available(self) -> bool:
+        return "filtermail" in self.components and Path(self.config.dkim_key_path).exists()
+
     def dkim_record(self) -> tuple[str, str]:
         """(DNS name, TXT value) publishing this relay's DKIM public key."""
         from ..filtermail.dkim import public_value, txt_record
@@ -399,31 +438,47 @@ class Relay:
         name = f"{self.config.dkim_selector}._domainkey.{self.mail_domain.strip('[]')}"
         return name, txt_record(public_value(pem))
 
-    def _daemon_commands(self) -> dict[str, list[str]]:
+    def _commands(self) -> dict[str, list[str]]:
+        """Every process of this relay (name -> argv), all staying in the foreground."""
         ini = str(self.ini_path)
+        program = self.layout.program
         cmds: dict[str, list[str]] = {}
         c = self.components
         if "doveauth" in c:
-            cmds["doveauth"] = [bin_path("doveauth"), "--config", ini]
+            cmds["doveauth"] = [program("doveauth"), "--config", ini]
         if "lastlogin" in c:
-            cmds["lastlogin"] = [bin_path("chatmail-lastlogin"), "--config", ini]
+            cmds["lastlogin"] = [program("chatmail-lastlogin"), "--config", ini]
         if "metadata" in c:
-            cmds["metadata"] = [bin_path("chatmail-metadata"), "--config", ini]
+            cmds["metadata"] = [program("chatmail-metadata"), "--config", ini]
         if "filtermail" in c:
-            cmds["filtermail"] = [bin_path("filtermail"), "--config", ini, "outgoing"]
-            cmds["filtermail-incoming"] = [bin_path("filtermail"), "--config", ini, "incoming"]
-            cmds["filtermail-milter"] = [bin_path("filtermail"), "--config", ini, "milter"]
+            cmds["filtermail"] = [program("filtermail"), "--config", ini, "outgoing"]
+            cmds["filtermail-incoming"] = [program("filtermail"), "--config", ini, "incoming"]
+            cmds["filtermail-milter"] = [program("filtermail"), "--config", ini, "milter"]
         if "newemail" in c:
-            cmds["newemail"] = [
-                bin_path("chatmail-newemail"),
-                "--config",
-                ini,
-                "--listen",
-                f"127.0.0.1:{self.config.newemail_port}",
-            ]
+            listen = f"127.0.0.1:{self.config.newemail_port}"
+            cmds["newemail"] = [program("chatmail-newemail"), "--config", ini, "--listen", listen]
+        # the servers start once our sockets are asked for (Dovecot connects lazily anyway)
+        if "postfix" in c:
+            cmds["postfix"] = ["postfix", "-c", str(self.layout.postfix_config_dir), "start-fg"]
+        if "dovecot" in c:
+            conf = self.layout.dovecot_config_dir / "dovecot.conf"
+            cmds["dovecot"] = ["dovecot", "-F", "-c", str(conf)]
         return cmds
 
-    def _start_daemons(self) -> None:
+    def daemon_command(self, name: str) -> list[str]:
+        """The full command line of daemon ``name``, as the relay starts it (vmail, caps)."""
+        cmd = self._commands()[name]
+        if name in SERVERS:
+            return cmd  # the masters start as root and drop privileges themselves
+        user = self.config.vmail_user
+        caps: list[str] = []
+        if name == "newemail":
+            # like its unit's AmbientCapabilities=CAP_NET_BIND_SERVICE: /new may be on port 443
+            caps = ["--inh-caps=+net_bind_service", "--ambient-caps=+net_bind_service"]
+        return ["setpriv", f"--reuid={user}", f"--regid={user}", "--init-groups", *caps, *cmd]
+
+    def spawn(self, name: str) -> subprocess.Popen:
+        """Start process ``name`` of this relay (again); stop() ends it with the others."""
         env = {
             k: v
             for k, v in os.environ.items()
@@ -431,44 +486,81 @@ class Relay:
         }
         env["HOME"] = str(self.run_dir)
         env["PYTHONUNBUFFERED"] = "1"
-        user = self.config.vmail_user
-        for name, cmd in self._daemon_commands().items():
-            with open(self.log_dir / f"{name}.log", "ab") as logf:
-                self._procs[name] = subprocess.Popen(
-                    ["setpriv", f"--reuid={user}", f"--regid={user}", "--init-groups", *cmd],
-                    stdin=subprocess.DEVNULL,
-                    stdout=logf,
-                    stderr=subprocess.STDOUT,
-                    env=env,
-                    cwd=self.run_dir,
-                    umask=0o077,
-                    start_new_session=True,  # Ctrl-C of `make run` is handled by us, in order
-                )
-            # recorded so that a later start can end what a killed run left behind
-            (self.run_dir / f"{name}.relay-pid").write_text(f"{self._procs[name].pid}\n")
+        logfile = self.log_dir / (f"{name}-start.out" if name in SERVERS else f"{name}.log")
+        with open(logfile, "ab") as out:
+            proc = subprocess.Popen(
+                self.daemon_command(name),
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                env=env,
+                cwd=self.run_dir,
+                umask=0o077 if name not in SERVERS else -1,
+                start_new_session=True,  # Ctrl-C of `make run` is handled by us, in order
+            )
+        with self._lock:
+            self._procs[name] = proc
+            self._started_at[name] = time.monotonic()
+        # recorded so that a later start can end what a killed run left behind
+        (self.run_dir / f"{name}.relay-pid").write_text(f"{proc.pid}\n")
+        return proc
 
-    def _start_postfix(self) -> None:
-        self._run_server_command(
-            "postfix", ["postfix", "-c", str(self.layout.postfix_config_dir), "start"]
-        )
-
-    def _start_dovecot(self) -> None:
-        self._run_server_command(
-            "dovecot", ["dovecot", "-c", str(self.layout.dovecot_config_dir / "dovecot.conf")]
-        )
-
-    def _run_server_command(self, name: str, cmd: list[str]) -> None:
-        # output to a file, not a pipe: the daemonized master may keep the pipe open
-        out = self.log_dir / f"{name}-start.out"
-        with open(out, "wb") as f:
-            res = subprocess.run(cmd, stdin=subprocess.DEVNULL, stdout=f, stderr=subprocess.STDOUT)
-        if res.returncode != 0:
-            raise RelayError(
-                f"{name} start failed ({res.returncode}):\n"
-                + _tail(out)
+    def _log_of(self, name: str) -> str:
+        if name in SERVERS:
+            return (
+                _tail(self.log_dir / f"{name}-start.out")
                 + "\n"
                 + _tail(self.log_dir / f"{name}.log")
             )
+        return _tail(self.log_dir / f"{name}.log")
+
+    # ------------------------------------------------------------ supervision
+
+    def _supervise(self) -> None:
+        """Restart what dies, with back-off (the units' Restart=always), until stop()."""
+        delay = {name: RESTART_DELAY for name in self._procs}
+        due: dict[str, float] = {}
+        while not self._stopping.wait(0.1):
+            now = time.monotonic()
+            with self._lock:
+                procs = dict(self._procs)
+            for name, proc in procs.items():
+                if name in due:
+                    if now >= due[name] and not self._stopping.is_set():
+                        del due[name]
+                        self._restart(name)
+                    continue
+                status = proc.poll()  # also reaps it: no zombie stays behind
+                if status is None:
+                    continue
+                if now - self._started_at[name] >= RESTART_RESET_AFTER:
+                    delay[name] = RESTART_DELAY
+                log.warning(
+                    "relay %s: %s exited with status %s; restarting in %.1f s",
+                    self.mail_domain, name, status, delay[name],
+                )  # fmt: skip
+                due[name] = now + delay[name]
+                delay[name] = min(delay[name] * 2, RESTART_DELAY_MAX)
+
+    def _restart(self, name: str) -> None:
+        if name in SERVERS:
+            # what the dead master left (children finishing, a stale lock) must go first
+            self._end_server_leftovers(name)
+        try:
+            proc = self.spawn(name)
+        except OSError as e:
+            log.error("relay %s: cannot restart %s: %s", self.mail_domain, name, e)
+            return
+        self.restarts[name] = self.restarts.get(name, 0) + 1
+        log.warning("relay %s: restarted %s (pid %d)", self.mail_domain, name, proc.pid)
+
+    def _end_server_leftovers(self, name: str) -> None:
+        pid = self._postfix_pid() if name == "postfix" else self._dovecot_pid()
+        if pid is not None:
+            doomed = process_tree(pid)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+            _wait_gone(doomed, STOP_TIMEOUT)
 
     def _readiness_checks(self) -> list[tuple[str, str | tuple[str, int], Path]]:
         """(what, unix path or (host, port), log to show on failure)."""
@@ -503,22 +595,28 @@ class Relay:
                 checks.append(("dovecot lmtp", str(self.ports["lmtp"]), logs / "dovecot.log"))
         return checks
 
-    def _wait_ready(self, timeout: float = START_TIMEOUT) -> None:
-        pending = self._readiness_checks()
+    def _wait_ready(self, directory: Path | None = None, timeout: float = START_TIMEOUT) -> None:
+        """Wait until every listener is up, or only until ``directory`` exists."""
+        if directory is not None:
+            pending = [(str(directory), "", self.log_dir / "postfix.log")]
+        else:
+            pending = self._readiness_checks()
         deadline = time.monotonic() + timeout
         while pending:
             for name, proc in self._procs.items():
                 if proc.poll() is not None:
                     raise RelayError(
-                        f"{name} exited with {proc.returncode} during start\n"
-                        + _tail(self.log_dir / f"{name}.log")
+                        f"{name} exited with {proc.returncode} during start\n" + self._log_of(name)
                     )
-            tcp, unix = _listening()
-            pending = [
-                chk
-                for chk in pending
-                if not (chk[1] in unix if isinstance(chk[1], str) else chk[1] in tcp)
-            ]
+            if directory is not None:
+                pending = [] if directory.is_dir() else pending
+            else:
+                tcp, unix = _listening()
+                pending = [
+                    chk
+                    for chk in pending
+                    if not (chk[1] in unix if isinstance(chk[1], str) else chk[1] in tcp)
+                ]
             if not pending:
                 break
             if time.monotonic() > deadline:
@@ -573,18 +671,36 @@ class Relay:
         pid = _read_pid(self.layout.dovecot_base_dir / "master.pid")
         return pid if pid and _alive(pid) else None
 
+    def _masters(self) -> set[int]:
+        """The Postfix and Dovecot master processes, also while they are still starting."""
+        masters = {pid for pid in (self._dovecot_pid(), self._postfix_pid()) if pid is not None}
+        with self._lock:
+            procs = dict(self._procs)
+        if "dovecot" in procs and procs["dovecot"].poll() is None:
+            masters.add(procs["dovecot"].pid)
+        if "postfix" in procs:
+            # start-fg: the postfix-script shell waits for its child, the master
+            masters |= {pid for pid in process_tree(procs["postfix"].pid) if _comm(pid) == "master"}
+        return masters
+
     def stop(self) -> None:
-        """Stop everything this relay started; wait until no process of it is left."""
+        """Stop everything this relay started; wait until no process of it is left.
+
+        Safe at any point of a start: every process is our child or its descendant.
+        """
         if not self._started:
             return
         self._started = False
+        self._stopping.set()
+        if self._supervisor is not None:
+            self._supervisor.join()
+            self._supervisor = None
         doomed: set[int] = set()
-        for pid in (self._dovecot_pid(), self._postfix_pid()):
-            if pid is not None:
-                # masters stop their children on SIGTERM
-                doomed |= process_tree(pid)
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGTERM)
+        # masters stop their children on SIGTERM
+        for pid in self._masters():
+            doomed |= process_tree(pid)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
         for proc in self._procs.values():
             if proc.poll() is None:
                 doomed |= process_tree(proc.pid)
@@ -606,6 +722,8 @@ class Relay:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(timeout=5)
         self._procs.clear()
+        for pidfile in self.run_dir.glob("*.relay-pid"):
+            pidfile.unlink(missing_ok=True)
         with contextlib.suppress(OSError):
             self.json_path.unlink()
 
@@ -644,13 +762,20 @@ class Relay:
     def running_pids(self) -> set[int]:
         """Every process of this relay right now (masters with children, daemons)."""
         pids: set[int] = set()
-        for pid in (self._dovecot_pid(), self._postfix_pid()):
-            if pid is not None:
-                pids |= process_tree(pid)
-        for proc in self._procs.values():
+        for pid in self._masters():
+            pids |= process_tree(pid)
+        with self._lock:
+            procs = list(self._procs.values())
+        for proc in procs:
             if proc.poll() is None:
                 pids |= process_tree(proc.pid)
         return pids
+
+    def pid_of(self, name: str) -> int | None:
+        """The pid of daemon ``name`` now (it changes when the supervisor restarts it)."""
+        with self._lock:
+            proc = self._procs.get(name)
+        return proc.pid if proc is not None and proc.poll() is None else None
 
 
 def _previous_ports(ini: Path) -> dict[str, int]:
@@ -700,45 +825,6 @@ def _listening() -> tuple[set[tuple[str, int]], set[str]]:
             if len(fields) >= 8 and int(fields[3], 16) & 0x10000:  # __SO_ACCEPTCON
                 unix.add(fields[7])
     return tcp, unix
-
-
-def _world_executable(path: str) -> bool:
-    """Whether a user with no special rights can reach and execute ``path``."""
-    real = Path(os.path.realpath(path))
-    try:
-        return all(p.stat().st_mode & 0o001 for p in (real, *real.parents))
-    except OSError:
-        return False
-
-
-def vmail_launcher(bin_dir: Path, module: str) -> str | None:
-    """A launcher for ``module`` that Dovecot (as vmail, without root's rights) can execute.
-
-    None when the running interpreter is reachable by everyone (the normal case:
-    a venv on the system Python).  A venv on an interpreter below a private
-    directory (pyenv in /root) cannot be executed by vmail; then the launcher
-    runs the system python3 with this checkout on sys.path (Dovecot-run tools
-    need only the standard library).
-    """
-    if _world_executable(sys.executable):
-        return None
-    system_python = "/usr/bin/python3"
-    if not _world_executable(system_python):
-        return None
-    source_root = Path(__file__).resolve().parents[2]
-    bin_dir.mkdir(parents=True, exist_ok=True)
-    os.chmod(bin_dir, 0o755)
-    launcher = bin_dir / module.rpartition(".")[2]
-    launcher.write_text(
-        f"#!{system_python} -I\n"
-        "import sys\n"
-        f"sys.path.insert(0, {str(source_root)!r})\n"
-        f"from {module} import main\n"
-        "sys.exit(main())\n",
-        encoding="utf-8",
-    )
-    os.chmod(launcher, 0o755)
-    return str(launcher)
 
 
 def connectable(target: str | tuple[str, int]) -> bool:

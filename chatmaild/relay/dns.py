@@ -1,4 +1,4 @@
-"""A tiny authoritative DNS server on loopback for tests and benchmarks.
+"""A tiny authoritative DNS server on loopback: DKIM keys of local relays.
 
 It answers TXT (and A) queries from an in-memory table, so filtermail's DKIM
 key lookups can be pointed at it with ``dns_resolver = 127.0.0.1:PORT``.
