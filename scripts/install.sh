@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# make install: turn this Debian 12 host into a chatmail relay (run as root).
+# make install: turn this Debian 12 or 13 host into a chatmail relay (run as root).
 #
 #   make install MAIL_DOMAIN=chat.example.org          first time
 #   make install                                       later: re-render, restart
@@ -19,12 +19,22 @@ TLS_DIR=/etc/chatmail/tls
 UNIT_DIR=/etc/systemd/system
 APT_PACKAGES=(postfix dovecot-core dovecot-imapd dovecot-lmtpd openssl gcc dovecot-dev
               python3-venv python3-dev libsystemd-dev pkg-config)
+# shellcheck disable=SC1091
+. /etc/os-release
+case "${VERSION_CODENAME:-}" in
+    bookworm) ;;
+    # Dovecot 2.4 (Debian 13) creates accounts through its Lua passdb/userdb
+    *) APT_PACKAGES+=(dovecot-auth-lua) ;;
+esac
 
 say() { printf 'install: %s\n' "$*"; }
 die() { printf 'install: %s\n' "$*" >&2; exit 1; }
 
 [ "$(id -u)" = 0 ] || die "run as root (sudo make install)"
-grep -q 'VERSION_ID="12"' /etc/os-release 2>/dev/null || say "warning: not Debian 12; continuing"
+case "${VERSION_ID:-}" in
+    12 | 13) ;;
+    *) say "warning: not Debian 12 or 13; continuing" ;;
+esac
 
 # 1. packages (no Postfix questions: we write its configuration ourselves)
 need=()
