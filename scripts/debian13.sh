@@ -360,6 +360,9 @@ run_inside() {
     done
     binds+=("--bind=$SRC" "--bind=$STATE:/var/lib/chatmaild-test"
         "--bind=$PIP_CACHE:/root/.cache/pip")
+    # a git worktree keeps its repository elsewhere (tests list the checkout's files)
+    dir=$(git -C "$SRC" rev-parse --path-format=absolute --git-common-dir 2>/dev/null || true)
+    case "$dir" in "" | "$SRC"/*) ;; *) binds+=("--bind-ro=$dir") ;; esac
 
     t=$(now)
     # its own session: a Ctrl-C meant for the command must not reach nspawn;
