@@ -1,9 +1,15 @@
 """doveauth throughput: lookups of existing accounts, account creations, idle memory.
 
-Runs the real doveauth daemon on a socket in a temp dir and drives it the way
-Dovecot's auth process does (HELLO, then LOOKUP lines, one outstanding
-request per connection).  Load comes from separate client processes so the
-daemon's own event loop is what is measured.
+1. The real doveauth daemon on sockets in a temp dir, driven the way Dovecot
+   drives it: over the dict protocol (Dovecot 2.3: HELLO, then LOOKUP lines,
+   one outstanding request per connection) and over HTTP (Dovecot 2.4's Lua
+   passdb/userdb: kept-alive connections, one request in flight each).  Load
+   comes from separate client processes so the daemon's own event loop is
+   what is measured.
+2. The whole path through this machine's Dovecot (dict on 2.3, Lua + HTTP on
+   2.4): SASL PLAIN authentications on Dovecot's auth socket (passdb; Dovecot
+   verifies the SHA512-CRYPT hash itself), first logins that create accounts,
+   and userdb lookups on the auth-userdb socket (what LMTP asks).
 
 Targets (issue 2, on a 2-core machine): >= 20,000 lookups/s over 50
 connections with p99 < 5 ms; >= 200 creations/s; RSS < 40 MB at idle.
@@ -23,6 +29,7 @@ from pathlib import Path
 
 from chatmaild.accounts import AccountStore, hash_password
 from chatmaild.config import read_config, write_config
+from chatmaild.testing.authhttpclient import AuthHttpClient
 
 DOMAIN = "bench.example.org"
 ACCOUNTS = 2000
@@ -88,13 +95,14 @@ def _client(sock_path: str, nconn: int, seconds: float, offset: int, out) -> Non
         s.close()
 
 
-def measure_lookups(sock_path: str) -> tuple[float, float, float, int]:
+def measure_lookups(sock_path: str, client=None) -> tuple[float, float, float, int]:
+    client = client or _client
     ctx = multiprocessing.get_context("fork")
     pipes, procs = [], []
     per = CONNECTIONS // CLIENT_PROCS
     for p in range(CLIENT_PROCS):
         recv, send = ctx.Pipe(duplex=False)
-        proc = ctx.Process(target=_client, args=(sock_path, per, LOOKUP_SECONDS, p * 7919, send))
+        proc = ctx.Process(target=client, args=(sock_path, per, LOOKUP_SECONDS, p * 7919, send))
         proc.start()
         pipes.append(recv)
         procs.append(proc)
@@ -128,14 +136,15 @@ def _creator(sock_path: str, names: list[str], out) -> None:
     s.close()
 
 
-def measure_creations(sock_path: str) -> tuple[float, int]:
+def measure_creations(sock_path: str, creator=None, prefix: str = "new") -> tuple[float, int]:
+    creator = creator or _creator
     ctx = multiprocessing.get_context("fork")
-    names = [f"new{i:05d}@{DOMAIN}" for i in range(CREATIONS)]
+    names = [f"{prefix}{i:05d}@{DOMAIN}" for i in range(CREATIONS)]
     pipes, procs = [], []
     start = time.perf_counter()
     for c in range(CREATE_CONNECTIONS):
         recv, send = ctx.Pipe(duplex=False)
-        proc = ctx.Process(target=_creator, args=(sock_path, names[c::CREATE_CONNECTIONS], send))
+        proc = ctx.Process(target=creator, args=(sock_path, names[c::CREATE_CONNECTIONS], send))
         proc.start()
         pipes.append(recv)
         procs.append(proc)
@@ -144,6 +153,69 @@ def measure_creations(sock_path: str) -> tuple[float, int]:
     for proc in procs:
         proc.join()
     return created / elapsed, created
+
+
+def _http_request(i: int) -> bytes:
+    """The request auth.lua sends for lookup ``i`` (passdb and userdb alternate)."""
+    addr = f"user{i % ACCOUNTS:05d}@{DOMAIN}"
+    if i % 2:
+        body = f"user={addr.replace('@', '%40')}"
+        path = "/userdb"
+    else:
+        body = f"user={addr.replace('@', '%40')}&password=bench-password"
+        path = "/passdb"
+    return (
+        f"POST http://doveauth{path} HTTP/1.1\r\nHost: doveauth\r\n"
+        f"Content-Type: application/x-www-form-urlencoded\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n{body}"
+    ).encode()
+
+
+def _http_client(sock_path: str, nconn: int, seconds: float, offset: int, out) -> None:
+    """Like _client, over HTTP: one request in flight per kept-alive connection."""
+    sel = selectors.DefaultSelector()
+    latencies: list[int] = []
+    errors = 0
+    i = offset
+    for n in range(nconn):
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.connect(sock_path)
+        s.setblocking(False)
+        sel.register(s, selectors.EVENT_READ, data=[n, b"", time.perf_counter_ns()])
+        s.send(_http_request(i))
+        i += 1
+    deadline = time.perf_counter() + seconds
+    while time.perf_counter() < deadline:
+        for key, _ in sel.select(timeout=1.0):
+            s, state = key.fileobj, key.data
+            chunk = s.recv(65536)
+            if not chunk:
+                raise RuntimeError("doveauth closed an HTTP connection")
+            state[1] += chunk
+            while b"\r\n\r\n" in state[1]:
+                head, _, rest = state[1].partition(b"\r\n\r\n")
+                length = int(head.split(b"Content-Length: ", 1)[1].split(b"\r\n", 1)[0])
+                if len(rest) < length:
+                    break
+                body, state[1] = rest[:length], rest[length:]
+                latencies.append(time.perf_counter_ns() - state[2])
+                if not head.startswith(b"HTTP/1.1 200") or not body.startswith(b"result=ok"):
+                    errors += 1
+                state[2] = time.perf_counter_ns()
+                s.send(_http_request(i))
+                i += 1
+    out.send((latencies, errors))
+    for key in list(sel.get_map().values()):
+        key.fileobj.close()
+
+
+def _http_creator(sock_path: str, names: list[str], out) -> None:
+    created = 0
+    with AuthHttpClient(sock_path) as client:
+        for addr in names:
+            if client.passdb(addr, "new-password-1")["result"] == "ok":
+                created += 1
+    out.send(created)
 
 
 def cpu_seconds(pid: int) -> float:
@@ -159,17 +231,49 @@ def rss_mb(pid: int) -> float:
     raise RuntimeError("no VmRSS")
 
 
+def report_daemon(proc: subprocess.Popen, sock: Path, http_sock: Path) -> None:
+    print(f"doveauth_rss_idle_start: {rss_mb(proc.pid):.1f} MB (target < 40)", flush=True)
+    paths = (
+        ("", sock, _client, _creator, "new"),  # dict protocol (Dovecot 2.3)
+        ("http_", http_sock, _http_client, _http_creator, "newh"),  # HTTP (Dovecot 2.4's Lua)
+    )
+    for name, path, client, creator, prefix in paths:
+        cpu_before = cpu_seconds(proc.pid)
+        rate, p50, p99, errors = measure_lookups(str(path), client)
+        cpu = cpu_seconds(proc.pid) - cpu_before
+        print(f"{name}lookups_per_second: {rate:.0f} /s (target >= 20000, 50 connections)")
+        # independent of other load on the machine: what one core could serve
+        per_lookup = cpu / (rate * LOOKUP_SECONDS) * 1e6
+        print(f"{name}doveauth_cpu_per_lookup: {per_lookup:.1f} us")
+        print(f"{name}lookups_per_cpu_second: {1e6 / per_lookup:.0f} /s")
+        print(f"{name}lookup_latency_p50: {p50:.2f} ms")
+        print(f"{name}lookup_latency_p99: {p99:.2f} ms (target < 5)")
+        print(f"{name}lookup_errors: {errors} count")
+        rate, created = measure_creations(str(path), creator, prefix)
+        print(f"{name}creations_per_second: {rate:.0f} /s (target >= 200, {created} accounts)")
+        if created != CREATIONS:
+            print(f"{name}creation_shortfall: {CREATIONS - created} count")
+    time.sleep(1.0)
+    print(f"doveauth_rss_idle_after_load: {rss_mb(proc.pid):.1f} MB (target < 40)")
+
+
 def main() -> None:
+    bench_daemon()
+    bench_through_dovecot()
+
+
+def bench_daemon() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-doveauth-") as tmp:
         tmpdir = Path(tmp)
         sock = tmpdir / "doveauth.socket"
+        http_sock = tmpdir / "doveauth-http.socket"
         ini = write_config(
             tmpdir / "chatmail.ini",
             mail_domain=DOMAIN,
             mailboxes_dir=tmpdir / "mail",
             nocreate_file=tmpdir / "nocreate",
             doveauth_socket=sock,
-            doveauth_http_socket=tmpdir / "doveauth-http.socket",
+            doveauth_http_socket=http_sock,
             max_load_1m=10000,
             min_available_memory="1M",
             min_free_disk_space="1M",
@@ -188,37 +292,173 @@ def main() -> None:
         )
         try:
             deadline = time.monotonic() + 20
-            while not sock.exists():
+            while not (sock.exists() and http_sock.exists()):
                 if proc.poll() is not None or time.monotonic() > deadline:
                     raise RuntimeError("doveauth did not start")
                 time.sleep(0.05)
             time.sleep(0.5)
-            print(f"doveauth_rss_idle_start: {rss_mb(proc.pid):.1f} MB (target < 40)", flush=True)
-
-            cpu_before = cpu_seconds(proc.pid)
-            rate, p50, p99, errors = measure_lookups(str(sock))
-            cpu = cpu_seconds(proc.pid) - cpu_before
-            print(f"lookups_per_second: {rate:.0f} /s (target >= 20000, 50 connections)")
-            # independent of other load on the machine: what one core could serve
-            per_lookup = cpu / (rate * LOOKUP_SECONDS) * 1e6
-            print(f"doveauth_cpu_per_lookup: {per_lookup:.1f} us")
-            print(f"lookups_per_cpu_second: {1e6 / per_lookup:.0f} /s")
-            print(f"lookup_latency_p50: {p50:.2f} ms")
-            print(f"lookup_latency_p99: {p99:.2f} ms (target < 5)")
-            print(f"lookup_errors: {errors} count")
-
-            rate, created = measure_creations(str(sock))
-            print(f"creations_per_second: {rate:.0f} /s (target >= 200, {created} accounts)")
-            if created != CREATIONS:
-                print(f"creation_shortfall: {CREATIONS - created} count")
-
-            time.sleep(1.0)
-            print(f"doveauth_rss_idle_after_load: {rss_mb(proc.pid):.1f} MB (target < 40)")
+            report_daemon(proc, sock, http_sock)
         finally:
             proc.terminate()
             proc.wait(30)
             log.close()
         os.sync()
+
+
+# ---------------------------------------------------------------- through Dovecot
+
+DOVECOT_THREADS = 8
+DOVECOT_SECONDS = 8.0
+DOVECOT_CREATIONS = 200
+
+
+class DovecotAuthClient:
+    """Dovecot's auth client protocol (what Postfix's SASL and the login processes speak)."""
+
+    def __init__(self, path: Path) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(60)
+        self.sock.connect(str(path))
+        self.file = self.sock.makefile("rwb")
+        self.file.write(f"VERSION\t1\t2\nCPID\t{os.getpid()}\n".encode())
+        self.file.flush()
+        while self.file.readline().rstrip(b"\n") != b"DONE":
+            pass
+        self.next_id = 1
+
+    def plain(self, user: str, password: str) -> bool:
+        import base64
+
+        resp = base64.b64encode(f"\0{user}\0{password}".encode()).decode()
+        self.next_id += 1
+        self.file.write(
+            f"AUTH\t{self.next_id}\tPLAIN\tservice=smtp\tnologin\tresp={resp}\n".encode()
+        )
+        self.file.flush()
+        reply = self.file.readline()
+        return reply.startswith(b"OK\t")
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+class DovecotUserdbClient:
+    """The auth master protocol on auth-userdb (what LMTP asks for every recipient)."""
+
+    def __init__(self, path: Path) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(60)
+        self.sock.connect(str(path))
+        self.file = self.sock.makefile("rwb")
+        self.file.write(b"VERSION\t1\t0\n")
+        self.file.flush()
+        self.file.readline()  # VERSION
+        self.file.readline()  # SPID
+        self.next_id = 1
+
+    def user(self, user: str) -> bool:
+        self.next_id += 1
+        self.file.write(f"USER\t{self.next_id}\t{user}\tservice=lmtp\n".encode())
+        self.file.flush()
+        return self.file.readline().startswith(b"USER\t")
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def _threads(work, count: int) -> list:
+    import threading
+
+    results: list = [None] * count
+
+    def run(n: int) -> None:
+        results[n] = work(n)
+
+    threads = [threading.Thread(target=run, args=(n,)) for n in range(count)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return results
+
+
+def _timed_loop(make_client, call, names: list[str]) -> tuple[float, float, float, int]:
+    """Calls per second over DOVECOT_THREADS connections for DOVECOT_SECONDS, p50, p90."""
+
+    def work(n: int) -> tuple[list[int], int]:
+        client = make_client()
+        latencies, errors, i = [], 0, n
+        deadline = time.perf_counter() + DOVECOT_SECONDS
+        try:
+            while time.perf_counter() < deadline:
+                t0 = time.perf_counter_ns()
+                if not call(client, names[i % len(names)]):
+                    errors += 1
+                latencies.append(time.perf_counter_ns() - t0)
+                i += DOVECOT_THREADS
+        finally:
+            client.close()
+        return latencies, errors
+
+    results = _threads(work, DOVECOT_THREADS)
+    latencies = sorted(lat for r in results for lat in r[0])
+    errors = sum(r[1] for r in results)
+    return (
+        len(latencies) / DOVECOT_SECONDS,
+        latencies[len(latencies) // 2] / 1e6,
+        latencies[int(len(latencies) * 0.9)] / 1e6,
+        errors,
+    )
+
+
+def bench_through_dovecot() -> None:
+    import shutil
+
+    from chatmaild.relay import Relay
+    from chatmaild.relay.dovecotversion import dovecot_version, installed_series
+
+    state = Path(tempfile.mkdtemp(prefix="bench-auth-", dir="/tmp"))
+    state.chmod(0o755)  # the servers and vmail traverse it
+    try:
+        with Relay(state, None, ["postfix", "dovecot", "doveauth"]) as relay:
+            via = "dict" if installed_series() == "2.3" else "Lua + HTTP"
+            print(f"dovecot: {dovecot_version()} (passdb/userdb via {via})")
+            auth_sock = relay.layout.postfix_queue_dir / "private/auth"
+            userdb_sock = relay.layout.dovecot_base_dir / "auth-userdb"
+            names = [f"dc{i:05d}@{relay.mail_domain}" for i in range(DOVECOT_CREATIONS)]
+
+            def create(n: int) -> int:
+                client = DovecotAuthClient(auth_sock)
+                try:
+                    return sum(
+                        client.plain(addr, "bench-password") for addr in names[n::DOVECOT_THREADS]
+                    )
+                finally:
+                    client.close()
+
+            start = time.perf_counter()
+            created = sum(_threads(create, DOVECOT_THREADS))
+            elapsed = time.perf_counter() - start
+            print(
+                f"dovecot_first_logins_per_second: {created / elapsed:.0f} /s "
+                f"({created} of {len(names)} accounts created, {DOVECOT_THREADS} connections)"
+            )
+            rate, p50, p90, errors = _timed_loop(
+                lambda: DovecotAuthClient(auth_sock),
+                lambda c, addr: c.plain(addr, "bench-password"),
+                names,
+            )
+            print(f"dovecot_logins_per_second: {rate:.0f} /s (existing accounts, SASL PLAIN)")
+            print(f"dovecot_login_latency_p50: {p50:.2f} ms, p90: {p90:.2f} ms")
+            print(f"dovecot_login_errors: {errors} count")
+            rate, p50, p90, errors = _timed_loop(
+                lambda: DovecotUserdbClient(userdb_sock), lambda c, addr: c.user(addr), names
+            )
+            print(f"dovecot_userdb_lookups_per_second: {rate:.0f} /s (auth-userdb, as LMTP)")
+            print(f"dovecot_userdb_latency_p50: {p50:.2f} ms, p90: {p90:.2f} ms")
+            print(f"dovecot_userdb_errors: {errors} count")
+    finally:
+        shutil.rmtree(state, ignore_errors=True)
 
 
 if __name__ == "__main__":
