@@ -236,6 +236,7 @@ ensure_unpacked() {
 work=""
 nspawn_pid=""
 leader=""
+command_pid=""
 
 stop_container() {
     [ -n "$nspawn_pid" ] || return 0
@@ -258,12 +259,41 @@ stop_container() {
     nspawn_pid=""
 }
 
+# Kill nsenter; its child inside dies with it (PDEATHSIG).  Wait until that child is
+# gone: a power-off that finds it still dying waits 10 s for it.
+end_command() {
+    local inner deadline
+    inner=$(cat "/proc/$command_pid/task/"*/children 2>/dev/null || true)
+    kill -KILL "$command_pid" 2>/dev/null || true
+    wait "$command_pid" 2>/dev/null || true
+    deadline=$((SECONDS + 5))
+    for pid in $inner; do
+        while [ -e "/proc/$pid" ] && [ $SECONDS -lt $deadline ]; do sleep 0.05; done
+    done
+    command_pid=""
+}
+
 cleanup() {
     local status=$?
     trap - EXIT INT TERM HUP
+    # the command first (and with it, everything it started inside), then the container
+    [ -z "$command_pid" ] || end_command
     stop_container
     [ -z "$work" ] || rm -rf --one-file-system "$work"
     exit "$status"
+}
+
+# What runs killed outright left in /tmp (their owner is gone).
+remove_stale_work_dirs() {
+    local dir pid
+    for dir in /tmp/chatmaild-"$SUITE".*; do
+        [ -d "$dir" ] || continue
+        pid=$(cat "$dir/owner.pid" 2>/dev/null || true)
+        if [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null; then continue; fi
+        # a run that has only just made its directory has not written owner.pid yet
+        if [ -z "$pid" ] && [ -z "$(find "$dir" -maxdepth 0 -mmin +1)" ]; then continue; fi
+        rm -rf --one-file-system "$dir"
+    done
 }
 
 # Local directories pip is told to read (find-links, file:// indexes) in the
@@ -318,7 +348,8 @@ wait_booted() {
 }
 
 run_inside() {
-    local t rc cwd binds=() envs=() dir f
+    local mode=$1 t rc cwd binds=() envs=() dir f
+    shift
     mkdir -p "$CACHE"
     # Containers share the unpacked root (read-only under their overlays) and the
     # venv: a run holds a shared lock, building or unpacking needs it exclusively.
@@ -335,7 +366,9 @@ run_inside() {
         flock -s "$run_lock"
     fi
     mkdir -p "$STATE" "$PIP_CACHE"
+    remove_stale_work_dirs
     work=$(mktemp -d "/tmp/chatmaild-$SUITE.XXXXXX")
+    echo $$ >"$work/owner.pid"
     trap cleanup EXIT
     trap 'exit 130' INT
     trap 'exit 143' TERM
@@ -379,10 +412,25 @@ run_inside() {
     case "$PWD/" in "$SRC"/*) cwd=$PWD ;; esac
     t=$(now)
     rc=0
-    nsenter -t "$leader" -a -- env -i \
-        PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
-        HOME=/root LANG=C.UTF-8 TERM="${TERM:-dumb}" "${envs[@]}" \
-        /bin/sh -c 'cd "$1" && shift && exec "$@"' sh "$cwd" "$@" || rc=$?
+    # PDEATHSIG twice: nsenter dies with this script, the command with nsenter.  An
+    # orphaned nsenter would stop itself when the container's shutdown stops its
+    # child (it mirrors job control) and never reap it: the power-off would hang.
+    local inside=(setpriv --pdeathsig KILL nsenter -t "$leader" -a --
+        setpriv --pdeathsig KILL env -i
+        PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
+        HOME=/root LANG=C.UTF-8 TERM="${TERM:-dumb}" "${envs[@]}"
+        /bin/sh -c 'cd "$1" && shift && exec "$@"' sh "$cwd" "$@")
+    if [ "$mode" = interactive ]; then
+        # a shell owns the terminal: Ctrl-C is for the shell inside
+        "${inside[@]}" || rc=$?
+    else
+        # in the background, so that a signal to this script is handled at once
+        # (bash runs traps only between foreground commands)
+        "${inside[@]}" <&0 &
+        command_pid=$!
+        wait "$command_pid" || rc=$?
+        command_pid=""
+    fi
     say "command exited $rc after $(since "$t") s"
     return "$rc"
 }
@@ -405,11 +453,11 @@ case "$cmd" in
     run)
         [ $# -gt 0 ] || usage
         need_host_tools
-        run_inside "$@"
+        run_inside batch "$@"
         ;;
     shell)
         need_host_tools
-        run_inside /bin/bash -l
+        run_inside interactive /bin/bash -l
         ;;
     -h | --help | help) usage 0 ;;
     *) usage ;;
