@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# make install: turn this Debian 12 host into a chatmail relay (run as root).
+# make install: turn this Debian 12 or 13 host into a chatmail relay (run as root).
 #
 #   make install MAIL_DOMAIN=chat.example.org          first time
 #   make install                                       later: re-render, restart
@@ -17,26 +17,15 @@ VENV=$LIB/venv
 INI=/etc/chatmail/chatmail.ini
 TLS_DIR=/etc/chatmail/tls
 UNIT_DIR=/etc/systemd/system
-APT_PACKAGES=(postfix dovecot-core dovecot-imapd dovecot-lmtpd openssl gcc dovecot-dev
-              python3-venv python3-dev libsystemd-dev pkg-config)
-
 say() { printf 'install: %s\n' "$*"; }
 die() { printf 'install: %s\n' "$*" >&2; exit 1; }
 
 [ "$(id -u)" = 0 ] || die "run as root (sudo make install)"
-grep -q 'VERSION_ID="12"' /etc/os-release 2>/dev/null || say "warning: not Debian 12; continuing"
 
-# 1. packages (no Postfix questions: we write its configuration ourselves)
-need=()
-for pkg in "${APT_PACKAGES[@]}"; do
-    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "ok installed" || need+=("$pkg")
-done
-if [ ${#need[@]} -gt 0 ]; then
-    say "apt-get install ${need[*]}"
-    echo "postfix postfix/main_mailer_type select No configuration" | debconf-set-selections
-    apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}"
-fi
+# 1. packages: the servers, Debian's python3 and chatmaild's libraries
+# shellcheck source=scripts/packages.sh
+. scripts/packages.sh
+apt_install_missing "${RUNTIME_PACKAGES[@]}" || die "apt-get install failed"
 
 # 2. the mail user
 if ! id vmail >/dev/null 2>&1; then
@@ -45,9 +34,13 @@ if ! id vmail >/dev/null 2>&1; then
 fi
 
 # 3. the Python package in its own virtualenv
-[ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
+# on Debian's python3, seeing Debian's python3-* libraries: pip adds chatmaild alone
+if [ -f "$VENV/pyvenv.cfg" ] && ! grep -qx "include-system-site-packages = true" "$VENV/pyvenv.cfg"; then
+    rm -rf "$VENV"  # made by an older install from pip-installed libraries
+fi
+[ -x "$VENV/bin/python" ] || /usr/bin/python3 -m venv --system-site-packages "$VENV"
 pip_log=$(mktemp)
-if ! { "$VENV/bin/pip" install -q --upgrade pip && "$VENV/bin/pip" install -q "$SRC"; } >"$pip_log" 2>&1; then
+if ! "$VENV/bin/pip" install -q --no-deps --upgrade "$SRC" >"$pip_log" 2>&1; then
     cat "$pip_log" >&2
     die "pip install failed"
 fi

@@ -3,6 +3,7 @@ and two of them exchanging mail."""
 
 from __future__ import annotations
 
+import imaplib
 import json
 import os
 import shutil
@@ -121,7 +122,16 @@ def test_dead_daemons_and_servers_are_restarted(base):
         assert relay.wait_line(lambda line: "exited with status -9; restarting in" in line)
         # reaped, not left as zombies
         assert not zombie(victim) and not zombie(dovecot)
-        # and serving again: a new account logs in, its mail is filtered and delivered
+        # and serving again (once the new processes listen): a new account logs in, its
+        # mail is filtered and delivered
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                relay.imap(*relay.printed_account()).logout()
+                break
+            except (OSError, imaplib.IMAP4.error):
+                assert time.monotonic() < deadline, relay.output
+                time.sleep(0.2)
         message = send_and_receive(relay, relay)
         assert b"multipart/encrypted" in message
     finally:

@@ -7,7 +7,8 @@ leaves the machine except to explicitly added peer relays), starts:
 
 1. the chatmaild daemons, as the vmail user (``setpriv``), umask 077, from a
    copy of the package staged in the state directory (see :mod:`.staging`);
-2. ``postfix -c <dir> start-fg`` (creates ``spool/private`` for Dovecot's sockets);
+2. ``postfix -c <dir> check`` (creates ``spool/private`` for Dovecot's sockets),
+   then Postfix's ``master -c <dir> -s``;
 3. ``dovecot -F -c <file>``;
 
 every one a child process in the foreground, so it can always be stopped, even
@@ -20,6 +21,7 @@ or server that dies is restarted with back-off, like ``Restart=always`` units.
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.util
 import json
 import logging
@@ -149,11 +151,14 @@ def _wait_gone(pids: set[int], timeout: float) -> None:
             os.kill(pid, signal.SIGKILL)
 
 
-def _comm(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/comm").read_text().strip()
-    except OSError:
-        return ""
+@functools.cache
+def _postfix_daemon_directory(config_dir: str) -> str:
+    return subprocess.run(
+        ["postconf", "-c", config_dir, "-h", "daemon_directory"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
 
 
 def _read_pid(path: Path) -> int | None:
@@ -321,9 +326,6 @@ class Relay:
         try:
             self._prepare()
             for name in self._commands():
-                if name == "dovecot" and "postfix" in self.components:
-                    # Dovecot binds its LMTP and auth sockets in the directory Postfix makes
-                    self._wait_ready(self.layout.postfix_queue_dir / "private")
                 self.spawn(name)
             self._wait_ready()
         except BaseException:
@@ -458,7 +460,10 @@ class Relay:
             cmds["newemail"] = [program("chatmail-newemail"), "--config", ini, "--listen", listen]
         # the servers start once our sockets are asked for (Dovecot connects lazily anyway)
         if "postfix" in c:
-            cmds["postfix"] = ["postfix", "-c", str(self.layout.postfix_config_dir), "start-fg"]
+            # the master itself, no postfix-script shell between: our child is the master
+            conf = str(self.layout.postfix_config_dir)
+            master = f"{_postfix_daemon_directory(conf)}/master"
+            cmds["postfix"] = [master, "-c", conf, "-s"]
         if "dovecot" in c:
             conf = self.layout.dovecot_config_dir / "dovecot.conf"
             cmds["dovecot"] = ["dovecot", "-F", "-c", str(conf)]
@@ -486,6 +491,8 @@ class Relay:
         env["HOME"] = str(self.run_dir)
         env["PYTHONUNBUFFERED"] = "1"
         logfile = self.log_dir / (f"{name}-start.out" if name in SERVERS else f"{name}.log")
+        if name == "postfix":
+            self._postfix_check(logfile)
         with open(logfile, "ab") as out:
             proc = subprocess.Popen(
                 self.daemon_command(name),
@@ -503,6 +510,19 @@ class Relay:
         # recorded so that a later start can end what a killed run left behind
         (self.run_dir / f"{name}.relay-pid").write_text(f"{proc.pid}\n")
         return proc
+
+    def _postfix_check(self, logfile: Path) -> None:
+        """What `postfix start` does before it runs the master: create missing queue
+        directories (private/ for Dovecot's sockets too), check owners and modes."""
+        with open(logfile, "ab") as out:
+            res = subprocess.run(
+                ["postfix", "-c", str(self.layout.postfix_config_dir), "check"],
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
+        if res.returncode != 0:
+            raise RelayError(f"postfix check failed ({res.returncode})\n{self._log_of('postfix')}")
 
     def _log_of(self, name: str) -> str:
         if name in SERVERS:
@@ -593,12 +613,9 @@ class Relay:
                 checks.append(("dovecot lmtp", str(self.ports["lmtp"]), logs / "dovecot.log"))
         return checks
 
-    def _wait_ready(self, directory: Path | None = None, timeout: float = START_TIMEOUT) -> None:
-        """Wait until every listener is up, or only until ``directory`` exists."""
-        if directory is not None:
-            pending = [(str(directory), "", self.log_dir / "postfix.log")]
-        else:
-            pending = self._readiness_checks()
+    def _wait_ready(self, timeout: float = START_TIMEOUT) -> None:
+        """Wait until every listener is up."""
+        pending = self._readiness_checks()
         deadline = time.monotonic() + timeout
         while pending:
             for name, proc in self._procs.items():
@@ -606,15 +623,12 @@ class Relay:
                     raise RelayError(
                         f"{name} exited with {proc.returncode} during start\n" + self._log_of(name)
                     )
-            if directory is not None:
-                pending = [] if directory.is_dir() else pending
-            else:
-                tcp, unix = _listening()
-                pending = [
-                    chk
-                    for chk in pending
-                    if not (chk[1] in unix if isinstance(chk[1], str) else chk[1] in tcp)
-                ]
+            tcp, unix = _listening()
+            pending = [
+                chk
+                for chk in pending
+                if not (chk[1] in unix if isinstance(chk[1], str) else chk[1] in tcp)
+            ]
             if not pending:
                 break
             if time.monotonic() > deadline:
@@ -676,9 +690,8 @@ class Relay:
             procs = dict(self._procs)
         if "dovecot" in procs and procs["dovecot"].poll() is None:
             masters.add(procs["dovecot"].pid)
-        if "postfix" in procs:
-            # start-fg: the postfix-script shell waits for its child, the master
-            masters |= {pid for pid in process_tree(procs["postfix"].pid) if _comm(pid) == "master"}
+        if "postfix" in procs and procs["postfix"].poll() is None:
+            masters.add(procs["postfix"].pid)
         return masters
 
     def stop(self) -> None:
