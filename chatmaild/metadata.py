@@ -115,7 +115,7 @@ class MetadataDaemon(DictDaemon):
         self.notifier = Notifier(config, self.tokens)
 
     def endpoint(self) -> Endpoint:
-        return Endpoint.unix(self.config.metadata_socket, mode=0o660)
+        return Endpoint.unix(self.config.metadata_socket)
 
     async def start(self) -> None:
         if not self.config.mailboxes_path.is_dir():

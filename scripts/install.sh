@@ -73,6 +73,9 @@ MAILBOXES=$("$PY" -c "from chatmaild.config import read_config; print(read_confi
 EXTERNAL_TLS=$("$PY" -c "from chatmaild.config import read_config; print(read_config('$INI').tls_external_cert_and_key or '')")
 mkdir -p "$MAILBOXES"
 chown vmail:vmail "$MAILBOXES"
+# account names, password hashes and mail are vmail's alone (useradd made the
+# home 0755 under Debian's UMASK 022)
+chmod 0700 "$MAILBOXES" /home/vmail
 
 # 5. TLS: the configured certificate, else a self-signed one (kept across runs)
 if [ -z "$EXTERNAL_TLS" ] && [ ! -f "$TLS_DIR/cert.pem" ]; then

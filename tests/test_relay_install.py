@@ -65,6 +65,18 @@ CHECK = textwrap.dedent(
     _, data = imap.fetch(b"1", "(RFC822)")
     assert b"multipart/encrypted" in data[0][1]
     assert b"Received:" not in data[0][1]
+
+    # another local user reaches no socket or file that tells about accounts
+    import subprocess
+    from chatmaild.testing.access import probe_as
+    for path in ("/run/doveauth/doveauth.socket", "/run/chatmail-metadata/metadata.socket",
+                 "/run/chatmail-lastlogin/lastlogin.socket", "/run/dovecot/auth-userdb"):
+        assert probe_as("nobody", "nogroup", "connect", path) == "EACCES", path
+    for path in ("/home/vmail", "/home/vmail/mail/chat.example.org"):
+        assert probe_as("nobody", "nogroup", "list", path) == "EACCES", path
+    shown = subprocess.run(["doveadm", "user", addr], capture_output=True, text=True)
+    assert shown.returncode == 0 and "home" in shown.stdout, shown.stdout + shown.stderr
+    assert "password" not in shown.stdout, shown.stdout
     print("install check ok", addr)
     """
 )

@@ -341,6 +341,8 @@ class Relay:
         for d in (self.run_dir, self.state_dir / "vmail", Path(self.config.mailboxes_dir)):
             d.mkdir(parents=True, exist_ok=True)
             os.chown(d, vmail.pw_uid, vmail.pw_gid)
+            # vmail's alone: the dict sockets, account names, hashes (SECURITY.md)
+            os.chmod(d, 0o700)
         self._make_tls(vmail.pw_gid)
         if "filtermail" in self.components:
             self._make_dkim_key(vmail)
