@@ -335,6 +335,7 @@ class Relay:
         os.chmod(self.state_dir, 0o755)  # postfix, dovecot, vmail all traverse it
         for d in (self.log_dir, self.layout.postfix_queue_dir, self.layout.dovecot_state_dir):
             d.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.log_dir, 0o700)  # the logs name every account; only root writes them
         postfix_user = pwd.getpwnam("postfix")
         self.layout.postfix_data_dir.mkdir(parents=True, exist_ok=True)
         os.chown(self.layout.postfix_data_dir, postfix_user.pw_uid, postfix_user.pw_gid)
