@@ -47,6 +47,13 @@ CHECK = textwrap.dedent(
 
     imap = imaplib.IMAP4_SSL("127.0.0.1", 993, ssl_context=ctx)
     imap.login(addr, password)
+    # the app versions file is part of the installed package
+    imaplib.Commands.setdefault("GETMETADATA", ("AUTH", "SELECTED"))
+    typ, data = imap._simple_command(
+        "GETMETADATA", '""', "(/shared/vendor/deltachat/appversions)")
+    _, found = imap._untagged_response(typ, data, "METADATA")
+    assert typ == "OK" and isinstance(found[0], tuple), found
+    assert json.loads(found[0][1])["clients"], found
     with smtplib.SMTP_SSL("127.0.0.1", 465, context=ctx) as smtp:
         smtp.login(addr, password)
         smtp.sendmail(addr, [addr], encrypted_message(addr, [addr]))
