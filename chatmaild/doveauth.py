@@ -164,7 +164,9 @@ class DoveauthDaemon(DictDaemon):
 
     async def iterate(self, flags, max_rows, paths, user):
         if paths and paths[0].rstrip("/") == "shared/userdb":
-            return [(f"shared/userdb/{addr}", "") for addr in self.auth.store.iter_addresses()]
+            # one stat per account (only complete accounts are listed): off the event loop
+            addrs = await asyncio.to_thread(list, self.auth.store.iter_addresses())
+            return [(f"shared/userdb/{addr}", "") for addr in addrs]
         return []
 
 
