@@ -163,8 +163,6 @@ def cmd_accounts(args: argparse.Namespace) -> int:
             continue
         account = store.account(addr)
         flags = []
-        if not account.exists:
-            flags.append("no-password")
         if account.is_disabled:
             flags.append("disabled")
         if account.enforces_e2ee_incoming:

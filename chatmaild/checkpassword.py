@@ -130,12 +130,15 @@ def decide(config, user: str, password: str, environ: dict) -> dict:
     auth = AuthService(config)
     authorized = environ.get("AUTHORIZED") == "1"
     credentials = authorized and environ.get("CREDENTIALS_LOOKUP") == "1"
-    if authorized:
+    if credentials:
+        # passdb lookup without a password (Dovecot checks the hash): not for disabled accounts
+        fields = auth.credentials(user)
+        if fields is None:
+            raise CheckpasswordExit(EXIT_UNKNOWN_USER, f"unknown or disabled user {user!r}")
+    elif authorized:
         fields = auth.userdb(user)
         if fields is None:
             raise CheckpasswordExit(EXIT_UNKNOWN_USER, f"unknown user {user!r}")
-        if credentials and auth.store.account(user).is_disabled:
-            raise CheckpasswordExit(EXIT_UNKNOWN_USER, f"account {fields['addr']} is disabled")
     else:
         fields = auth.passdb(user, password)
         if fields is None:

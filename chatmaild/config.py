@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .appversions import PACKAGED_PATH as APPVERSIONS_PACKAGED
+
 DEFAULT_CONFIG_PATH = "/etc/chatmail/chatmail.ini"
 SECTION = "params"
 
@@ -282,7 +284,17 @@ class Config:
         parse_url, "push notification endpoint", "https://notifications.delta.chat/notify"
     )
     notification_dir: str = _key(parse_abspath, "queue of pending push notifications", "")
-    iroh_relay: str = _key(parse_url, "iroh relay URL advertised to clients", "")
+    iroh_relay: str = _key(
+        parse_url,
+        "iroh relay URL advertised to clients; unset: https://<mail_domain>, empty: none",
+        None,
+    )
+    appversions_path: str = _key(
+        parse_optional_abspath,
+        "JSON file of current app builds (METADATA appversions); unset: the packaged"
+        " chatmaild/data/appversions.json, empty: not served",
+        None,
+    )
     turn_socket_path: str = _key(
         parse_abspath, "TURN credentials socket", "/run/chatmail-turn/turn.socket"
     )
@@ -333,6 +345,11 @@ class Config:
             object.__setattr__(
                 self, "notification_dir", str(Path(self.mailboxes_dir) / "pending_notifications")
             )
+        # unset and empty differ for these two (as in the reference): empty turns it off
+        if self.iroh_relay is None:
+            object.__setattr__(self, "iroh_relay", f"https://{bare}")
+        if self.appversions_path is None:
+            object.__setattr__(self, "appversions_path", str(APPVERSIONS_PACKAGED))
         if self.username_min_length > self.username_max_length:
             raise ConfigError(
                 f"username_min_length = {self.username_min_length} is greater than "

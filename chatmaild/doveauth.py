@@ -12,6 +12,13 @@ Keys on the wire (Dovecot adds the ``shared/`` prefix):
     shared/userdb/<user>
 
 Iterating ``shared/userdb/`` lists every account (``doveadm user '*'``).
+Only passdb answers carry the password hash; userdb answers (which Dovecot
+passes on to doveadm, LMTP and mail processes) never do.
+
+The socket is created mode 0600: its one client is Dovecot's auth-worker
+process, which runs as the vmail user like doveauth (``service auth-worker``
+in dovecot.conf).  Whoever can connect can list accounts, read hashes and
+create accounts, so keep its directory private to vmail as well.
 
 At start, accounts of the reference relay's old sqlite database
 (passdb_path) are moved into the store once; the file is then renamed to
@@ -130,8 +137,10 @@ class DoveauthDaemon(DictDaemon):
         await asyncio.to_thread(migrate_legacy_db, self.config, self.auth.store)
 
     def endpoint(self) -> Endpoint:
-        # Dovecot's auth process connects as dovecot/root; vmail owns the socket
-        return Endpoint.unix(self.config.doveauth_socket, mode=0o666)
+        # Dovecot asks from its auth-worker process, which runs as vmail like we do
+        # (service auth-worker in dovecot.conf): nobody else may list accounts,
+        # read hashes or create accounts here
+        return Endpoint.unix(self.config.doveauth_socket)
 
     async def lookup(self, key: str, user: str | None) -> str | None:
         namespace, _, rest = key.partition("/")
@@ -145,8 +154,8 @@ class DoveauthDaemon(DictDaemon):
             if len(fields) != 2:
                 raise ProtocolError('passdb key needs <password>"<user>')
             password, username = fields
-            known = self.auth.userdb(username)
-            if known is not None and not self.auth.store.account(username).is_disabled:
+            known = self.auth.credentials(username)
+            if known is not None:
                 answer = known  # fast path: no thread for existing accounts
             else:
                 # hashing and the creation lock block: keep them off the event loop
@@ -155,7 +164,9 @@ class DoveauthDaemon(DictDaemon):
 
     async def iterate(self, flags, max_rows, paths, user):
         if paths and paths[0].rstrip("/") == "shared/userdb":
-            return [(f"shared/userdb/{addr}", "") for addr in self.auth.store.iter_addresses()]
+            # one stat per account (only complete accounts are listed): off the event loop
+            addrs = await asyncio.to_thread(list, self.auth.store.iter_addresses())
+            return [(f"shared/userdb/{addr}", "") for addr in addrs]
         return []
 
 

@@ -64,8 +64,14 @@ fi
 DOMAIN=$("$PY" -c "from chatmaild.config import read_config; print(read_config('$INI').mail_domain)")
 MAILBOXES=$("$PY" -c "from chatmaild.config import read_config; print(read_config('$INI').mailboxes_dir)")
 EXTERNAL_TLS=$("$PY" -c "from chatmaild.config import read_config; print(read_config('$INI').tls_external_cert_and_key or '')")
+# account names, password hashes and mail are vmail's alone (useradd makes the
+# home 0755 under Debian's UMASK 022; an existing vmail user may have none)
+mkdir -p /home/vmail
+chown vmail:vmail /home/vmail
+chmod 0700 /home/vmail
 mkdir -p "$MAILBOXES"
 chown vmail:vmail "$MAILBOXES"
+chmod 0700 "$MAILBOXES"
 
 # 5. TLS: the configured certificate, else a self-signed one (kept across runs)
 if [ -z "$EXTERNAL_TLS" ] && [ ! -f "$TLS_DIR/cert.pem" ]; then

@@ -39,23 +39,28 @@ cleanup() {
     sleep 1.5
 }
 trap cleanup EXIT
-# what systemd would do for each daemon unit: RuntimeDirectory=, User=, ExecStart=
+# what systemd would do for each daemon unit: RuntimeDirectory=(Mode=), User=, UMask=, ExecStart=
 for unit in "$SRC"/systemd/*.service; do
     grep -q '^Type=notify' "$unit" || continue
     exec_start=$(sed -n 's/^ExecStart=//p' "$unit")
     user=$(sed -n 's/^User=//p' "$unit")
     rundir=$(sed -n 's/^RuntimeDirectory=//p' "$unit")
+    rundir_mode=$(sed -n 's/^RuntimeDirectoryMode=//p' "$unit")
     if [ -n "$rundir" ]; then
-        install -d -o "$user" -g "$user" -m 0755 "/run/$rundir"
+        install -d -o "$user" -g "$user" -m "${rundir_mode:-0755}" "/run/$rundir"
     fi
     caps=()
     if grep -q '^AmbientCapabilities=CAP_NET_BIND_SERVICE' "$unit"; then
         caps=(--inh-caps +net_bind_service --ambient-caps +net_bind_service)
     fi
+    unit_umask=$(sed -n 's/^UMask=//p' "$unit")
+    shell_umask=$(umask)
+    umask "${unit_umask:-0022}"
     # shellcheck disable=SC2086
     setpriv --reuid="$user" --regid="$user" --init-groups "${caps[@]}" $exec_start \
         > "$WORK/$(basename "$unit" .service).log" 2>&1 &
     pids+=($!)
+    umask "$shell_umask"
 done
 postfix start > "$WORK/postfix-start.log" 2>&1
 dovecot > "$WORK/dovecot-start.log" 2>&1

@@ -374,12 +374,15 @@ class Relay:
         os.chmod(self.state_dir, 0o755)  # postfix, dovecot, vmail all traverse it
         for d in (self.log_dir, self.layout.postfix_queue_dir, self.layout.dovecot_state_dir):
             d.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.log_dir, 0o700)  # the logs name every account; only root writes them
         postfix_user = pwd.getpwnam("postfix")
         self.layout.postfix_data_dir.mkdir(parents=True, exist_ok=True)
         os.chown(self.layout.postfix_data_dir, postfix_user.pw_uid, postfix_user.pw_gid)
         for d in (self.run_dir, self.state_dir / "vmail", Path(self.config.mailboxes_dir)):
             d.mkdir(parents=True, exist_ok=True)
             os.chown(d, vmail.pw_uid, vmail.pw_gid)
+            # vmail's alone: the dict sockets, account names, hashes (SECURITY.md)
+            os.chmod(d, 0o700)
         self._make_tls(vmail.pw_gid)
         if "filtermail" in self.components:
             self._make_dkim_key(vmail)
