@@ -225,3 +225,15 @@ def test_bounce_leaves_signed(fed):
     assert submit_code(b, erin, pw, [nobody], message) == (250, "")
     bounce = wait_for_mail(b, erin, b"Undelivered Mail Returned to Sender", timeout=40)
     assert b"MAILER-DAEMON@chat.example" in bounce
+
+
+def test_incoming_port25_from_ip_literal_sender(fed):
+    """An IP-literal relay's mail passes on the daemon's interpreter (Debian's
+    Python refused it while addresses went through email.utils); no DKIM needed."""
+    a, _, _ = fed
+    bob, _ = account(a)
+    for sender in ("one@[192.0.2.1]", "two@[IPv6:2001:db8::1]"):
+        message = mails.encrypted_message(sender, [bob], subject=f"from {sender}")
+        with port25(a) as conn:
+            conn.sendmail(sender, [bob], message)
+        assert f"from {sender}".encode() in wait_for_mail(a, bob, f"from {sender}".encode())

@@ -24,13 +24,12 @@ Stricter than the reference relay on purpose:
 from __future__ import annotations
 
 import binascii
-import ipaddress
 import re
 from email.message import Message
 from email.parser import BytesHeaderParser
 from email.policy import compat32
-from email.utils import getaddresses
 
+from ..addr import address_literal, header_addresses, valid_addr_spec
 from .pgp import armor_problem
 
 __all__ = [
@@ -349,61 +348,12 @@ def is_mailer_daemon_report(msg: bytes | bytearray | ParsedMessage) -> bool:
 
 # --- addresses ------------------------------------------------------------------------
 
-_ATOM = r"[a-z0-9!#$%&'*+/=?^_`{|}~-]+"
-_DOT_ATOM_RE = re.compile(rf"{_ATOM}(?:\.{_ATOM})*")
-_QUOTED_RE = re.compile(r'"(?:[^"\\\r\n]|\\[^\r\n])*"')
-# letters/digits/hyphen labels; UTF-8 labels allowed (SMTPUTF8), no empty label
-_DOMAIN_RE = re.compile(
-    r"(?:[a-z0-9_](?:[a-z0-9_-]*[a-z0-9_])?|[^\x00-\x7f.@\s]+)"
-    r"(?:\.(?:[a-z0-9_](?:[a-z0-9_-]*[a-z0-9_])?|[^\x00-\x7f.@\s]+))*"
-)
-_ANY_LOCAL_RE = re.compile(
-    r"[^\x00-\x20\x7f\"@<>()\[\]\\,;:]+(?:\.[^\x00-\x20\x7f\"@<>()\[\]\\,;:]+)*"
-)
 _PREFIX_RE = re.compile(r"\s*(?:mail\s+from|rcpt\s+to)\s*:\s*", re.IGNORECASE)
 
 
 def is_domain_literal(domain: str) -> bool:
-    """True for ``[1.2.3.4]`` / ``[IPv6:...]`` (any case) with a valid IP inside."""
-    return _domain_literal_ok(domain.lower())
-
-
-def _domain_literal_ok(domain: str) -> bool:
-    if not (domain.startswith("[") and domain.endswith("]")):
-        return False
-    inner = domain[1:-1]
-    try:
-        if inner.startswith("ipv6:"):
-            ipaddress.IPv6Address(inner[5:])
-        else:
-            ipaddress.IPv4Address(inner)
-    except ValueError:
-        return False
-    return True
-
-
-def _valid_addr_spec(addr: str) -> str | None:
-    """Lower-cased ``local@domain`` if ``addr`` is one, else None."""
-    addr = addr.lower()
-    if not addr or len(addr) > 320 or not addr.isprintable():
-        return None
-    if addr.startswith('"'):
-        m = _QUOTED_RE.match(addr)
-        if not m or addr[m.end() : m.end() + 1] != "@":
-            return None
-        local, domain = addr[: m.end()], addr[m.end() + 1 :]
-    else:
-        local, sep, domain = addr.partition("@")
-        if not sep or not _ANY_LOCAL_RE.fullmatch(local):
-            return None
-    if not local or not domain or "@" in domain:
-        return None
-    if domain.startswith("["):
-        if not _domain_literal_ok(domain):
-            return None
-    elif not _DOMAIN_RE.fullmatch(domain) or len(domain) > 255:
-        return None
-    return f"{local}@{domain}"
+    """True for ``[1.2.3.4]`` / ``[IPv6:...]`` (any case), RFC 5321 address literals."""
+    return address_literal(domain) is not None
 
 
 def _angle_content(text: str) -> str | None:
@@ -478,7 +428,7 @@ def extract_address(text: str) -> str | None:
             if colon < 0:
                 return None
             inner = inner[colon + 1 :]
-        return _valid_addr_spec(inner)
+        return valid_addr_spec(inner)
     except Exception:
         return None
 
@@ -504,10 +454,9 @@ def from_address(msg: bytes | bytearray | ParsedMessage) -> str | None:
         value = values[0]
         if len(value) > 4096:
             return None
-        mailboxes = [a for _, a in getaddresses([value]) if a]
-        if len(mailboxes) != 1:
+        mailboxes = header_addresses(value)
+        if mailboxes is None or len(mailboxes) != 1:
             return None
-        addr = mailboxes[0]
-        return _valid_addr_spec(addr)
+        return valid_addr_spec(mailboxes[0])
     except Exception:
         return None
