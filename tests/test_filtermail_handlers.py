@@ -293,3 +293,17 @@ def test_plain_message_helper_roundtrip():
     # the test helper itself must produce what the filter expects (CRLF, one From)
     msg = mails.plain_message(ALICE, [REMOTE], "a\nb")
     assert b"\r\na\r\nb\r\n" in msg and msg.count(b"From: ") == 1
+
+
+@pytest.mark.parametrize("line", [b"From : <x@chat.example>", b"Subject :x", b"X-Bogus"])
+def test_malformed_header_section_is_refused_both_ways(filters, line):
+    outgoing = mails.encrypted_message(ALICE, [REMOTE])
+    outgoing = outgoing.replace(b"\r\nTo: ", b"\r\n" + line + b"\r\nTo: ", 1)
+    reply = filters.client(filters.out_port).transaction(ALICE, [REMOTE], outgoing)
+    assert reply.startswith("554 5.6.0 Malformed header section: ")
+    # dkimpy cannot sign the bad lines: added after signing (our check comes first)
+    incoming = sign_other(filters, mails.encrypted_message(REMOTE, [ALICE]))
+    incoming = incoming.replace(b"\r\nTo: ", b"\r\n" + line + b"\r\nTo: ", 1)
+    reply = filters.client(filters.in_port).transaction(REMOTE, [ALICE], incoming)
+    assert reply.startswith("554 5.6.0 Malformed header section: ")
+    assert filters.sink.messages == []

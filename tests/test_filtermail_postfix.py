@@ -23,6 +23,7 @@ from chatmaild.relay.render import bin_path
 from chatmaild.relay.stack import Relay, _connectable
 from chatmaild.testing import mails
 from chatmaild.testing.dns import LoopbackDNS
+from chatmaild.testing.imapparse import envelope_addresses, fetch_items
 from chatmaild.testing.maildirs import stored_message
 
 pytestmark = [pytest.mark.postfix, pytest.mark.timeout(240)]
@@ -237,3 +238,65 @@ def test_incoming_port25_from_ip_literal_sender(fed):
         with port25(a) as conn:
             conn.sendmail(sender, [bob], message)
         assert f"from {sender}".encode() in wait_for_mail(a, bob, f"from {sender}".encode())
+
+
+def inbox_senders(relay: Relay, addr: str, password: str) -> dict[bytes, list[str]]:
+    """Message-ID -> the From addresses Dovecot shows in the IMAP ENVELOPE."""
+    conn = relay.imap(addr, password)
+    try:
+        conn.select("INBOX")
+        _, data = conn.fetch("1:*", "(ENVELOPE)")
+    finally:
+        conn.logout()
+    items = fetch_items(data) if data and data[0] else []
+    senders = {}
+    for i in range(0, len(items), 2):  # seq, (ENVELOPE (...))
+        envelope = items[i + 1][1]
+        senders[envelope[9]] = envelope_addresses(envelope, "from")
+    return senders
+
+
+OBSOLETE_NAMES = [
+    b"From : <%(victim)s>",
+    b"From\t: <%(victim)s>",
+    b"FROM  :<%(victim)s>",
+]
+
+
+@pytest.mark.parametrize("second_from", OBSOLETE_NAMES)
+def test_a_second_from_spelled_with_space_before_colon_is_refused(fed, second_from):
+    """RFC 5322 4.5.3 obsolete syntax: Postfix and Dovecot read ``From :`` as a
+    From field, so it must count as one here too; the recipient must never be
+    shown a second author."""
+    a, _, _ = fed
+    alice, pw = account(a)
+    bob, bob_pw = account(a)
+    victim = f"victim@{a.mail_domain}"
+    attack = mails.encrypted_message(alice, [bob], subject="attack").replace(
+        b"\r\nTo: ", b"\r\n" + second_from % {b"victim": victim.encode()} + b"\r\nTo: ", 1
+    )
+    code, text = submit_code(a, alice, pw, [bob], attack)
+    control = mails.encrypted_message(alice, [bob], subject="control")
+    assert submit_code(a, alice, pw, [bob], control) == (250, "")
+    wait_for_mail(a, bob, control.split(b"Message-ID: ")[1].split(b"\r\n")[0])
+    senders = inbox_senders(a, bob, bob_pw)
+    assert all(found == [alice] for found in senders.values()), senders
+    assert (code, text[:9]) == (554, "5.6.0 Mal"), text
+
+
+def test_incoming_port25_second_from_with_space_before_colon_is_refused(fed, dkim_keys):
+    """The same on port 25, with a valid DKIM signature of the sender's domain."""
+    a, _, _ = fed
+    bob, bob_pw = account(a)
+    sender = "remote@other.example"
+    attack = mails.encrypted_message(sender, [bob], subject="attack").replace(
+        b"\r\nTo: ", f"\r\nFrom : <victim@{a.mail_domain}>\r\nTo: ".encode(), 1
+    )
+    with port25(a) as conn, pytest.raises(smtplib.SMTPDataError) as e:
+        conn.sendmail(sender, [bob], signed(attack, dkim_keys))
+    control = signed(mails.encrypted_message(sender, [bob], subject="control"), dkim_keys)
+    with port25(a) as conn:
+        conn.sendmail(sender, [bob], control)
+    wait_for_mail(a, bob, control.split(b"Message-ID: ")[1].split(b"\r\n")[0])
+    assert all(found == [sender] for found in inbox_senders(a, bob, bob_pw).values())
+    assert e.value.smtp_code == 554 and e.value.smtp_error.startswith(b"5.6.0 Malformed")

@@ -33,6 +33,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 
+from .headers import find_section
+
 log = logging.getLogger("filtermail")
 
 SIGNED_HEADERS = frozenset(dkimpy.DKIM.SHOULD) | {b"autocrypt", b"content-type"}
@@ -71,13 +73,10 @@ class DKIMError(Exception):
 
 
 def split_message(content: bytes | bytearray) -> tuple[bytes, int]:
-    """(header block ending in CRLF, offset where the body starts)."""
-    if content.startswith(b"\r\n"):
-        return b"", 2
-    i = content.find(b"\r\n\r\n")
-    if i < 0:
-        return bytes(content), len(content)
-    return bytes(content[: i + 2]), i + 4
+    """(header block ending in CRLF, offset where the body starts), split where
+    the filters' one header parser splits (HeaderError for an oversize section)."""
+    section = find_section(content)
+    return bytes(content[: section.header_end]), section.body_start
 
 
 def _body_end(content: bytes | bytearray, start: int) -> int:

@@ -5,13 +5,17 @@ SMTP, dot-stuffing already removed) or a :class:`ParsedMessage` made from it,
 never raises on hostile input, and answers False/None when in doubt.
 
 Parsing is done once and lazily: :class:`ParsedMessage` parses only the header
-block with the stdlib ``email`` package (compat32 policy: raw header values,
-no folding surprises) and splits a multipart body by searching for its
-boundary with ``bytes.find``, so a 25 MB encrypted message is never split into
-Python lines and its payload is sliced, not copied around.  Only a part's own
-(small) header block goes through the ``email`` parser.
+section, with :mod:`.headers` (the one header parser of all checks; the
+fields are held in a compat32 ``email`` Message for its parameter parsing),
+and splits a multipart body by searching for its boundary with
+``bytes.find``, so a 25 MB encrypted message is never split into Python lines
+and its payload is sliced, not copied around.  A part's own (small) header
+section goes through the same parser.
 
 Stricter than the reference relay on purpose:
+
+- a malformed header section (``From :``, a line that is no field) is
+  refused, see :mod:`.headers`;
 
 - the From header must occur exactly once and hold exactly one mailbox (a
   second From or a list of authors is how a sender is spoofed in clients that
@@ -26,10 +30,9 @@ from __future__ import annotations
 import binascii
 import re
 from email.message import Message
-from email.parser import BytesHeaderParser
-from email.policy import compat32
 
 from ..addr import address_literal, header_addresses, valid_addr_spec
+from .headers import Field, HeaderError, find_section, parse_fields
 from .pgp import armor_problem
 
 __all__ = [
@@ -47,12 +50,8 @@ __all__ = [
     "is_self_sent_autocrypt_setup",
 ]
 
-MAX_HEADER_BLOCK = 1 << 20  # a header block this large is not a chat message
 SECUREJOIN_STEPS = ("vc-request", "vg-request")
 ASM_SUBJECT = "Autocrypt Setup Message"
-
-_header_parser = BytesHeaderParser(policy=compat32)
-
 
 IDENTITY_ENCODINGS = ("7bit", "8bit", "binary", "")
 
@@ -97,43 +96,31 @@ class Part:
         return None
 
 
-def _parse_headers(block: bytes | memoryview) -> Message:
-    return _header_parser.parsebytes(bytes(block))
-
-
-def _split_entity(data: bytes | bytearray, start: int, end: int) -> tuple[int, int, bytes]:
-    """Split data[start:end] into header block and body.
-
-    Returns ``(body_start, header_end, eol)``.  The header block ends at the
-    first empty line; an entity that starts with an empty line has no headers.
-    """
-    lim = min(end, start + MAX_HEADER_BLOCK)
-    if data.startswith(b"\r\n", start, end):
-        return start + 2, start, b"\r\n"
-    if data.startswith(b"\n", start, end):
-        return start + 1, start, b"\n"
-    crlf = data.find(b"\r\n\r\n", start, lim)
-    # an LF-only blank line counts only if it comes first (never searched past crlf)
-    lf = data.find(b"\n\n", start, crlf + 2 if crlf >= 0 else lim)
-    if lf >= 0:
-        return lf + 2, lf + 1, b"\n"
-    if crlf >= 0:
-        return crlf + 4, crlf + 2, b"\r\n"
-    # no body at all (or an absurd header block): everything is header
-    first_eol = data.find(b"\n", start, lim)
-    eol = b"\r\n" if first_eol > start and data[first_eol - 1] == 0x0D else b"\n"
-    return end, end, eol
+def _message(fields: list[Field]) -> Message:
+    """The fields as a compat32 Message (raw values, as email's own parser stores them)."""
+    msg = Message()
+    for f in fields:
+        value = f.value.decode("ascii", "surrogateescape").lstrip(" \t")
+        msg.set_raw(f.name.decode("ascii"), value.rstrip("\r\n"))
+    return msg
 
 
 class ParsedMessage:
-    """A message parsed once for all checks: headers now, body parts on demand."""
+    """A message parsed once for all checks: headers now, body parts on demand.
+
+    Raises :class:`~.headers.HeaderError` for a header section the filters
+    refuse (see :mod:`.headers`); the public functions below answer False/None.
+    """
 
     def __init__(self, data: bytes | bytearray):
         # a bytearray is used as it is (no copy); do not resize it while checks run
         self.data = data
-        body_start, header_end, self.eol = _split_entity(data, 0, len(data))
-        self.headers: Message = _parse_headers(memoryview(data)[:header_end])
-        self.body_start = body_start
+        section = find_section(data)
+        self.eol = section.eol
+        self.header_end = section.header_end
+        self.fields = parse_fields(memoryview(data)[: section.header_end], section.eol)
+        self.headers: Message = _message(self.fields)
+        self.body_start = section.body_start
         self._parts: dict[int, list[Part] | None] = {}
 
     @property
@@ -201,9 +188,13 @@ class ParsedMessage:
             if len(parts) >= limit:
                 return None
             stop = max(nxt, start)
-            body_start, header_end, _ = _split_entity(data, start, stop)
-            body_start = min(body_start, stop)
-            parts.append(Part(_parse_headers(mv[start:header_end]), data, body_start, stop))
+            try:  # a part's header section follows the same rules as the message's
+                section = find_section(data, start, stop)
+                fields = parse_fields(mv[start : section.header_end], section.eol)
+            except HeaderError:
+                return None
+            body_start = min(section.body_start, stop)
+            parts.append(Part(_message(fields), data, body_start, stop))
         return parts  # the epilogue after the close delimiter is ignored
 
 

@@ -14,7 +14,7 @@ from collections.abc import Iterable
 
 from ..config import Config
 from .common import BaseHandler, clean_outgoing_headers, domain_of
-from .dkim import DKIMError, Signer, split_message
+from .dkim import DKIMError, Signer
 from .ratelimit import RateLimiter
 from .reinject import ReinjectClient
 from .smtp import Envelope, Session
@@ -73,8 +73,8 @@ class OutgoingHandler(BaseHandler):
             log.info("All recipients disabled; mail dropped")
             return "250 OK"
 
-        header_block, body_start = split_message(content)
-        headers = clean_outgoing_headers(header_block, self.config.mail_domain)
+        body_start = result.body_start
+        headers = clean_outgoing_headers(result.fields, self.config.mail_domain)
         chunks = [headers, b"\r\n", memoryview(content)[body_start:]]
         if self.signer is not None and self.leaves_relay(env.rcpt_tos[i] for i in rcpts):
             try:
