@@ -8,6 +8,7 @@ import pytest
 
 from chatmaild.accounts import FLAG_DISABLED, FLAG_ENFORCE_E2EE, AccountStore
 from chatmaild.filtermail.dkim import split_message
+from chatmaild.filtermail.headers import MAX_HEADER_SECTION
 from chatmaild.filtermail.ratelimit import RateLimiter
 from chatmaild.testing import mails
 from tests.fixtures.filtermail import DOMAIN, OTHER
@@ -306,4 +307,13 @@ def test_malformed_header_section_is_refused_both_ways(filters, line):
     incoming = incoming.replace(b"\r\nTo: ", b"\r\n" + line + b"\r\nTo: ", 1)
     reply = filters.client(filters.in_port).transaction(REMOTE, [ALICE], incoming)
     assert reply.startswith("554 5.6.0 Malformed header section: ")
+    assert filters.sink.messages == []
+
+
+def test_incoming_message_without_empty_line_is_refused_552(filters):
+    """~30 MB of header fields cost ~30 s of CPU (MIME parse, then dkimpy's);
+    the header section must end within its limit."""
+    message = f"From: <{REMOTE}>\r\n".encode() + b"X: y\r\n" * 200_000
+    reply = filters.client(filters.in_port).transaction(REMOTE, [ALICE], message)
+    assert reply == f"552 5.3.4 Header section larger than {MAX_HEADER_SECTION} bytes"
     assert filters.sink.messages == []

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from chatmaild.filtermail.dkim import Signer, public_value, split_message, txt_record
+from chatmaild.filtermail.headers import MAX_HEADER_SECTION
 from chatmaild.relay.render import bin_path
 from chatmaild.relay.stack import Relay, _connectable
 from chatmaild.testing import mails
@@ -300,3 +301,19 @@ def test_incoming_port25_second_from_with_space_before_colon_is_refused(fed, dki
     wait_for_mail(a, bob, control.split(b"Message-ID: ")[1].split(b"\r\n")[0])
     assert all(found == [sender] for found in inbox_senders(a, bob, bob_pw).values())
     assert e.value.smtp_code == 554 and e.value.smtp_error.startswith(b"5.6.0 Malformed")
+
+
+def test_incoming_port25_message_without_empty_line_is_refused(fed):
+    """Without an empty line a message is all header: the section must end
+    within its limit (a 29 MB one cost ~30 s of CPU before)."""
+    a, _, _ = fed
+    bob, _ = account(a)
+    sender = "remote@other.example"
+    message = f"From: <{sender}>\r\n".encode() + b"X: y\r\n" * 200_000
+    with port25(a) as conn, pytest.raises(smtplib.SMTPDataError) as e:
+        conn.sendmail(sender, [bob], message)
+    assert e.value.smtp_code == 552
+    assert (
+        e.value.smtp_error
+        == f"5.3.4 Header section larger than {MAX_HEADER_SECTION} bytes".encode()
+    )

@@ -12,7 +12,13 @@ from hypothesis import strategies as st
 
 from chatmaild.filtermail import mime
 from chatmaild.filtermail.common import classify, clean_outgoing_headers
-from chatmaild.filtermail.headers import HeaderError, Section, find_section, parse_fields
+from chatmaild.filtermail.headers import (
+    MAX_HEADER_SECTION,
+    HeaderError,
+    Section,
+    find_section,
+    parse_fields,
+)
 from chatmaild.testing import mails
 
 ALICE = "alice@chat.example"
@@ -168,3 +174,68 @@ def test_accepted_sections_read_the_same_in_email_and_dkimpy(lines):
     assert [v for _, v in raw_items] == expected
     headers, _ = dkimpy.rfc822_parse(block + b"\r\n")
     assert [name for name, _ in headers] == [f.name for f in fields]
+
+
+# --- item 4: a message without an empty line is not parsed as 30 MB of header
+
+
+def no_empty_line(size: int) -> bytes:
+    return b"From: <remote@other.example>\r\n" + b"X: y\r\n" * (size // 6)
+
+
+class Watched(bytes):
+    """Records the highest offset any search of the header parser reached."""
+
+    reached = 0
+
+    def find(self, sub, start=0, end=None):  # type: ignore[override]
+        Watched.reached = max(Watched.reached, len(self) if end is None else end)
+        return super().find(sub, start, end)
+
+    def startswith(self, prefix, start=0, end=None):  # type: ignore[override]
+        Watched.reached = max(Watched.reached, start + len(prefix))
+        return super().startswith(prefix, start, end)
+
+
+def test_a_header_section_without_end_is_refused_after_the_limit():
+    Watched.reached = 0
+    with pytest.raises(HeaderError) as e:
+        find_section(Watched(no_empty_line(29 * 2**20)))
+    assert e.value.reply == f"552 5.3.4 Header section larger than {MAX_HEADER_SECTION} bytes"
+    assert 0 < Watched.reached <= MAX_HEADER_SECTION + 4
+
+
+def test_the_limit_is_exact():
+    at_limit = b"X: " + b"y" * (MAX_HEADER_SECTION - 5) + b"\r\n"
+    assert len(at_limit) == MAX_HEADER_SECTION
+    assert find_section(at_limit + b"\r\nbody").header_end == MAX_HEADER_SECTION
+    assert find_section(at_limit).header_end == MAX_HEADER_SECTION  # header-only message
+    with pytest.raises(HeaderError):
+        find_section(b"X" + at_limit + b"\r\nbody")
+    with pytest.raises(HeaderError):
+        find_section(b"X" + at_limit)
+
+
+def test_parts_are_bounded_too(monkeypatch):
+    """A part without an empty line is no part (and is not parsed as header)."""
+    parsed_bytes = []
+    real = mime.parse_fields
+    monkeypatch.setattr(
+        mime, "parse_fields", lambda b, e: parsed_bytes.append(len(b)) or real(b, e)
+    )
+    message = mails.encrypted_message(ALICE, [BOB])
+    head, sep, rest = message.partition(b"\r\n--bnd")
+    big_part = b"Content-Type: text/plain\r\n" + b"X: y\r\n" * 200_000
+    boundary = rest.split(b"\r\n", 1)[0]
+    bad = head + sep + boundary + b"\r\n" + big_part + b"\r\n--bnd" + boundary + b"--\r\n"
+    assert not mime.is_encrypted(bad, outgoing=True)
+    assert max(parsed_bytes) <= MAX_HEADER_SECTION
+
+
+def test_classify_refuses_before_parsing_fields(monkeypatch):
+    calls = []
+    monkeypatch.setattr(mime, "parse_fields", lambda *a: calls.append(a))
+    with pytest.raises(HeaderError) as e:
+        classify(no_empty_line(29 * 2**20), False, "remote@other.example", [BOB])
+    assert e.value.reply.startswith("552 5.3.4 ")
+    assert calls == []
