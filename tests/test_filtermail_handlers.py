@@ -317,3 +317,12 @@ def test_incoming_message_without_empty_line_is_refused_552(filters):
     reply = filters.client(filters.in_port).transaction(REMOTE, [ALICE], message)
     assert reply == f"552 5.3.4 Header section larger than {MAX_HEADER_SECTION} bytes"
     assert filters.sink.messages == []
+
+
+@pytest.mark.parametrize("checksum", [b"=AAA", b"=3D7rkM", b""])
+def test_malformed_or_missing_armor_checksum_passes(filters, checksum):
+    msg = mails.encrypted_message(ALICE, [BOB])
+    crc_start = msg.rindex(b"\r\n=", 0, msg.index(b"-----END PGP MESSAGE")) + 2
+    crc_end = msg.index(b"\r\n", crc_start) + 2
+    msg = msg[:crc_start] + (checksum + b"\r\n" if checksum else b"") + msg[crc_end:]
+    assert filters.client(filters.out_port).transaction(ALICE, [BOB], msg) == "250 OK"

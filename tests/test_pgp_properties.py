@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import email
+import re
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -117,6 +118,45 @@ def test_random_mutations_never_raise(name, data):
     pos = data.draw(st.integers(min_value=0, max_value=len(binary) - 1))
     binary[pos] = data.draw(st.integers(min_value=0, max_value=255))
     assert isinstance(pgp.check_openpgp_packets(bytes(binary)), bool)
+
+
+def with_checksum_line(name: str, line: bytes) -> bytes:
+    """The corpus payload with its checksum line replaced by (or added as) ``line``."""
+    text = ARMORED[name].rstrip(b"\r\n")
+    head, _, _ = text.rpartition(b"\r\n" + pgp.END)
+    body, _, last = head.rpartition(b"\r\n")
+    if last.startswith(b"="):
+        head = body
+    return head + b"\r\n" + line + b"\r\n" + pgp.END + b"\r\n"
+
+
+CHECKSUM_SHAPED = st.from_regex(rb"\A=[A-Za-z0-9+/=]{0,8}[ \t]{0,8}\Z")
+
+
+@SETTINGS
+@given(name=st.sampled_from(VALID_NAMES), line=CHECKSUM_SHAPED)
+def test_any_checksum_line_present_malformed_or_wrong_is_accepted(name, line):
+    # RFC 9580 6.1: a reader MUST NOT reject armor over its checksum
+    binary, problem = pgp.dearmor(with_checksum_line(name, line), outgoing=True)
+    assert problem is None, (line, problem)
+    assert binary == BINARY[name]
+
+
+@SETTINGS
+@given(name=st.sampled_from(VALID_NAMES), line=st.binary(min_size=1, max_size=40))
+def test_the_checksum_line_carries_nothing(name, line):
+    """Whatever stands in the checksum line's place: either the armor is refused,
+    or the line is checksum-shaped (at most 17 bytes of base64 and blanks) and the
+    decoded payload is exactly the one without it.  No other text passes."""
+    if b"\r" in line or b"\n" in line:
+        return
+    binary, problem = pgp.dearmor(with_checksum_line(name, line), outgoing=False)
+    if problem is None:
+        checksum_shaped = re.fullmatch(rb"=[A-Za-z0-9+/=]{0,8}[ \t]{0,8}", line)
+        data_line = re.fullmatch(rb"[A-Za-z0-9+/]+={0,2}", line)
+        assert checksum_shaped or data_line, line
+        if checksum_shaped:
+            assert binary == BINARY[name]
 
 
 @SETTINGS
