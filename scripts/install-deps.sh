@@ -9,6 +9,7 @@ APT_PACKAGES=(
     postfix dovecot-core dovecot-imapd dovecot-lmtpd
     libsystemd-dev pkg-config gcc python3-dev python3-venv
     openssl gnupg sq zstd dovecot-dev iproute2 util-linux procps
+    python3-nacl  # PyNaCl: dkimpy's Ed25519 signing in the DKIM tests
 )
 
 need_apt=()

@@ -317,3 +317,21 @@ def test_incoming_port25_message_without_empty_line_is_refused(fed):
         e.value.smtp_error
         == f"5.3.4 Header section larger than {MAX_HEADER_SECTION} bytes".encode()
     )
+
+
+def test_incoming_port25_ed25519_dkim(fed, ed25519_key):
+    """A domain that signs only with Ed25519 (RFC 8463) reaches our users."""
+    a, _, dns = fed
+    bob, _ = account(a)
+    sender = "ed@other.example"
+    dns.set_txt("ed._domainkey.other.example", ed25519_key.record())
+    message = mails.encrypted_message(sender, [bob], subject="signed with ed25519")
+    with port25(a) as conn:
+        conn.sendmail(sender, [bob], ed25519_key.sign(message, "other.example", "ed"))
+    assert b"signed with ed25519" in wait_for_mail(a, bob, b"signed with ed25519")
+    signed = ed25519_key.sign(message, "other.example", "ed")
+    tampered = signed.replace(b"Subject: signed with", b"Subject: forged with")
+    assert tampered != signed
+    with port25(a) as conn, pytest.raises(smtplib.SMTPDataError) as e:
+        conn.sendmail(sender, [bob], tampered)
+    assert e.value.smtp_code == 554
