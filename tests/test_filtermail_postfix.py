@@ -30,6 +30,8 @@ from chatmaild.testing.maildirs import stored_message
 pytestmark = [pytest.mark.postfix, pytest.mark.timeout(240)]
 
 COMPONENTS = ["postfix", "dovecot", "doveauth", "filtermail"]
+PASSTHROUGH_SENDER = "passthru1@chat.example"  # relay a's passthrough_senders
+PASSTHROUGH_RECIPIENT = "xstore001@chat.example"  # relay a's passthrough_recipients
 
 
 def start_milter(relay: Relay) -> subprocess.Popen | None:
@@ -60,7 +62,8 @@ def fed(dkim_keys):
     a = Relay(
         root / "a",
         {"mail_domain": "chat.example", "max_user_send_per_minute": 1,
-         "max_user_send_burst_size": 3, **common},
+         "max_user_send_burst_size": 3, "passthrough_senders": PASSTHROUGH_SENDER,
+         "passthrough_recipients": PASSTHROUGH_RECIPIENT, **common},
         components=COMPONENTS,
     )  # fmt: skip
     b = Relay(root / "b", {"mail_domain": "other.example", **common}, components=COMPONENTS)
@@ -335,3 +338,23 @@ def test_incoming_port25_ed25519_dkim(fed, ed25519_key):
     with port25(a) as conn, pytest.raises(smtplib.SMTPDataError) as e:
         conn.sendmail(sender, [bob], tampered)
     assert e.value.smtp_code == 554
+
+
+def test_passthrough_sender_and_recipient(fed):
+    """Cleartext leaves from a passthrough sender, or to passthrough recipients
+    only; any other recipient among them still gets the 523."""
+    a, _, _ = fed
+    sender_pw = "passthrough-sender-pw"
+    a.imap(PASSTHROUGH_SENDER, sender_pw).logout()
+    a.imap(PASSTHROUGH_RECIPIENT, "passthrough-recipient-pw").logout()
+    alice, pw = account(a)
+    bob, _ = account(a)
+    message = mails.plain_message(PASSTHROUGH_SENDER, [bob], text="from the passthrough sender")
+    assert submit_code(a, PASSTHROUGH_SENDER, sender_pw, [bob], message) == (250, "")
+    assert b"from the passthrough sender" in wait_for_mail(a, bob, b"passthrough sender")
+    message = mails.plain_message(alice, [PASSTHROUGH_RECIPIENT], text="to the passthrough rcpt")
+    assert submit_code(a, alice, pw, [PASSTHROUGH_RECIPIENT], message) == (250, "")
+    assert wait_for_mail(a, PASSTHROUGH_RECIPIENT, b"to the passthrough rcpt")
+    both = [PASSTHROUGH_RECIPIENT, bob]
+    code, text = submit_code(a, alice, pw, both, mails.plain_message(alice, both))
+    assert code == 523 and "Encryption Needed" in text
