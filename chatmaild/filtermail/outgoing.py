@@ -61,6 +61,13 @@ class OutgoingHandler(BaseHandler):
             return f"450 4.7.1: Too much mail from {addr}, try again in {wait:.0f} s"
         return None
 
+    def passthrough(self, mail_from: str, rcpts: list[str]) -> bool:
+        c = self.config
+        if is_passthrough(mail_from, rcpts, c.passthrough_senders, c.passthrough_recipients):
+            log.info("passthrough: unencrypted mail from %s allowed", mail_from)
+            return True
+        return False
+
     def leaves_relay(self, rcpts: Iterable[str]) -> bool:
         """True if some recipient is on another domain.  Mail for our own users
         goes straight to their mailboxes where nobody checks DKIM, so it is not
@@ -78,16 +85,7 @@ class OutgoingHandler(BaseHandler):
             log.info("Outgoing: Filtering encrypted mail.")
         else:
             log.info("Outgoing: Filtering unencrypted mail.")
-            if result.autocrypt_setup:
-                pass
-            elif is_passthrough(
-                mail_from,
-                env.rcpt_tos,
-                self.config.passthrough_senders,
-                self.config.passthrough_recipients,
-            ):
-                log.info("passthrough: unencrypted mail from %s allowed", mail_from)
-            else:
+            if not result.autocrypt_setup and not self.passthrough(mail_from, env.rcpt_tos):
                 log.info("Rejected unencrypted mail from: %s", result.from_addr)
                 return ENCRYPTION_NEEDED
         if self.is_disabled(mail_from):
