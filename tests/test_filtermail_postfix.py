@@ -269,7 +269,7 @@ OBSOLETE_NAMES = [
 
 @pytest.mark.parametrize("second_from", OBSOLETE_NAMES)
 def test_a_second_from_spelled_with_space_before_colon_is_refused(fed, second_from):
-    """RFC 5322 4.5.3 obsolete syntax: Postfix and Dovecot read ``From :`` as a
+    """RFC 5322 4.5 obsolete syntax: Postfix and Dovecot read ``From :`` as a
     From field, so it must count as one here too; the recipient must never be
     shown a second author."""
     a, _, _ = fed

@@ -7,7 +7,7 @@ another about which fields a message has.
 
 Postfix and Dovecot read more than RFC 5322's strict syntax: a field name
 followed by whitespace before the colon (``From :``, the obsolete syntax of
-RFC 5322 4.5.3) is that field to them; Postfix even rewrites it into a
+RFC 5322 4.5) is that field to them; Postfix even rewrites it into a
 ``From:`` header.  A parser that skips such a line lets a sender add a second
 author that every check here misses and every mail client shows.  Rather
 than guess how each downstream program reads the rarer forms, a header
