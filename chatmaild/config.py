@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .addr import valid_addr_spec
 from .appversions import PACKAGED_PATH as APPVERSIONS_PACKAGED
 
 DEFAULT_CONFIG_PATH = "/etc/chatmail/chatmail.ini"
@@ -182,6 +183,35 @@ def parse_url(raw: str) -> str:
     return value
 
 
+def _address_list(raw: str) -> list[str]:
+    return raw.replace(",", " ").split()
+
+
+def parse_addresses(raw: str) -> tuple[str, ...]:
+    """Space-separated e-mail addresses (lower-cased)."""
+    out = []
+    for entry in _address_list(raw):
+        addr = valid_addr_spec(entry)
+        if addr is None:
+            raise ValueError(f"{entry!r} is not an e-mail address; expected addresses like a@b.org")
+        out.append(addr)
+    return tuple(out)
+
+
+def parse_addresses_or_domains(raw: str) -> tuple[str, ...]:
+    """Space-separated e-mail addresses or ``@domain`` entries (lower-cased)."""
+    out = []
+    for entry in _address_list(raw):
+        addr = valid_addr_spec("x" + entry if entry.startswith("@") else entry)
+        if addr is None:
+            raise ValueError(
+                f"{entry!r} is neither an e-mail address nor @domain; "
+                "expected entries like a@b.org or @b.org"
+            )
+        out.append(addr[1:] if entry.startswith("@") else addr)
+    return tuple(out)
+
+
 def _key(
     parse: Callable[[str], Any], doc: str, default: Any = dataclasses.MISSING, **kw: Any
 ) -> Any:
@@ -259,6 +289,17 @@ class Config:
     postfix_reinject_port: int = _key(parse_port, "Postfix outgoing re-injection port", 10025)
     postfix_reinject_port_incoming: int = _key(
         parse_port, "Postfix incoming re-injection port", 10026
+    )
+    passthrough_senders: tuple[str, ...] = _key(
+        parse_addresses,
+        "senders whose unencrypted mail may leave (addresses, space-separated)",
+        (),
+    )
+    passthrough_recipients: tuple[str, ...] = _key(
+        parse_addresses_or_domains,
+        "recipients (addresses or @domains) who may get unencrypted mail from our"
+        " users; every recipient of a message must match",
+        (),
     )
     filtermail_idle_timeout: float = _key(
         parse_float, "seconds filtermail waits for the next SMTP input before 421", 300.0
@@ -399,8 +440,6 @@ IGNORED_KEYS = frozenset(
     {
         "filtermail_http_port_incoming",
         "filtermail_lmtp_port_transport",
-        "passthrough_senders",
-        "passthrough_recipients",
     }
 )
 

@@ -164,6 +164,11 @@ BAD_VALUES = [
     ("tls_external_cert_and_key", "rel/c rel/k", "two absolute paths"),
     ("notification_url", "ftp://x", "http:// or https:// URL"),
     ("iroh_relay", "not a url", "http:// or https:// URL"),
+    ("passthrough_senders", "@example.org", "is not an e-mail address"),
+    ("passthrough_senders", "a@b.example nobody", "'nobody' is not an e-mail address"),
+    ("passthrough_recipients", "nobody", "neither an e-mail address nor @domain"),
+    ("passthrough_recipients", "@", "neither an e-mail address nor @domain"),
+    ("passthrough_recipients", "@bad..example", "neither an e-mail address nor @domain"),
 ]
 
 
@@ -203,7 +208,7 @@ def test_unknown_keys_warn_once(tmp_path, caplog):
     path = ini(
         tmp_path,
         "[params]\nmail_domain = x.example.org\nfrobnicate = 1\nzeta = 2\n"
-        "passthrough_senders = \n",  # a reference key we accept silently
+        "filtermail_http_port_incoming = 10082\n",  # a reference key we accept silently
     )
     with caplog.at_level(logging.WARNING, logger="chatmaild.config"):
         config = read_config(path)
@@ -322,3 +327,26 @@ def test_config_is_frozen():
     config = Config(mail_domain="x.example.org")
     with pytest.raises(AttributeError):
         config.mail_domain = "y.example.org"  # type: ignore[misc]
+
+
+def test_passthrough_lists(tmp_path):
+    config = read_config(ini(tmp_path, "[params]\nmail_domain = x.example.org\n"))
+    assert config.passthrough_senders == () and config.passthrough_recipients == ()
+    config = read_config(
+        ini(
+            tmp_path,
+            "[params]\nmail_domain = x.example.org\n"
+            "passthrough_senders = Echo@X.example.org,bot@x.example.org\n"
+            "passthrough_recipients = xstore@testrun.org @Example.ORG\n"
+            "    privacy@[192.0.2.1]\n",
+        )
+    )
+    assert config.passthrough_senders == ("echo@x.example.org", "bot@x.example.org")
+    assert config.passthrough_recipients == (
+        "xstore@testrun.org",
+        "@example.org",
+        "privacy@[192.0.2.1]",
+    )
+    assert config.unknown_keys == ()
+    items = {key: value for key, value, _ in config.as_ini_items()}
+    assert items["passthrough_recipients"] == "xstore@testrun.org @example.org privacy@[192.0.2.1]"
