@@ -30,6 +30,12 @@ fi
 if [ "$(id -u)" = 0 ] && ! id vmail >/dev/null 2>&1; then
     useradd --system --home-dir /home/vmail --shell /usr/sbin/nologin vmail
 fi
+# filtermail re-injects through Postfix's public/ directory, which only the
+# postdrop group may enter; the local relays start their daemons with vmail's
+# groups (installed units add postdrop to the two filtermail services alone)
+if [ "$(id -u)" = 0 ] && ! id -nG vmail | grep -qw postdrop; then
+    usermod -a -G postdrop vmail
+fi
 
 PY=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
