@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from chatmaild.admin import main as chatmaild_main
+from chatmaild.config import FILTERMAIL_SOCKET_DIR
 
 ROOT = Path(__file__).resolve().parents[1]
 SYSTEMD = ROOT / "systemd"
@@ -109,6 +110,20 @@ def test_daemon_units(unit):
     # the console script the unit runs is one this package declares
     pyproject = (ROOT / "pyproject.toml").read_text()
     assert f'\n{Path(exe).name} = "' in pyproject
+
+
+@pytest.mark.parametrize(
+    "unit,groups",
+    [
+        ("filtermail.service", "postdrop"),  # enters public/ to re-inject
+        ("filtermail-incoming.service", "postdrop"),
+        ("filtermail-milter.service", None),  # re-injects nothing
+    ],
+)
+def test_filtermail_units_write_only_their_socket_directory(unit, groups):
+    svc = _unit(SYSTEMD / unit)["Service"]
+    assert svc.get("SupplementaryGroups") == groups
+    assert svc["ReadWritePaths"] == FILTERMAIL_SOCKET_DIR
 
 
 @pytest.mark.parametrize("name", ["chatmail-expire", "chatmail-fsreport"])
