@@ -71,18 +71,27 @@ done
 postfix start > "$WORK/postfix-start.log" 2>&1
 dovecot > "$WORK/dovecot-start.log" 2>&1
 /usr/local/lib/chatmaild/venv/bin/python "$CHECK"
-# the filter path's sockets refuse every other local user
+# the filter path's sockets and Dovecot's delivery and user-list sockets refuse
+# every other local user, and so does the sendmail command
 probe='import errno, socket, sys
 try:
     socket.socket(socket.AF_UNIX).connect(sys.argv[1])
     print("connected")
 except OSError as e:
     print(errno.errorcode.get(e.errno, e.errno))'
+nobody=(setpriv --reuid=nobody --regid=nogroup --clear-groups)
 for sock in /var/spool/postfix/filtermail/{outgoing,incoming,milter}.sock \
-            /var/spool/postfix/public/reinject{,_incoming}; do
-    got=$(setpriv --reuid=nobody --regid=nogroup --clear-groups /usr/bin/python3 -I -c "$probe" "$sock")
+            /var/spool/postfix/public/reinject{,_incoming} /run/dovecot/{lmtp,auth-userdb}; do
+    got=$(cd / && "${nobody[@]}" /usr/bin/python3 -I -c "$probe" "$sock")
     [ "$got" = EACCES ] || { echo "nobody connecting to $sock: $got"; exit 1; }
 done
+if printf 'From: x@chat.example\nSubject: forged\n\nhi\n' \
+        | (cd / && "${nobody[@]}" /usr/sbin/sendmail -f x@chat.example y@chat.example) 2>/dev/null; then
+    echo "nobody could submit mail with sendmail"; exit 1
+fi
+if (cd / && "${nobody[@]}" /usr/sbin/postqueue -p) >/dev/null 2>&1; then
+    echo "nobody could list the mail queue"; exit 1
+fi
 echo "socket access ok"
 NETNS
 

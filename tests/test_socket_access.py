@@ -1,10 +1,12 @@
-"""Who may connect to the filter path's endpoints: each only by its one client.
+"""Who may connect to the mail path's local endpoints: each only by its one client.
 
 filtermail's three sockets (the submission and port-25 proxy filters, the
 bounce-signing milter) are there for Postfix; Postfix's two re-injection
-smtpd services are there for filtermail.  Anybody else who reached one could
-submit mail as any sender, have it DKIM-signed with the relay's key, or get
-unencrypted mail with a forged From past filtermail.  So another local user
+smtpd services are there for filtermail; Dovecot's userdb socket is there for
+its LMTP service, and its default LMTP socket for nobody but root.  Anybody
+else who reached one could submit mail as any sender, have it DKIM-signed
+with the relay's key, get unencrypted mail with a forged From past
+filtermail into a mailbox, or list every account.  So another local user
 (here ``nobody``) must be refused by the kernel (EACCES), while the intended
 client, with exactly the credentials the production units give it, connects.
 """
@@ -50,13 +52,16 @@ FILTERMAIL = ["--reuid=vmail", "--regid=vmail", "--groups=postdrop"]
 # the other vmail daemons (doveauth, newemail, ...) and Dovecot's mail processes
 VMAIL_ONLY = ["--reuid=vmail", "--regid=vmail", "--clear-groups"]
 
-# Relay.ports name -> (its one client, whether it greets with 220)
+# Relay.ports name, or dovecot/<socket in its base_dir> -> (its one client, whether
+# it greets with 220); Dovecot's LMTP clients use the socket in Postfix's private/
 ENDPOINTS = {
     "filtermail": (POSTFIX, True),
     "filtermail_incoming": (POSTFIX, True),
     "filtermail_milter": (POSTFIX, False),
     "reinject": (FILTERMAIL, True),
     "reinject_incoming": (FILTERMAIL, True),
+    "dovecot/auth-userdb": (VMAIL_ONLY, False),
+    "dovecot/lmtp": (None, True),  # root only
 }
 
 # an operator's chatmail.ini from the time these were loopback ports must still start
@@ -75,12 +80,14 @@ OLD_KEYS = {
 def relay() -> Iterator[Relay]:
     pool = RelayPool()
     try:
-        yield pool(OLD_KEYS, components=["postfix", "filtermail"])
+        yield pool(OLD_KEYS, components=["postfix", "dovecot", "doveauth", "filtermail"])
     finally:
         pool.close()
 
 
 def target(relay: Relay, name: str) -> str:
+    if name.startswith("dovecot/"):
+        return str(relay.layout.dovecot_base_dir / name.removeprefix("dovecot/"))
     where = relay.ports[name]
     return where if isinstance(where, str) else f"127.0.0.1:{where}"
 
@@ -103,19 +110,26 @@ def test_other_local_user_is_refused(relay, name):
     assert probe(NOBODY, target(relay, name)) == "EACCES"
 
 
-@pytest.mark.parametrize("name", ENDPOINTS)
+@pytest.mark.parametrize("name", [n for n, (client, _) in ENDPOINTS.items() if client])
 def test_intended_client_connects(relay, name):
     client, greets = ENDPOINTS[name]
+    assert client is not None
     answer = probe(client, target(relay, name))
     assert answer.startswith("connected"), answer
     if greets:
         assert answer.startswith("connected 220 "), answer
 
 
-@pytest.mark.parametrize("name", ["reinject", "reinject_incoming"])
-def test_reinjection_needs_filtermails_group(relay, name):
-    """vmail alone (doveauth, newemail, Dovecot's mail processes) cannot re-inject."""
+@pytest.mark.parametrize("name", ["reinject", "reinject_incoming", "dovecot/lmtp"])
+def test_vmail_alone_cannot_deliver_around_filtermail(relay, name):
+    """vmail without filtermail's group (doveauth, newemail, Dovecot's mail processes)."""
     assert probe(VMAIL_ONLY, target(relay, name)) == "EACCES"
+
+
+def test_lmtp_for_root_still_answers(relay):
+    assert probe(
+        ["--reuid=root", "--regid=root", "--keep-groups"], target(relay, "dovecot/lmtp")
+    ).startswith("connected 220 ")
 
 
 def test_old_port_keys_start_with_a_warning(relay):
