@@ -130,8 +130,9 @@ class DoveauthDaemon(DictDaemon):
         await asyncio.to_thread(migrate_legacy_db, self.config, self.auth.store)
 
     def endpoint(self) -> Endpoint:
-        # Dovecot's auth process connects as dovecot/root; vmail owns the socket
-        return Endpoint.unix(self.config.doveauth_socket, mode=0o666)
+        # Dovecot's auth-worker (vmail) does the dict lookups; 0666 would let any
+        # local user create accounts, try passwords unthrottled and list accounts
+        return Endpoint.unix(self.config.doveauth_socket, mode=0o660)
 
     async def lookup(self, key: str, user: str | None) -> str | None:
         namespace, _, rest = key.partition("/")

@@ -3,10 +3,11 @@
 filtermail's three sockets (the submission and port-25 proxy filters, the
 bounce-signing milter) are there for Postfix; Postfix's two re-injection
 smtpd services are there for filtermail; Dovecot's userdb socket is there for
-its LMTP service, and its default LMTP socket for nobody but root.  Anybody
-else who reached one could submit mail as any sender, have it DKIM-signed
-with the relay's key, get unencrypted mail with a forged From past
-filtermail into a mailbox, or list every account.  So another local user
+its LMTP service, its default LMTP socket for nobody but root, and doveauth's
+dict socket for Dovecot's auth-worker.  Anybody else who reached one could
+submit mail as any sender, have it DKIM-signed with the relay's key, get
+unencrypted mail with a forged From past filtermail into a mailbox, create
+accounts and try passwords unthrottled, or list every account.  So another local user
 (here ``nobody``) must be refused by the kernel (EACCES), while the intended
 client, with exactly the credentials the production units give it, connects.
 """
@@ -61,6 +62,7 @@ ENDPOINTS = {
     "reinject": (FILTERMAIL, True),
     "reinject_incoming": (FILTERMAIL, True),
     "dovecot/auth-userdb": (VMAIL_ONLY, False),
+    "doveauth": (VMAIL_ONLY, False),  # for Dovecot's auth-worker
     "dovecot/lmtp": (None, True),  # root only
 }
 
@@ -86,6 +88,8 @@ def relay() -> Iterator[Relay]:
 
 
 def target(relay: Relay, name: str) -> str:
+    if name == "doveauth":
+        return relay.config.doveauth_socket
     if name.startswith("dovecot/"):
         return str(relay.layout.dovecot_base_dir / name.removeprefix("dovecot/"))
     where = relay.ports[name]
