@@ -17,8 +17,9 @@ Figures (issue 3):
 - filtermail (outgoing) peak RSS while 10 x 25 MB messages are submitted at
   once (target <= 1.5 x bytes in flight + 40 MB);
 - filtermail's own CPU time per message, alone against an SMTP sink that
-  stands in for Postfix (new proxy connection per message, as Postfix does),
-  for mail to a local recipient and to another domain (DKIM-signed).
+  stands in for Postfix (new proxy connection per message, as Postfix does;
+  UNIX sockets both ways, as in production), for mail to a local recipient
+  and to another domain (DKIM-signed).
 
 Messages in the stack runs go to a local recipient, so each one is also
 delivered over LMTP.  All processes share the machine's cores, so the ratio

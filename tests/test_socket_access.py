@@ -14,11 +14,15 @@ client, with exactly the credentials the production units give it, connects.
 
 from __future__ import annotations
 
+import grp
+import os
+import socket
 import subprocess
 from collections.abc import Iterator
 
 import pytest
 
+from chatmaild.filtermail.main import postfix_access_problem
 from chatmaild.relay import Relay
 from tests.fixtures.relay import RelayPool
 
@@ -139,3 +143,29 @@ def test_lmtp_for_root_still_answers(relay):
 def test_old_port_keys_start_with_a_warning(relay):
     log = (relay.log_dir / "filtermail.log").read_text()
     assert "no longer used" in log and "filtermail_smtp_port (see filtermail_smtp_socket)" in log
+
+
+def test_filtermail_finds_its_sockets_reachable_for_postfix(relay):
+    for name in ("filtermail", "filtermail-incoming", "filtermail-milter"):
+        assert "Postfix cannot connect" not in (relay.log_dir / f"{name}.log").read_text()
+
+
+def test_access_problem_named_when_the_directory_is_not_setgid_postfix(tmp_path):
+    """What filtermail warns about at start: a socket Postfix could not reach."""
+    postfix_gid = grp.getgrnam("postfix").gr_gid
+    sock_dir = tmp_path / "filtermail"
+    sock_dir.mkdir()
+    os.chown(sock_dir, -1, postfix_gid)
+    os.chmod(sock_dir, 0o2750)
+    path = str(sock_dir / "outgoing.sock")
+    with socket.socket(socket.AF_UNIX) as s:
+        s.bind(path)
+        os.chmod(path, 0o660)
+        assert postfix_access_problem(path, postfix_gid) is None
+        os.chmod(sock_dir, 0o2700)  # Postfix may not enter
+        assert "Postfix cannot connect" in (postfix_access_problem(path, postfix_gid) or "")
+        os.chmod(sock_dir, 0o2750)
+        os.chown(path, -1, 0)  # as created in a directory without the setgid bit
+        problem = postfix_access_problem(path, postfix_gid) or ""
+        assert f"{path} (socket group id 0, mode 660" in problem
+        assert "install -d -o vmail -g postfix -m 2750" in problem
