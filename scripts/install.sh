@@ -72,6 +72,17 @@ chmod 0700 /home/vmail
 mkdir -p "$MAILBOXES"
 chown vmail:vmail "$MAILBOXES"
 chmod 0700 "$MAILBOXES"
+# filtermail's sockets: only vmail (filtermail) and Postfix may enter their
+# directory, and setgid gives every socket group postfix, so only Postfix connects
+# (the filtermail units may write only below /var/spool/postfix/filtermail)
+for key in filtermail_smtp_socket filtermail_smtp_socket_incoming filtermail_milter_socket; do
+    dir=$(dirname "$("$VENV/bin/chatmaild" --config "$INI" config "$key" 2>/dev/null)")
+    install -d -o vmail -g postfix -m 2750 "$dir"
+    case "$dir" in
+        /var/spool/postfix/filtermail) ;;
+        *) say "warning: $key is in $dir: add ReadWritePaths=$dir to the filtermail units" ;;
+    esac
+done
 
 # 5. TLS: the configured certificate, else a self-signed one (kept across runs)
 if [ -z "$EXTERNAL_TLS" ] && [ ! -f "$TLS_DIR/cert.pem" ]; then

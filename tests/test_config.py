@@ -68,14 +68,14 @@ def test_values_are_typed(tmp_path):
         ini(
             tmp_path,
             "[params]\nmail_domain = Chat.Example.ORG.\nmax_load_1m = 2.5\n"
-            "disable_ipv6 = yes\nfiltermail_smtp_port = 2525\nmax_mailbox_size = 2G\n"
+            "disable_ipv6 = yes\nsubmission_port = 2525\nmax_mailbox_size = 2G\n"
             "tls_external_cert_and_key = /etc/c.pem /etc/k.pem\nmailboxes_dir = /srv/mail\n",
         )
     )
     assert config.mail_domain == "chat.example.org"  # lower case, trailing dot dropped
     assert config.max_load_1m == 2.5
     assert config.disable_ipv6 is True
-    assert config.filtermail_smtp_port == 2525
+    assert config.submission_port == 2525
     assert config.max_mailbox_size_mb == 2048
     assert config.tls_external_cert_and_key == ("/etc/c.pem", "/etc/k.pem")
     assert config.mailboxes_dir == "/srv/mail"
@@ -147,8 +147,8 @@ BAD_VALUES = [
     ("username_max_length", "65", "whole number in 1..64"),
     ("password_min_length", "-1", "whole number in 1..1024"),
     ("max_user_send_per_minute", "1.5", "whole number"),
-    ("filtermail_smtp_port", "0", "whole number in 1..65535"),
-    ("postfix_reinject_port", "70000", "whole number in 1..65535"),
+    ("submission_port", "0", "whole number in 1..65535"),
+    ("smtp_port", "70000", "whole number in 1..65535"),
     ("max_mailbox_size", "lots", "size like"),
     ("max_message_size", "12X", "size like"),
     ("min_free_disk_space", "1T2", "size like"),
@@ -159,7 +159,7 @@ BAD_VALUES = [
     ("mailboxes_dir", "relative/path", "absolute path"),
     ("doveauth_socket", "run/x.sock", "absolute path"),
     ("vmail_user", "Bad User", "system user name"),
-    ("filtermail_host", "two words", "host name or IP"),
+    ("filtermail_smtp_socket", "filtermail/outgoing.sock", "absolute path"),
     ("tls_external_cert_and_key", "/only/one", "two absolute paths"),
     ("tls_external_cert_and_key", "rel/c rel/k", "two absolute paths"),
     ("notification_url", "ftp://x", "http:// or https:// URL"),
@@ -216,6 +216,29 @@ def test_unknown_keys_warn_once(tmp_path, caplog):
     warnings = [r for r in caplog.records if r.name == "chatmaild.config"]
     assert len(warnings) == 1
     assert "frobnicate, zeta" in warnings[0].getMessage()
+
+
+def test_old_port_keys_are_accepted_with_one_warning(tmp_path, caplog):
+    """The filter path's loopback ports became UNIX sockets; a chatmail.ini
+    naming the ports (the reference's, or an older one of ours) still loads."""
+    path = ini(
+        tmp_path,
+        "[params]\nmail_domain = x.example.org\nfiltermail_smtp_port = 10080\n"
+        "postfix_reinject_port_incoming = 10026\nfiltermail_host = 127.0.0.1\n"
+        "filtermail_milter_port = not even a number\n",
+    )
+    with caplog.at_level(logging.WARNING, logger="chatmaild.config"):
+        config = read_config(path)
+    assert config.unknown_keys == ()
+    assert config.filtermail_smtp_socket == "/var/spool/postfix/filtermail/outgoing.sock"
+    assert config.postfix_reinject_socket_incoming == "/var/spool/postfix/public/reinject_incoming"
+    (warning,) = [r.getMessage() for r in caplog.records if r.name == "chatmaild.config"]
+    assert "no longer used" in warning
+    assert "filtermail_smtp_port (see filtermail_smtp_socket)" in warning
+    assert "postfix_reinject_port_incoming (see postfix_reinject_socket_incoming)" in warning
+    assert "filtermail_host" in warning and "filtermail_milter_port" in warning
+    rendered = render_config(config)  # `chatmaild config`: no such key, one comment
+    assert "\nfiltermail_smtp_port =" not in rendered and "# no longer used" in rendered
 
 
 def test_unknown_keys_warning_can_be_suppressed(tmp_path, caplog):

@@ -178,7 +178,10 @@ def test_a_partly_refused_envelope_delivers_nothing(filters):
 
 
 def test_reinject_connection_refused_is_4xx(filters_factory):
-    filters = filters_factory(postfix_reinject_port=1, postfix_reinject_port_incoming=1)
+    nowhere = "/nonexistent/reinject"
+    filters = filters_factory(
+        postfix_reinject_socket=nowhere, postfix_reinject_socket_incoming=nowhere
+    )
     c = filters.client(filters.out_port)
     msg = mails.encrypted_message(ALICE, [REMOTE])
     assert c.transaction(ALICE, [REMOTE], msg).startswith("451 4.4.1")

@@ -35,7 +35,7 @@ PASSTHROUGH_RECIPIENT = "xstore001@chat.example"  # relay a's passthrough_recipi
 
 def start_milter(relay: Relay) -> subprocess.Popen | None:
     """The bounce-signing milter, unless the relay already runs it."""
-    if _connectable(("127.0.0.1", relay.config.filtermail_milter_port)):
+    if _connectable(relay.config.filtermail_milter_socket):
         return None
     logf = open(relay.log_dir / "filtermail-milter-test.log", "ab")  # noqa: SIM115
     proc = subprocess.Popen(
@@ -44,7 +44,7 @@ def start_milter(relay: Relay) -> subprocess.Popen | None:
         stderr=subprocess.STDOUT,
     )
     deadline = time.monotonic() + 20
-    while not _connectable(("127.0.0.1", relay.config.filtermail_milter_port)):
+    while not _connectable(relay.config.filtermail_milter_socket):
         assert proc.poll() is None and time.monotonic() < deadline, "milter did not start"
         time.sleep(0.05)
     return proc

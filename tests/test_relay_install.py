@@ -105,6 +105,7 @@ def test_make_install_production_path():
         )
         assert res.returncode == 0, res.stdout + res.stderr + logs
         assert "install check ok" in res.stdout
+        assert "socket access ok" in res.stdout
         assert "uninstall ok" in res.stdout
         out = (work / "install.out").read_text()
         assert "_domainkey.chat.example.org. 3600 IN TXT" in out

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import grp
 import importlib.util
 import json
 import logging
@@ -68,12 +69,23 @@ PORT_KEYS = {
     "submissions": "submissions_port",
     "imap": "imap_port",
     "imaps": "imaps_port",
-    "reinject": "postfix_reinject_port",
-    "reinject_incoming": "postfix_reinject_port_incoming",
-    "filtermail": "filtermail_smtp_port",
-    "filtermail_incoming": "filtermail_smtp_port_incoming",
-    "filtermail_milter": "filtermail_milter_port",
     "newemail": "newemail_port",
+}
+# ini keys holding the filter path's UNIX sockets (a port would be open to every
+# local user), also listed in Relay.ports; below Layout.local's queue directory
+SOCKET_KEYS = {
+    "reinject": "postfix_reinject_socket",
+    "reinject_incoming": "postfix_reinject_socket_incoming",
+    "filtermail": "filtermail_smtp_socket",
+    "filtermail_incoming": "filtermail_smtp_socket_incoming",
+    "filtermail_milter": "filtermail_milter_socket",
+}
+LOCAL_SOCKETS = {
+    "postfix_reinject_socket": "postfix/spool/public/reinject",
+    "postfix_reinject_socket_incoming": "postfix/spool/public/reinject_incoming",
+    "filtermail_smtp_socket": "postfix/spool/filtermail/outgoing.sock",
+    "filtermail_smtp_socket_incoming": "postfix/spool/filtermail/incoming.sock",
+    "filtermail_milter_socket": "postfix/spool/filtermail/milter.sock",
 }
 
 
@@ -235,7 +247,7 @@ class Relay:
             ini_path=self.ini_path,
         )
         self.ports: dict[str, int | str] = {
-            name: getattr(self.config, key) for name, key in PORT_KEYS.items()
+            name: getattr(self.config, key) for name, key in {**PORT_KEYS, **SOCKET_KEYS}.items()
         }
         self.ports["lmtp"] = str(self.layout.postfix_queue_dir / "private/dovecot-lmtp")
 
@@ -256,8 +268,7 @@ class Relay:
             "turn_socket_path": s / "run/turn.socket",
             "dkim_key_path": s / "dkim/dkim.private",
             "tls_external_cert_and_key": f"{s}/tls/cert.pem {s}/tls/key.pem",
-            "filtermail_host": "127.0.0.1",
-            "postfix_host": "127.0.0.1",
+            **{key: s / path for key, path in LOCAL_SOCKETS.items()},
             "disable_ipv6": True,
             # several relays and test runs share two cores: do not refuse accounts under load
             "max_load_1m": 1000,
@@ -386,6 +397,13 @@ class Relay:
         self._make_tls(vmail.pw_gid)
         if "filtermail" in self.components:
             self._make_dkim_key(vmail)
+            # filtermail's sockets inherit group postfix from their setgid directory
+            for key in ("filtermail_smtp_socket", "filtermail_smtp_socket_incoming",
+                        "filtermail_milter_socket"):  # fmt: skip
+                d = Path(getattr(self.config, key)).parent
+                d.mkdir(parents=True, exist_ok=True)
+                os.chown(d, vmail.pw_uid, postfix_user.pw_gid)
+                os.chmod(d, 0o2750)
         if self.nodelay_requested is not False and "dovecot" in self.components:
             from .nodelay import prepare_nodelay
 
@@ -477,12 +495,17 @@ class Relay:
         cmd = self._commands()[name]
         if name in SERVERS:
             return cmd  # the masters start as root and drop privileges themselves
-        user = self.config.vmail_user
+        user = pwd.getpwnam(self.config.vmail_user)
+        # the user's own groups (User= in the units), plus the unit's SupplementaryGroups=
+        groups = set(os.getgrouplist(user.pw_name, user.pw_gid))
+        if name in ("filtermail", "filtermail-incoming"):
+            groups.add(grp.getgrnam("postdrop").gr_gid)  # re-injection is in Postfix's public/
         caps: list[str] = []
         if name == "newemail":
             # like its unit's AmbientCapabilities=CAP_NET_BIND_SERVICE: /new may be on port 443
             caps = ["--inh-caps=+net_bind_service", "--ambient-caps=+net_bind_service"]
-        return ["setpriv", f"--reuid={user}", f"--regid={user}", "--init-groups", *caps, *cmd]
+        ids = [f"--reuid={user.pw_uid}", f"--regid={user.pw_gid}"]
+        return ["setpriv", *ids, f"--groups={','.join(map(str, sorted(groups)))}", *caps, *cmd]
 
     def spawn(self, name: str) -> subprocess.Popen:
         """Start process ``name`` of this relay (again); stop() ends it with the others."""
@@ -596,16 +619,16 @@ class Relay:
             if name in c:
                 checks.append((name, getattr(cfg, key), logs / f"{name}.log"))
         if "filtermail" in c:
-            checks.append(("filtermail", ("127.0.0.1", cfg.filtermail_smtp_port),
-                           logs / "filtermail.log"))  # fmt: skip
-            checks.append(("filtermail-incoming", ("127.0.0.1", cfg.filtermail_smtp_port_incoming),
+            checks.append(("filtermail", cfg.filtermail_smtp_socket, logs / "filtermail.log"))
+            checks.append(("filtermail-incoming", cfg.filtermail_smtp_socket_incoming,
                            logs / "filtermail-incoming.log"))  # fmt: skip
-            checks.append(("filtermail-milter", ("127.0.0.1", cfg.filtermail_milter_port),
+            checks.append(("filtermail-milter", cfg.filtermail_milter_socket,
                            logs / "filtermail-milter.log"))  # fmt: skip
         if "newemail" in c:
             checks.append(("newemail", ("127.0.0.1", cfg.newemail_port), logs / "newemail.log"))
         if "postfix" in c:
-            for name in ("smtp", "submission", "submissions", "reinject", "reinject_incoming"):
+            # the unix services (re-injection) are bound before `postfix start` returns
+            for name in ("smtp", "submission", "submissions"):
                 checks.append((f"postfix {name}", ("127.0.0.1", int(self.ports[name])),
                                logs / "postfix.log"))  # fmt: skip
         if "dovecot" in c:
