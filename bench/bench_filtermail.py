@@ -17,8 +17,9 @@ Figures (issue 3):
 - filtermail (outgoing) peak RSS while 10 x 25 MB messages are submitted at
   once (target <= 1.5 x bytes in flight + 40 MB);
 - filtermail's own CPU time per message, alone against an SMTP sink that
-  stands in for Postfix (new proxy connection per message, as Postfix does),
-  for mail to a local recipient and to another domain (DKIM-signed).
+  stands in for Postfix (new proxy connection per message, as Postfix does;
+  UNIX sockets both ways, as in production), for mail to a local recipient
+  and to another domain (DKIM-signed).
 
 Messages in the stack runs go to a local recipient, so each one is also
 delivered over LMTP.  All processes share the machine's cores, so the ratio
@@ -40,7 +41,8 @@ from pathlib import Path
 
 from chatmaild.config import write_config
 from chatmaild.filtermail.dkim import generate_key
-from chatmaild.relay.stack import Relay, free_ports
+from chatmaild.relay.render import postfix_path
+from chatmaild.relay.stack import Relay
 from chatmaild.testing import mails
 
 BASE = ["postfix", "dovecot", "doveauth"]
@@ -125,14 +127,14 @@ class Stack:
 
     def proxy_to_reinject(self) -> None:
         """Make Postfix's re-injection smtpd the submission proxy filter."""
-        c = self.relay.config
+        c, queue = self.relay.config, self.relay.layout.postfix_queue_dir
         master = self.relay.layout.postfix_config_dir / "master.cf"
         text = master.read_text()
-        ours = f"smtpd_proxy_filter={c.filtermail_host}:{c.filtermail_smtp_port}"
+        ours = f"smtpd_proxy_filter=unix:{postfix_path(c.filtermail_smtp_socket, queue)}"
         if ours not in text:
             raise RuntimeError(f"{master}: no {ours}")
-        master.write_text(text.replace(ours, f"smtpd_proxy_filter={c.postfix_host}:"
-                                             f"{c.postfix_reinject_port}"))  # fmt: skip
+        reinject = postfix_path(c.postfix_reinject_socket, queue)
+        master.write_text(text.replace(ours, f"smtpd_proxy_filter=unix:{reinject}"))
         subprocess.run(
             ["postfix", "-c", str(master.parent), "reload"], check=True, capture_output=True
         )
@@ -231,9 +233,9 @@ async def _sink(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> N
     writer.close()
 
 
-async def _proxy_session(port: int, sender: str, rcpt: str, payload: bytes) -> None:
+async def _proxy_session(path: str, sender: str, rcpt: str, payload: bytes) -> None:
     """One message the way Postfix's smtpd_proxy_filter client sends it."""
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    reader, writer = await asyncio.open_unix_connection(path)
 
     async def reply(line: bytes | None = None) -> bytes:
         if line is not None:
@@ -254,13 +256,13 @@ async def _proxy_session(port: int, sender: str, rcpt: str, payload: bytes) -> N
     writer.close()
 
 
-async def _drive(port: int, count: int, sender: str, rcpt: str, payload: bytes) -> None:
+async def _drive(path: str, count: int, sender: str, rcpt: str, payload: bytes) -> None:
     left = [count]
 
     async def worker() -> None:
         while left[0] > 0:
             left[0] -= 1
-            await _proxy_session(port, sender, rcpt, payload)
+            await _proxy_session(path, sender, rcpt, payload)
 
     await asyncio.gather(*(worker() for _ in range(CONNECTIONS)))
 
@@ -270,12 +272,12 @@ def _cpu_per_message(root: Path) -> None:
     work.mkdir()
     key, _ = generate_key()
     (work / "dkim.key").write_bytes(key)
-    filter_port, sink_port = free_ports(2)
+    filter_path, sink_path = str(work / "filtermail.sock"), str(work / "reinject.sock")
     ini = write_config(
         work / "chatmail.ini",
         mail_domain="chat.example",
-        filtermail_smtp_port=filter_port,
-        postfix_reinject_port=sink_port,
+        filtermail_smtp_socket=filter_path,
+        postfix_reinject_socket=sink_path,
         dkim_key_path=work / "dkim.key",
         mailboxes_dir=work / "mail",
         passdb_path=work / "passdb.sqlite",
@@ -286,10 +288,10 @@ def _cpu_per_message(root: Path) -> None:
     proc = subprocess.Popen(cmd, stderr=log)
 
     async def run() -> None:
-        server = await asyncio.start_server(_sink, "127.0.0.1", sink_port, limit=2**26)
+        server = await asyncio.start_unix_server(_sink, sink_path, limit=2**26)
         for _ in range(100):
             try:
-                (await asyncio.open_connection("127.0.0.1", filter_port))[1].close()
+                (await asyncio.open_unix_connection(filter_path))[1].close()
                 break
             except OSError:
                 await asyncio.sleep(0.1)
@@ -300,9 +302,9 @@ def _cpu_per_message(root: Path) -> None:
             (128 * 1024, "rcpt00001@chat.example", 600),
         ):
             payload = mails.encrypted_message(sender, [rcpt], size=size)
-            await _drive(filter_port, 100, sender, rcpt, payload)  # warm up
+            await _drive(filter_path, 100, sender, rcpt, payload)  # warm up
             before, start = _cpu_seconds(proc.pid), time.monotonic()
-            await _drive(filter_port, count, sender, rcpt, payload)
+            await _drive(filter_path, count, sender, rcpt, payload)
             rate = count / (time.monotonic() - start)
             per_msg = (_cpu_seconds(proc.pid) - before) / count * 1e6
             where = "local" if rcpt.endswith("chat.example") else "remote_signed"

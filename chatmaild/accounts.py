@@ -3,6 +3,7 @@
 Layout (compatible with the reference relay)::
 
     <mailboxes_dir>/<addr>/password             {SHA512-CRYPT}$6$...; mtime = last login (day)
+    <mailboxes_dir>/<addr>/password.lock        creation / password change lock
     <mailboxes_dir>/<addr>/enforceE2EEincoming  flag: refuse incoming cleartext
     <mailboxes_dir>/<addr>/DISABLED             flag: account disabled
     <mailboxes_dir>/<addr>/{cur,new,tmp,...}    Maildir, written by Dovecot
@@ -10,11 +11,14 @@ Layout (compatible with the reference relay)::
 Every path is built from a canonical address (see :mod:`chatmaild.addr`), so no
 input can name a file outside ``mailboxes_dir``.  Writes are atomic (temp file,
 fsync, rename); creation is serialised per address with a file lock and
-re-checked under it.
+re-checked under it.  An account is a directory with a non-empty password
+file; what a killed creation leaves behind is not listed and is completed by
+the next creation (see :mod:`chatmaild.accountlock`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import hmac
@@ -22,13 +26,15 @@ import logging
 import os
 import secrets
 import shutil
+import stat
+import time
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import filelock
-
+from . import accountlock
+from .accountlock import FLAG_ENFORCE_E2EE
 from .addr import AddressError, canonical_address, check_creatable, is_safe_dirname
 from .config import Config
 
@@ -41,10 +47,10 @@ with warnings.catch_warnings():
 
 HASH_PREFIX = "{SHA512-CRYPT}"
 PASSWORD = "password"
-FLAG_ENFORCE_E2EE = "enforceE2EEincoming"
 FLAG_DISABLED = "DISABLED"
 DAY = 86400
 LOCK_TIMEOUT = 10.0
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 log = logging.getLogger("chatmaild.accounts")
 
@@ -187,6 +193,13 @@ class Account:
                 path.unlink()
 
 
+def _is_same_dir(path: Path, dir_fd: int) -> bool:
+    try:
+        return os.path.samestat(os.stat(path, follow_symlinks=False), os.fstat(dir_fd))
+    except FileNotFoundError:
+        return False
+
+
 @dataclass(frozen=True)
 class CreateResult:
     account: Account | None
@@ -233,9 +246,10 @@ def drop_privileges(user: str, *, temporary: bool = False) -> Callable[[], None]
 class AccountStore:
     """Accounts below ``config.mailboxes_dir``."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, lock_timeout: float = LOCK_TIMEOUT) -> None:
         self.config = config
         self.root = Path(config.mailboxes_dir)
+        self.lock_timeout = lock_timeout
         # Account objects are immutable: remember recent ones, lookups repeat a lot
         self._accounts = functools.lru_cache(maxsize=4096)(self._make_account)
 
@@ -307,9 +321,7 @@ class AccountStore:
         existing = account.password_hash()
         if existing is not None:
             return CreateResult(account, created=False)
-        account.home.mkdir(parents=True, exist_ok=True, mode=0o700)
-        lock = filelock.FileLock(str(account.home / (PASSWORD + ".lock")), timeout=LOCK_TIMEOUT)
-        with lock:
+        with self._locked(account):
             if account.password_hash() is not None:
                 return CreateResult(account, created=False)
             stored = password if password_is_hash else hash_password(password)
@@ -320,14 +332,42 @@ class AccountStore:
 
     def set_password(self, raw_addr: str, password: str) -> Account:
         account = self.account(raw_addr)
-        account.home.mkdir(parents=True, exist_ok=True, mode=0o700)
-        lock = filelock.FileLock(str(account.home / (PASSWORD + ".lock")), timeout=LOCK_TIMEOUT)
-        with lock:
+        with self._locked(account):
             mtime = account.last_login()
             atomic_write(account.password_path, hash_password(password).encode("ascii"))
             if mtime is not None:  # a password change is not a login
                 os.utime(account.password_path, (mtime, mtime))
         return account
+
+    @contextlib.contextmanager
+    def _locked(self, account: Account) -> Iterator[None]:
+        """Hold the account's lock, its directory created if needed, stale temp files gone.
+
+        The directory may vanish while we wait (chatmail-expire removes a
+        creation leftover under this lock): then it is made again and locked anew.
+        """
+        deadline = time.monotonic() + self.lock_timeout
+        while True:
+            if time.monotonic() > deadline:
+                raise TimeoutError(errno.ETIMEDOUT, f"cannot lock {account.home}")
+            account.home.mkdir(parents=True, exist_ok=True, mode=0o700)
+            try:
+                dir_fd = os.open(account.home, _DIR_FLAGS)
+            except FileNotFoundError:
+                continue  # removed between mkdir and open
+            try:
+                remaining = max(deadline - time.monotonic(), 0.001)
+                lock_fd = accountlock.acquire(dir_fd, remaining)
+                assert lock_fd is not None  # a positive timeout raises instead
+                with accountlock.released(lock_fd):
+                    if not _is_same_dir(account.home, dir_fd):
+                        continue  # removed or renamed away while we waited for the lock
+                    for name in accountlock.remove_password_temps(dir_fd):
+                        log.warning("%s: removed stale %s", account.addr, name)
+                    yield
+                    return
+            finally:
+                os.close(dir_fd)
 
     def delete(self, raw_addr: str) -> bool:
         account = self.account(raw_addr)
@@ -347,7 +387,10 @@ class AccountStore:
     # -- listing
 
     def iter_addresses(self) -> Iterator[str]:
-        """Every account directory name (sorted), without following symlinks."""
+        """Every account (sorted): a real directory with a non-empty password file.
+
+        A directory an interrupted creation left behind is no account yet.
+        """
         try:
             entries = list(os.scandir(self.root))
         except FileNotFoundError:
@@ -355,4 +398,11 @@ class AccountStore:
         names = sorted(
             e.name for e in entries if is_safe_dirname(e.name) and e.is_dir(follow_symlinks=False)
         )
-        yield from names
+        root = str(self.root)
+        for name in names:
+            try:
+                st = os.stat(os.path.join(root, name, PASSWORD), follow_symlinks=False)
+            except OSError:
+                continue
+            if stat.S_ISREG(st.st_mode) and st.st_size > 0:
+                yield name

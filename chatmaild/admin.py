@@ -49,7 +49,7 @@ from collections.abc import Callable
 
 from .accounts import FLAG_DISABLED, Account, AccountStore, drop_privileges
 from .addr import AddressError, canonical_address, check_creatable
-from .config import Config, config_fields
+from .config import Config, config_fields, deprecation_warning
 from .service import load_config_or_exit, make_parser
 
 PROG = "chatmaild"
@@ -102,6 +102,9 @@ def render_config(config: Config) -> str:
     if config.unknown_keys:
         lines.append("")
         lines.append("# unknown keys (ignored): " + ", ".join(config.unknown_keys))
+    if config.deprecated_keys:
+        lines.append("")
+        lines.append("# " + deprecation_warning(config.deprecated_keys))
     return "\n".join(lines) + "\n"
 
 
@@ -163,8 +166,6 @@ def cmd_accounts(args: argparse.Namespace) -> int:
             continue
         account = store.account(addr)
         flags = []
-        if not account.exists:
-            flags.append("no-password")
         if account.is_disabled:
             flags.append("disabled")
         if account.enforces_e2ee_incoming:

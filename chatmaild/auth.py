@@ -27,28 +27,43 @@ class AuthService:
         self.config = config
         self.store = store or AccountStore(config)
 
-    def user_fields(self, account: Account, stored_hash: str, requested: str) -> dict[str, str]:
+    def user_fields(self, account: Account, requested: str) -> dict[str, str]:
+        """userdb fields: where the mail lives and as whom; never the password hash
+        (Dovecot hands userdb fields to doveadm, LMTP and mail processes)."""
         fields = {
             "addr": account.addr,
             "home": str(account.home),
             "uid": self.config.vmail_user,
             "gid": self.config.vmail_user,
-            "password": stored_hash,
         }
         if requested != account.addr:
             fields["user"] = account.addr  # Dovecot continues with the canonical name
         return fields
 
+    def pass_fields(self, account: Account, stored_hash: str, requested: str) -> dict[str, str]:
+        """passdb fields: the userdb fields plus the hash Dovecot verifies the login with."""
+        return {**self.user_fields(account, requested), "password": stored_hash}
+
     def userdb(self, user: str) -> dict[str, str] | None:
-        """The account's fields if it exists (disabled or not), else None."""
+        """The account's userdb fields if it exists (disabled or not), else None."""
+        try:
+            account = self.store.account(user)
+        except AddressError:
+            return None
+        if account.password_hash() is None:
+            return None
+        return self.user_fields(account, user)
+
+    def credentials(self, user: str) -> dict[str, str] | None:
+        """passdb fields of an existing account that is not disabled, else None; never creates."""
         try:
             account = self.store.account(user)
         except AddressError:
             return None
         stored = account.password_hash()
-        if stored is None:
+        if stored is None or account.is_disabled:
             return None
-        return self.user_fields(account, stored, user)
+        return self.pass_fields(account, stored, user)
 
     def passdb(self, user: str, password: str) -> dict[str, str] | None:
         """Answer an existing account, or create it when every rule allows.
@@ -66,7 +81,7 @@ class AuthService:
             if account.is_disabled:
                 log.info("login refused for disabled account %s", account.addr)
                 return None
-            return self.user_fields(account, stored, user)
+            return self.pass_fields(account, stored, user)
         refusal = self.store.creation_refusal(user, password) or resource_refusal(self.config)
         if refusal:
             log.warning("registration rejected: %s: %s", refusal, account.addr)
@@ -77,4 +92,4 @@ class AuthService:
         stored = account.password_hash()
         if stored is None:  # deleted between create and read; let the client retry
             return None
-        return self.user_fields(account, stored, user)
+        return self.pass_fields(account, stored, user)

@@ -14,13 +14,20 @@ import ipaddress
 import logging
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .addr import valid_addr_spec
+from .appversions import PACKAGED_PATH as APPVERSIONS_PACKAGED
+
 DEFAULT_CONFIG_PATH = "/etc/chatmail/chatmail.ini"
 SECTION = "params"
+POSTFIX_QUEUE_DIR = "/var/spool/postfix"
+# filtermail's sockets: inside the queue directory, so Postfix reaches them by a
+# path relative to it (works for chrooted Postfix services too)
+FILTERMAIL_SOCKET_DIR = f"{POSTFIX_QUEUE_DIR}/filtermail"
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
@@ -129,13 +136,6 @@ def parse_optional_abspath(raw: str) -> str:
     return parse_abspath(raw) if raw.strip() else ""
 
 
-def parse_host(raw: str) -> str:
-    value = raw.strip()
-    if not value or any(c.isspace() for c in value):
-        raise ValueError("expected a host name or IP address")
-    return value
-
-
 def parse_user(raw: str) -> str:
     value = raw.strip()
     if not re.fullmatch(r"[a-z_][a-z0-9_-]*\$?", value):
@@ -178,6 +178,35 @@ def parse_url(raw: str) -> str:
     if value and not re.match(r"^https?://[^\s/]+", value):
         raise ValueError("expected an http:// or https:// URL")
     return value
+
+
+def _address_list(raw: str) -> list[str]:
+    return raw.replace(",", " ").split()
+
+
+def parse_addresses(raw: str) -> tuple[str, ...]:
+    """Space-separated e-mail addresses (lower-cased)."""
+    out = []
+    for entry in _address_list(raw):
+        addr = valid_addr_spec(entry)
+        if addr is None:
+            raise ValueError(f"{entry!r} is not an e-mail address; expected addresses like a@b.org")
+        out.append(addr)
+    return tuple(out)
+
+
+def parse_addresses_or_domains(raw: str) -> tuple[str, ...]:
+    """Space-separated e-mail addresses or ``@domain`` entries (lower-cased)."""
+    out = []
+    for entry in _address_list(raw):
+        addr = valid_addr_spec("x" + entry if entry.startswith("@") else entry)
+        if addr is None:
+            raise ValueError(
+                f"{entry!r} is neither an e-mail address nor @domain; "
+                "expected entries like a@b.org or @b.org"
+            )
+        out.append(addr[1:] if entry.startswith("@") else addr)
+    return tuple(out)
 
 
 def _key(
@@ -253,15 +282,42 @@ class Config:
         parse_abspath, "lastlogin dict socket", "/run/chatmail-lastlogin/lastlogin.socket"
     )
 
-    # -- filtermail and Postfix re-injection
-    filtermail_host: str = _key(parse_host, "address the SMTP filters listen on", "127.0.0.1")
-    filtermail_smtp_port: int = _key(parse_port, "outgoing filter port", 10080)
-    filtermail_smtp_port_incoming: int = _key(parse_port, "incoming filter port", 10081)
-    filtermail_milter_port: int = _key(parse_port, "DKIM signing milter port", 10084)
-    postfix_host: str = _key(parse_host, "Postfix re-injection host", "127.0.0.1")
-    postfix_reinject_port: int = _key(parse_port, "Postfix outgoing re-injection port", 10025)
-    postfix_reinject_port_incoming: int = _key(
-        parse_port, "Postfix incoming re-injection port", 10026
+    # -- filtermail and Postfix re-injection: UNIX sockets, so that file permissions
+    # decide who may connect (a loopback TCP port is open to every local user)
+    filtermail_smtp_socket: str = _key(
+        parse_abspath,
+        "outgoing filter socket (submission's smtpd_proxy_filter); filtermail's socket"
+        " directories are owned by vmail_user, group postfix, mode 2750",
+        f"{FILTERMAIL_SOCKET_DIR}/outgoing.sock",
+    )
+    filtermail_smtp_socket_incoming: str = _key(
+        parse_abspath,
+        "incoming filter socket (port 25's smtpd_proxy_filter)",
+        f"{FILTERMAIL_SOCKET_DIR}/incoming.sock",
+    )
+    filtermail_milter_socket: str = _key(
+        parse_abspath, "DKIM signing milter socket", f"{FILTERMAIL_SOCKET_DIR}/milter.sock"
+    )
+    postfix_reinject_socket: str = _key(
+        parse_abspath,
+        "Postfix outgoing re-injection socket: <queue_directory>/public/<service name>",
+        f"{POSTFIX_QUEUE_DIR}/public/reinject",
+    )
+    postfix_reinject_socket_incoming: str = _key(
+        parse_abspath,
+        "Postfix incoming re-injection socket: <queue_directory>/public/<service name>",
+        f"{POSTFIX_QUEUE_DIR}/public/reinject_incoming",
+    )
+    passthrough_senders: tuple[str, ...] = _key(
+        parse_addresses,
+        "senders whose unencrypted mail may leave (addresses, space-separated)",
+        (),
+    )
+    passthrough_recipients: tuple[str, ...] = _key(
+        parse_addresses_or_domains,
+        "recipients (addresses or @domains) who may get unencrypted mail from our"
+        " users; every recipient of a message must match",
+        (),
     )
     filtermail_idle_timeout: float = _key(
         parse_float, "seconds filtermail waits for the next SMTP input before 421", 300.0
@@ -287,7 +343,17 @@ class Config:
         parse_url, "push notification endpoint", "https://notifications.delta.chat/notify"
     )
     notification_dir: str = _key(parse_abspath, "queue of pending push notifications", "")
-    iroh_relay: str = _key(parse_url, "iroh relay URL advertised to clients", "")
+    iroh_relay: str = _key(
+        parse_url,
+        "iroh relay URL advertised to clients; unset: https://<mail_domain>, empty: none",
+        None,
+    )
+    appversions_path: str = _key(
+        parse_optional_abspath,
+        "JSON file of current app builds (METADATA appversions); unset: the packaged"
+        " chatmaild/data/appversions.json, empty: not served",
+        None,
+    )
     turn_socket_path: str = _key(
         parse_abspath, "TURN credentials socket", "/run/chatmail-turn/turn.socket"
     )
@@ -325,6 +391,8 @@ class Config:
 
     # ini keys that were read but are not known; reported once as a warning
     unknown_keys: tuple[str, ...] = field(default=(), compare=False)
+    # ini keys that are still accepted but have no effect (DEPRECATED_KEYS)
+    deprecated_keys: tuple[str, ...] = field(default=(), compare=False)
 
     def __post_init__(self) -> None:
         bare = self.mail_domain.strip("[]")
@@ -338,6 +406,11 @@ class Config:
             object.__setattr__(
                 self, "notification_dir", str(Path(self.mailboxes_dir) / "pending_notifications")
             )
+        # unset and empty differ for these two (as in the reference): empty turns it off
+        if self.iroh_relay is None:
+            object.__setattr__(self, "iroh_relay", f"https://{bare}")
+        if self.appversions_path is None:
+            object.__setattr__(self, "appversions_path", str(APPVERSIONS_PACKAGED))
         if self.username_min_length > self.username_max_length:
             raise ConfigError(
                 f"username_min_length = {self.username_min_length} is greater than "
@@ -387,10 +460,29 @@ IGNORED_KEYS = frozenset(
     {
         "filtermail_http_port_incoming",
         "filtermail_lmtp_port_transport",
-        "passthrough_senders",
-        "passthrough_recipients",
     }
 )
+# keys of loopback TCP endpoints that became UNIX sockets (any local user could
+# connect to a port): accepted so that an existing chatmail.ini still starts,
+# their values unused; old key -> the key that replaced it ("" if none)
+DEPRECATED_KEYS = {
+    "filtermail_smtp_port": "filtermail_smtp_socket",
+    "filtermail_smtp_port_incoming": "filtermail_smtp_socket_incoming",
+    "filtermail_milter_port": "filtermail_milter_socket",
+    "postfix_reinject_port": "postfix_reinject_socket",
+    "postfix_reinject_port_incoming": "postfix_reinject_socket_incoming",
+    "filtermail_host": "",
+    "postfix_host": "",
+}
+
+
+def deprecation_warning(keys: Iterable[str]) -> str:
+    """One line naming each deprecated key and what replaced it."""
+    names = [f"{k} (see {DEPRECATED_KEYS[k]})" if DEPRECATED_KEYS[k] else k for k in keys]
+    return (
+        "no longer used, filtermail and Postfix re-injection talk over UNIX sockets now;"
+        " remove: " + ", ".join(names)
+    )
 
 
 def parse_params(params: dict[str, str], source: str = "chatmail.ini") -> Config:
@@ -406,9 +498,10 @@ def parse_params(params: dict[str, str], source: str = "chatmail.ini") -> Config
             raise ConfigError(f"{source}: {f.name} = {raw!r} is invalid: {e}") from None
     if "mail_domain" not in values:
         raise ConfigError(f"{source}: required key mail_domain is missing from [{SECTION}]")
-    unknown = tuple(sorted(set(params) - KNOWN_KEYS - IGNORED_KEYS))
+    unknown = tuple(sorted(set(params) - KNOWN_KEYS - IGNORED_KEYS - set(DEPRECATED_KEYS)))
+    deprecated = tuple(k for k in DEPRECATED_KEYS if k in params)
     try:
-        return Config(**values, unknown_keys=unknown)
+        return Config(**values, unknown_keys=unknown, deprecated_keys=deprecated)
     except ConfigError as e:
         raise ConfigError(f"{source}: {e}") from None
 
@@ -433,6 +526,8 @@ def read_config(path: str | Path = DEFAULT_CONFIG_PATH, *, warn_unknown: bool = 
         log.warning(
             "%s: ignoring unknown keys in [%s]: %s", path, SECTION, ", ".join(config.unknown_keys)
         )
+    if warn_unknown and config.deprecated_keys:
+        log.warning("%s: %s", path, deprecation_warning(config.deprecated_keys))
     return config
 
 

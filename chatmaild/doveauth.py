@@ -20,6 +20,13 @@ Dict keys on the wire (Dovecot adds the ``shared/`` prefix):
     shared/userdb/<user>
 
 Iterating ``shared/userdb/`` lists every account (``doveadm user '*'``).
+Only passdb answers carry the password hash; userdb answers (which Dovecot
+passes on to doveadm, LMTP and mail processes) never do.
+
+The socket is created mode 0600: its one client is Dovecot's auth-worker
+process, which runs as the vmail user like doveauth (``service auth-worker``
+in dovecot.conf).  Whoever can connect can list accounts, read hashes and
+create accounts, so keep its directory private to vmail as well.
 
 At start, accounts of the reference relay's old sqlite database
 (passdb_path) are moved into the store once; the file is then renamed to
@@ -154,15 +161,17 @@ class DoveauthDaemon(DictDaemon):
                 os.unlink(self.config.doveauth_http_socket)
 
     def endpoint(self) -> Endpoint:
-        # Dovecot's auth process connects as dovecot/root; vmail owns the socket
-        return Endpoint.unix(self.config.doveauth_socket, mode=0o666)
+        # Dovecot asks from its auth-worker process, which runs as vmail like we do
+        # (service auth-worker in dovecot.conf): nobody else may list accounts,
+        # read hashes or create accounts here
+        return Endpoint.unix(self.config.doveauth_socket)
 
     # ------------------------------------------------------------ lookups (both protocols)
 
     async def passdb(self, username: str, password: str) -> dict[str, str] | None:
         """An existing, enabled account's fields, else whatever creation decides."""
-        known = self.auth.userdb(username)
-        if known is not None and not self.auth.store.account(username).is_disabled:
+        known = self.auth.credentials(username)
+        if known is not None:
             return known  # fast path: no thread for existing accounts
         # hashing and the creation lock block: keep them off the event loop
         return await asyncio.to_thread(self.auth.passdb, username, password)
@@ -171,7 +180,8 @@ class DoveauthDaemon(DictDaemon):
         return self.auth.userdb(username)
 
     async def all_users(self) -> list[str]:
-        return await asyncio.to_thread(lambda: list(self.auth.store.iter_addresses()))
+        # one stat per account (only complete accounts are listed): off the event loop
+        return await asyncio.to_thread(list, self.auth.store.iter_addresses())
 
     # ------------------------------------------------------------ dict protocol
 
@@ -192,7 +202,7 @@ class DoveauthDaemon(DictDaemon):
 
     async def iterate(self, flags, max_rows, paths, user):
         if paths and paths[0].rstrip("/") == "shared/userdb":
-            return [(f"shared/userdb/{addr}", "") for addr in self.auth.store.iter_addresses()]
+            return [(f"shared/userdb/{addr}", "") for addr in await self.all_users()]
         return []
 
 

@@ -14,11 +14,16 @@ Walks ``mailboxes_dir`` once (see chatmaild.maildir) and, per account directory:
      24 hours, so the client still sees the quota signal;
   4. removes ``maildirsize`` if anything was deleted, so Dovecot recounts.
 
-Directories without a password file (policy): an empty directory older than
-24 hours is removed (a crashed account creation); a non-empty one is removed
-whole when nothing in it (files or directories) changed for
+Directories without a password file (policy): an empty directory, or one
+holding only what an interrupted account creation leaves (``password.lock``,
+``enforceE2EEincoming``, ``password.tmp-*``), is removed once nothing in it
+changed for 24 hours -- under the account's creation lock, so a creation in
+progress is never disturbed; any other one is removed whole (also under that
+lock) when nothing in it (files or directories) changed for
 delete_inactive_users_after days, because no login can ever be recorded for
-it; otherwise rules 2-4 apply to it like to any account.  A ``password`` that
+it; otherwise rules 2-4 apply to it like to any account.  In an account,
+``password.tmp-*`` files older than 24 hours (an interrupted password write)
+are removed under the same lock.  A ``password`` that
 is a symlink or directory makes the account untouchable by rule 1.  Symlinks
 are never followed; names that are not account names are left alone, except
 ``.deleting-*`` directories (an interrupted removal), which are finished.
@@ -40,14 +45,17 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import fcntl
 import logging
 import os
+import stat
 import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from . import accountlock
 from .config import Config
 from .maildir import (
     DAY,
@@ -75,8 +83,9 @@ QUOTA_FROM_CONFIG = -1  # Policy.from_config: take the quota target from max_mai
 # reasons, used in logs and metric labels
 OLD, LARGE, QUOTA, IN_MAILBOX = "old", "large", "quota", "mailbox"
 INACTIVE, EMPTY, ABANDONED = "inactive", "empty", "abandoned"
+INCOMPLETE = "incomplete"  # only the leftovers of an interrupted account creation
 MESSAGE_REASONS = (OLD, LARGE, QUOTA, IN_MAILBOX)
-MAILBOX_REASONS = (INACTIVE, EMPTY, ABANDONED)
+MAILBOX_REASONS = (INACTIVE, EMPTY, INCOMPLETE, ABANDONED)
 
 log = logging.getLogger(PROG)
 
@@ -135,6 +144,7 @@ class MailboxPlan:
     name: str
     remove_reason: str | None = None
     deletions: list[tuple[Message, str]] = field(default_factory=list)
+    stale_temps: list[str] = field(default_factory=list)  # password.tmp-* to remove
     quota_before: int = 0  # S= bytes in cur/new of all folders
     quota_after: int = 0
 
@@ -156,9 +166,18 @@ def plan_mailbox(scan: MailboxScan, policy: Policy, *, whole: bool = True) -> Ma
                 if scan.dir_mtime < policy.protect_from:
                     plan.remove_reason = EMPTY
                 return plan
+            if scan.only_creation_leftovers:
+                # an account creation that was killed; a younger one may still be running
+                if scan.newest_mtime < policy.protect_from:
+                    plan.remove_reason = INCOMPLETE
+                return plan
             if scan.newest_mtime < policy.inactive_cutoff:
                 plan.remove_reason = ABANDONED
                 return plan
+        if scan.has_password:
+            plan.stale_temps = [
+                n for n, mtime in scan.password_temps if mtime < policy.protect_from
+            ]
 
     mails_cutoff = policy.mails_cutoff
     large_cutoff = policy.large_cutoff
@@ -224,12 +243,54 @@ def _still_removable(root_fd: int, plan: MailboxPlan, policy: Policy) -> bool:
             try:
                 st = os.stat(PASSWORD, dir_fd=fd, follow_symlinks=False)
             except FileNotFoundError:
-                return plan.remove_reason in (EMPTY, ABANDONED)
+                return plan.remove_reason in (EMPTY, INCOMPLETE, ABANDONED)
             if plan.remove_reason == INACTIVE:
                 return st.st_mtime < policy.inactive_cutoff
             return st.st_size == 0  # a password appeared: it is an account now
     except OSError:
         return False
+
+
+def _remove_without_password(root_fd: int, name: str) -> bool:
+    """Remove a password-less directory under the account's creation lock.
+
+    A creation holding the lock is left alone; one that starts waiting on the
+    lock meanwhile finds the directory gone and makes it anew.
+    """
+    try:
+        with open_dir(root_fd, (name,)) as fd:
+            lock_fd = accountlock.acquire(fd, 0)
+            if lock_fd is None:
+                log.info("%s: an account creation holds it, not removed", name)
+                return False
+            with accountlock.released(lock_fd):
+                try:
+                    st = os.stat(PASSWORD, dir_fd=fd, follow_symlinks=False)
+                except FileNotFoundError:
+                    pass
+                else:
+                    if st.st_size > 0 or not stat.S_ISREG(st.st_mode):
+                        log.info("%s: became an account during the run, not removed", name)
+                        return False
+                return remove_account(root_fd, name)
+    except FileNotFoundError:
+        return False
+
+
+def _remove_stale_temps(root_fd: int, plan: MailboxPlan) -> None:
+    """Unlink an account's old password.tmp-* files under its lock (skipped while busy)."""
+    try:
+        with open_dir(root_fd, (plan.name,)) as fd:
+            lock_fd = accountlock.acquire(fd, 0)
+            if lock_fd is None:
+                return  # a password write is running: its own cleanup takes them
+            with accountlock.released(lock_fd):
+                for tmp in plan.stale_temps:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(tmp, dir_fd=fd)
+                        log.info("%s: removed stale %s", plan.name, tmp)
+    except FileNotFoundError:
+        return
 
 
 def apply_plan(
@@ -243,6 +304,11 @@ def apply_plan(
 ) -> int:
     """Carry out (or with ``remove=False`` only count) a plan; returns messages removed."""
     name = plan.name
+    if plan.stale_temps:
+        if remove:
+            _remove_stale_temps(root_fd, plan)
+        else:
+            log.info("would remove stale %s from %s", ", ".join(plan.stale_temps), name)
     if plan.remove_reason:
         if remove:
             if not _still_removable(root_fd, plan, policy):
@@ -253,6 +319,9 @@ def apply_plan(
                     os.rmdir(name, dir_fd=root_fd)  # fails if something was just created
                 except OSError as e:
                     log.info("%s: not removed: %s", name, e.strerror)
+                    return 0
+            elif plan.remove_reason in (INCOMPLETE, ABANDONED):
+                if not _remove_without_password(root_fd, name):
                     return 0
             elif not remove_account(root_fd, name):
                 return 0

@@ -53,7 +53,7 @@ class LastLoginDaemon(DictDaemon):
         self.accounts = AccountStore(config)
 
     def endpoint(self) -> Endpoint:
-        return Endpoint.unix(self.config.lastlogin_socket, mode=0o660)
+        return Endpoint.unix(self.config.lastlogin_socket)
 
     def record(self, addr: str, value: object) -> bool:
         try:

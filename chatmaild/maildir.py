@@ -32,6 +32,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .accountlock import is_creation_leftover, is_password_temp
 from .addr import is_safe_dirname
 
 DAY = 86400
@@ -107,6 +108,10 @@ class MailboxScan:
     extra_bytes: int = 0
     newest_mtime: float = 0.0  # newest mtime of any entry, directories included
     top_entries: int = 0  # entries directly in the mailbox directory
+    # every top-level entry is something an interrupted account creation leaves
+    only_creation_leftovers: bool = False
+    # (name, mtime) of top-level password.tmp-* files (left by an interrupted write)
+    password_temps: list[tuple[str, float]] = field(default_factory=list)
     symlinks: int = 0
     errors: int = 0
 
@@ -168,6 +173,9 @@ def scan_mailbox(root_fd: int, name: str, *, stat_extras: bool = False) -> Mailb
         with os.scandir(fd) as it:
             top = list(it)
         scan.top_entries = len(top)
+        scan.only_creation_leftovers = bool(top) and all(
+            is_creation_leftover(e.name) and e.is_file(follow_symlinks=False) for e in top
+        )
         for entry in top:
             if entry.name == PASSWORD:
                 if not entry.is_file(follow_symlinks=False):
@@ -175,6 +183,12 @@ def scan_mailbox(root_fd: int, name: str, *, stat_extras: bool = False) -> Mailb
                 elif (pst := entry.stat(follow_symlinks=False)).st_size > 0:
                     scan.has_password = True
                     scan.password_mtime = pst.st_mtime
+            elif is_password_temp(entry.name) and entry.is_file(follow_symlinks=False):
+                try:
+                    mtime = entry.stat(follow_symlinks=False).st_mtime
+                except FileNotFoundError:
+                    continue
+                scan.password_temps.append((entry.name, mtime))
         _walk(fd, (), top, scan, stat_extras or not scan.has_password)
         return scan
     finally:

@@ -6,12 +6,15 @@ Dovecot's ``mail_attribute_dict`` points here.  Keys on the wire:
                                        LOOKUP answers every valid token, space-separated
     priv/<mailbox-guid>/messagenew     SET (from the LMTP Lua push hook) queues one push
                                        notification per device token of the account
-    .../vendor/deltachat/irohrelay     the configured iroh_relay URL (N when unset)
+    .../vendor/deltachat/irohrelay     iroh_relay (default https://<mail_domain>; N when empty)
     .../vendor/deltachat/turn          <host>:3478:<user>:<password>, the credentials read
                                        from turn_socket_path (N when it does not answer)
     .../vendor/deltachat/maxsmtprecipients
                                        1000, Postfix's smtpd_recipient_limit
-    .../vendor/deltachat/appversions   chatmaild/data/appversions.json if present
+    .../vendor/deltachat/appversions   the file appversions_path, on one line (default: the
+                                       packaged chatmaild/data/appversions.json); N when it
+                                       is empty, missing or malformed (logged once), see
+                                       chatmaild.appversions
 
 Every other lookup answers N, every other change fails the transaction (F).
 Tokens expire 90 days after they were last set.  A notification is on disk in
@@ -24,7 +27,8 @@ LOG LINES
 
 FILES
     /etc/chatmail/chatmail.ini          configuration (metadata_socket, notification_url,
-                                        notification_dir, iroh_relay, turn_socket_path, ...)
+                                        notification_dir, iroh_relay, turn_socket_path,
+                                        appversions_path, ...)
     <mailboxes_dir>/<addr>/metadata.json  device tokens of one account
     <notification_dir>/<id>             one pending notification each
 
@@ -36,10 +40,9 @@ SIGNALS
 from __future__ import annotations
 
 import asyncio
-import json
-from pathlib import Path
 
 from .addr import AddressError
+from .appversions import AppVersionsFile
 from .config import Config
 from .dictproxy import DictDaemon, Transaction
 from .notifier import Notifier
@@ -50,7 +53,6 @@ TURN_PORT = 3478
 TURN_TIMEOUT = 5.0
 MAX_SMTP_RECIPIENTS = 1000  # Postfix's default smtpd_recipient_limit; clients chunk by it
 VENDOR = "/vendor/deltachat/"
-APPVERSIONS_PATH = Path(__file__).parent / "data" / "appversions.json"
 
 
 def private_key_name(key: str) -> str | None:
@@ -98,14 +100,6 @@ async def read_turn_credentials(path: str, timeout: float = TURN_TIMEOUT) -> str
     return line.decode("utf-8", "replace") if line else None
 
 
-def load_appversions(path: Path = APPVERSIONS_PATH) -> str | None:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return json.dumps(data, separators=(",", ":"), ensure_ascii=True)
-
-
 class MetadataDaemon(DictDaemon):
     name = "chatmail-metadata"
 
@@ -113,9 +107,10 @@ class MetadataDaemon(DictDaemon):
         super().__init__(config, args)
         self.tokens = TokenStore(config)
         self.notifier = Notifier(config, self.tokens)
+        self.appversions = AppVersionsFile(config.appversions_path, self.log)
 
     def endpoint(self) -> Endpoint:
-        return Endpoint.unix(self.config.metadata_socket, mode=0o660)
+        return Endpoint.unix(self.config.metadata_socket)
 
     async def start(self) -> None:
         if not self.config.mailboxes_path.is_dir():
@@ -162,7 +157,7 @@ class MetadataDaemon(DictDaemon):
         if name == "maxsmtprecipients":
             return str(MAX_SMTP_RECIPIENTS)
         if name == "appversions":
-            return load_appversions()
+            return self.appversions.value()
         return None
 
     async def commit(self, txn: Transaction) -> bool:

@@ -89,15 +89,20 @@ def sd_notify(state: str) -> None:
 
 @dataclass(frozen=True)
 class Endpoint:
-    """Where a daemon listens: a UNIX socket path or a TCP host:port."""
+    """Where a daemon listens: a UNIX socket path or a TCP host:port.
+
+    A UNIX socket is owner-only by default: every Dovecot process that talks to
+    our dict daemons (auth-worker, imap, lmtp) runs as the vmail user, as the
+    daemons do, and any wider mode would let other local users in.
+    """
 
     path: str | None = None
     host: str | None = None
     port: int | None = None
-    mode: int = 0o660
+    mode: int = 0o600
 
     @classmethod
-    def unix(cls, path: str, mode: int = 0o660) -> Endpoint:
+    def unix(cls, path: str, mode: int = 0o600) -> Endpoint:
         return cls(path=path, mode=mode)
 
     @classmethod

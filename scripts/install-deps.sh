@@ -11,39 +11,12 @@ VENV=${VENV:-.venv}
 # the interpreter operators run; not whatever python3 is first on PATH
 PYTHON=/usr/bin/python3
 
-# shellcheck disable=SC1091
-. /etc/os-release
-APT_PACKAGES=(
-    postfix dovecot-core dovecot-imapd dovecot-lmtpd
-    python3 python3-venv
-    # chatmaild's runtime dependencies, as the Debian package will depend on them
-    python3-aiohttp python3-aiosmtpd python3-cryptography python3-dkim python3-dnspython
-    python3-filelock python3-systemd python3-uvloop
-    # the no-delay IDLE shim is compiled against the installed Dovecot
-    gcc dovecot-dev
-    openssl gnupg sq zstd iproute2 util-linux procps
-)
-case "${VERSION_CODENAME:-}" in
-    bookworm) ;;
-    # Python 3.13 has no crypt module; Dovecot 2.4 creates accounts through Lua
-    *) APT_PACKAGES+=(python3-crypt-r dovecot-auth-lua) ;;
-esac
-
-need_apt=()
-for pkg in "${APT_PACKAGES[@]}"; do
-    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "ok installed" || need_apt+=("$pkg")
-done
-if [ ${#need_apt[@]} -gt 0 ]; then
-    if [ "$(id -u)" != 0 ]; then
-        echo "install-deps: need root to apt-get install: ${need_apt[*]}" >&2
-        exit 1
-    fi
-    echo "install-deps: apt-get install ${need_apt[*]}"
-    # no default Postfix instance: every relay here runs its own config directory
-    echo "postfix postfix/main_mailer_type select No configuration" | debconf-set-selections
-    apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
-fi
+# shellcheck source=scripts/packages.sh
+. scripts/packages.sh
+# what the tests use besides the relay itself
+TEST_PACKAGES=(gnupg sq zstd iproute2 util-linux procps git make
+               python3-nacl)  # PyNaCl: dkimpy's Ed25519 signing in the DKIM tests
+apt_install_missing "${RUNTIME_PACKAGES[@]}" "${TEST_PACKAGES[@]}"
 
 if [ "$(id -u)" = 0 ] && ! id vmail >/dev/null 2>&1; then
     useradd --system --home-dir /home/vmail --shell /usr/sbin/nologin vmail

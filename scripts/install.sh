@@ -17,36 +17,15 @@ VENV=$LIB/venv
 INI=/etc/chatmail/chatmail.ini
 TLS_DIR=/etc/chatmail/tls
 UNIT_DIR=/etc/systemd/system
-APT_PACKAGES=(postfix dovecot-core dovecot-imapd dovecot-lmtpd openssl gcc dovecot-dev
-              python3-venv python3-dev libsystemd-dev pkg-config)
-# shellcheck disable=SC1091
-. /etc/os-release
-case "${VERSION_CODENAME:-}" in
-    bookworm) ;;
-    # Dovecot 2.4 (Debian 13) creates accounts through its Lua passdb/userdb
-    *) APT_PACKAGES+=(dovecot-auth-lua) ;;
-esac
-
 say() { printf 'install: %s\n' "$*"; }
 die() { printf 'install: %s\n' "$*" >&2; exit 1; }
 
 [ "$(id -u)" = 0 ] || die "run as root (sudo make install)"
-case "${VERSION_ID:-}" in
-    12 | 13) ;;
-    *) say "warning: not Debian 12 or 13; continuing" ;;
-esac
 
-# 1. packages (no Postfix questions: we write its configuration ourselves)
-need=()
-for pkg in "${APT_PACKAGES[@]}"; do
-    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "ok installed" || need+=("$pkg")
-done
-if [ ${#need[@]} -gt 0 ]; then
-    say "apt-get install ${need[*]}"
-    echo "postfix postfix/main_mailer_type select No configuration" | debconf-set-selections
-    apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}"
-fi
+# 1. packages: the servers, Debian's python3 and chatmaild's libraries
+# shellcheck source=scripts/packages.sh
+. scripts/packages.sh
+apt_install_missing "${RUNTIME_PACKAGES[@]}" || die "apt-get install failed"
 
 # 2. the mail user
 if ! id vmail >/dev/null 2>&1; then
@@ -55,9 +34,13 @@ if ! id vmail >/dev/null 2>&1; then
 fi
 
 # 3. the Python package in its own virtualenv
-[ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
+# on Debian's python3, seeing Debian's python3-* libraries: pip adds chatmaild alone
+if [ -f "$VENV/pyvenv.cfg" ] && ! grep -qx "include-system-site-packages = true" "$VENV/pyvenv.cfg"; then
+    rm -rf "$VENV"  # made by an older install from pip-installed libraries
+fi
+[ -x "$VENV/bin/python" ] || /usr/bin/python3 -m venv --system-site-packages "$VENV"
 pip_log=$(mktemp)
-if ! { "$VENV/bin/pip" install -q --upgrade pip && "$VENV/bin/pip" install -q "$SRC"; } >"$pip_log" 2>&1; then
+if ! "$VENV/bin/pip" install -q --no-deps --upgrade "$SRC" >"$pip_log" 2>&1; then
     cat "$pip_log" >&2
     die "pip install failed"
 fi
@@ -81,8 +64,25 @@ fi
 DOMAIN=$("$PY" -c "from chatmaild.config import read_config; print(read_config('$INI').mail_domain)")
 MAILBOXES=$("$PY" -c "from chatmaild.config import read_config; print(read_config('$INI').mailboxes_dir)")
 EXTERNAL_TLS=$("$PY" -c "from chatmaild.config import read_config; print(read_config('$INI').tls_external_cert_and_key or '')")
+# account names, password hashes and mail are vmail's alone (useradd makes the
+# home 0755 under Debian's UMASK 022; an existing vmail user may have none)
+mkdir -p /home/vmail
+chown vmail:vmail /home/vmail
+chmod 0700 /home/vmail
 mkdir -p "$MAILBOXES"
 chown vmail:vmail "$MAILBOXES"
+chmod 0700 "$MAILBOXES"
+# filtermail's sockets: only vmail (filtermail) and Postfix may enter their
+# directory, and setgid gives every socket group postfix, so only Postfix connects
+# (the filtermail units may write only below /var/spool/postfix/filtermail)
+for key in filtermail_smtp_socket filtermail_smtp_socket_incoming filtermail_milter_socket; do
+    dir=$(dirname "$("$VENV/bin/chatmaild" --config "$INI" config "$key" 2>/dev/null)")
+    install -d -o vmail -g postfix -m 2750 "$dir"
+    case "$dir" in
+        /var/spool/postfix/filtermail) ;;
+        *) say "warning: $key is in $dir: add ReadWritePaths=$dir to the filtermail units" ;;
+    esac
+done
 
 # 5. TLS: the configured certificate, else a self-signed one (kept across runs)
 if [ -z "$EXTERNAL_TLS" ] && [ ! -f "$TLS_DIR/cert.pem" ]; then

@@ -29,6 +29,24 @@ def ini(tmp_path, text: str):
     return path
 
 
+def test_iroh_relay_and_appversions_unset_empty_and_set(tmp_path):
+    from chatmaild.appversions import PACKAGED_PATH
+
+    unset = read_config(ini(tmp_path, "[params]\nmail_domain = chat.example.org\n"))
+    assert unset.iroh_relay == "https://chat.example.org"  # the reference's default
+    assert unset.appversions_path == str(PACKAGED_PATH)
+    assert PACKAGED_PATH.is_file()
+    empty = read_config(
+        ini(tmp_path, "[params]\nmail_domain = 1.2.3.4\niroh_relay =\nappversions_path =\n")
+    )
+    assert empty.iroh_relay == "" and empty.appversions_path == ""
+    assert read_config(ini(tmp_path, "[params]\nmail_domain = 1.2.3.4\n")).iroh_relay == (
+        "https://1.2.3.4"
+    )
+    with pytest.raises(ConfigError, match="appversions_path = 'rel/a.json' is invalid"):
+        read_config(ini(tmp_path, "[params]\nmail_domain = x.org\nappversions_path = rel/a.json\n"))
+
+
 def test_minimal_config_gets_defaults(tmp_path):
     config = read_config(ini(tmp_path, "[params]\nmail_domain = chat.example.org\n"))
     assert config.mail_domain == "chat.example.org"
@@ -50,14 +68,14 @@ def test_values_are_typed(tmp_path):
         ini(
             tmp_path,
             "[params]\nmail_domain = Chat.Example.ORG.\nmax_load_1m = 2.5\n"
-            "disable_ipv6 = yes\nfiltermail_smtp_port = 2525\nmax_mailbox_size = 2G\n"
+            "disable_ipv6 = yes\nsubmission_port = 2525\nmax_mailbox_size = 2G\n"
             "tls_external_cert_and_key = /etc/c.pem /etc/k.pem\nmailboxes_dir = /srv/mail\n",
         )
     )
     assert config.mail_domain == "chat.example.org"  # lower case, trailing dot dropped
     assert config.max_load_1m == 2.5
     assert config.disable_ipv6 is True
-    assert config.filtermail_smtp_port == 2525
+    assert config.submission_port == 2525
     assert config.max_mailbox_size_mb == 2048
     assert config.tls_external_cert_and_key == ("/etc/c.pem", "/etc/k.pem")
     assert config.mailboxes_dir == "/srv/mail"
@@ -129,8 +147,8 @@ BAD_VALUES = [
     ("username_max_length", "65", "whole number in 1..64"),
     ("password_min_length", "-1", "whole number in 1..1024"),
     ("max_user_send_per_minute", "1.5", "whole number"),
-    ("filtermail_smtp_port", "0", "whole number in 1..65535"),
-    ("postfix_reinject_port", "70000", "whole number in 1..65535"),
+    ("submission_port", "0", "whole number in 1..65535"),
+    ("smtp_port", "70000", "whole number in 1..65535"),
     ("max_mailbox_size", "lots", "size like"),
     ("max_message_size", "12X", "size like"),
     ("min_free_disk_space", "1T2", "size like"),
@@ -141,11 +159,16 @@ BAD_VALUES = [
     ("mailboxes_dir", "relative/path", "absolute path"),
     ("doveauth_socket", "run/x.sock", "absolute path"),
     ("vmail_user", "Bad User", "system user name"),
-    ("filtermail_host", "two words", "host name or IP"),
+    ("filtermail_smtp_socket", "filtermail/outgoing.sock", "absolute path"),
     ("tls_external_cert_and_key", "/only/one", "two absolute paths"),
     ("tls_external_cert_and_key", "rel/c rel/k", "two absolute paths"),
     ("notification_url", "ftp://x", "http:// or https:// URL"),
     ("iroh_relay", "not a url", "http:// or https:// URL"),
+    ("passthrough_senders", "@example.org", "is not an e-mail address"),
+    ("passthrough_senders", "a@b.example nobody", "'nobody' is not an e-mail address"),
+    ("passthrough_recipients", "nobody", "neither an e-mail address nor @domain"),
+    ("passthrough_recipients", "@", "neither an e-mail address nor @domain"),
+    ("passthrough_recipients", "@bad..example", "neither an e-mail address nor @domain"),
 ]
 
 
@@ -185,7 +208,7 @@ def test_unknown_keys_warn_once(tmp_path, caplog):
     path = ini(
         tmp_path,
         "[params]\nmail_domain = x.example.org\nfrobnicate = 1\nzeta = 2\n"
-        "passthrough_senders = \n",  # a reference key we accept silently
+        "filtermail_http_port_incoming = 10082\n",  # a reference key we accept silently
     )
     with caplog.at_level(logging.WARNING, logger="chatmaild.config"):
         config = read_config(path)
@@ -193,6 +216,29 @@ def test_unknown_keys_warn_once(tmp_path, caplog):
     warnings = [r for r in caplog.records if r.name == "chatmaild.config"]
     assert len(warnings) == 1
     assert "frobnicate, zeta" in warnings[0].getMessage()
+
+
+def test_old_port_keys_are_accepted_with_one_warning(tmp_path, caplog):
+    """The filter path's loopback ports became UNIX sockets; a chatmail.ini
+    naming the ports (the reference's, or an older one of ours) still loads."""
+    path = ini(
+        tmp_path,
+        "[params]\nmail_domain = x.example.org\nfiltermail_smtp_port = 10080\n"
+        "postfix_reinject_port_incoming = 10026\nfiltermail_host = 127.0.0.1\n"
+        "filtermail_milter_port = not even a number\n",
+    )
+    with caplog.at_level(logging.WARNING, logger="chatmaild.config"):
+        config = read_config(path)
+    assert config.unknown_keys == ()
+    assert config.filtermail_smtp_socket == "/var/spool/postfix/filtermail/outgoing.sock"
+    assert config.postfix_reinject_socket_incoming == "/var/spool/postfix/public/reinject_incoming"
+    (warning,) = [r.getMessage() for r in caplog.records if r.name == "chatmaild.config"]
+    assert "no longer used" in warning
+    assert "filtermail_smtp_port (see filtermail_smtp_socket)" in warning
+    assert "postfix_reinject_port_incoming (see postfix_reinject_socket_incoming)" in warning
+    assert "filtermail_host" in warning and "filtermail_milter_port" in warning
+    rendered = render_config(config)  # `chatmaild config`: no such key, one comment
+    assert "\nfiltermail_smtp_port =" not in rendered and "# no longer used" in rendered
 
 
 def test_unknown_keys_warning_can_be_suppressed(tmp_path, caplog):
@@ -304,3 +350,26 @@ def test_config_is_frozen():
     config = Config(mail_domain="x.example.org")
     with pytest.raises(AttributeError):
         config.mail_domain = "y.example.org"  # type: ignore[misc]
+
+
+def test_passthrough_lists(tmp_path):
+    config = read_config(ini(tmp_path, "[params]\nmail_domain = x.example.org\n"))
+    assert config.passthrough_senders == () and config.passthrough_recipients == ()
+    config = read_config(
+        ini(
+            tmp_path,
+            "[params]\nmail_domain = x.example.org\n"
+            "passthrough_senders = Echo@X.example.org,bot@x.example.org\n"
+            "passthrough_recipients = xstore@testrun.org @Example.ORG\n"
+            "    privacy@[192.0.2.1]\n",
+        )
+    )
+    assert config.passthrough_senders == ("echo@x.example.org", "bot@x.example.org")
+    assert config.passthrough_recipients == (
+        "xstore@testrun.org",
+        "@example.org",
+        "privacy@[192.0.2.1]",
+    )
+    assert config.unknown_keys == ()
+    items = {key: value for key, value, _ in config.as_ini_items()}
+    assert items["passthrough_recipients"] == "xstore@testrun.org @example.org privacy@[192.0.2.1]"

@@ -10,6 +10,8 @@ import pytest
 
 from chatmaild.accounts import FLAG_DISABLED, FLAG_ENFORCE_E2EE, AccountStore
 from chatmaild.filtermail.dkim import split_message
+from chatmaild.filtermail.headers import MAX_HEADER_SECTION
+from chatmaild.filtermail.outgoing import is_passthrough
 from chatmaild.filtermail.ratelimit import RateLimiter
 from chatmaild.testing import mails
 from tests.fixtures.filtermail import DOMAIN, OTHER
@@ -182,7 +184,10 @@ def test_a_partly_refused_envelope_delivers_nothing(filters):
 
 
 def test_reinject_connection_refused_is_4xx(filters_factory):
-    filters = filters_factory(postfix_reinject_port=1, postfix_reinject_port_incoming=1)
+    nowhere = "/nonexistent/reinject"
+    filters = filters_factory(
+        postfix_reinject_socket=nowhere, postfix_reinject_socket_incoming=nowhere
+    )
     c = filters.client(filters.out_port)
     msg = mails.encrypted_message(ALICE, [REMOTE])
     assert c.transaction(ALICE, [REMOTE], msg).startswith("451 4.4.1")
@@ -299,3 +304,85 @@ def test_plain_message_helper_roundtrip():
     # the test helper itself must produce what the filter expects (CRLF, one From)
     msg = mails.plain_message(ALICE, [REMOTE], "a\nb")
     assert b"\r\na\r\nb\r\n" in msg and msg.count(b"From: ") == 1
+
+
+@pytest.mark.parametrize("line", [b"From : <x@chat.example>", b"Subject :x", b"X-Bogus"])
+def test_malformed_header_section_is_refused_both_ways(filters, line):
+    outgoing = mails.encrypted_message(ALICE, [REMOTE])
+    outgoing = outgoing.replace(b"\r\nTo: ", b"\r\n" + line + b"\r\nTo: ", 1)
+    reply = filters.client(filters.out_port).transaction(ALICE, [REMOTE], outgoing)
+    assert reply.startswith("554 5.6.0 Malformed header section: ")
+    # dkimpy cannot sign the bad lines: added after signing (our check comes first)
+    incoming = sign_other(filters, mails.encrypted_message(REMOTE, [ALICE]))
+    incoming = incoming.replace(b"\r\nTo: ", b"\r\n" + line + b"\r\nTo: ", 1)
+    reply = filters.client(filters.in_port).transaction(REMOTE, [ALICE], incoming)
+    assert reply.startswith("554 5.6.0 Malformed header section: ")
+    assert filters.sink.messages == []
+
+
+def test_incoming_message_without_empty_line_is_refused_552(filters):
+    """~30 MB of header fields cost ~30 s of CPU (MIME parse, then dkimpy's);
+    the header section must end within its limit."""
+    message = f"From: <{REMOTE}>\r\n".encode() + b"X: y\r\n" * 200_000
+    reply = filters.client(filters.in_port).transaction(REMOTE, [ALICE], message)
+    assert reply == f"552 5.3.4 Header section larger than {MAX_HEADER_SECTION} bytes"
+    assert filters.sink.messages == []
+
+
+@pytest.mark.parametrize("checksum", [b"=AAA", b"=3D7rkM", b""])
+def test_malformed_or_missing_armor_checksum_passes(filters, checksum):
+    msg = mails.encrypted_message(ALICE, [BOB])
+    crc_start = msg.rindex(b"\r\n=", 0, msg.index(b"-----END PGP MESSAGE")) + 2
+    crc_end = msg.index(b"\r\n", crc_start) + 2
+    msg = msg[:crc_start] + (checksum + b"\r\n" if checksum else b"") + msg[crc_end:]
+    assert filters.client(filters.out_port).transaction(ALICE, [BOB], msg) == "250 OK"
+
+
+@pytest.mark.parametrize(
+    "mail_from,rcpts,ok",
+    [
+        ("echo@chat.example", ["x@y.example"], True),
+        ("ECHO@chat.example", ["x@y.example", "z@w.example"], True),
+        ("alice@chat.example", ["xstore@testrun.org"], True),
+        ("alice@chat.example", ["XSTORE@TESTRUN.ORG"], True),
+        ("alice@chat.example", ["a@privacy.example", "b@Privacy.Example"], True),
+        ("alice@chat.example", ["xstore@testrun.org", "a@privacy.example"], True),
+        ("alice@chat.example", ["xstore@testrun.org", "x@y.example"], False),  # all must match
+        ("alice@chat.example", ["a@sub.privacy.example"], False),  # @domain is that domain only
+        ("alice@chat.example", ["privacy.example@evil.example"], False),
+        ("alice@chat.example", ["other@testrun.org"], False),
+        ("alice@chat.example", [], False),
+    ],
+)
+def test_is_passthrough(mail_from, rcpts, ok):
+    senders = ("echo@chat.example",)
+    recipients = ("xstore@testrun.org", "@privacy.example")
+    assert is_passthrough(mail_from, rcpts, senders, recipients) is ok
+
+
+def test_outgoing_passthrough(filters_factory):
+    filters = filters_factory(
+        passthrough_senders=ALICE, passthrough_recipients=f"@{OTHER} xstore@testrun.org"
+    )
+    c = filters.client(filters.out_port)
+    # a passthrough sender's cleartext leaves, to anyone (and is signed when it leaves)
+    assert c.transaction(ALICE, ["x@y.example"], mails.plain_message(ALICE, ["x@y.example"])) == (
+        "250 OK"
+    )
+    # another sender's cleartext only to passthrough recipients, all of them
+    plain = mails.plain_message(BOB, [REMOTE, "xstore@testrun.org"])
+    assert c.transaction(BOB, [REMOTE, "xstore@testrun.org"], plain) == "250 OK"
+    assert c.transaction(BOB, [REMOTE, ALICE], plain).startswith("523 ")
+    # the other rules still apply: the From must be the sender
+    forged = mails.plain_message(BOB, [REMOTE])
+    assert c.transaction(ALICE, [REMOTE], forged).startswith("500 Invalid FROM")
+    assert [m.rcpt_tos for m in filters.sink.messages] == [
+        ["x@y.example"],
+        [REMOTE, "xstore@testrun.org"],
+    ]
+    assert filters.sink.messages[0].content.startswith(b"DKIM-Signature: ")
+    # incoming mail is not affected: passthrough is about what our users send
+    flag(filters, ALICE, FLAG_ENFORCE_E2EE)
+    incoming = sign_other(filters, mails.plain_message(REMOTE, [ALICE]))
+    reply = filters.client(filters.in_port).transaction(REMOTE, [ALICE], incoming)
+    assert reply.startswith("523 ")

@@ -18,20 +18,24 @@ from pathlib import Path
 import pytest
 
 from chatmaild.filtermail.dkim import Signer, public_value, split_message, txt_record
+from chatmaild.filtermail.headers import MAX_HEADER_SECTION
 from chatmaild.relay.dns import LoopbackDNS
 from chatmaild.relay.stack import Relay, _connectable
 from chatmaild.testing import mails
+from chatmaild.testing.imapparse import envelope_addresses, fetch_items
 from chatmaild.testing.maildirs import stored_message
 from tests.sandbox import world_readable_tempdir
 
 pytestmark = [pytest.mark.postfix, pytest.mark.timeout(240)]
 
 COMPONENTS = ["postfix", "dovecot", "doveauth", "filtermail"]
+PASSTHROUGH_SENDER = "passthru1@chat.example"  # relay a's passthrough_senders
+PASSTHROUGH_RECIPIENT = "xstore001@chat.example"  # relay a's passthrough_recipients
 
 
 def start_milter(relay: Relay) -> subprocess.Popen | None:
     """The bounce-signing milter, unless the relay already runs it."""
-    if _connectable(("127.0.0.1", relay.config.filtermail_milter_port)):
+    if _connectable(relay.config.filtermail_milter_socket):
         return None
     logf = open(relay.log_dir / "filtermail-milter-test.log", "ab")  # noqa: SIM115
     proc = subprocess.Popen(
@@ -40,7 +44,7 @@ def start_milter(relay: Relay) -> subprocess.Popen | None:
         stderr=subprocess.STDOUT,
     )
     deadline = time.monotonic() + 20
-    while not _connectable(("127.0.0.1", relay.config.filtermail_milter_port)):
+    while not _connectable(relay.config.filtermail_milter_socket):
         assert proc.poll() is None and time.monotonic() < deadline, "milter did not start"
         time.sleep(0.05)
     return proc
@@ -55,7 +59,8 @@ def fed(dkim_keys):
     a = Relay(
         root / "a",
         {"mail_domain": "chat.example", "max_user_send_per_minute": 1,
-         "max_user_send_burst_size": 3, **common},
+         "max_user_send_burst_size": 3, "passthrough_senders": PASSTHROUGH_SENDER,
+         "passthrough_recipients": PASSTHROUGH_RECIPIENT, **common},
         components=COMPONENTS,
     )  # fmt: skip
     b = Relay(root / "b", {"mail_domain": "other.example", **common}, components=COMPONENTS)
@@ -222,3 +227,131 @@ def test_bounce_leaves_signed(fed):
     assert submit_code(b, erin, pw, [nobody], message) == (250, "")
     bounce = wait_for_mail(b, erin, b"Undelivered Mail Returned to Sender", timeout=40)
     assert b"MAILER-DAEMON@chat.example" in bounce
+
+
+def test_incoming_port25_from_ip_literal_sender(fed):
+    """An IP-literal relay's mail passes on the daemon's interpreter (Debian's
+    Python refused it while addresses went through email.utils); no DKIM needed."""
+    a, _, _ = fed
+    bob, _ = account(a)
+    for sender in ("one@[192.0.2.1]", "two@[IPv6:2001:db8::1]"):
+        message = mails.encrypted_message(sender, [bob], subject=f"from {sender}")
+        with port25(a) as conn:
+            conn.sendmail(sender, [bob], message)
+        assert f"from {sender}".encode() in wait_for_mail(a, bob, f"from {sender}".encode())
+
+
+def inbox_senders(relay: Relay, addr: str, password: str) -> dict[bytes, list[str]]:
+    """Message-ID -> the From addresses Dovecot shows in the IMAP ENVELOPE."""
+    conn = relay.imap(addr, password)
+    try:
+        conn.select("INBOX")
+        _, data = conn.fetch("1:*", "(ENVELOPE)")
+    finally:
+        conn.logout()
+    items = fetch_items(data) if data and data[0] else []
+    senders = {}
+    for i in range(0, len(items), 2):  # seq, (ENVELOPE (...))
+        envelope = items[i + 1][1]
+        senders[envelope[9]] = envelope_addresses(envelope, "from")
+    return senders
+
+
+OBSOLETE_NAMES = [
+    b"From : <%(victim)s>",
+    b"From\t: <%(victim)s>",
+    b"FROM  :<%(victim)s>",
+]
+
+
+@pytest.mark.parametrize("second_from", OBSOLETE_NAMES)
+def test_a_second_from_spelled_with_space_before_colon_is_refused(fed, second_from):
+    """RFC 5322 4.5 obsolete syntax: Postfix and Dovecot read ``From :`` as a
+    From field, so it must count as one here too; the recipient must never be
+    shown a second author."""
+    a, _, _ = fed
+    alice, pw = account(a)
+    bob, bob_pw = account(a)
+    victim = f"victim@{a.mail_domain}"
+    attack = mails.encrypted_message(alice, [bob], subject="attack").replace(
+        b"\r\nTo: ", b"\r\n" + second_from % {b"victim": victim.encode()} + b"\r\nTo: ", 1
+    )
+    code, text = submit_code(a, alice, pw, [bob], attack)
+    control = mails.encrypted_message(alice, [bob], subject="control")
+    assert submit_code(a, alice, pw, [bob], control) == (250, "")
+    wait_for_mail(a, bob, control.split(b"Message-ID: ")[1].split(b"\r\n")[0])
+    senders = inbox_senders(a, bob, bob_pw)
+    assert all(found == [alice] for found in senders.values()), senders
+    assert (code, text[:9]) == (554, "5.6.0 Mal"), text
+
+
+def test_incoming_port25_second_from_with_space_before_colon_is_refused(fed, dkim_keys):
+    """The same on port 25, with a valid DKIM signature of the sender's domain."""
+    a, _, _ = fed
+    bob, bob_pw = account(a)
+    sender = "remote@other.example"
+    attack = mails.encrypted_message(sender, [bob], subject="attack").replace(
+        b"\r\nTo: ", f"\r\nFrom : <victim@{a.mail_domain}>\r\nTo: ".encode(), 1
+    )
+    with port25(a) as conn, pytest.raises(smtplib.SMTPDataError) as e:
+        conn.sendmail(sender, [bob], signed(attack, dkim_keys))
+    control = signed(mails.encrypted_message(sender, [bob], subject="control"), dkim_keys)
+    with port25(a) as conn:
+        conn.sendmail(sender, [bob], control)
+    wait_for_mail(a, bob, control.split(b"Message-ID: ")[1].split(b"\r\n")[0])
+    assert all(found == [sender] for found in inbox_senders(a, bob, bob_pw).values())
+    assert e.value.smtp_code == 554 and e.value.smtp_error.startswith(b"5.6.0 Malformed")
+
+
+def test_incoming_port25_message_without_empty_line_is_refused(fed):
+    """Without an empty line a message is all header: the section must end
+    within its limit (a 29 MB one cost ~30 s of CPU before)."""
+    a, _, _ = fed
+    bob, _ = account(a)
+    sender = "remote@other.example"
+    message = f"From: <{sender}>\r\n".encode() + b"X: y\r\n" * 200_000
+    with port25(a) as conn, pytest.raises(smtplib.SMTPDataError) as e:
+        conn.sendmail(sender, [bob], message)
+    assert e.value.smtp_code == 552
+    assert (
+        e.value.smtp_error
+        == f"5.3.4 Header section larger than {MAX_HEADER_SECTION} bytes".encode()
+    )
+
+
+def test_incoming_port25_ed25519_dkim(fed, ed25519_key):
+    """A domain that signs only with Ed25519 (RFC 8463) reaches our users."""
+    a, _, dns = fed
+    bob, _ = account(a)
+    sender = "ed@other.example"
+    dns.set_txt("ed._domainkey.other.example", ed25519_key.record())
+    message = mails.encrypted_message(sender, [bob], subject="signed with ed25519")
+    with port25(a) as conn:
+        conn.sendmail(sender, [bob], ed25519_key.sign(message, "other.example", "ed"))
+    assert b"signed with ed25519" in wait_for_mail(a, bob, b"signed with ed25519")
+    signed = ed25519_key.sign(message, "other.example", "ed")
+    tampered = signed.replace(b"Subject: signed with", b"Subject: forged with")
+    assert tampered != signed
+    with port25(a) as conn, pytest.raises(smtplib.SMTPDataError) as e:
+        conn.sendmail(sender, [bob], tampered)
+    assert e.value.smtp_code == 554
+
+
+def test_passthrough_sender_and_recipient(fed):
+    """Cleartext leaves from a passthrough sender, or to passthrough recipients
+    only; any other recipient among them still gets the 523."""
+    a, _, _ = fed
+    sender_pw = "passthrough-sender-pw"
+    a.imap(PASSTHROUGH_SENDER, sender_pw).logout()
+    a.imap(PASSTHROUGH_RECIPIENT, "passthrough-recipient-pw").logout()
+    alice, pw = account(a)
+    bob, _ = account(a)
+    message = mails.plain_message(PASSTHROUGH_SENDER, [bob], text="from the passthrough sender")
+    assert submit_code(a, PASSTHROUGH_SENDER, sender_pw, [bob], message) == (250, "")
+    assert b"from the passthrough sender" in wait_for_mail(a, bob, b"passthrough sender")
+    message = mails.plain_message(alice, [PASSTHROUGH_RECIPIENT], text="to the passthrough rcpt")
+    assert submit_code(a, alice, pw, [PASSTHROUGH_RECIPIENT], message) == (250, "")
+    assert wait_for_mail(a, PASSTHROUGH_RECIPIENT, b"to the passthrough rcpt")
+    both = [PASSTHROUGH_RECIPIENT, bob]
+    code, text = submit_code(a, alice, pw, both, mails.plain_message(alice, both))
+    assert code == 523 and "Encryption Needed" in text

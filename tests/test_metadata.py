@@ -120,7 +120,12 @@ def test_server_keys(metadata_daemon, metadata_ini):
         assert c.lookup(f"priv/{GUID}/vendor/deltachat/irohrelay", USER) == "N"
 
 
-def test_no_iroh_relay_answers_not_found(metadata_daemon):
+def test_iroh_relay_default_and_empty(metadata_daemon, metadata_ini):
+    metadata_daemon.start()
+    with metadata_daemon.client() as c:
+        assert c.lookup(server_key("irohrelay"), USER) == f"Ohttps://{DOMAIN}"
+    metadata_daemon.stop()
+    metadata_ini(iroh_relay="")  # set but empty: no iroh relay is advertised
     metadata_daemon.start()
     with metadata_daemon.client() as c:
         assert c.lookup(server_key("irohrelay"), USER) == "N"

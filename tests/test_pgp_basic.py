@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import os
 
 import pytest
@@ -63,13 +64,60 @@ def test_the_armor_helper_writes_the_rfc_crc24(n):
     assert mails.crc24(b"") == 0xB704CE  # the init value
 
 
-def test_a_wrong_or_odd_crc_is_not_a_reason_to_refuse():
-    # RFC 9580 6.1: readers must not reject armor over its CRC; only its shape is checked
+def crc_line_of(text: bytes) -> bytes:
+    return text[text.rindex(b"\r\n=") + 2 : text.index(pgp.END) - 2]
+
+
+@pytest.mark.parametrize(
+    "other",
+    [
+        b"=AAAA",  # wrong
+        b"=////",
+        b"=njUN",
+        b"=AAA",  # malformed: too short
+        b"=AAAAA",  # too long
+        b"=3D7rkM",  # quoted-printable encoded "="
+        b"=",
+        b"==",
+        b"=AA==",
+        b"=njUN ",  # trailing blanks
+        b"=njUN\t",
+    ],
+)
+def test_a_wrong_or_malformed_crc_is_not_a_reason_to_refuse(other):
+    # RFC 9580 6.1: readers MUST NOT reject armor whose CRC is present, missing,
+    # malformed or wrong
     text = armor(VALID)
-    crc_line = text[text.rindex(b"\r\n=") + 2 : text.index(pgp.END) - 2]
-    for other in (b"=AAAA", b"=////", b"=njUN"):
-        assert pgp.armor_problem(text.replace(crc_line, other), True) is None
-    assert pgp.armor_problem(text.replace(crc_line, b"=AAA"), True) is not None
+    assert pgp.armor_problem(text.replace(crc_line_of(text), other), True) is None
+
+
+@pytest.mark.parametrize(
+    "other",
+    [
+        b"=njUN is the CRC",  # words are not a checksum
+        b"=AAAAAAAAA",  # longer than any checksum: base64 content in disguise
+        b"=nj-UN",
+        b"= njUN",
+        b"njUN",  # not a checksum, and no base64 line of this length fits
+        b"=njUN\x00",
+    ],
+)
+def test_a_line_that_is_no_checksum_is_refused(other):
+    text = armor(VALID)
+    assert pgp.armor_problem(text.replace(crc_line_of(text), other), True) is not None
+
+
+def test_padding_on_its_own_line_is_data_not_a_checksum():
+    # a writer wrapping at a width that is no multiple of 4 can leave "==" alone
+    for extra in (1, 2):  # base64 of these ends in "=" and "=="
+        data = PKESK + new_packet(18, b"\x01" + os.urandom(301 - extra))
+        b64 = base64.b64encode(data)
+        pad = len(b64) - len(b64.rstrip(b"="))
+        assert pad == extra
+        lines = [b64[:-pad], b64[-pad:]]
+        for crc in ([], [b"=njUN"], [b"=="]):
+            text = b"\r\n".join([pgp.BEGIN, b"", *lines, *crc, pgp.END])
+            assert pgp.armor_problem(text, True) is None, (extra, crc)
 
 
 @pytest.mark.parametrize(

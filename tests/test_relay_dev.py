@@ -3,6 +3,7 @@ and two of them exchanging mail."""
 
 from __future__ import annotations
 
+import imaplib
 import json
 import os
 import shutil
@@ -14,11 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from chatmaild.config import read_config
-from chatmaild.relay.stack import connectable
 from chatmaild.testing.mails import encrypted_message
 from tests.devrelay import ROOT, DevRelay, wait_for_message
-from tests.fixtures.metadata import wait_until
 from tests.sandbox import world_readable_tempdir
 
 pytestmark = [pytest.mark.relay, pytest.mark.timeout(300)]
@@ -124,16 +122,16 @@ def test_dead_daemons_and_servers_are_restarted(base):
         assert relay.wait_line(lambda line: "exited with status -9; restarting in" in line)
         # reaped, not left as zombies
         assert not zombie(victim) and not zombie(dovecot)
-        # a restarted process listens a moment after "restarted" is logged (until then
-        # logins and submissions fail temporarily): wait until the restarted ones do
-        config = read_config(relay.facts["config"])
-        ports = relay.facts["ports"]
-        targets = [config.doveauth_socket, config.doveauth_http_socket] + [
-            p if str(p).startswith("/") else ("127.0.0.1", int(p))
-            for p in (ports["imaps"], ports["filtermail"])
-        ]
-        assert wait_until(lambda: all(connectable(t) for t in targets), 30), targets
-        # and serving again: a new account logs in, its mail is filtered and delivered
+        # and serving again (once the new processes listen): a new account logs in, its
+        # mail is filtered and delivered
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                relay.imap(*relay.printed_account()).logout()
+                break
+            except (OSError, imaplib.IMAP4.error):
+                assert time.monotonic() < deadline, relay.output
+                time.sleep(0.2)
         message = send_and_receive(relay, relay)
         assert b"multipart/encrypted" in message
     finally:

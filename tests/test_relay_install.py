@@ -48,6 +48,13 @@ CHECK = textwrap.dedent(
 
     imap = imaplib.IMAP4_SSL("127.0.0.1", 993, ssl_context=ctx)
     imap.login(addr, password)
+    # the app versions file is part of the installed package
+    imaplib.Commands.setdefault("GETMETADATA", ("AUTH", "SELECTED"))
+    typ, data = imap._simple_command(
+        "GETMETADATA", '""', "(/shared/vendor/deltachat/appversions)")
+    _, found = imap._untagged_response(typ, data, "METADATA")
+    assert typ == "OK" and isinstance(found[0], tuple), found
+    assert json.loads(found[0][1])["clients"], found
     with smtplib.SMTP_SSL("127.0.0.1", 465, context=ctx) as smtp:
         smtp.login(addr, password)
         smtp.sendmail(addr, [addr], encrypted_message(addr, [addr]))
@@ -66,6 +73,18 @@ CHECK = textwrap.dedent(
     _, data = imap.fetch(b"1", "(RFC822)")
     assert b"multipart/encrypted" in data[0][1]
     assert b"Received:" not in data[0][1]
+
+    # another local user reaches no socket or file that tells about accounts
+    import subprocess
+    from chatmaild.testing.access import probe_as
+    for path in ("/run/doveauth/doveauth.socket", "/run/chatmail-metadata/metadata.socket",
+                 "/run/chatmail-lastlogin/lastlogin.socket", "/run/dovecot/auth-userdb"):
+        assert probe_as("nobody", "nogroup", "connect", path) == "EACCES", path
+    for path in ("/home/vmail", "/home/vmail/mail/chat.example.org"):
+        assert probe_as("nobody", "nogroup", "list", path) == "EACCES", path
+    shown = subprocess.run(["doveadm", "user", addr], capture_output=True, text=True)
+    assert shown.returncode == 0 and "home" in shown.stdout, shown.stdout + shown.stderr
+    assert "password" not in shown.stdout, shown.stdout
     print("install check ok", addr)
     """
 )
@@ -86,6 +105,7 @@ def test_make_install_production_path():
         )
         assert res.returncode == 0, res.stdout + res.stderr + logs
         assert "install check ok" in res.stdout
+        assert "socket access ok" in res.stdout
         assert "uninstall ok" in res.stdout
         out = (work / "install.out").read_text()
         assert "_domainkey.chat.example.org. 3600 IN TXT" in out

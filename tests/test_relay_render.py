@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from chatmaild.admin import main as chatmaild_main
-from chatmaild.config import read_config
+from chatmaild.config import FILTERMAIL_SOCKET_DIR, read_config
 from chatmaild.relay.dovecotversion import UnsupportedDovecot, installed_series, series_of
 from chatmaild.relay.render import Layout, render_all
 
@@ -49,11 +49,27 @@ def test_postfix_accepts_rendered_config(rendered):
     res = subprocess.run(["postconf", "-c", str(pdir), "-M"], capture_output=True, text=True)
     assert res.returncode == 0 and "warning" not in res.stderr, res.stderr
     services = [line.split()[0] for line in res.stdout.splitlines()]
-    for svc in ("25", "587", "465", "127.0.0.1:10025", "127.0.0.1:10026", "authclean"):
+    for svc in ("25", "587", "465", "reinject", "reinject_incoming", "authclean"):
         assert svc in services
+    # the filter path has no TCP port: every hop is a UNIX socket (public/ for re-injection)
+    reinject = [line.split()[:3] for line in res.stdout.splitlines() if "reinject" in line]
+    assert reinject == [["reinject", "unix", "n"], ["reinject_incoming", "unix", "n"]]
     master = (pdir / "master.cf").read_text()
-    assert "smtpd_proxy_filter=127.0.0.1:10080" in master
-    assert "smtpd_proxy_filter=127.0.0.1:10081" in master
+    assert "smtpd_proxy_filter=unix:filtermail/outgoing.sock" in master
+    assert "smtpd_proxy_filter=unix:filtermail/incoming.sock" in master
+    assert main["non_smtpd_milters"] == "unix:filtermail/milter.sock"
+
+
+def test_reinjection_socket_must_be_where_postfix_creates_it(tmp_path, capsys):
+    ini = tmp_path / "chatmail.ini"
+    ini.write_text(
+        "[params]\nmail_domain = chat.example.org\n"
+        "postfix_reinject_socket = /run/chatmail/reinject\n"
+    )
+    assert chatmaild_main(["--config", str(ini), "render", "--root", str(tmp_path / "r")]) == 78
+    err = capsys.readouterr().err
+    assert "postfix_reinject_socket = /run/chatmail/reinject is invalid" in err
+    assert "/var/spool/postfix/public/NAME" in err
 
 
 # what doveconf -n must show of the production config, per Dovecot series
@@ -154,6 +170,20 @@ def test_daemon_units(unit):
     # the console script the unit runs is one this package declares
     pyproject = (ROOT / "pyproject.toml").read_text()
     assert f'\n{Path(exe).name} = "' in pyproject
+
+
+@pytest.mark.parametrize(
+    "unit,groups",
+    [
+        ("filtermail.service", "postdrop"),  # enters public/ to re-inject
+        ("filtermail-incoming.service", "postdrop"),
+        ("filtermail-milter.service", None),  # re-injects nothing
+    ],
+)
+def test_filtermail_units_write_only_their_socket_directory(unit, groups):
+    svc = _unit(SYSTEMD / unit)["Service"]
+    assert svc.get("SupplementaryGroups") == groups
+    assert svc["ReadWritePaths"] == FILTERMAIL_SOCKET_DIR
 
 
 @pytest.mark.parametrize("name", ["chatmail-expire", "chatmail-fsreport"])

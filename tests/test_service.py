@@ -98,12 +98,12 @@ def test_regular_file_is_not_replaced(daemon_factory, tmp_path):
 def test_socket_mode_and_parent_directory(daemon_factory, tmp_path):
     sock = tmp_path / "sub" / "dir" / "d.socket"
     daemon_factory(MEMDICT, listen=sock)
-    assert stat.S_IMODE(sock.stat().st_mode) == 0o660
+    assert stat.S_IMODE(sock.stat().st_mode) == 0o600
 
 
-def test_doveauth_socket_mode_from_config(doveauth):
+def test_doveauth_socket_is_owner_only(doveauth):
     _, sock, _ = doveauth
-    assert stat.S_IMODE(sock.stat().st_mode) == 0o666
+    assert stat.S_IMODE(sock.stat().st_mode) == 0o600
 
 
 def test_tcp_endpoint(daemon_factory, tmp_path):

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import email.utils
 import logging
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -14,6 +13,7 @@ from ..accounts import AccountStore
 from ..addr import AddressError
 from ..config import Config
 from . import mime
+from .headers import Field, HeaderError
 from .reinject import ReinjectClient, ReinjectError
 from .smtp import Envelope, Session
 
@@ -27,6 +27,9 @@ LARGE_PARSES = 2
 
 @dataclass
 class Classification:
+    fields: list[Field]  # the top-level header fields, as every check saw them
+    header_end: int  # the header section is content[:header_end]
+    body_start: int
     from_header: str  # raw value of the first From header ("" if none)
     from_addr: str | None  # lowercased address from the From header
     encrypted: bool
@@ -38,7 +41,10 @@ class Classification:
 def classify(
     content: bytes | bytearray, outgoing: bool, mail_from: str, rcpts: Sequence[str]
 ) -> Classification:
-    """Pure and CPU-bound: everything the policy needs to know about a message."""
+    """Pure and CPU-bound: everything the policy needs to know about a message.
+
+    Raises HeaderError for a header section that is refused as a whole.
+    """
     # ParsedMessage slices the buffer with memoryviews: no copy of a large message
     msg = mime.ParsedMessage(content)  # type: ignore[arg-type]
     from_header = msg.get("From") or ""
@@ -51,7 +57,17 @@ def classify(
         asm = mime.is_self_sent_autocrypt_setup(msg, mail_from, list(rcpts))
     if not outgoing and not (encrypted or securejoin):
         daemon = mime.is_mailer_daemon_report(msg)
-    return Classification(from_header, from_addr, encrypted, securejoin, asm, daemon)
+    return Classification(
+        msg.fields,
+        msg.header_end,
+        msg.body_start,
+        from_header,
+        from_addr,
+        encrypted,
+        securejoin,
+        asm,
+        daemon,
+    )
 
 
 class BaseHandler:
@@ -73,6 +89,9 @@ class BaseHandler:
                     result = await asyncio.to_thread(classify, content, self.outgoing, *args)
             else:
                 result = classify(content, self.outgoing, *args)
+        except HeaderError as e:
+            log.info("refused header section: %s", e.reply)
+            return e.reply
         except Exception as e:  # a parser bug must not look like an accepted message
             log.info("failed to parse message: %r", e)
             return f"500 Failed to parse message: {type(e).__name__}"
@@ -114,41 +133,20 @@ class BaseHandler:
 
 # ----------------------------------------------------------------- headers
 
-_FIELD_RE = re.compile(rb"([^:\s]+)\s*:")
-
-
-def header_fields(header_block: bytes) -> list[bytes]:
-    """Split a header block into fields (each with its continuation lines and CRLF)."""
-    fields: list[bytes] = []
-    for line in header_block.split(b"\r\n")[:-1]:
-        if line[:1] in (b" ", b"\t") and fields:
-            fields[-1] += line + b"\r\n"
-        else:
-            fields.append(line + b"\r\n")
-    return fields
-
-
-def field_name(f: bytes) -> bytes:
-    m = _FIELD_RE.match(f)
-    return m.group(1).lower() if m else b""
-
-
 DROP_HEADERS = {b"received", b"x-originating-ip", b"x-mailer", b"user-agent"}
 
 
-def clean_outgoing_headers(header_block: bytes, mail_domain: str) -> bytes:
+def clean_outgoing_headers(fields: list[Field], mail_domain: str) -> bytes:
     """Privacy cleanup for mail leaving through this relay (what Postfix's authclean
     also does, done here so it happens before the DKIM signature is made)."""
     out = []
     names = set()
-    for f in header_fields(header_block):
-        name = field_name(f)
+    for f in fields:
+        name = f.lname
         names.add(name)
         if name in DROP_HEADERS:
             continue
-        if name == b"subject":
-            f = b"Subject: [...]\r\n"
-        out.append(f)
+        out.append(b"Subject: [...]\r\n" if name == b"subject" else f.raw)
     # Postfix would add these on re-injection, after our over-signing of Date
     if b"date" not in names:
         out.append(f"Date: {email.utils.formatdate()}\r\n".encode())

@@ -14,7 +14,7 @@ import logging
 
 from ..config import Config
 from .common import BaseHandler, domain_of
-from .dkim import Verifier, split_message
+from .dkim import Verifier
 from .outgoing import ENCRYPTION_NEEDED
 from .reinject import ReinjectClient
 from .smtp import Envelope, Session
@@ -49,9 +49,9 @@ class IncomingHandler(BaseHandler):
             if not all(self.cleartext_ok(env.rcpt_tos[i]) for i in rcpts):
                 return ENCRYPTION_NEEDED
         domain = domain_of(result.from_addr)
-        header_block, body_start = split_message(content)
         if not domain.startswith("[") and self.verifier is not None:
-            verdict = await self.verifier.verify(header_block, content, body_start, domain)
+            header_block = bytes(content[: result.header_end])
+            verdict = await self.verifier.verify(header_block, content, result.body_start, domain)
             if not verdict.ok:
                 log.info(
                     "DKIM verification failed for mail from %s: %s (%s)",

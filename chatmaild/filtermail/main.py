@@ -2,18 +2,26 @@
 
 Usage: filtermail [--config INI] outgoing|incoming|milter
 
-outgoing  listens on filtermail_host:filtermail_smtp_port for Postfix's
-          submission proxy filter: per-sender rate limit, From must match
-          the sender, only encrypted mail leaves (523 otherwise), privacy
-          header cleanup, DKIM signature when a recipient is on another
-          domain (nobody checks one on local mail), re-injection to
-          postfix_reinject_port.
-incoming  listens on filtermail_smtp_port_incoming for the port-25 proxy
+outgoing  listens on filtermail_smtp_socket for Postfix's submission proxy
+          filter: per-sender rate limit, From must match the sender, only
+          encrypted mail leaves (523 otherwise), privacy header cleanup, DKIM
+          signature when a recipient is on another domain (nobody checks one
+          on local mail), re-injection to postfix_reinject_socket.
+incoming  listens on filtermail_smtp_socket_incoming for the port-25 proxy
           filter: encrypted mail, Secure-Join and mailer-daemon reports pass,
           cleartext only to recipients that allow it; a DKIM signature of the
-          From domain must verify; re-injection to postfix_reinject_port_incoming.
-milter    listens on filtermail_milter_port for Postfix non_smtpd_milters and
+          From domain must verify; re-injection to
+          postfix_reinject_socket_incoming.
+milter    listens on filtermail_milter_socket for Postfix non_smtpd_milters and
           DKIM-signs mail Postfix generates itself (bounces).
+
+SOCKETS
+  Every endpoint is a UNIX socket, so that its permissions decide who may
+  connect: filtermail's own sockets are created mode 0660 in a directory
+  owned by vmail, group postfix, setgid (the sockets inherit group postfix:
+  only Postfix connects); Postfix's re-injection services live in its
+  public/ directory, reachable by the postdrop group, which filtermail
+  outgoing and incoming get as a supplementary group.
 
 FILES
   dkim_key_path (PEM) is read by outgoing and milter at start.
@@ -27,7 +35,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import grp
+import os
 import socket
+import stat
 import sys
 
 from ..service import EXIT_CONFIG, Daemon, Endpoint, run_daemon
@@ -39,6 +50,34 @@ from .reinject import ReinjectClient
 from .smtp import ServerSettings, SMTPServer
 
 MODES = ("outgoing", "incoming", "milter")
+
+
+def postfix_access_problem(path: str, postfix_gid: int) -> str | None:
+    """Why Postfix (running with group ``postfix_gid``) could not connect to the
+    socket at ``path``, or None.  Not fatal: mail is only deferred meanwhile."""
+    sock, parent = os.stat(path), os.stat(os.path.dirname(path))
+    socket_ok = sock.st_gid == postfix_gid and sock.st_mode & 0o060 == 0o060
+    parent_ok = parent.st_mode & 0o001 or (parent.st_gid == postfix_gid and parent.st_mode & 0o010)
+    if socket_ok and parent_ok:
+        return None
+    return (
+        f"Postfix cannot connect to {path} (socket group id {sock.st_gid}, mode"
+        f" {stat.S_IMODE(sock.st_mode):o}; directory group id {parent.st_gid}, mode"
+        f" {stat.S_IMODE(parent.st_mode):o}): the directory must be setgid with group postfix,"
+        " e.g. install -d -o vmail -g postfix -m 2750 DIR"
+    )
+
+
+def warn_unless_postfix_can_connect(daemon: Daemon) -> None:
+    if daemon.args is not None and getattr(daemon.args, "listen", None):
+        return  # an explicit --listen is the operator's choice
+    path = daemon.endpoint().path
+    try:
+        problem = postfix_access_problem(path, grp.getgrnam("postfix").gr_gid) if path else None
+    except (KeyError, OSError):
+        return  # no postfix group here, or a socket passed by systemd elsewhere
+    if problem:
+        daemon.log.warning("%s", problem)
 
 
 def load_signer(config) -> Signer:
@@ -56,19 +95,19 @@ class FilterDaemon(Daemon):
     mode = "outgoing"
 
     def endpoint(self) -> Endpoint:
-        port = (
-            self.config.filtermail_smtp_port
-            if self.mode == "outgoing"
-            else self.config.filtermail_smtp_port_incoming
+        c = self.config
+        outgoing = self.mode == "outgoing"
+        return Endpoint.unix(
+            c.filtermail_smtp_socket if outgoing else c.filtermail_smtp_socket_incoming
         )
-        return Endpoint.tcp(self.config.filtermail_host, port)
 
     async def start(self) -> None:
         c = self.config
-        port = (
-            c.postfix_reinject_port if self.mode == "outgoing" else c.postfix_reinject_port_incoming
+        outgoing = self.mode == "outgoing"
+        self.reinject = ReinjectClient(
+            c.postfix_reinject_socket if outgoing else c.postfix_reinject_socket_incoming
         )
-        self.reinject = ReinjectClient(c.postfix_host, port, f"[{c.filtermail_host}]")
+        warn_unless_postfix_can_connect(self)
         if self.mode == "outgoing":
             handler = OutgoingHandler(c, self.reinject, load_signer(c))
         else:
@@ -110,10 +149,11 @@ class MilterDaemon(Daemon):
     name = "filtermail"
 
     def endpoint(self) -> Endpoint:
-        return Endpoint.tcp(self.config.filtermail_host, self.config.filtermail_milter_port)
+        return Endpoint.unix(self.config.filtermail_milter_socket)
 
     async def start(self) -> None:
         self.signer = load_signer(self.config)
+        warn_unless_postfix_can_connect(self)
         self.log.info("entering serving loop (milter)")
 
     async def handle_connection(

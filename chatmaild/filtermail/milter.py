@@ -16,6 +16,7 @@ import asyncio
 import logging
 import struct
 
+from ..addr import header_addresses, valid_addr_spec
 from .dkim import Signer, body_hash_async
 
 log = logging.getLogger("filtermail")
@@ -118,14 +119,12 @@ class MilterSession:
         return b"".join(lines)
 
     def _from_domain(self) -> str | None:
-        from email.utils import getaddresses
-
+        """Domain of the first From header's single address (None if it has none)."""
         for name, value in self.headers:
             if name.lower() == b"from":
-                addrs = getaddresses([value.decode("utf-8", "replace")])
-                if addrs and "@" in addrs[0][1]:
-                    return addrs[0][1].rpartition("@")[2].lower()
-                return None
+                found = header_addresses(value.decode("utf-8", "replace"))
+                addr = valid_addr_spec(found[0]) if found and len(found) == 1 else None
+                return addr.rpartition("@")[2] if addr else None
         return None
 
     async def end_of_message(self) -> list[bytes]:

@@ -5,13 +5,17 @@ SMTP, dot-stuffing already removed) or a :class:`ParsedMessage` made from it,
 never raises on hostile input, and answers False/None when in doubt.
 
 Parsing is done once and lazily: :class:`ParsedMessage` parses only the header
-block with the stdlib ``email`` package (compat32 policy: raw header values,
-no folding surprises) and splits a multipart body by searching for its
-boundary with ``bytes.find``, so a 25 MB encrypted message is never split into
-Python lines and its payload is sliced, not copied around.  Only a part's own
-(small) header block goes through the ``email`` parser.
+section, with :mod:`.headers` (the one header parser of all checks; the
+fields are held in a compat32 ``email`` Message for its parameter parsing),
+and splits a multipart body by searching for its boundary with
+``bytes.find``, so a 25 MB encrypted message is never split into Python lines
+and its payload is sliced, not copied around.  A part's own (small) header
+section goes through the same parser.
 
 Stricter than the reference relay on purpose:
+
+- a malformed header section (``From :``, a line that is no field) is
+  refused, see :mod:`.headers`;
 
 - the From header must occur exactly once and hold exactly one mailbox (a
   second From or a list of authors is how a sender is spoofed in clients that
@@ -24,13 +28,11 @@ Stricter than the reference relay on purpose:
 from __future__ import annotations
 
 import binascii
-import ipaddress
 import re
 from email.message import Message
-from email.parser import BytesHeaderParser
-from email.policy import compat32
-from email.utils import getaddresses
 
+from ..addr import address_literal, header_addresses, valid_addr_spec
+from .headers import Field, HeaderError, find_section, parse_fields
 from .pgp import armor_problem
 
 __all__ = [
@@ -48,12 +50,8 @@ __all__ = [
     "is_self_sent_autocrypt_setup",
 ]
 
-MAX_HEADER_BLOCK = 1 << 20  # a header block this large is not a chat message
 SECUREJOIN_STEPS = ("vc-request", "vg-request")
 ASM_SUBJECT = "Autocrypt Setup Message"
-
-_header_parser = BytesHeaderParser(policy=compat32)
-
 
 IDENTITY_ENCODINGS = ("7bit", "8bit", "binary", "")
 
@@ -98,43 +96,31 @@ class Part:
         return None
 
 
-def _parse_headers(block: bytes | memoryview) -> Message:
-    return _header_parser.parsebytes(bytes(block))
-
-
-def _split_entity(data: bytes | bytearray, start: int, end: int) -> tuple[int, int, bytes]:
-    """Split data[start:end] into header block and body.
-
-    Returns ``(body_start, header_end, eol)``.  The header block ends at the
-    first empty line; an entity that starts with an empty line has no headers.
-    """
-    lim = min(end, start + MAX_HEADER_BLOCK)
-    if data.startswith(b"\r\n", start, end):
-        return start + 2, start, b"\r\n"
-    if data.startswith(b"\n", start, end):
-        return start + 1, start, b"\n"
-    crlf = data.find(b"\r\n\r\n", start, lim)
-    # an LF-only blank line counts only if it comes first (never searched past crlf)
-    lf = data.find(b"\n\n", start, crlf + 2 if crlf >= 0 else lim)
-    if lf >= 0:
-        return lf + 2, lf + 1, b"\n"
-    if crlf >= 0:
-        return crlf + 4, crlf + 2, b"\r\n"
-    # no body at all (or an absurd header block): everything is header
-    first_eol = data.find(b"\n", start, lim)
-    eol = b"\r\n" if first_eol > start and data[first_eol - 1] == 0x0D else b"\n"
-    return end, end, eol
+def _message(fields: list[Field]) -> Message:
+    """The fields as a compat32 Message (raw values, as email's own parser stores them)."""
+    msg = Message()
+    for f in fields:
+        value = f.value.decode("ascii", "surrogateescape").lstrip(" \t")
+        msg.set_raw(f.name.decode("ascii"), value.rstrip("\r\n"))
+    return msg
 
 
 class ParsedMessage:
-    """A message parsed once for all checks: headers now, body parts on demand."""
+    """A message parsed once for all checks: headers now, body parts on demand.
+
+    Raises :class:`~.headers.HeaderError` for a header section the filters
+    refuse (see :mod:`.headers`); the public functions below answer False/None.
+    """
 
     def __init__(self, data: bytes | bytearray):
         # a bytearray is used as it is (no copy); do not resize it while checks run
         self.data = data
-        body_start, header_end, self.eol = _split_entity(data, 0, len(data))
-        self.headers: Message = _parse_headers(memoryview(data)[:header_end])
-        self.body_start = body_start
+        section = find_section(data)
+        self.eol = section.eol
+        self.header_end = section.header_end
+        self.fields = parse_fields(memoryview(data)[: section.header_end], section.eol)
+        self.headers: Message = _message(self.fields)
+        self.body_start = section.body_start
         self._parts: dict[int, list[Part] | None] = {}
 
     @property
@@ -202,9 +188,13 @@ class ParsedMessage:
             if len(parts) >= limit:
                 return None
             stop = max(nxt, start)
-            body_start, header_end, _ = _split_entity(data, start, stop)
-            body_start = min(body_start, stop)
-            parts.append(Part(_parse_headers(mv[start:header_end]), data, body_start, stop))
+            try:  # a part's header section follows the same rules as the message's
+                section = find_section(data, start, stop)
+                fields = parse_fields(mv[start : section.header_end], section.eol)
+            except HeaderError:
+                return None
+            body_start = min(section.body_start, stop)
+            parts.append(Part(_message(fields), data, body_start, stop))
         return parts  # the epilogue after the close delimiter is ignored
 
 
@@ -349,61 +339,12 @@ def is_mailer_daemon_report(msg: bytes | bytearray | ParsedMessage) -> bool:
 
 # --- addresses ------------------------------------------------------------------------
 
-_ATOM = r"[a-z0-9!#$%&'*+/=?^_`{|}~-]+"
-_DOT_ATOM_RE = re.compile(rf"{_ATOM}(?:\.{_ATOM})*")
-_QUOTED_RE = re.compile(r'"(?:[^"\\\r\n]|\\[^\r\n])*"')
-# letters/digits/hyphen labels; UTF-8 labels allowed (SMTPUTF8), no empty label
-_DOMAIN_RE = re.compile(
-    r"(?:[a-z0-9_](?:[a-z0-9_-]*[a-z0-9_])?|[^\x00-\x7f.@\s]+)"
-    r"(?:\.(?:[a-z0-9_](?:[a-z0-9_-]*[a-z0-9_])?|[^\x00-\x7f.@\s]+))*"
-)
-_ANY_LOCAL_RE = re.compile(
-    r"[^\x00-\x20\x7f\"@<>()\[\]\\,;:]+(?:\.[^\x00-\x20\x7f\"@<>()\[\]\\,;:]+)*"
-)
 _PREFIX_RE = re.compile(r"\s*(?:mail\s+from|rcpt\s+to)\s*:\s*", re.IGNORECASE)
 
 
 def is_domain_literal(domain: str) -> bool:
-    """True for ``[1.2.3.4]`` / ``[IPv6:...]`` (any case) with a valid IP inside."""
-    return _domain_literal_ok(domain.lower())
-
-
-def _domain_literal_ok(domain: str) -> bool:
-    if not (domain.startswith("[") and domain.endswith("]")):
-        return False
-    inner = domain[1:-1]
-    try:
-        if inner.startswith("ipv6:"):
-            ipaddress.IPv6Address(inner[5:])
-        else:
-            ipaddress.IPv4Address(inner)
-    except ValueError:
-        return False
-    return True
-
-
-def _valid_addr_spec(addr: str) -> str | None:
-    """Lower-cased ``local@domain`` if ``addr`` is one, else None."""
-    addr = addr.lower()
-    if not addr or len(addr) > 320 or not addr.isprintable():
-        return None
-    if addr.startswith('"'):
-        m = _QUOTED_RE.match(addr)
-        if not m or addr[m.end() : m.end() + 1] != "@":
-            return None
-        local, domain = addr[: m.end()], addr[m.end() + 1 :]
-    else:
-        local, sep, domain = addr.partition("@")
-        if not sep or not _ANY_LOCAL_RE.fullmatch(local):
-            return None
-    if not local or not domain or "@" in domain:
-        return None
-    if domain.startswith("["):
-        if not _domain_literal_ok(domain):
-            return None
-    elif not _DOMAIN_RE.fullmatch(domain) or len(domain) > 255:
-        return None
-    return f"{local}@{domain}"
+    """True for ``[1.2.3.4]`` / ``[IPv6:...]`` (any case), RFC 5321 address literals."""
+    return address_literal(domain) is not None
 
 
 def _angle_content(text: str) -> str | None:
@@ -478,7 +419,7 @@ def extract_address(text: str) -> str | None:
             if colon < 0:
                 return None
             inner = inner[colon + 1 :]
-        return _valid_addr_spec(inner)
+        return valid_addr_spec(inner)
     except Exception:
         return None
 
@@ -504,10 +445,9 @@ def from_address(msg: bytes | bytearray | ParsedMessage) -> str | None:
         value = values[0]
         if len(value) > 4096:
             return None
-        mailboxes = [a for _, a in getaddresses([value]) if a]
-        if len(mailboxes) != 1:
+        mailboxes = header_addresses(value)
+        if mailboxes is None or len(mailboxes) != 1:
             return None
-        addr = mailboxes[0]
-        return _valid_addr_spec(addr)
+        return valid_addr_spec(mailboxes[0])
     except Exception:
         return None

@@ -2,19 +2,21 @@
 
 MAIL FROM: syntax, then the per-sender rate limit (``450 4.7.1``).  End of
 DATA: the From header must be the envelope sender (``500``); only OpenPGP
-encrypted mail, Secure-Join requests and a self-sent Autocrypt Setup Message
-may leave (else ``523``).  Accepted mail gets its privacy header cleanup, a
-DKIM signature when it leaves the relay, and is re-injected into Postfix.
+encrypted mail, Secure-Join requests, a self-sent Autocrypt Setup Message, and
+cleartext from a ``passthrough_senders`` address or to ``passthrough_recipients``
+only (addresses or ``@domain``) may leave (else ``523``).  Accepted mail gets
+its privacy header cleanup, a DKIM signature when it leaves the relay, and is
+re-injected into Postfix.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 from ..config import Config
 from .common import BaseHandler, clean_outgoing_headers, domain_of
-from .dkim import DKIMError, Signer, split_message
+from .dkim import DKIMError, Signer
 from .ratelimit import RateLimiter
 from .reinject import ReinjectClient
 from .smtp import Envelope, Session
@@ -22,6 +24,20 @@ from .smtp import Envelope, Session
 log = logging.getLogger("filtermail")
 
 ENCRYPTION_NEEDED = "523 Encryption Needed: Invalid Unencrypted Mail"
+
+
+def is_passthrough(
+    mail_from: str, rcpts: Sequence[str], senders: Sequence[str], recipients: Sequence[str]
+) -> bool:
+    """Whether cleartext may leave by configuration (reference semantics): the
+    sender is listed in ``senders``, or every recipient is listed in
+    ``recipients`` as an address or by its ``@domain``.  Lists are lower case."""
+    if mail_from.lower() in senders:
+        return True
+    domains = {r for r in recipients if r.startswith("@")}
+    return bool(rcpts) and all(
+        r.lower() in recipients or "@" + r.rpartition("@")[2].lower() in domains for r in rcpts
+    )
 
 
 class OutgoingHandler(BaseHandler):
@@ -45,6 +61,13 @@ class OutgoingHandler(BaseHandler):
             return f"450 4.7.1: Too much mail from {addr}, try again in {wait:.0f} s"
         return None
 
+    def passthrough(self, mail_from: str, rcpts: list[str]) -> bool:
+        c = self.config
+        if is_passthrough(mail_from, rcpts, c.passthrough_senders, c.passthrough_recipients):
+            log.info("passthrough: unencrypted mail from %s allowed", mail_from)
+            return True
+        return False
+
     def leaves_relay(self, rcpts: Iterable[str]) -> bool:
         """True if some recipient is on another domain.  Mail for our own users
         goes straight to their mailboxes where nobody checks DKIM, so it is not
@@ -62,7 +85,7 @@ class OutgoingHandler(BaseHandler):
             log.info("Outgoing: Filtering encrypted mail.")
         else:
             log.info("Outgoing: Filtering unencrypted mail.")
-            if not result.autocrypt_setup:
+            if not result.autocrypt_setup and not self.passthrough(mail_from, env.rcpt_tos):
                 log.info("Rejected unencrypted mail from: %s", result.from_addr)
                 return ENCRYPTION_NEEDED
         if self.is_disabled(mail_from):
@@ -73,8 +96,8 @@ class OutgoingHandler(BaseHandler):
             log.info("All recipients disabled; mail dropped")
             return "250 OK"
 
-        header_block, body_start = split_message(content)
-        headers = clean_outgoing_headers(header_block, self.config.mail_domain)
+        body_start = result.body_start
+        headers = clean_outgoing_headers(result.fields, self.config.mail_domain)
         chunks = [headers, b"\r\n", memoryview(content)[body_start:]]
         if self.signer is not None and self.leaves_relay(env.rcpt_tos[i] for i in rcpts):
             try:

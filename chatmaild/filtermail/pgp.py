@@ -15,11 +15,16 @@ Armor rules (RFC 4880 / RFC 9580 section 6), strict where it costs nobody:
   outgoing mail from chat clients never has them, so there they are refused;
 - base64 decoded strictly: alphabet, CRLF between lines, ``=`` padding only at
   the very end, no blank lines, nothing else;
-- the CRC24 line ``=XXXX`` is optional; when present it must have that shape,
-  but its value is not checked.  RFC 9580 (6.1) says a reader MUST NOT reject
-  armor for a missing or wrong CRC, and a wrong one does not make ciphertext
-  any less encrypted: the recipient's integrity check (MDC/AEAD) catches damage.
-  Not computing it also saves the largest cost of checking a big message;
+- the CRC24 line ``=XXXX`` is optional and neither its value nor its shape
+  is checked: RFC 9580 (6.1) says a reader MUST NOT reject armor whose CRC is
+  present, missing, malformed or wrong, and a wrong one does not make
+  ciphertext any less encrypted (the recipient's integrity check, MDC/AEAD,
+  catches damage).  Not computing it also saves the largest cost of checking
+  a big message.  What counts as that line stays narrow, so it cannot carry
+  anything: the last line before END, starting with ``=`` (no base64 line
+  does), with at most 8 more base64/``=`` characters (``=AAA``, ``=3D7rkM``
+  from a quoted-printable mishap) and trailing blanks.  A line of padding
+  only (``=``/``==``) that completes the last base64 quantum is data;
 - any number of CRLFs may follow the END line.
 
 Packet walk: new (OpenPGP) and legacy (GnuPG) headers; legacy "indeterminate"
@@ -58,7 +63,9 @@ MAX_ARMOR_HEADERS = 16
 
 # "Key: Value" armor header; values may be UTF-8 (Comment), never control chars
 _ARMOR_HEADER_RE = re.compile(rb"[A-Za-z][A-Za-z0-9-]{0,63}: [^\x00-\x1f\x7f]*")
-_CRC_LINE_RE = re.compile(rb"=[A-Za-z0-9+/]{4}")
+# the checksum line, well-formed (=XXXX) or not; see the module docstring
+_CRC_LINE_RE = re.compile(rb"=[A-Za-z0-9+/=]{0,8}[ \t]{0,8}")
+_PADDING_LINE_RE = re.compile(rb"={1,2}")
 
 
 # --- packets ----------------------------------------------------------------
@@ -218,40 +225,52 @@ def _dearmor(
             return None, "too many armor headers"
         pos = eol + 2
 
-    # optional CRC24 line: the last line before END, exactly "=XXXX" (not verified)
-    last = buf.rfind(CRLF, pos - 2, stop - 2) + 2
-    if last >= pos and _CRC_LINE_RE.fullmatch(buf, last, stop - 2):
-        stop = last
+    # optional CRC24 line (not verified, shape not checked): the last line before END
     dend = stop - 2  # the base64 lines are buf[pos:dend], joined by CRLF
-    if dend <= pos:
-        return None, "no payload"
-
-    # Strict base64 without copying the text: only alphabet, "=" and CRLF ...
-    junk = len(buf.translate(None, _B64_AND_CRLF))
-    junk_outside = len(buf[:pos].translate(None, _B64_AND_CRLF))
-    junk_outside += len(buf[dend:].translate(None, _B64_AND_CRLF))
-    if junk != junk_outside:
-        return None, "invalid base64: character outside the alphabet"
-    # ... CR and LF only as CRLF pairs, no blank lines ...
-    ncrlf = buf.count(CRLF, pos, dend)
-    if buf.count(b"\r", pos, dend) != ncrlf or buf.count(b"\n", pos, dend) != ncrlf:
-        return None, "invalid base64: bare CR or LF"
-    if buf.startswith(CRLF, pos, dend) or buf.endswith(CRLF, pos, dend):
-        return None, "blank line inside base64"
-    if buf.find(CRLF + CRLF, pos, dend) >= 0:
-        return None, "blank line inside base64"
-    # ... and "=" padding only at the very end, completing the last quantum.
-    npad = buf.count(b"=", pos, dend)
-    if npad and (npad > 2 or buf.find(b"=", pos, dend) != dend - npad):
-        return None, "invalid base64: misplaced padding"
-    nchars = dend - pos - 2 * ncrlf - npad
-    if (nchars + npad) % 4 or (npad and nchars % 4 != 4 - npad):
-        return None, "invalid base64: incorrect length or padding"
+    last = buf.rfind(CRLF, pos - 2, dend) + 2
+    if last >= pos and _CRC_LINE_RE.fullmatch(buf, last, dend):
+        problem = _base64_problem(buf, pos, last - 2)
+        if problem is not None and _PADDING_LINE_RE.fullmatch(buf, last, dend):
+            problem = _base64_problem(buf, pos, dend)  # padding that wrapped onto its own line
+        else:
+            dend = last - 2
+    else:
+        problem = _base64_problem(buf, pos, dend)
+    if problem is not None:
+        return None, problem
     # the non-strict decoder skips the (validated) CRLFs; nothing else is left to skip
     binary = binascii.a2b_base64(memoryview(buf)[pos:dend])
     if not binary:
         return None, "no payload"
     return binary, None
+
+
+def _base64_problem(buf: bytes | bytearray, pos: int, dend: int) -> str | None:
+    """Why ``buf[pos:dend]`` is not strict base64 in CRLF-separated lines, without copying."""
+    if dend <= pos:
+        return "no payload"
+    # only alphabet, "=" and CRLF ...
+    junk = len(buf.translate(None, _B64_AND_CRLF))
+    junk_outside = len(buf[:pos].translate(None, _B64_AND_CRLF))
+    junk_outside += len(buf[dend:].translate(None, _B64_AND_CRLF))
+    if junk != junk_outside:
+        return "invalid base64: character outside the alphabet"
+    # ... CR and LF only as CRLF pairs, no blank lines ...
+    ncrlf = buf.count(CRLF, pos, dend)
+    if buf.count(b"\r", pos, dend) != ncrlf or buf.count(b"\n", pos, dend) != ncrlf:
+        return "invalid base64: bare CR or LF"
+    if buf.startswith(CRLF, pos, dend) or buf.endswith(CRLF, pos, dend):
+        return "blank line inside base64"
+    if buf.find(CRLF + CRLF, pos, dend) >= 0:
+        return "blank line inside base64"
+    # ... and "=" padding only at the very end, completing the last quantum.
+    npad = buf.count(b"=", pos, dend)
+    if npad and (npad > 2 or buf.find(b"=", pos, dend) != dend - npad):
+        return "invalid base64: misplaced padding"
+    nchars = dend - pos - 2 * ncrlf - npad
+    if (nchars + npad) % 4 or (npad and nchars % 4 != 4 - npad):
+        return "invalid base64: incorrect length or padding"
+    return None
 
 
 def armor_problem(

@@ -20,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import socket
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -87,20 +86,19 @@ class ClientConnection:
 
 
 class ReinjectClient:
-    """A pool of SMTP connections to one Postfix service (``host:port``)."""
+    """A pool of SMTP connections to one Postfix smtpd service on a UNIX socket
+    (``path``: reachable only by Postfix and filtermail, unlike a loopback port)."""
 
     def __init__(
         self,
-        host: str,
-        port: int,
-        helo: str,
+        path: str,
+        helo: str = "localhost",
         *,
         timeout: float = 60.0,
         max_idle: int = 32,
         idle_expiry: float = 50.0,
     ) -> None:
-        self.host = host
-        self.port = port
+        self.path = path
         self.helo = helo
         self.timeout = timeout
         self.max_idle = max_idle
@@ -109,19 +107,15 @@ class ReinjectClient:
 
     @property
     def target(self) -> str:
-        return f"{self.host}:{self.port}"
+        return self.path
 
     async def _connect(self) -> ClientConnection:
         try:
             async with asyncio.timeout(self.timeout):
-                reader, writer = await asyncio.open_connection(self.host, self.port, limit=65536)
+                reader, writer = await asyncio.open_unix_connection(self.path, limit=65536)
         except (OSError, TimeoutError) as e:
             log.error("re-injection: cannot connect to %s: %s", self.target, e)
             raise ReinjectError("451 4.4.1 Re-injection failed: cannot connect to Postfix") from e
-        sock = writer.get_extra_info("socket")
-        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
-            # small writes (commands, the final dot) must not wait for delayed ACKs
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         conn = ClientConnection(reader, writer)
         try:
             async with asyncio.timeout(self.timeout):

@@ -182,7 +182,12 @@ def cmd_render(args: argparse.Namespace) -> int:
 
     config = load_config_or_exit(args.config, PROG)
     layout = Layout.production(config)
-    for path in render_all(config, layout, prefix=Path(args.root)):
+    try:
+        written = render_all(config, layout, prefix=Path(args.root))
+    except ConfigError as e:
+        print(f"{PROG} render: {args.config}: {e}", file=sys.stderr)
+        return 78
+    for path in written:
         print(path)
     return 0
 

@@ -25,7 +25,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from ..config import DEFAULT_CONFIG_PATH, Config
+from ..config import DEFAULT_CONFIG_PATH, Config, ConfigError
 from .dovecotversion import dovecot_version, installed_series
 
 PLACEHOLDER = re.compile(r"\{\{\s*([A-Za-z_][A-Za-z0-9_]*)\s*\}\}")
@@ -186,6 +186,35 @@ class Layout:
         return replace(self, **changes)  # type: ignore[arg-type]
 
 
+def postfix_path(path: str, queue_dir: Path) -> str:
+    """A socket path as Postfix clients should name it: relative to the queue
+    directory (their working directory, also inside a chroot) when it is there."""
+    try:
+        return str(Path(path).relative_to(queue_dir))
+    except ValueError:
+        return path
+
+
+SERVICE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+
+
+def postfix_service(config: Config, key: str, queue_dir: Path) -> str:
+    """The master.cf name of the Postfix service whose socket ``key`` names.
+
+    Postfix puts a ``unix`` service's socket in ``<queue>/public/<name>`` (or
+    private/, which only Postfix may enter); public/ is reachable by Postfix and
+    the postdrop group, which the filtermail units add for this.
+    """
+    path = Path(getattr(config, key))
+    if path.parent != queue_dir / "public" or not SERVICE_NAME.fullmatch(path.name):
+        raise ConfigError(
+            f"{key} = {path} is invalid: expected {queue_dir}/public/NAME, NAME being"
+            " letters, digits, '.', '_' or '-' (Postfix creates the socket of a master.cf"
+            " service there)"
+        )
+    return path.name
+
+
 def template_variables(config: Config, layout: Layout) -> dict[str, object]:
     """Every value the templates may use (in the syntax of the layout's Dovecot series)."""
     series = layout.dovecot_series or installed_series()
@@ -205,8 +234,11 @@ def template_variables(config: Config, layout: Layout) -> dict[str, object]:
         interfaces = "all"
         protocols = "ipv4" if config.disable_ipv6 else "all"
         mynetworks = "127.0.0.0/8" if config.disable_ipv6 else "127.0.0.0/8 [::1]/128"
-    filter_host = config.filtermail_host
-    milter = f"inet:{filter_host}:{config.filtermail_milter_port}" if filtering else ""
+    queue = layout.postfix_queue_dir
+
+    def filter_socket(path: str) -> str:
+        return f"unix:{postfix_path(path, queue)}" if filtering else ""
+
     log = layout.log_dir
     imap_plugins = ["last_login"] if "lastlogin" in comps else []
     # new-mail events for push notifications come from Lua in LMTP (metadata's script)
@@ -250,17 +282,15 @@ def template_variables(config: Config, layout: Layout) -> dict[str, object]:
         "submissions_listen": listen(config.submissions_port),
         "imap_port": config.imap_port,
         "imaps_port": config.imaps_port,
-        "postfix_host": config.postfix_host,
-        "postfix_reinject_port": config.postfix_reinject_port,
-        "postfix_reinject_port_incoming": config.postfix_reinject_port_incoming,
+        # Postfix's re-injection smtpd services (public/<name>, see postfix_service)
+        "reinject_service": postfix_service(config, "postfix_reinject_socket", queue),
+        "reinject_incoming_service": postfix_service(
+            config, "postfix_reinject_socket_incoming", queue
+        ),
         # filtermail wiring; empty disables the proxy filter / milter in Postfix
-        "outgoing_proxy_filter": (
-            f"{filter_host}:{config.filtermail_smtp_port}" if filtering else ""
-        ),
-        "incoming_proxy_filter": (
-            f"{filter_host}:{config.filtermail_smtp_port_incoming}" if filtering else ""
-        ),
-        "non_smtpd_milters": milter,
+        "outgoing_proxy_filter": filter_socket(config.filtermail_smtp_socket),
+        "incoming_proxy_filter": filter_socket(config.filtermail_smtp_socket_incoming),
+        "non_smtpd_milters": filter_socket(config.filtermail_milter_socket),
         # paths
         "postfix_config_dir": layout.postfix_config_dir,
         "postfix_queue_dir": layout.postfix_queue_dir,

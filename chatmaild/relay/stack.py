@@ -7,7 +7,8 @@ leaves the machine except to explicitly added peer relays), starts:
 
 1. the chatmaild daemons, as the vmail user (``setpriv``), umask 077, from a
    copy of the package staged in the state directory (see :mod:`.staging`);
-2. ``postfix -c <dir> start-fg`` (creates ``spool/private`` for Dovecot's sockets);
+2. ``postfix -c <dir> check`` (creates ``spool/private`` for Dovecot's sockets),
+   then Postfix's ``master -c <dir> -s``;
 3. ``dovecot -F -c <file>``;
 
 every one a child process in the foreground, so it can always be stopped, even
@@ -20,6 +21,8 @@ or server that dies is restarted with back-off, like ``Restart=always`` units.
 from __future__ import annotations
 
 import contextlib
+import functools
+import grp
 import importlib.util
 import json
 import logging
@@ -66,12 +69,23 @@ PORT_KEYS = {
     "submissions": "submissions_port",
     "imap": "imap_port",
     "imaps": "imaps_port",
-    "reinject": "postfix_reinject_port",
-    "reinject_incoming": "postfix_reinject_port_incoming",
-    "filtermail": "filtermail_smtp_port",
-    "filtermail_incoming": "filtermail_smtp_port_incoming",
-    "filtermail_milter": "filtermail_milter_port",
     "newemail": "newemail_port",
+}
+# ini keys holding the filter path's UNIX sockets (a port would be open to every
+# local user), also listed in Relay.ports; below Layout.local's queue directory
+SOCKET_KEYS = {
+    "reinject": "postfix_reinject_socket",
+    "reinject_incoming": "postfix_reinject_socket_incoming",
+    "filtermail": "filtermail_smtp_socket",
+    "filtermail_incoming": "filtermail_smtp_socket_incoming",
+    "filtermail_milter": "filtermail_milter_socket",
+}
+LOCAL_SOCKETS = {
+    "postfix_reinject_socket": "postfix/spool/public/reinject",
+    "postfix_reinject_socket_incoming": "postfix/spool/public/reinject_incoming",
+    "filtermail_smtp_socket": "postfix/spool/filtermail/outgoing.sock",
+    "filtermail_smtp_socket_incoming": "postfix/spool/filtermail/incoming.sock",
+    "filtermail_milter_socket": "postfix/spool/filtermail/milter.sock",
 }
 
 
@@ -149,11 +163,14 @@ def _wait_gone(pids: set[int], timeout: float) -> None:
             os.kill(pid, signal.SIGKILL)
 
 
-def _comm(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/comm").read_text().strip()
-    except OSError:
-        return ""
+@functools.cache
+def _postfix_daemon_directory(config_dir: str) -> str:
+    return subprocess.run(
+        ["postconf", "-c", config_dir, "-h", "daemon_directory"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
 
 
 def _read_pid(path: Path) -> int | None:
@@ -230,7 +247,7 @@ class Relay:
             ini_path=self.ini_path,
         )
         self.ports: dict[str, int | str] = {
-            name: getattr(self.config, key) for name, key in PORT_KEYS.items()
+            name: getattr(self.config, key) for name, key in {**PORT_KEYS, **SOCKET_KEYS}.items()
         }
         self.ports["lmtp"] = str(self.layout.postfix_queue_dir / "private/dovecot-lmtp")
 
@@ -252,8 +269,7 @@ class Relay:
             "turn_socket_path": s / "run/turn.socket",
             "dkim_key_path": s / "dkim/dkim.private",
             "tls_external_cert_and_key": f"{s}/tls/cert.pem {s}/tls/key.pem",
-            "filtermail_host": "127.0.0.1",
-            "postfix_host": "127.0.0.1",
+            **{key: s / path for key, path in LOCAL_SOCKETS.items()},
             "disable_ipv6": True,
             # several relays and test runs share two cores: do not refuse accounts under load
             "max_load_1m": 1000,
@@ -322,9 +338,6 @@ class Relay:
         try:
             self._prepare()
             for name in self._commands():
-                if name == "dovecot" and "postfix" in self.components:
-                    # Dovecot binds its LMTP and auth sockets in the directory Postfix makes
-                    self._wait_ready(self.layout.postfix_queue_dir / "private")
                 self.spawn(name)
             self._wait_ready()
         except BaseException:
@@ -373,15 +386,25 @@ class Relay:
         os.chmod(self.state_dir, 0o755)  # postfix, dovecot, vmail all traverse it
         for d in (self.log_dir, self.layout.postfix_queue_dir, self.layout.dovecot_state_dir):
             d.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.log_dir, 0o700)  # the logs name every account; only root writes them
         postfix_user = pwd.getpwnam("postfix")
         self.layout.postfix_data_dir.mkdir(parents=True, exist_ok=True)
         os.chown(self.layout.postfix_data_dir, postfix_user.pw_uid, postfix_user.pw_gid)
         for d in (self.run_dir, self.state_dir / "vmail", Path(self.config.mailboxes_dir)):
             d.mkdir(parents=True, exist_ok=True)
             os.chown(d, vmail.pw_uid, vmail.pw_gid)
+            # vmail's alone: the dict sockets, account names, hashes (SECURITY.md)
+            os.chmod(d, 0o700)
         self._make_tls(vmail.pw_gid)
         if "filtermail" in self.components:
             self._make_dkim_key(vmail)
+            # filtermail's sockets inherit group postfix from their setgid directory
+            for key in ("filtermail_smtp_socket", "filtermail_smtp_socket_incoming",
+                        "filtermail_milter_socket"):  # fmt: skip
+                d = Path(getattr(self.config, key)).parent
+                d.mkdir(parents=True, exist_ok=True)
+                os.chown(d, vmail.pw_uid, postfix_user.pw_gid)
+                os.chmod(d, 0o2750)
         if self.nodelay_requested is not False and "dovecot" in self.components:
             from .nodelay import prepare_nodelay
 
@@ -459,7 +482,10 @@ class Relay:
             cmds["newemail"] = [program("chatmail-newemail"), "--config", ini, "--listen", listen]
         # the servers start once our sockets are asked for (Dovecot connects lazily anyway)
         if "postfix" in c:
-            cmds["postfix"] = ["postfix", "-c", str(self.layout.postfix_config_dir), "start-fg"]
+            # the master itself, no postfix-script shell between: our child is the master
+            conf = str(self.layout.postfix_config_dir)
+            master = f"{_postfix_daemon_directory(conf)}/master"
+            cmds["postfix"] = [master, "-c", conf, "-s"]
         if "dovecot" in c:
             conf = self.layout.dovecot_config_dir / "dovecot.conf"
             cmds["dovecot"] = ["dovecot", "-F", "-c", str(conf)]
@@ -470,12 +496,17 @@ class Relay:
         cmd = self._commands()[name]
         if name in SERVERS:
             return cmd  # the masters start as root and drop privileges themselves
-        user = self.config.vmail_user
+        user = pwd.getpwnam(self.config.vmail_user)
+        # the user's own groups (User= in the units), plus the unit's SupplementaryGroups=
+        groups = set(os.getgrouplist(user.pw_name, user.pw_gid))
+        if name in ("filtermail", "filtermail-incoming"):
+            groups.add(grp.getgrnam("postdrop").gr_gid)  # re-injection is in Postfix's public/
         caps: list[str] = []
         if name == "newemail":
             # like its unit's AmbientCapabilities=CAP_NET_BIND_SERVICE: /new may be on port 443
             caps = ["--inh-caps=+net_bind_service", "--ambient-caps=+net_bind_service"]
-        return ["setpriv", f"--reuid={user}", f"--regid={user}", "--init-groups", *caps, *cmd]
+        ids = [f"--reuid={user.pw_uid}", f"--regid={user.pw_gid}"]
+        return ["setpriv", *ids, f"--groups={','.join(map(str, sorted(groups)))}", *caps, *cmd]
 
     def spawn(self, name: str) -> subprocess.Popen:
         """Start process ``name`` of this relay (again); stop() ends it with the others."""
@@ -487,6 +518,8 @@ class Relay:
         env["HOME"] = str(self.run_dir)
         env["PYTHONUNBUFFERED"] = "1"
         logfile = self.log_dir / (f"{name}-start.out" if name in SERVERS else f"{name}.log")
+        if name == "postfix":
+            self._postfix_check(logfile)
         with open(logfile, "ab") as out:
             proc = subprocess.Popen(
                 self.daemon_command(name),
@@ -504,6 +537,19 @@ class Relay:
         # recorded so that a later start can end what a killed run left behind
         (self.run_dir / f"{name}.relay-pid").write_text(f"{proc.pid}\n")
         return proc
+
+    def _postfix_check(self, logfile: Path) -> None:
+        """What `postfix start` does before it runs the master: create missing queue
+        directories (private/ for Dovecot's sockets too), check owners and modes."""
+        with open(logfile, "ab") as out:
+            res = subprocess.run(
+                ["postfix", "-c", str(self.layout.postfix_config_dir), "check"],
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+            )
+        if res.returncode != 0:
+            raise RelayError(f"postfix check failed ({res.returncode})\n{self._log_of('postfix')}")
 
     def _log_of(self, name: str) -> str:
         if name in SERVERS:
@@ -575,16 +621,16 @@ class Relay:
             if name in c:
                 checks.append((name, getattr(cfg, key), logs / f"{name}.log"))
         if "filtermail" in c:
-            checks.append(("filtermail", ("127.0.0.1", cfg.filtermail_smtp_port),
-                           logs / "filtermail.log"))  # fmt: skip
-            checks.append(("filtermail-incoming", ("127.0.0.1", cfg.filtermail_smtp_port_incoming),
+            checks.append(("filtermail", cfg.filtermail_smtp_socket, logs / "filtermail.log"))
+            checks.append(("filtermail-incoming", cfg.filtermail_smtp_socket_incoming,
                            logs / "filtermail-incoming.log"))  # fmt: skip
-            checks.append(("filtermail-milter", ("127.0.0.1", cfg.filtermail_milter_port),
+            checks.append(("filtermail-milter", cfg.filtermail_milter_socket,
                            logs / "filtermail-milter.log"))  # fmt: skip
         if "newemail" in c:
             checks.append(("newemail", ("127.0.0.1", cfg.newemail_port), logs / "newemail.log"))
         if "postfix" in c:
-            for name in ("smtp", "submission", "submissions", "reinject", "reinject_incoming"):
+            # the unix services (re-injection) are bound before `postfix start` returns
+            for name in ("smtp", "submission", "submissions"):
                 checks.append((f"postfix {name}", ("127.0.0.1", int(self.ports[name])),
                                logs / "postfix.log"))  # fmt: skip
         if "dovecot" in c:
@@ -595,12 +641,9 @@ class Relay:
                 checks.append(("dovecot lmtp", str(self.ports["lmtp"]), logs / "dovecot.log"))
         return checks
 
-    def _wait_ready(self, directory: Path | None = None, timeout: float = START_TIMEOUT) -> None:
-        """Wait until every listener is up, or only until ``directory`` exists."""
-        if directory is not None:
-            pending = [(str(directory), "", self.log_dir / "postfix.log")]
-        else:
-            pending = self._readiness_checks()
+    def _wait_ready(self, timeout: float = START_TIMEOUT) -> None:
+        """Wait until every listener is up."""
+        pending = self._readiness_checks()
         deadline = time.monotonic() + timeout
         while pending:
             for name, proc in self._procs.items():
@@ -608,15 +651,12 @@ class Relay:
                     raise RelayError(
                         f"{name} exited with {proc.returncode} during start\n" + self._log_of(name)
                     )
-            if directory is not None:
-                pending = [] if directory.is_dir() else pending
-            else:
-                tcp, unix = _listening()
-                pending = [
-                    chk
-                    for chk in pending
-                    if not (chk[1] in unix if isinstance(chk[1], str) else chk[1] in tcp)
-                ]
+            tcp, unix = _listening()
+            pending = [
+                chk
+                for chk in pending
+                if not (chk[1] in unix if isinstance(chk[1], str) else chk[1] in tcp)
+            ]
             if not pending:
                 break
             if time.monotonic() > deadline:
@@ -678,9 +718,8 @@ class Relay:
             procs = dict(self._procs)
         if "dovecot" in procs and procs["dovecot"].poll() is None:
             masters.add(procs["dovecot"].pid)
-        if "postfix" in procs:
-            # start-fg: the postfix-script shell waits for its child, the master
-            masters |= {pid for pid in process_tree(procs["postfix"].pid) if _comm(pid) == "master"}
+        if "postfix" in procs and procs["postfix"].poll() is None:
+            masters.add(procs["postfix"].pid)
         return masters
 
     def stop(self) -> None:

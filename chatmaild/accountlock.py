@@ -1,0 +1,105 @@
+"""The per-account creation lock and the files an interrupted creation leaves.
+
+Account creation (and a password change) holds ``<addr>/password.lock`` with
+``flock(LOCK_EX)`` -- the lock ``filelock.FileLock`` takes on Unix, so older
+tools that use filelock on the same file still exclude each other -- and
+writes ``password.tmp-<random>`` before renaming it to ``password``.  A process
+killed in between (``kill -9``, power loss) leaves a directory without a
+password file holding some of::
+
+    password.lock  enforceE2EEincoming  password.tmp-<random>
+
+Such a directory is not an account: nothing lists it, the next creation for
+the address completes it (removing the stale temp files under the lock), and
+chatmail-expire removes it a day later if nobody does.  Whoever holds the lock
+is the only writer of ``password.tmp-*`` files in that directory, so under the
+lock every such file is stale.
+
+Kept free of other imports: chatmail-expire and chatmail-quota-expire load it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import os
+import time
+from collections.abc import Iterator
+
+PASSWORD = "password"
+PASSWORD_LOCK = PASSWORD + ".lock"
+PASSWORD_TMP_PREFIX = PASSWORD + ".tmp-"
+FLAG_ENFORCE_E2EE = "enforceE2EEincoming"
+POLL_INTERVAL = 0.01
+
+_LOCK_FLAGS = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def is_password_temp(name: str) -> bool:
+    return name.startswith(PASSWORD_TMP_PREFIX) and len(name) > len(PASSWORD_TMP_PREFIX)
+
+
+def is_creation_leftover(name: str) -> bool:
+    """Whether an interrupted creation can have left a file of this name."""
+    return name in (PASSWORD_LOCK, FLAG_ENFORCE_E2EE) or is_password_temp(name)
+
+
+def _still_linked(dir_fd: int, lock_fd: int) -> bool:
+    """The locked file is still ``password.lock`` of that directory (not removed meanwhile)."""
+    try:
+        named = os.stat(PASSWORD_LOCK, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    return os.path.samestat(named, os.fstat(lock_fd))
+
+
+def acquire(dir_fd: int, timeout: float) -> int | None:
+    """Lock the account directory ``dir_fd``; returns the lock's fd (close it to release).
+
+    ``timeout`` 0 tries once and returns None when another process holds the
+    lock; otherwise waits up to ``timeout`` seconds and raises TimeoutError.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        fd = os.open(PASSWORD_LOCK, _LOCK_FLAGS, 0o600, dir_fd=dir_fd)
+        try:
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() >= deadline:
+                        if timeout <= 0:
+                            os.close(fd)
+                            return None
+                        raise TimeoutError(
+                            errno.ETIMEDOUT, f"{PASSWORD_LOCK} held for more than {timeout}s"
+                        ) from None
+                    time.sleep(POLL_INTERVAL)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+            raise
+        if _still_linked(dir_fd, fd):
+            return fd
+        os.close(fd)  # the holder removed or replaced the file: lock the current one
+
+
+def remove_password_temps(dir_fd: int) -> list[str]:
+    """Unlink every ``password.tmp-*`` in the directory; call only under the lock."""
+    removed = []
+    for name in os.listdir(dir_fd):
+        if is_password_temp(name):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(name, dir_fd=dir_fd)
+                removed.append(name)
+    return removed
+
+
+@contextlib.contextmanager
+def released(lock_fd: int) -> Iterator[int]:
+    try:
+        yield lock_fd
+    finally:
+        os.close(lock_fd)
