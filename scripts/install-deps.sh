@@ -14,7 +14,8 @@ PYTHON=/usr/bin/python3
 # shellcheck source=scripts/packages.sh
 . scripts/packages.sh
 # what the tests use besides the relay itself
-TEST_PACKAGES=(gnupg sq zstd iproute2 util-linux procps git make)
+# (chromium and zbar-tools: the web pages in a real browser, their QR code read back)
+TEST_PACKAGES=(gnupg sq zstd iproute2 util-linux procps git make chromium zbar-tools)
 apt_install_missing "${RUNTIME_PACKAGES[@]}" "${TEST_PACKAGES[@]}"
 
 if [ "$(id -u)" = 0 ] && ! id vmail >/dev/null 2>&1; then
