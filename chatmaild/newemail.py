@@ -29,10 +29,11 @@ run``), links name that IP and its port, the ``dclogin:`` link carries the
 actual IMAP and submission ports, and the home page's button is such a ready
 ``dclogin:`` account, because the app could not look the relay up by name.
 
-Limits: request line and each header field 8190 bytes, 32 header fields, the
-first request header within --request-timeout seconds (also the idle time
-allowed between keep-alive requests), a connection open --connection-timeout
-seconds at most; request bodies are never read (413 above 64 KiB).
+Limits: request line and each header field 8190 bytes; at most 80 KiB
+received per request (header and body; bodies are never read, and one above
+64 KiB gets 413); the first request within --request-timeout seconds of the
+connection, which is also the idle time allowed between keep-alive requests;
+a connection open --connection-timeout seconds at most.
 
 LOG LINES
     issued credentials for ADDR to IP
@@ -70,15 +71,15 @@ from aiohttp.http_exceptions import HttpProcessingError
 from .config import Config
 from .service import Daemon, Endpoint, run_daemon
 from .web import pages, static
-from .web.guard import ConnectionGuard
+from .web.guard import ConnectionGuard, guard_of
 
 DEFAULT_TLS = ("/etc/chatmail/tls/cert.pem", "/etc/chatmail/tls/key.pem")
 LOCALPART_ALPHABET = string.ascii_lowercase + string.digits
 PASSWORD_ALPHABET = string.ascii_letters + string.digits + string.punctuation
 NEW_PATHS = ("/new", "/cgi-bin/newemail.py")
-MAX_HEADER_BYTES = 16 * 1024
 MAX_LINE_BYTES = 8190
 MAX_HEADER_FIELDS = 32
+MAX_HEADER_BYTES = 16 * 1024
 MAX_BODY_BYTES = 64 * 1024
 REQUEST_TIMEOUT = 10.0
 CONNECTION_TIMEOUT = 300.0
@@ -282,6 +283,9 @@ class FrontDoor:
 
     @web.middleware
     async def headers_middleware(self, request: web.Request, handler: Handler):
+        guard = guard_of(request.protocol)
+        if guard is not None:
+            guard.request_started()
         try:
             response = await handler(request)
         except web.HTTPException as exc:
@@ -412,11 +416,15 @@ class FrontDoor:
             response.content_length = st.st_size
             response.last_modified = st.st_mtime
             await response.prepare(request)
-            if request.method != "HEAD":
-                # local reads are short; a slow client blocks only its own coroutine
-                while chunk := f.read(64 * 1024):
-                    await response.write(chunk)
-            await response.write_eof()
+            try:
+                if request.method != "HEAD":
+                    # local reads are short; a slow client blocks only its own coroutine
+                    while chunk := f.read(64 * 1024):
+                        await response.write(chunk)
+                await response.write_eof()
+            except ConnectionError:
+                # the client left, or its connection was cut: nothing to log as an error
+                self.log.debug("connection lost while sending %s", request.path)
             return response
 
 
@@ -488,7 +496,7 @@ class NewEmailDaemon(Daemon):
                 server(),
                 header_timeout=self.request_timeout,
                 lifetime=self.connection_timeout,
-                max_header_bytes=MAX_HEADER_BYTES,
+                max_request_bytes=MAX_HEADER_BYTES + MAX_BODY_BYTES,
             )
 
         return guarded

@@ -1,14 +1,17 @@
 """Time and size limits around one HTTP connection, whatever server library parses it.
 
-aiohttp bounds each request line and header field, the number of header fields
-and the idle time between keep-alive requests, but not the time a client takes
-to send its first request, nor how long a connection may stay open.  A
-:class:`ConnectionGuard` sits between the transport and the library's protocol
-and aborts the connection when
+aiohttp bounds each request line and header field and the idle time between
+keep-alive requests, but not the time a client takes to send its first
+request, nor how long a connection may stay open, nor (aiohttp 3.11's C
+parser ignores ``max_headers``) how many header fields one request has.  A
+:class:`ConnectionGuard` sits between the transport and the library's
+protocol, is told by the application when a request reaches it
+(:meth:`request_started`), and aborts the connection when
 
-- the first request header is not complete ``header_timeout`` seconds after
-  the connection (after its TLS handshake) was made, or is larger than
-  ``max_header_bytes``;
+- no request arrived ``header_timeout`` seconds after the connection (after
+  its TLS handshake) was made;
+- more than ``max_request_bytes`` arrived since the last request started
+  (a header plus the largest body accepted), whatever the parser makes of them;
 - the connection is open ``lifetime`` seconds, whatever it does (a client that
   stops reading a response would otherwise hold it forever).
 """
@@ -20,7 +23,14 @@ import logging
 from typing import cast
 
 log = logging.getLogger("chatmail-newemail")
-HEADER_ENDS = (b"\r\n\r\n", b"\n\n")
+
+# the library's protocol object of each open connection -> its guard
+_guards: dict[int, ConnectionGuard] = {}
+
+
+def guard_of(protocol: object) -> ConnectionGuard | None:
+    """The guard around ``protocol`` (aiohttp's ``request.protocol``), if any."""
+    return _guards.get(id(protocol))
 
 
 class ConnectionGuard(asyncio.Protocol):
@@ -30,17 +40,16 @@ class ConnectionGuard(asyncio.Protocol):
         *,
         header_timeout: float,
         lifetime: float,
-        max_header_bytes: int,
+        max_request_bytes: int,
     ) -> None:
         self.inner = inner
         self.header_timeout = header_timeout
         self.lifetime = lifetime
-        self.max_header_bytes = max_header_bytes
+        self.max_request_bytes = max_request_bytes
         self.transport: asyncio.Transport | None = None
         self._header_timer: asyncio.TimerHandle | None = None
         self._life_timer: asyncio.TimerHandle | None = None
-        self._header_seen = 0  # bytes of the first request received so far
-        self._tail = b""  # the last bytes before this chunk: an end may straddle chunks
+        self._received = 0  # bytes since the last request started
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # uvloop's TLS transports are not asyncio.Transport subclasses, but behave as one
@@ -50,29 +59,21 @@ class ConnectionGuard(asyncio.Protocol):
             self.header_timeout, self._abort, "no complete request header in time"
         )
         self._life_timer = loop.call_later(self.lifetime, self._abort, "connection open too long")
+        _guards[id(self.inner)] = self
         self.inner.connection_made(transport)
 
-    def data_received(self, data: bytes) -> None:
-        if self._header_timer is not None and not self._first_header(data):
-            return
-        self.inner.data_received(data)
-
-    def _first_header(self, data: bytes) -> bool:
-        """Track the first request header; False if the connection was aborted."""
-        window = self._tail + data
-        ends = [i + len(end) for end in HEADER_ENDS if (i := window.find(end)) >= 0]
-        length = self._header_seen - len(self._tail) + (min(ends) if ends else len(window))
-        if length > self.max_header_bytes:
-            self._abort("request header too large")
-            return False
-        if ends:
-            assert self._header_timer is not None
+    def request_started(self) -> None:
+        if self._header_timer is not None:
             self._header_timer.cancel()
             self._header_timer = None
-        else:
-            self._header_seen += len(data)
-            self._tail = window[-3:]
-        return True
+        self._received = 0
+
+    def data_received(self, data: bytes) -> None:
+        self._received += len(data)
+        if self._received > self.max_request_bytes:
+            self._abort("request too large")
+            return
+        self.inner.data_received(data)
 
     def _abort(self, why: str) -> None:
         if self.transport is not None and not self.transport.is_closing():
@@ -89,6 +90,7 @@ class ConnectionGuard(asyncio.Protocol):
                 timer.cancel()
         self._header_timer = self._life_timer = None
         self.transport = None
+        _guards.pop(id(self.inner), None)
         self.inner.connection_lost(exc)
 
     def pause_writing(self) -> None:
