@@ -53,6 +53,7 @@ from __future__ import annotations
 
 import argparse
 import email.utils
+import functools
 import ipaddress
 import logging
 import os
@@ -72,6 +73,7 @@ from .config import Config
 from .service import Daemon, Endpoint, run_daemon
 from .web import pages, static
 from .web.guard import ConnectionGuard, guard_of
+from .web.qr import qr_svg_document
 
 DEFAULT_TLS = ("/etc/chatmail/tls/cert.pem", "/etc/chatmail/tls/key.pem")
 LOCALPART_ALPHABET = string.ascii_lowercase + string.digits
@@ -231,6 +233,12 @@ def is_fresh(request: web.BaseRequest, etag: str, mtime: float | None = None) ->
     return False
 
 
+@functools.lru_cache(maxsize=16)
+def invite_svg_document(invite: str) -> bytes:
+    # a relay has one invite per name it is reached by: drawn once each
+    return qr_svg_document(invite, title=invite)
+
+
 # ---------------------------------------------------------------- the web application
 
 
@@ -372,10 +380,8 @@ class FrontDoor:
         )
 
     async def invite_svg(self, request: web.Request) -> web.StreamResponse:
-        from .web.qr import qr_svg_document
-
         invite = dcaccount_url(audience(self.config, request.headers.get("Host")).host)
-        body = qr_svg_document(invite, title=invite)
+        body = invite_svg_document(invite)
         return web.Response(
             body=body,
             content_type="image/svg+xml",
