@@ -284,9 +284,9 @@ class FrontDoor:
             r.add_get("/{path:.*}", self.site_file)
         else:
             for path in ("/", "/index.html"):
-                r.add_get(path, self.page_handler(lambda _: self.home, self.home_page))
-            r.add_get("/info.html", self.page_handler(lambda _: self.info))
-            r.add_get("/privacy.html", self.page_handler(lambda _: self.privacy))
+                r.add_get(path, self.page_handler(self.home, self.home_by_ip))
+            r.add_get("/info.html", self.page_handler(self.info))
+            r.add_get("/privacy.html", self.page_handler(self.privacy))
         return app
 
     @web.middleware
@@ -341,8 +341,9 @@ class FrontDoor:
 
     # -- pages
 
-    def home_page(self, request: web.BaseRequest) -> pages.Page | None:
-        """The page for a client that reached us by IP: a fresh ready account each time."""
+    def home_by_ip(self, request: web.BaseRequest) -> pages.Page | None:
+        """The home page for a client that reached us by IP: a fresh ready account each
+        time (None when it used a name)."""
         who = audience(self.config, request.headers.get("Host"))
         if who.ip is None:
             return None
@@ -353,16 +354,18 @@ class FrontDoor:
 
     def page_handler(
         self,
-        fixed: Callable[[web.BaseRequest], pages.Page],
+        fixed: pages.Page,
         per_request: Callable[[web.BaseRequest], pages.Page | None] | None = None,
     ) -> Handler:
+        """Serve ``fixed``, unless ``per_request`` makes a page for this request."""
+
         async def handler(request: web.Request) -> web.StreamResponse:
             page = per_request(request) if per_request else None
             if page is not None:
                 # holds credentials made for this visit: never cached, never revalidated
                 return self._page_response(request, page, "no-store")
             return self._page_response(
-                request, fixed(request), f"public, max-age={PAGE_MAX_AGE}", page_etag=True
+                request, fixed, f"public, max-age={PAGE_MAX_AGE}", page_etag=True
             )
 
         return handler
