@@ -383,7 +383,9 @@ class Config:
     )
     mtail_address: str = _key(parse_str, "metrics bind address; empty disables", "")
     acme_email: str = _key(parse_str, "ACME contact", "")
-    www_folder: str = _key(parse_str, "website source folder", "")
+    www_folder: str = _key(
+        parse_optional_abspath, "directory of an own static website served instead of ours", ""
+    )
     privacy_mail: str = _key(parse_str, "privacy contact mail", "")
     privacy_postal: str = _key(parse_str, "privacy contact postal address", "")
     privacy_pdo: str = _key(parse_str, "privacy data officer", "")

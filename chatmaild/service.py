@@ -216,6 +216,12 @@ class Daemon:
     ) -> None:
         raise NotImplementedError
 
+    def protocol_factory(self) -> Callable[[], asyncio.BaseProtocol] | None:
+        """An asyncio protocol of the daemon's own per connection (an HTTP server
+        library's, say) instead of :meth:`handle_connection`; asked after start().
+        Its connections are the daemon's to end in stop()."""
+        return None
+
     @contextlib.contextmanager
     def request(self) -> Iterator[None]:
         self._inflight += 1
@@ -269,7 +275,16 @@ class Server:
         await self.daemon.start()
         # backlog: asyncio would otherwise listen() again with 100, and a burst of
         # connects (Dovecot opening many dict connections) would get EAGAIN.
-        opts = {"sock": self.sock, "limit": self.daemon.stream_limit, "backlog": LISTEN_BACKLOG}
+        opts: dict = {"sock": self.sock, "backlog": LISTEN_BACKLOG}
+        if self.sock.family != socket.AF_UNIX:
+            tls = self.daemon.ssl_context()
+            if tls is not None:
+                opts.update(ssl=tls, ssl_handshake_timeout=10)
+        factory = self.daemon.protocol_factory()
+        if factory is not None:
+            self._server = await asyncio.get_running_loop().create_server(factory, **opts)
+            return
+        opts["limit"] = self.daemon.stream_limit
         if self.sock.family == socket.AF_UNIX:
             if sys.version_info >= (3, 13):
                 # 3.13 would unlink the socket file at close, even one systemd
@@ -277,9 +292,6 @@ class Server:
                 opts["cleanup_socket"] = False
             self._server = await asyncio.start_unix_server(self._on_connect, **opts)
         else:
-            tls = self.daemon.ssl_context()
-            if tls is not None:
-                opts.update(ssl=tls, ssl_handshake_timeout=10)
             self._server = await asyncio.start_server(self._on_connect, **opts)
 
     async def stop(self) -> None:

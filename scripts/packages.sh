@@ -9,7 +9,7 @@ RUNTIME_PACKAGES=(
     postfix dovecot-core dovecot-imapd dovecot-lmtpd openssl
     python3 python3-venv
     python3-aiohttp python3-aiosmtpd python3-cryptography python3-dkim python3-dnspython
-    python3-filelock python3-systemd python3-uvloop
+    python3-filelock python3-systemd python3-uvloop python3-segno
     # the no-delay IDLE shim is compiled against the installed Dovecot
     gcc dovecot-dev
 )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import http.client
 import json
@@ -9,13 +10,15 @@ import string
 import urllib.parse
 
 import pytest
+from aiohttp.test_utils import TestClient, TestServer
 
 from chatmaild.config import parse_params
 from chatmaild.newemail import (
+    FrontDoor,
     RateLimiter,
+    audience,
     dclogin_url,
     generate_credentials,
-    handle_request,
     host_is_ip,
 )
 from chatmaild.relay import client_tls_context
@@ -65,21 +68,65 @@ def test_rate_limiter_burst_then_rate():
     assert not lim.allow("1.2.3.4", now=100.5)
 
 
+def ask(config, method, path, host=None):
+    """One request to the front door's aiohttp application, in this process."""
+
+    async def go():
+        async with TestClient(TestServer(FrontDoor(config).app())) as client:
+            headers = {"Host": host} if host else {}
+            resp = await client.request(method, path, headers=headers, allow_redirects=False)
+            return resp.status, resp.headers, await resp.read()
+
+    return asyncio.run(go())
+
+
+def test_audience_names_own_domain_or_ip(config):
+    assert audience(config, "chat.example").host == "chat.example"
+    # a forged Host header does not end up in links; an IP (no DNS) does
+    assert audience(config, "evil.example") == audience(config, None)
+    assert audience(config, "evil.example").ip is None
+    who = audience(config, "127.0.0.1:8443")
+    assert (who.host, who.ip) == ("127.0.0.1:8443", "127.0.0.1")
+    assert audience(config, "127.0.0.1:8443/x\r\n").ip is None
+
+
 def test_routes(config):
-    resp, addr = handle_request(config, "GET", "/new", "chat.example")
-    assert resp.status == 301 and resp.headers["Location"] == "DCACCOUNT:https://chat.example/new"
-    assert addr is None
-    # a forged Host header does not end up in the redirect; an IP (no DNS) does
-    resp, _ = handle_request(config, "GET", "/new", "evil.example")
-    assert resp.headers["Location"] == "DCACCOUNT:https://chat.example/new"
-    resp, _ = handle_request(config, "GET", "/new", "127.0.0.1:8443")
-    assert resp.headers["Location"] == "DCACCOUNT:https://127.0.0.1:8443/new"
-    assert handle_request(config, "GET", "/other", None)[0].status == 404
-    assert handle_request(config, "PUT", "/new", None)[0].status == 405
-    resp, addr = handle_request(config, "POST", "/cgi-bin/newemail.py", "chat.example")
-    data = json.loads(resp.body)
-    assert resp.status == 200 and data["email"] == addr
-    assert data["dclogin_url"].startswith(f"dclogin:{addr}?p=")
+    status, headers, _ = ask(config, "GET", "/new", "chat.example")
+    assert status == 301 and headers["Location"] == "DCACCOUNT:https://chat.example/new"
+    _, headers, _ = ask(config, "GET", "/new", "evil.example")
+    assert headers["Location"] == "DCACCOUNT:https://chat.example/new"
+    _, headers, _ = ask(config, "GET", "/new", "127.0.0.1:8443")
+    assert headers["Location"] == "DCACCOUNT:https://127.0.0.1:8443/new"
+    assert ask(config, "GET", "/other")[0] == 404
+    status, headers, _ = ask(config, "PUT", "/new")
+    assert status == 405 and headers["Allow"] == "GET,HEAD,POST"
+    status, headers, body = ask(config, "POST", "/cgi-bin/newemail.py", "chat.example")
+    data = json.loads(body)
+    assert status == 200 and headers["Content-Type"] == "application/json; charset=utf-8"
+    assert headers["Cache-Control"] == "no-store"
+    assert data["email"].endswith("@chat.example")
+    assert data["dclogin_url"].startswith(f"dclogin:{data['email']}?p=")
+    assert "ih=" not in data["dclogin_url"]
+    # reached by IP, the link names that IP and the relay's TLS ports
+    _, _, body = ask(config, "POST", "/new", "127.0.0.1:8443")
+    query = urllib.parse.parse_qs(json.loads(body)["dclogin_url"].split("?", 1)[1])
+    assert query["ih"] == ["127.0.0.1"] and query["ip"] == [str(config.imaps_port)]
+
+
+def test_rate_limit_only_on_new(config):
+    door = FrontDoor(config)
+    door.limiter = RateLimiter(rate=1e-9, burst=5)  # no refill while the test runs
+
+    async def go():
+        async with TestClient(TestServer(door.app())) as client:
+            pages = [(await client.get("/info.html")).status for _ in range(10)]
+            news = [(await client.post("/new")).status for _ in range(7)]
+            redirect = (await client.get("/new", allow_redirects=False)).status
+            return pages, news, redirect
+
+    pages, news, redirect = asyncio.run(go())
+    assert set(pages) == {200}
+    assert news == [200] * 5 + [429] * 2 and redirect == 429
 
 
 def _post(relay, path="/new"):

@@ -27,8 +27,13 @@ class Dialogue:
     """A raw SMTP client: bytes out exactly as given, replies read as they come."""
 
     def __init__(self, relay: Relay, service: str) -> None:
-        port = int(relay.ports[service])
-        sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+        where = relay.ports[service]
+        if isinstance(where, str):  # the re-injection smtpds listen on UNIX sockets
+            sock = socket.socket(socket.AF_UNIX)
+            sock.settimeout(30)
+            sock.connect(where)
+        else:
+            sock = socket.create_connection(("127.0.0.1", int(where)), timeout=30)
         if service == "submissions":
             sock = client_tls_context().wrap_socket(sock)
         self.sock = sock

@@ -40,7 +40,12 @@ CHECK = textwrap.dedent(
                     sys.exit(f"port {port} never opened")
                 time.sleep(0.1)
 
+    # the installed package (templates as package data) serves the home page on 443
     conn = http.client.HTTPSConnection("127.0.0.1", 443, context=ctx, timeout=10)
+    conn.request("GET", "/", headers={"Host": "chat.example.org"})
+    home = conn.getresponse()
+    assert home.status == 200, home.status
+    assert b"DCACCOUNT:https://chat.example.org/new" in home.read()
     conn.request("POST", "/new", headers={"Host": "chat.example.org"})
     creds = json.loads(conn.getresponse().read())
     addr, password = creds["email"], creds["password"]

@@ -49,6 +49,9 @@ from .outgoing import OutgoingHandler
 from .reinject import ReinjectClient
 from .smtp import ServerSettings, SMTPServer
 
+# owner vmail (filtermail) and the directory's group postfix; nobody else
+POSTFIX_CLIENT_MODE = 0o660
+
 MODES = ("outgoing", "incoming", "milter")
 
 
@@ -97,9 +100,9 @@ class FilterDaemon(Daemon):
     def endpoint(self) -> Endpoint:
         c = self.config
         outgoing = self.mode == "outgoing"
-        return Endpoint.unix(
-            c.filtermail_smtp_socket if outgoing else c.filtermail_smtp_socket_incoming
-        )
+        # group postfix (the setgid directory's): Postfix's smtpd is the one client
+        path = c.filtermail_smtp_socket if outgoing else c.filtermail_smtp_socket_incoming
+        return Endpoint.unix(path, mode=POSTFIX_CLIENT_MODE)
 
     async def start(self) -> None:
         c = self.config
@@ -149,7 +152,8 @@ class MilterDaemon(Daemon):
     name = "filtermail"
 
     def endpoint(self) -> Endpoint:
-        return Endpoint.unix(self.config.filtermail_milter_socket)
+        # group postfix (the setgid directory's): Postfix's cleanup is the one client
+        return Endpoint.unix(self.config.filtermail_milter_socket, mode=POSTFIX_CLIENT_MODE)
 
     async def start(self) -> None:
         self.signer = load_signer(self.config)
