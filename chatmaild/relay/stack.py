@@ -736,7 +736,8 @@ class Relay:
             self._supervisor = None
         doomed: set[int] = set()
         # masters stop their children on SIGTERM
-        for pid in self._masters():
+        masters = self._masters()
+        for pid in masters:
             doomed |= process_tree(pid)
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGTERM)
@@ -746,17 +747,26 @@ class Relay:
                 with contextlib.suppress(ProcessLookupError):
                     proc.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + STOP_TIMEOUT
+        resend = time.monotonic() + 1.0
         while time.monotonic() < deadline:
             for proc in self._procs.values():
                 proc.poll()  # reap our direct children
             doomed = {p for p in doomed if _alive(p)}
             if not doomed:
                 break
+            if time.monotonic() >= resend:
+                # a master still starting can lose the signal (Dovecot 2.4 re-executes
+                # itself after reading its config): say it again
+                resend = time.monotonic() + 1.0
+                for pid in masters & doomed:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGTERM)
             time.sleep(0.02)
         for pid in doomed:
             log.warning("relay %s: pid %d did not stop in time; killing it", self.state_dir, pid)
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
+        _wait_gone(doomed, 5.0)  # SIGKILL takes effect asynchronously
         for proc in self._procs.values():
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(timeout=5)
