@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import email.parser
 import email.policy
+import re
 
 import dkim as dkimpy
 import pytest
@@ -152,6 +153,10 @@ _LINE = st.one_of(
 )
 
 
+def unfolded(value: str) -> str:
+    return re.sub(r"\r\n(?=[ \t])", "", value).strip(" \t")
+
+
 @settings(max_examples=500, deadline=None)
 @given(st.lists(_LINE, min_size=1, max_size=6))
 def test_accepted_sections_read_the_same_in_email_and_dkimpy(lines):
@@ -170,8 +175,10 @@ def test_accepted_sections_read_the_same_in_email_and_dkimpy(lines):
     assert not parsed.defects
     raw_items = list(parsed.raw_items())
     assert [k.encode("ascii") for k, _ in raw_items] == [f.name for f in fields]
-    expected = [f.value.decode("ascii", "surrogateescape").lstrip(" \t") for f in fields]
-    assert [v for _, v in raw_items] == expected
+    expected = [unfolded(f.value.decode("ascii", "surrogateescape")) for f in fields]
+    # unfolded: Python 3.13 drops the fold of a value that starts on the next line
+    # ("From:\r\n cont" reads "cont"), 3.11 keeps it ("\r\n cont")
+    assert [unfolded(v) for _, v in raw_items] == expected
     headers, _ = dkimpy.rfc822_parse(block + b"\r\n")
     assert [name for name, _ in headers] == [f.name for f in fields]
 
