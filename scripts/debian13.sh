@@ -43,19 +43,14 @@ MAX_AGE_DAYS=7
 BOOT_TIMEOUT=90
 STOP_TIMEOUT=30
 # bump when the build steps below change in a way the package list does not show
-BUILD_VERSION=1
+BUILD_VERSION=2
 
 # debootstrap --include: what a booted minimal system needs
 BOOT_PACKAGES=(systemd systemd-sysv ca-certificates)
-# what the suite, `make run` and `make install` use, all from trixie itself
-PACKAGES=(
-    postfix dovecot-core dovecot-imapd dovecot-lmtpd dovecot-auth-lua dovecot-dev
-    python3 python3-venv python3-dev python3-pip
-    python3-aiohttp python3-aiosmtpd python3-dkim python3-cryptography python3-dnspython
-    python3-filelock python3-systemd python3-uvloop python3-nacl python3-crypt-r
-    openssl gnupg sq zstd gcc libc6-dev pkg-config libsystemd-dev
-    iproute2 util-linux procps ca-certificates git make
-)
+# Then, from trixie itself, what the relay and the suite use: RUNTIME_PACKAGES and
+# TEST_PACKAGES of scripts/packages.sh, read inside the new system (its own
+# /etc/os-release picks the Debian 13 additions), and these:
+EXTRA_PACKAGES=()  # none needed now
 # units that would listen on the shared host network or wake up during a test
 MASKED_UNITS=(
     postfix.service postfix@-.service dovecot.service dovecot.socket
@@ -124,8 +119,11 @@ MIRROR=${CHATMAILD_DEBIAN_MIRROR:-$(host_mirror)}
 SECURITY_MIRROR=$(security_mirror "$MIRROR")
 
 cache_key() {
-    printf '%s\n' "$BUILD_VERSION" "$SUITE" "$MIRROR" "$SECURITY_MIRROR" \
-        "${BOOT_PACKAGES[*]}" "${PACKAGES[*]}" "${MASKED_UNITS[*]}" | sha256sum | cut -c1-16
+    {
+        printf '%s\n' "$BUILD_VERSION" "$SUITE" "$MIRROR" "$SECURITY_MIRROR" \
+            "${BOOT_PACKAGES[*]}" "${EXTRA_PACKAGES[*]}" "${MASKED_UNITS[*]}"
+        cat "$SRC/scripts/packages.sh"
+    } | sha256sum | cut -c1-16
 }
 
 cache_is_fresh() {
@@ -172,14 +170,17 @@ EOF
     printf '#!/bin/sh\nexit 101\n' >"$root/usr/sbin/policy-rc.d"
     chmod 0755 "$root/usr/sbin/policy-rc.d"
     if ! "${NSPAWN_COMMON[@]}" -D "$root" --resolv-conf=copy-host \
+        --bind-ro="$SRC/scripts:/tmp/chatmaild-scripts" \
         -E DEBIAN_FRONTEND=noninteractive -E LANG=C.UTF-8 \
-        /bin/sh -ec '
+        /bin/bash -ec '
+            . /tmp/chatmaild-scripts/packages.sh
             # no default Postfix instance: every relay renders its own configuration
             echo "postfix postfix/main_mailer_type select No configuration" | debconf-set-selections
             apt-get update -qq
-            apt-get install -y -qq --no-install-recommends "$@"
+            apt-get install -y -qq --no-install-recommends \
+                "${RUNTIME_PACKAGES[@]}" "${TEST_PACKAGES[@]}" "$@"
             apt-get clean
-        ' sh "${PACKAGES[@]}" </dev/null >"$build/apt.log" 2>&1; then
+        ' bash "${EXTRA_PACKAGES[@]}" </dev/null >"$build/apt.log" 2>&1; then
         tail -30 "$build/apt.log" >&2
         die "installing packages in the $SUITE root failed"
     fi

@@ -13,10 +13,6 @@ PYTHON=/usr/bin/python3
 
 # shellcheck source=scripts/packages.sh
 . scripts/packages.sh
-# what the tests use besides the relay itself
-# python3-nacl: dkimpy's Ed25519 signing in the DKIM tests; chromium and zbar-tools:
-# the web pages in a real browser, their QR code read back
-TEST_PACKAGES=(gnupg sq zstd iproute2 util-linux procps git make python3-nacl chromium zbar-tools)
 apt_install_missing "${RUNTIME_PACKAGES[@]}" "${TEST_PACKAGES[@]}"
 
 if [ "$(id -u)" = 0 ] && ! id vmail >/dev/null 2>&1; then

@@ -1,5 +1,6 @@
 # shellcheck shell=bash
-# Debian packages of a chatmail relay, sourced by install-deps.sh and install.sh.
+# Debian packages of a chatmail relay, sourced by install-deps.sh, install.sh and
+# scripts/debian13.sh (inside the Debian 13 system it builds).
 # RUNTIME: what a relay runs on (servers, Debian's python3 and chatmaild's libraries);
 # the same list the Debian package depends on.
 
@@ -18,6 +19,12 @@ case "${VERSION_CODENAME:-}" in
     # Python 3.13 has no crypt module; Dovecot 2.4 creates accounts through Lua
     *) RUNTIME_PACKAGES+=(python3-crypt-r dovecot-auth-lua) ;;
 esac
+
+# what the tests use besides the relay itself (install-deps.sh; scripts/debian13.sh
+# builds its Debian 13 system from both lists)
+# python3-nacl: dkimpy's Ed25519 signing in the DKIM tests; chromium and zbar-tools:
+# the web pages in a real browser, their QR code read back
+TEST_PACKAGES=(gnupg sq zstd iproute2 util-linux procps git make python3-nacl chromium zbar-tools)
 
 # install the named packages that are missing (no Postfix questions: we configure it)
 apt_install_missing() {
