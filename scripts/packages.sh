@@ -11,8 +11,9 @@ RUNTIME_PACKAGES=(
     python3 python3-venv
     python3-aiohttp python3-aiosmtpd python3-cryptography python3-dkim python3-dnspython
     python3-filelock python3-systemd python3-uvloop python3-segno
-    # the no-delay IDLE shim is compiled against the installed Dovecot
-    gcc dovecot-dev
+    # the no-delay IDLE shim is compiled against the installed Dovecot (libc6-dev is
+    # only a Recommends of gcc: without it a fresh system has no <dlfcn.h>)
+    gcc libc6-dev dovecot-dev
 )
 case "${VERSION_CODENAME:-}" in
     bookworm) ;;
