@@ -131,11 +131,13 @@ def test_nocreate_blocks_creation(auth_relay):
 
 def test_doveadm_auth_test(auth_relay):
     addr, password = auth_relay.new_credentials()
-    ok = doveadm(auth_relay, "auth", "test", addr, password)
+    # a password may start with "-" (token_urlsafe): "--" ends doveadm's options
+    password = "-" + password
+    ok = doveadm(auth_relay, "auth", "test", "--", addr, password)
     assert ok.returncode == 0, ok.stdout + ok.stderr
     assert "auth succeeded" in ok.stdout
     assert store(auth_relay).lookup(addr) is not None  # created by the passdb lookup
-    bad = doveadm(auth_relay, "auth", "test", addr, password + "x")
+    bad = doveadm(auth_relay, "auth", "test", "--", addr, password + "x")
     assert bad.returncode != 0
     assert "auth failed" in bad.stdout
 
