@@ -332,7 +332,8 @@ class DovecotAuthClient:
         resp = base64.b64encode(f"\0{user}\0{password}".encode()).decode()
         self.next_id += 1
         self.file.write(
-            f"AUTH\t{self.next_id}\tPLAIN\tservice=smtp\tnologin\tresp={resp}\n".encode()
+            # secured: as Postfix says for a TLS session (cleartext auth is refused otherwise)
+            f"AUTH\t{self.next_id}\tPLAIN\tservice=smtp\tsecured\tnologin\tresp={resp}\n".encode()
         )
         self.file.flush()
         reply = self.file.readline()
@@ -425,7 +426,8 @@ def bench_through_dovecot() -> None:
             print(f"dovecot: {dovecot_version()} (passdb/userdb via {via})")
             auth_sock = relay.layout.postfix_queue_dir / "private/auth"
             userdb_sock = relay.layout.dovecot_base_dir / "auth-userdb"
-            names = [f"dc{i:05d}@{relay.mail_domain}" for i in range(DOVECOT_CREATIONS)]
+            # localparts of the default length (username_min/max_length = 9)
+            names = [f"dc{i:07d}@{relay.mail_domain}" for i in range(DOVECOT_CREATIONS)]
 
             def create(n: int) -> int:
                 client = DovecotAuthClient(auth_sock)
