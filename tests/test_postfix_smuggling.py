@@ -85,15 +85,25 @@ def user(relay: Relay) -> tuple[str, str]:
     return addr, password
 
 
-@pytest.mark.parametrize("ending", SMUGGLE, ids=["LF.LF", "LF.CRLF", "CRLF.LF"])
-@pytest.mark.parametrize("service", SERVICES)
-def test_postfix_does_not_end_data_at_a_bare_lf(relay, user, service, ending):
+def session(relay: Relay, user: tuple[str, str], service: str) -> tuple[Dialogue, str, str]:
+    """A dialogue ready for MAIL FROM (logged in on submission), the recipient and sender."""
     addr, password = user
     sender = addr if service.startswith("submission") else "someone@other.example"
     d = Dialogue(relay, service)
-    try:
-        if service.startswith("submission"):
+    if service.startswith("submission"):
+        try:
             d.login(addr, password)
+        except BaseException:
+            d.close()
+            raise
+    return d, addr, sender
+
+
+@pytest.mark.parametrize("ending", SMUGGLE, ids=["LF.LF", "LF.CRLF", "CRLF.LF"])
+@pytest.mark.parametrize("service", SERVICES)
+def test_postfix_does_not_end_data_at_a_bare_lf(relay, user, service, ending):
+    d, addr, sender = session(relay, user, service)
+    try:
         assert d.command(f"MAIL FROM:<{sender}>").startswith("250")
         assert d.command(f"RCPT TO:<{addr}>").startswith("250")
         assert d.command("DATA").startswith("354")
@@ -120,12 +130,8 @@ def test_postfix_does_not_end_data_at_a_bare_lf(relay, user, service, ending):
 def test_postfix_refuses_content_sent_before_354(relay, user, service):
     """RFC 2920: DATA ends a pipelined group; content before the 354 is a
     protocol violation that smuggling relies on, and costs the connection."""
-    addr, password = user
-    sender = addr if service.startswith("submission") else "someone@other.example"
-    d = Dialogue(relay, service)
+    d, addr, sender = session(relay, user, service)
     try:
-        if service.startswith("submission"):
-            d.login(addr, password)
         d.sock.sendall(
             f"MAIL FROM:<{sender}>\r\nRCPT TO:<{addr}>\r\nDATA\r\n"
             f"From: <{sender}>\r\n\r\nearly\r\n.\r\nQUIT\r\n".encode()
