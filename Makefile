@@ -10,12 +10,12 @@ deps:
 	./scripts/install-deps.sh
 
 test: deps
-	$(VENV)/bin/ruff check chatmaild tests bench
+	$(VENV)/bin/ruff check chatmaild tests bench testing
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
 
 lint: deps
-	$(VENV)/bin/ruff check chatmaild tests bench
-	$(VENV)/bin/ruff format --check chatmaild tests bench
+	$(VENV)/bin/ruff check chatmaild tests bench testing
+	$(VENV)/bin/ruff format --check chatmaild tests bench testing
 
 bench: deps
 	$(PY) -m bench

@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CHECK = textwrap.dedent(
     """
     import http.client, imaplib, json, secrets, smtplib, socket, ssl, sys, time
-    from chatmaild.testing.mails import encrypted_message
+    from testing.mails import encrypted_message
 
     ctx = ssl.create_default_context()
     ctx.check_hostname = False
@@ -81,7 +81,7 @@ CHECK = textwrap.dedent(
 
     # another local user reaches no socket or file that tells about accounts
     import subprocess
-    from chatmaild.testing.access import probe_as
+    from testing.access import probe_as
     for path in ("/run/doveauth/doveauth.socket", "/run/chatmail-metadata/metadata.socket",
                  "/run/chatmail-lastlogin/lastlogin.socket", "/run/dovecot/auth-userdb"):
         assert probe_as("nobody", "nogroup", "connect", path) == "EACCES", path
