@@ -4,7 +4,7 @@ export VENV
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: deps test lint bench run install uninstall clean
+.PHONY: deps test lint bench run deb install uninstall clean
 
 deps:
 	./scripts/install-deps.sh
@@ -21,7 +21,7 @@ bench: deps
 	$(PY) -m bench
 
 clean:
-	rm -rf $(VENV) .pytest_cache build *.egg-info
+	rm -rf $(VENV) .pytest_cache build dist *.egg-info
 
 # A complete relay on 127.0.0.1 (Ctrl-C stops it): STATE=dir, CONFIG=chatmail.ini overrides,
 # PEERS="dir ..." state directories of other local relays to exchange mail with
@@ -29,6 +29,10 @@ STATE ?= state
 run: deps
 	$(PY) -m chatmaild.relay --state $(STATE) $(if $(CONFIG),--config $(CONFIG)) \
 		$(foreach peer,$(PEERS),--peer $(peer))
+
+# The Debian package for this machine's release: dist/chatmaild_<version>_all.deb
+deb:
+	./scripts/build-deb.sh
 
 # This host becomes a relay (root, Debian 12): MAIL_DOMAIN=... the first time
 install:
