@@ -31,13 +31,16 @@ run: deps
 		$(foreach peer,$(PEERS),--peer $(peer))
 
 # The Debian package for this machine's release: dist/chatmaild_<version>_all.deb
+DIST ?= dist
 deb:
-	./scripts/build-deb.sh
+	DIST=$(DIST) ./scripts/build-deb.sh
 
-# This host becomes a relay (root, Debian 12): MAIL_DOMAIN=... the first time
+# This host becomes a relay (root, Debian 12 or 13): builds the package for this release
+# and installs it with apt; MAIL_DOMAIN=... the first time
 install:
-	MAIL_DOMAIN=$(MAIL_DOMAIN) TLS_CERT=$(TLS_CERT) TLS_KEY=$(TLS_KEY) ./scripts/install.sh
+	DIST=$(DIST) MAIL_DOMAIN=$(MAIL_DOMAIN) TLS_CERT=$(TLS_CERT) TLS_KEY=$(TLS_KEY) \
+		./scripts/install.sh
 
-# Remove units and the installed package; mail and /etc/chatmail stay
+# apt-get remove chatmaild: everything stops; mail, /etc/chatmail and keys stay
 uninstall:
 	./scripts/uninstall.sh

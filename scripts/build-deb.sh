@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # make deb: build the Debian package for the release this machine runs (Debian 12 or
-# 13; the same source builds on both) and leave it as dist/chatmaild_<version>_all.deb.
+# 13; the same source builds on both) and leave it as dist/chatmaild_<version>_all.deb
+# (DIST=dir: elsewhere; relative to the checkout).
 # Installs the build dependencies first.  Builds in a copy of the checkout (tracked and
 # untracked, not ignored, files), so the tree stays clean.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SRC=$(pwd)
+DIST=${DIST:-dist}
 say() { printf 'deb: %s\n' "$*" >&2; }
 
 # shellcheck source=scripts/packages.sh
@@ -33,7 +35,8 @@ if ! env -u PYTHONPATH -u VIRTUAL_ENV PATH=/usr/sbin:/usr/bin:/sbin:/bin \
     say "dpkg-buildpackage failed (log above)"
     exit 1
 fi
-mkdir -p "$SRC/dist"
 deb=chatmaild_${version}_all.deb
-cp "$work/$deb" "$SRC/dist/$deb"
-say "built dist/$deb on $(. /etc/os-release; echo "$PRETTY_NAME")"
+cd "$SRC"
+mkdir -p "$DIST"
+cp "$work/$deb" "$DIST/$deb"
+say "built $DIST/$deb on $(. /etc/os-release; echo "$PRETTY_NAME")"

@@ -68,14 +68,11 @@ case "$SUITE" in
     *) printf 'debian-root: first argument: bookworm or trixie, not "%s"\n' "$SUITE" >&2; exit 2 ;;
 esac
 NAME=$SUITE
-[ "$BARE" = 0 ] || NAME=$SUITE-bare
+BARE_KEY=0
+if [ "$BARE" = 1 ]; then NAME=$SUITE-bare; BARE_KEY=1:2; fi
 CACHE=${CHATMAILD_ROOT_CACHE:-${CHATMAILD_TRIXIE_CACHE:-/var/cache/chatmaild}}
 REFRESH=${CHATMAILD_ROOT_REFRESH:-${CHATMAILD_TRIXIE_REFRESH:-0}}
-TARBALL=$CACHE/$NAME-rootfs.tar.zst
-KEY_FILE=$CACHE/$NAME-rootfs.key
-STATE=$CACHE/$NAME-state
 PIP_CACHE=$CACHE/$NAME-pip
-ROOT=$CACHE/$NAME-root
 MAX_AGE_DAYS=7
 BOOT_TIMEOUT=90
 STOP_TIMEOUT=30
@@ -158,10 +155,32 @@ SECURITY_MIRROR=$(security_mirror "$MIRROR")
 
 cache_key() {
     {
-        printf '%s\n' "$BUILD_VERSION" "$SUITE" "$BARE" "$MIRROR" "$SECURITY_MIRROR" \
+        # (bare 1:2: make install's build dependencies are downloaded too)
+        printf '%s\n' "$BUILD_VERSION" "$SUITE" "$BARE_KEY" "$MIRROR" "$SECURITY_MIRROR" \
             "${BOOT_PACKAGES[*]}" "${EXTRA_PACKAGES[*]}" "${MASKED_UNITS[*]}"
         cat "$SRC/scripts/packages.sh"
     } | sha256sum | cut -c1-16
+}
+
+# Each variant (package lists, mirror, build steps) has its own files, so that
+# checkouts of different branches do not rebuild each other's roots in turn.
+VARIANT=$NAME-$(cache_key)
+TARBALL=$CACHE/$VARIANT-rootfs.tar.zst
+KEY_FILE=$CACHE/$VARIANT-rootfs.key
+STATE=$CACHE/$VARIANT-state
+ROOT=$CACHE/$VARIANT-root
+
+# Variants of this name not rebuilt for MAX_AGE_DAYS (a run would rebuild them first).
+prune_old_variants() {
+    local tarball variant
+    for tarball in "$CACHE/$NAME"-*-rootfs.tar.zst; do
+        [ -f "$tarball" ] && [ "$tarball" != "$TARBALL" ] || continue
+        [ -n "$(find "$tarball" -mtime +$((MAX_AGE_DAYS - 1)) -print)" ] || continue
+        variant=${tarball%-rootfs.tar.zst}
+        [ "${variant#"$CACHE/$NAME"-}" != "${variant#"$CACHE/$NAME"-*-}" ] && continue  # other name
+        rm -rf --one-file-system "$tarball" "$variant-rootfs.key" "$variant-root" \
+            "$variant-root.id" "$variant-state"
+    done
 }
 
 cache_is_fresh() {
@@ -209,11 +228,13 @@ EOF
     chmod 0755 "$root/usr/sbin/policy-rc.d"
     if [ "$BARE" = 1 ]; then
         # nothing installed: what `apt-get install ./chatmaild_*.deb` needs is downloaded
-        # (the package's dependencies and recommends), apt's lists kept
+        # (the package's dependencies and recommends), and what `make install` needs to
+        # build it; apt's lists kept
         # shellcheck disable=SC2016
         inside='. /tmp/chatmaild-scripts/packages.sh
             apt-get update -qq
-            apt-get install -y -qq --download-only "${RUNTIME_PACKAGES[@]}" "${DEB_EXTRA_PACKAGES[@]}"'
+            apt-get install -y -qq --download-only "${RUNTIME_PACKAGES[@]}" \
+                "${DEB_EXTRA_PACKAGES[@]}" "${BUILD_PACKAGES[@]}" make'
     else
         # shellcheck disable=SC2016
         inside='. /tmp/chatmaild-scripts/packages.sh
@@ -244,6 +265,7 @@ EOF
         | zstd -q -T0 -3 -o "$TARBALL.tmp"
     mv -f "$TARBALL.tmp" "$TARBALL"
     cache_key >"$KEY_FILE"
+    prune_old_variants
     say "cached $(du -h "$TARBALL" | cut -f1) in $TARBALL: $(since "$t") s"
     say "built in $(since "$t0") s"
     rm -rf --one-file-system "$build"
@@ -401,7 +423,7 @@ run_inside() {
     mkdir -p "$CACHE"
     # Containers share the unpacked root (read-only under their overlays) and the
     # venv: a run holds a shared lock, building or unpacking needs it exclusively.
-    exec {run_lock}>"$CACHE/$NAME.lock"
+    exec {run_lock}>"$CACHE/$VARIANT.lock"
     flock -s "$run_lock"
     if [ "$REFRESH" = 1 ] || ! cache_is_fresh || ! unpacked_is_current; then
         flock -u "$run_lock"
@@ -504,7 +526,7 @@ case "$cmd" in
     build)
         need_host_tools
         mkdir -p "$CACHE"
-        exec {run_lock}>"$CACHE/$NAME.lock"
+        exec {run_lock}>"$CACHE/$VARIANT.lock"
         flock "$run_lock"
         build_rootfs
         ensure_unpacked
