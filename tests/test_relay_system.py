@@ -63,6 +63,8 @@ def test_the_admins_listener_on_our_port_is_commented_out_not_others():
 
 def test_only_what_differs_is_changed():
     assert main_changes({"a": "1", "b": "2"}, {"a": "1", "b": "3", "c": ""}) == ["b=3", "c="]
+    # what `postconf -c /etc/chatmail/postfix -n` adds by itself stays out of main.cf
+    assert main_changes({}, {"config_directory": "/etc/chatmail/postfix"}) == []
     current, ours = parse_master(DEBIAN_MASTER), parse_master(OURS_MASTER)
     changes = master_changes(current, ours)
     assert [c.split("=", 1)[0] for c in changes] == [
@@ -125,8 +127,9 @@ def test_package_depends_on_what_the_relay_runs_on():
     cover scripts/packages.sh's RUNTIME_PACKAGES on both releases, and nothing else."""
     runtime = {}
     for release in ("bookworm", "trixie"):
+        list_them = f"VERSION_CODENAME={release}; . /dev/stdin; echo ${{RUNTIME_PACKAGES[*]}}"
         out = subprocess.run(
-            ["bash", "-c", f"VERSION_CODENAME={release}; . /dev/stdin; echo ${{RUNTIME_PACKAGES[@]}}"],
+            ["bash", "-c", list_them],
             input=(ROOT / "scripts/packages.sh").read_text().replace(". /etc/os-release", ""),
             capture_output=True, text=True, check=True,
         ).stdout.split()  # fmt: skip
@@ -158,8 +161,8 @@ def test_versions_agree():
 
 
 def test_package_ships_the_units_and_no_test_code():
-    install = (ROOT / "debian/chatmaild.install").read_text()
-    assert "systemd/*.service usr/lib/systemd/system/" in install
+    rules = (ROOT / "debian/rules").read_text()
+    assert "install -m 0644 systemd/*.service systemd/*.timer debian/chatmaild/$(UNIT_DIR)/" in rules
     assert not (ROOT / "chatmaild" / "testing").exists()
     for unit in (ROOT / "systemd").glob("*.service"):
         text = unit.read_text()

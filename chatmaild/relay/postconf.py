@@ -15,6 +15,9 @@ from __future__ import annotations
 import socket
 from dataclasses import dataclass
 
+# `postconf -c DIR -n` names DIR itself; Postfix's own main.cf must never move it
+NEVER_SET = frozenset({"config_directory"})
+
 # /etc/services may be missing on a minimal system; these are what Postfix's
 # master.cf names mean there
 WELL_KNOWN_PORTS = {"smtp": 25, "submission": 587, "submissions": 465, "smtps": 465}
@@ -81,7 +84,7 @@ def conflicting_services(current: list[MasterEntry], ours: list[MasterEntry]) ->
 
 def main_changes(current: dict[str, str], ours: dict[str, str]) -> list[str]:
     """``name=value`` arguments for ``postconf -e``: our parameters that differ."""
-    return [f"{k}={v}" for k, v in ours.items() if current.get(k) != v]
+    return [f"{k}={v}" for k, v in ours.items() if k not in NEVER_SET and current.get(k) != v]
 
 
 def master_changes(current: list[MasterEntry], ours: list[MasterEntry]) -> list[str]:
