@@ -4,24 +4,24 @@ export VENV
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: deps test lint bench run install uninstall clean
+.PHONY: deps test lint bench run deb install uninstall clean
 
 deps:
 	./scripts/install-deps.sh
 
 test: deps
-	$(VENV)/bin/ruff check chatmaild tests bench
+	$(VENV)/bin/ruff check chatmaild tests bench testing
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
 
 lint: deps
-	$(VENV)/bin/ruff check chatmaild tests bench
-	$(VENV)/bin/ruff format --check chatmaild tests bench
+	$(VENV)/bin/ruff check chatmaild tests bench testing
+	$(VENV)/bin/ruff format --check chatmaild tests bench testing
 
 bench: deps
 	$(PY) -m bench
 
 clean:
-	rm -rf $(VENV) .pytest_cache build *.egg-info
+	rm -rf $(VENV) .pytest_cache build dist *.egg-info
 
 # A complete relay on 127.0.0.1 (Ctrl-C stops it): STATE=dir, CONFIG=chatmail.ini overrides,
 # PEERS="dir ..." state directories of other local relays to exchange mail with
@@ -30,10 +30,17 @@ run: deps
 	$(PY) -m chatmaild.relay --state $(STATE) $(if $(CONFIG),--config $(CONFIG)) \
 		$(foreach peer,$(PEERS),--peer $(peer))
 
-# This host becomes a relay (root, Debian 12): MAIL_DOMAIN=... the first time
-install:
-	MAIL_DOMAIN=$(MAIL_DOMAIN) TLS_CERT=$(TLS_CERT) TLS_KEY=$(TLS_KEY) ./scripts/install.sh
+# The Debian package for this machine's release: dist/chatmaild_<version>_all.deb
+DIST ?= dist
+deb:
+	DIST=$(DIST) ./scripts/build-deb.sh
 
-# Remove units and the installed package; mail and /etc/chatmail stay
+# This host becomes a relay (root, Debian 12 or 13): builds the package for this release
+# and installs it with apt; MAIL_DOMAIN=... the first time
+install:
+	DIST=$(DIST) MAIL_DOMAIN=$(MAIL_DOMAIN) TLS_CERT=$(TLS_CERT) TLS_KEY=$(TLS_KEY) \
+		./scripts/install.sh
+
+# apt-get remove chatmaild: everything stops; mail, /etc/chatmail and keys stay
 uninstall:
 	./scripts/uninstall.sh

@@ -29,7 +29,7 @@ from pathlib import Path
 
 from chatmaild.accounts import AccountStore, hash_password
 from chatmaild.config import read_config, write_config
-from chatmaild.testing.authhttpclient import AuthHttpClient
+from testing.authhttpclient import AuthHttpClient
 
 DOMAIN = "bench.example.org"
 ACCOUNTS = 2000

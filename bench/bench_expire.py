@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 from chatmaild.config import write_config
-from chatmaild.testing.maildirs import generate_bench_tree
+from testing.maildirs import generate_bench_tree
 
 MAILBOXES = int(os.environ.get("BENCH_EXPIRE_MAILBOXES", "20000"))
 MESSAGES = int(os.environ.get("BENCH_EXPIRE_MESSAGES", "1000000"))

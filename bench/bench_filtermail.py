@@ -43,7 +43,7 @@ from chatmaild.config import write_config
 from chatmaild.filtermail.dkim import generate_key
 from chatmaild.relay.render import postfix_path
 from chatmaild.relay.stack import Relay
-from chatmaild.testing import mails
+from testing import mails
 
 BASE = ["postfix", "dovecot", "doveauth"]
 FILTERED = [*BASE, "filtermail"]

@@ -17,7 +17,7 @@ import time
 from chatmaild.filtermail import dkim
 from chatmaild.filtermail.common import classify
 from chatmaild.filtermail.headers import MAX_HEADER_SECTION, HeaderError
-from chatmaild.testing import mails
+from testing import mails
 
 SENDER = "remote@other.example"
 RCPTS = ["alice0001@chat.example"]

@@ -32,8 +32,8 @@ from pathlib import Path
 from chatmaild.config import read_config, write_config
 from chatmaild.notifier import encode_pending
 from chatmaild.relay import Relay
-from chatmaild.testing.dictclient import DictClient
-from chatmaild.testing.httpsink import SinkProcess
+from testing.dictclient import DictClient
+from testing.httpsink import SinkProcess
 
 RATE = float(os.environ.get("BENCH_PUSH_RATE", "200"))
 SECONDS = float(os.environ.get("BENCH_PUSH_SECONDS", "10"))

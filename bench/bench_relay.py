@@ -17,8 +17,8 @@ import time
 from pathlib import Path
 
 from chatmaild.relay import Relay
-from chatmaild.testing.imapidle import IdleClient
-from chatmaild.testing.mails import encrypted_message
+from testing.imapidle import IdleClient
+from testing.mails import encrypted_message
 
 ROOT = Path(__file__).resolve().parents[1]
 IDLE_SAMPLES = 30
@@ -105,7 +105,7 @@ def bench_idle() -> None:
 
 
 def dc_latencies(relay: Relay, count: int, gap: float) -> list[float]:
-    from chatmaild.testing.dcclient import DCClients, securejoin, wait_event
+    from testing.dcclient import DCClients, securejoin, wait_event
 
     work = state_dir()
     clients = DCClients(work / "dc")

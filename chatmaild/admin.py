@@ -60,6 +60,7 @@ PROG = "chatmaild"
 # status, and may call :func:`config_from_args` for the validated Config.
 EXTRA_COMMANDS: list[str] = [
     "chatmaild.relay.cli:add_cli",
+    "chatmaild.relay.system:add_cli",
     "chatmaild.filtermail.cli:add_cli",
 ]
 

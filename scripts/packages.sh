@@ -1,19 +1,16 @@
 # shellcheck shell=bash
-# Debian packages of a chatmail relay, sourced by install-deps.sh, install.sh and
-# scripts/debian13.sh (inside the Debian 13 system it builds).
-# RUNTIME: what a relay runs on (servers, Debian's python3 and chatmaild's libraries);
-# the same list the Debian package depends on.
+# Debian packages of a chatmail relay, sourced by install-deps.sh, build-deb.sh and
+# scripts/debian-root.sh (inside the Debian system it builds).
+# RUNTIME: what a relay runs on (servers, Debian's python3 and chatmaild's libraries):
+# what the Debian package depends on (debian/control; tests/test_deb.py compares).
 
 # shellcheck disable=SC1091
 . /etc/os-release
 RUNTIME_PACKAGES=(
     postfix dovecot-core dovecot-imapd dovecot-lmtpd openssl
-    python3 python3-venv
-    python3-aiohttp python3-aiosmtpd python3-cryptography python3-dkim python3-dnspython
+    python3
+    python3-aiohttp python3-cryptography python3-dkim python3-dnspython
     python3-filelock python3-systemd python3-uvloop python3-segno
-    # the no-delay IDLE shim is compiled against the installed Dovecot (libc6-dev is
-    # only a Recommends of gcc: without it a fresh system has no <dlfcn.h>)
-    gcc libc6-dev dovecot-dev
 )
 case "${VERSION_CODENAME:-}" in
     bookworm) ;;
@@ -25,7 +22,18 @@ esac
 # builds its Debian 13 system from both lists)
 # python3-nacl: dkimpy's Ed25519 signing in the DKIM tests; chromium and zbar-tools:
 # the web pages in a real browser, their QR code read back
-TEST_PACKAGES=(gnupg sq zstd iproute2 util-linux procps git make python3-nacl chromium zbar-tools)
+# python3-venv: the test venv; gcc: the no-delay IDLE shim (the package recommends it);
+# python3-aiosmtpd: the mail corpus capture and the aiosmtpd front end of make bench
+TEST_PACKAGES=(gnupg sq zstd iproute2 util-linux procps git make python3-nacl chromium zbar-tools
+    python3-venv gcc libc6-dev python3-aiosmtpd)
+
+# what the package recommends (the no-delay shim's compiler): --bare roots of
+# scripts/debian-root.sh download these too
+DEB_EXTRA_PACKAGES=(gcc libc6-dev)
+
+# what `make deb` needs besides RUNTIME_PACKAGES (debian/control's Build-Depends)
+BUILD_PACKAGES=(debhelper dh-python po-debconf pybuild-plugin-pyproject python3-all
+    python3-setuptools dpkg-dev lintian)
 
 # install the named packages that are missing (no Postfix questions: we configure it)
 apt_install_missing() {

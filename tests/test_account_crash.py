@@ -33,7 +33,7 @@ from chatmaild.accounts import (
 )
 from chatmaild.config import read_config
 from chatmaild.dictproxy import tabescape, tabunescape
-from chatmaild.testing.rawdict import RawDictClient, wait_for_socket
+from testing.rawdict import RawDictClient, wait_for_socket
 from tests.fixtures.dict import TEST_DOMAIN, write_test_ini
 
 DAY = 86400

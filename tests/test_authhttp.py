@@ -21,8 +21,8 @@ from chatmaild.authhttp import (
     parse_head,
 )
 from chatmaild.config import read_config
-from chatmaild.testing.authhttpclient import AuthHttpClient
-from chatmaild.testing.rawdict import wait_for_socket
+from testing.authhttpclient import AuthHttpClient
+from testing.rawdict import wait_for_socket
 from tests.fixtures.dict import TEST_DOMAIN
 
 ADDR = f"httpuser@{TEST_DOMAIN}"

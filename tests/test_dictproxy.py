@@ -12,7 +12,7 @@ from chatmaild.dictproxy import (
     tabescape,
     tabunescape,
 )
-from chatmaild.testing.rawdict import RawDictClient
+from testing.rawdict import RawDictClient
 
 # ---------------------------------------------------------------- escaping (pure)
 

@@ -13,7 +13,7 @@ from chatmaild.accounts import FLAG_DISABLED, AccountStore, verify_password
 from chatmaild.config import read_config
 from chatmaild.dictproxy import tabescape, tabunescape
 from chatmaild.doveauth import split_escaped_key
-from chatmaild.testing.rawdict import RawDictClient, wait_for_socket
+from testing.rawdict import RawDictClient, wait_for_socket
 from tests.fixtures.dict import TEST_DOMAIN, write_test_ini
 
 

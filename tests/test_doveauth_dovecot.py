@@ -18,7 +18,7 @@ import pytest
 
 from chatmaild.accounts import AccountStore, verify_password
 from chatmaild.relay import Relay
-from chatmaild.testing.maildirs import stored_message
+from testing.maildirs import stored_message
 from tests.fixtures.relay import base_components
 from tests.sandbox import world_readable_tempdir
 

@@ -20,7 +20,7 @@ import pytest
 
 from chatmaild.relay import Relay
 from chatmaild.relay.dns import LoopbackDNS
-from chatmaild.testing.dcclient import (
+from testing.dcclient import (
     DCClients,
     relay_dclogin,
     securejoin,
@@ -28,8 +28,8 @@ from chatmaild.testing.dcclient import (
     wait_incoming,
     wait_incoming_text,
 )
-from chatmaild.testing.httpsink import HttpSink
-from chatmaild.testing.mails import encrypted_message, plain_message
+from testing.httpsink import HttpSink
+from testing.mails import encrypted_message, plain_message
 
 pytestmark = [pytest.mark.relay, pytest.mark.timeout(240)]
 

@@ -17,7 +17,7 @@ import pytest
 from chatmaild import expire, fsreport, maildir
 from chatmaild.expire import Policy, plan_mailbox
 from chatmaild.maildir import open_root, parse_maildir_name, scan_mailbox
-from chatmaild.testing.maildirs import maildir_name
+from testing.maildirs import maildir_name
 from tests.fixtures.expire import MailTree
 from tests.sandbox import world_readable_tempdir
 

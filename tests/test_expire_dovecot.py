@@ -25,7 +25,7 @@ import pytest
 
 from chatmaild.maildir import parse_maildir_name
 from chatmaild.relay import Relay
-from chatmaild.testing.maildirs import stored_message
+from testing.maildirs import stored_message
 from tests.fixtures.relay import RelayPool
 
 pytestmark = [pytest.mark.dovecot, pytest.mark.postfix, pytest.mark.relay]

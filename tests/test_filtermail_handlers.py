@@ -13,7 +13,7 @@ from chatmaild.filtermail.dkim import split_message
 from chatmaild.filtermail.headers import MAX_HEADER_SECTION
 from chatmaild.filtermail.outgoing import is_passthrough
 from chatmaild.filtermail.ratelimit import RateLimiter
-from chatmaild.testing import mails
+from testing import mails
 from tests.fixtures.filtermail import DOMAIN, OTHER
 
 ALICE = f"alice0001@{DOMAIN}"

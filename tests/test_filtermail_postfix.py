@@ -21,9 +21,9 @@ from chatmaild.filtermail.dkim import Signer, public_value, split_message, txt_r
 from chatmaild.filtermail.headers import MAX_HEADER_SECTION
 from chatmaild.relay.dns import LoopbackDNS
 from chatmaild.relay.stack import Relay, _connectable
-from chatmaild.testing import mails
-from chatmaild.testing.imapparse import envelope_addresses, fetch_items
-from chatmaild.testing.maildirs import stored_message
+from testing import mails
+from testing.imapparse import envelope_addresses, fetch_items
+from testing.maildirs import stored_message
 from tests.sandbox import world_readable_tempdir
 
 pytestmark = [pytest.mark.postfix, pytest.mark.timeout(240)]

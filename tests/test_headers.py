@@ -20,7 +20,7 @@ from chatmaild.filtermail.headers import (
     find_section,
     parse_fields,
 )
-from chatmaild.testing import mails
+from testing import mails
 
 ALICE = "alice@chat.example"
 BOB = "bob@chat.example"

@@ -21,8 +21,8 @@ from pathlib import Path
 import pytest
 
 from chatmaild.relay import Relay
-from chatmaild.testing.access import probe_as
-from chatmaild.testing.dictclient import DictClient
+from testing.access import probe_as
+from testing.dictclient import DictClient
 from tests.fixtures.metadata import wait_until
 
 pytestmark = [pytest.mark.dovecot, pytest.mark.postfix]

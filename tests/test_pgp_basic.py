@@ -8,7 +8,7 @@ import os
 import pytest
 
 from chatmaild.filtermail import pgp
-from chatmaild.testing import mails
+from testing import mails
 
 
 def crc24_reference(data: bytes) -> int:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from chatmaild.testing.mails import encrypted_message
+from testing.mails import encrypted_message
 from tests.devrelay import ROOT, DevRelay, wait_for_message
 from tests.sandbox import world_readable_tempdir
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from chatmaild.relay.nodelay import applies, dovecot_version
-from chatmaild.testing.imapidle import IdleClient
+from testing.imapidle import IdleClient
 
 pytestmark = pytest.mark.relay
 

@@ -1,4 +1,4 @@
-"""Production rendering (`chatmaild render`) and the systemd units `make install` installs."""
+"""Production rendering (`chatmaild render`) and the systemd units the package installs."""
 
 from __future__ import annotations
 
@@ -38,7 +38,7 @@ def rendered(tmp_path):
 
 
 def test_postfix_accepts_rendered_config(rendered):
-    pdir = rendered / "etc/postfix"
+    pdir = rendered / "etc/chatmail/postfix"
     res = subprocess.run(["postconf", "-c", str(pdir), "-n"], capture_output=True, text=True)
     assert res.returncode == 0 and "warning" not in res.stderr, res.stderr
     main = dict(line.split(" = ", 1) for line in res.stdout.splitlines() if " = " in line)
@@ -77,12 +77,12 @@ DOVECOT_EXPECTED = {
     "2.3": [
         "imap_capability = +XDELTAPUSH XCHATMAIL",
         "mail_attribute_dict = proxy:/run/chatmail-metadata/metadata.socket:metadata",
-        "args = /etc/dovecot/auth.conf",
+        "args = /etc/chatmail/dovecot/auth.conf",
     ],
     "2.4": [
         "XDELTAPUSH = yes",
         "XCHATMAIL = yes",
-        "lua_file = /etc/dovecot/auth.lua",
+        "lua_file = /etc/chatmail/dovecot/auth.lua",
         "socket_path = /run/doveauth/doveauth-http.socket",
         "socket_path = /run/chatmail-metadata/metadata.socket",
         "socket_path = /run/chatmail-lastlogin/lastlogin.socket",
@@ -92,10 +92,10 @@ DOVECOT_EXPECTED = {
 
 
 def test_dovecot_accepts_rendered_config(rendered):
-    conf = rendered / "etc/dovecot/dovecot.conf"
+    conf = rendered / "etc/chatmail/dovecot/dovecot.conf"
     res = subprocess.run(["doveconf", "-c", str(conf), "-n"], capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
-    assert "/usr/local/lib/chatmaild/venv/bin/chatmail-quota-expire" in res.stdout
+    assert "/usr/bin/chatmail-quota-expire" in res.stdout
     for line in DOVECOT_EXPECTED[installed_series()]:
         assert line in res.stdout, line
     if installed_series() == "2.3":
@@ -108,16 +108,16 @@ def test_each_dovecot_series_gets_its_own_files(tmp_path, series):
     ini.write_text("[params]\nmail_domain = chat.example.org\n")
     config = read_config(ini)
     layout = Layout.production(config).with_(
-        dovecot_series=series, nodelay_so=Path("/usr/local/lib/chatmaild/dovecot_nodelay.so")
+        dovecot_series=series, nodelay_so=Path("/var/lib/chatmaild/dovecot_nodelay.so")
     )
     written = render_all(config, layout, prefix=tmp_path / "root")
     dovecot = {p.name for p in written if p.parent.name == "dovecot"}
-    conf = (tmp_path / "root/etc/dovecot/dovecot.conf").read_text()
+    conf = (tmp_path / "root/etc/chatmail/dovecot/dovecot.conf").read_text()
     if series == "2.3":
         assert dovecot == {"dovecot.conf", "auth.conf", "push_notification.lua"}
         assert "driver = dict" in conf
         assert "import_environment = TZ " in conf
-        assert "LD_PRELOAD=/usr/local/lib/chatmaild/dovecot_nodelay.so" in conf
+        assert "LD_PRELOAD=/var/lib/chatmaild/dovecot_nodelay.so" in conf
     else:
         assert dovecot == {"dovecot.conf", "auth.lua", "push_notification.lua"}
         # 2.4 refuses a configuration that does not start with these
@@ -126,7 +126,7 @@ def test_each_dovecot_series_gets_its_own_files(tmp_path, series):
             "dovecot_storage_version = 2.4.0",
         ]
         block = conf.split("import_environment {", 1)[1].split("\n}\n", 1)[0]
-        assert "  LD_PRELOAD = /usr/local/lib/chatmaild/dovecot_nodelay.so" in block.splitlines()
+        assert "  LD_PRELOAD = /var/lib/chatmaild/dovecot_nodelay.so" in block.splitlines()
         for gone in ("mail_location", "plugin {", "driver = dict", "checkpassword", "%u"):
             assert gone not in conf, gone
 
@@ -166,7 +166,7 @@ def test_daemon_units(unit):
     assert svc["NoNewPrivileges"] == "yes" and svc["ProtectSystem"] == "strict"
     assert svc["PrivateTmp"] == "yes"
     exe = svc["ExecStart"].split()[0]
-    assert exe.startswith("/usr/local/lib/chatmaild/venv/bin/")
+    assert exe.startswith("/usr/bin/")  # where the package's console scripts are
     # the console script the unit runs is one this package declares
     pyproject = (ROOT / "pyproject.toml").read_text()
     assert f'\n{Path(exe).name} = "' in pyproject

@@ -12,10 +12,10 @@ import time
 
 import pytest
 
-from chatmaild.testing.rawdict import RawDictClient, wait_for_socket
+from testing.rawdict import RawDictClient, wait_for_socket
 from tests.fixtures.dict import child_env, write_test_ini
 
-MEMDICT = "chatmaild.testing.memdict"
+MEMDICT = "testing.memdict"
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])

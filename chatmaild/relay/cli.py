@@ -1,7 +1,8 @@
 """``chatmaild render`` and ``chatmaild dev`` (also ``python -m chatmaild.relay``).
 
 ``render`` writes the production Postfix/Dovecot configuration for the
-chatmail.ini given with ``--config`` below ``--root`` (``/`` installs it).
+chatmail.ini given with ``--config`` below ``--root`` (``/``: /etc/chatmail/postfix
+and /etc/chatmail/dovecot, which ``chatmaild setup`` renders and applies).
 
 ``dev`` runs a complete relay on 127.0.0.1 in a state directory: real
 Postfix and Dovecot, every chatmaild daemon, self-signed TLS.  It prints one
@@ -23,7 +24,7 @@ import time
 from pathlib import Path
 
 from ..config import ConfigError
-from .render import Layout, render_all
+from .render import CHECKOUT_ROOT, Layout, render_all
 from .stack import Relay, RelayError, available_components
 
 PROG = "chatmaild"
@@ -227,11 +228,14 @@ def add_cli(subparsers) -> None:
         "render",
         help="write the Postfix/Dovecot configuration for chatmail.ini",
         description="Render the production Postfix and Dovecot configuration from the\n"
-        "chatmail.ini given with --config into ROOT (/ installs it).",
+        "chatmail.ini given with --config into ROOT/etc/chatmail/postfix and dovecot\n"
+        "(chatmaild setup renders it and applies it to Postfix and Dovecot).",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--root", default="/", help="directory to write below (default: /)")
     p.set_defaults(func=cmd_render)
+    if not (CHECKOUT_ROOT / "pyproject.toml").exists():
+        return  # the installed package: `dev` runs a relay from a source checkout only
     p = subparsers.add_parser(
         "dev",
         help="run a complete local relay on 127.0.0.1 (make run)",

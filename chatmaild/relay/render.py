@@ -30,8 +30,25 @@ from .dovecotversion import dovecot_version, installed_series
 
 PLACEHOLDER = re.compile(r"\{\{\s*([A-Za-z_][A-Za-z0-9_]*)\s*\}\}")
 
-# checkout root: the templates live next to the package, not inside it
-SOURCE_ROOT = Path(os.environ.get("CHATMAILD_SOURCE_ROOT", Path(__file__).resolve().parents[2]))
+# where the Debian package (which `make install` builds and installs) puts things
+PACKAGE_SHARE = Path("/usr/share/chatmaild")  # templates: postfix/, dovecot/
+PACKAGE_STATE = Path("/var/lib/chatmaild")  # the no-delay shim, Postfix's files before us
+GENERATED_DIR = Path("/etc/chatmail")  # rendered postfix/ and dovecot/ (chatmaild setup)
+PACKAGE_BIN = Path("/usr/bin")
+CHECKOUT_ROOT = Path(__file__).resolve().parents[2]
+
+
+def _source_root() -> Path:
+    """Where the templates are: a checkout keeps them next to the package, the Debian
+    package in /usr/share/chatmaild; CHATMAILD_SOURCE_ROOT overrides both."""
+    if os.environ.get("CHATMAILD_SOURCE_ROOT"):
+        return Path(os.environ["CHATMAILD_SOURCE_ROOT"])
+    if (CHECKOUT_ROOT / "postfix" / "main.cf").exists():
+        return CHECKOUT_ROOT
+    return PACKAGE_SHARE
+
+
+SOURCE_ROOT = _source_root()
 
 POSTFIX_FILES = (
     "main.cf",
@@ -62,16 +79,11 @@ DAEMON_MODULES = {
 ALL_COMPONENTS = ("postfix", "dovecot", *DAEMON_MODULES)
 
 
-# where `make install` puts the virtualenv and the no-delay shim
-PRODUCTION_LIB = Path("/usr/local/lib/chatmaild")
-PRODUCTION_VENV = PRODUCTION_LIB / "venv"
-
-
 def production_nodelay() -> Path | None:
     """The installed no-delay shim, if it is there and fits the installed Dovecot."""
     from .nodelay import SO_NAME, applies
 
-    so = PRODUCTION_LIB / SO_NAME
+    so = PACKAGE_STATE / SO_NAME
     return so if so.exists() and applies(dovecot_version()) else None
 
 
@@ -123,7 +135,7 @@ class Layout:
     dovecot_series: str | None = None
     ini_path: Path | None = None  # chatmail.ini quota-expire reads; None: the default
     # where our programs are (Dovecot runs quota-expire from here)
-    bin_dir: Path = PRODUCTION_VENV / "bin"
+    bin_dir: Path = PACKAGE_BIN
 
     def program(self, name: str) -> str:
         """Absolute path of one of our console scripts in this layout."""
@@ -135,12 +147,15 @@ class Layout:
             "/etc/chatmail/tls/cert.pem",
             "/etc/chatmail/tls/key.pem",
         )
+        # Postfix's own main.cf and master.cf get our settings through postconf, and
+        # Dovecot runs our complete configuration (chatmaild setup): what is rendered
+        # lives below /etc/chatmail, no file of Postfix's or Dovecot's is replaced
         return cls(
             root=root,
-            postfix_config_dir=Path("/etc/postfix"),
+            postfix_config_dir=GENERATED_DIR / "postfix",
             postfix_queue_dir=Path("/var/spool/postfix"),
             postfix_data_dir=Path("/var/lib/postfix"),
-            dovecot_config_dir=Path("/etc/dovecot"),
+            dovecot_config_dir=GENERATED_DIR / "dovecot",
             dovecot_base_dir=Path("/run/dovecot"),
             dovecot_state_dir=Path("/var/lib/dovecot"),
             dovecot_instance="dovecot",

@@ -22,7 +22,7 @@ from .render import SOURCE_ROOT
 # the interpreter operators run (and the venv's base: see scripts/install-deps.sh)
 SYSTEM_PYTHON = "/usr/bin/python3"
 RUNTIME_PACKAGE = "chatmaild"
-NOT_STAGED = ("testing", "__pycache__")
+NOT_STAGED = ("__pycache__",)
 
 
 def console_scripts(source_root: Path = SOURCE_ROOT) -> dict[str, str]:

@@ -32,7 +32,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent.parent))
 
-from chatmaild.testing.mails import armor as _armor  # noqa: E402
+from testing.mails import armor as _armor  # noqa: E402
 
 ALICE = "alice@example.org"
 BOB = "bob@example.org"

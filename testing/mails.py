@@ -11,7 +11,7 @@ import base64
 import email.utils
 import os
 
-from ..filtermail import pgp
+from chatmaild.filtermail import pgp
 
 
 def _packet(tag: int, body: bytes) -> bytes:

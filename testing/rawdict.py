@@ -1,6 +1,6 @@
 """A raw Dovecot dict protocol client for protocol tests and benchmarks.
 
-Unlike :mod:`chatmaild.testing.dictclient` it sends lines exactly as given
+Unlike :mod:`testing.dictclient` it sends lines exactly as given
 (several at once for pipelining), can check that a command got no reply, and
 parses ITERATE replies.
 """

@@ -1,0 +1,407 @@
+"""``chatmaild setup``: make this machine's Postfix and Dovecot a chatmail relay.
+
+The Debian package's postinst runs it (after writing chatmail.ini from debconf);
+an operator runs it again after editing chatmail.ini (``dpkg-reconfigure
+chatmaild`` does the same).  Idempotent: keys, certificates and mail are kept.
+
+What belongs to other packages is changed only the way they provide for:
+
+- Postfix: the rendered configuration lives in /etc/chatmail/postfix; its
+  parameters and services go into Debian's /etc/postfix/main.cf and master.cf
+  with ``postconf -e`` / ``postconf -M`` (:mod:`chatmaild.relay.postconf`).  The
+  two files as they were before the first setup are kept in
+  /var/lib/chatmaild/postfix-before and put back on purge.
+- Dovecot: the complete configuration lives in /etc/chatmail/dovecot; the
+  package's drop-in for dovecot.service starts Dovecot with it (Debian's
+  /etc/dovecot, whose stock auth would let system users log in through PAM, is
+  left alone and unused).
+- systemd: where chatmail.ini moves the mail store or a socket, drop-ins in
+  /etc/systemd/system/UNIT.d/chatmail-ini.conf let the sandboxed units write there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import grp
+import os
+import pwd
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from ..config import Config, ConfigError
+from .postconf import (
+    conflicting_services,
+    main_changes,
+    master_changes,
+    parse_main,
+    parse_master,
+)
+from .render import GENERATED_DIR, PACKAGE_STATE, Layout, render_all
+
+PROG = "chatmaild"
+POSTFIX_DIR = Path("/etc/postfix")
+POSTFIX_BEFORE = PACKAGE_STATE / "postfix-before"
+CREATED_LIST = PACKAGE_STATE / "created-files"  # keys and certificates setup made (purge)
+UNIT_DIR = Path("/etc/systemd/system")
+DROPIN_NAME = "chatmail-ini.conf"
+TLS_DIR = GENERATED_DIR / "tls"
+
+# the units, in start order: the dict daemons before Dovecot, the filters before Postfix
+DAEMON_UNITS = (
+    "doveauth.service",
+    "chatmail-lastlogin.service",
+    "chatmail-metadata.service",
+    "filtermail.service",
+    "filtermail-incoming.service",
+    "filtermail-milter.service",
+    "chatmail-newemail.service",
+)
+TIMER_UNITS = ("chatmail-expire.timer", "chatmail-fsreport.timer")
+SERVER_UNITS = ("dovecot.service", "postfix.service")
+
+# what the units allow by default (systemd/*.service): paths below these need no drop-in
+DEFAULT_WRITABLE = {
+    "doveauth.service": ("/home/vmail", "/run/doveauth"),
+    "chatmail-lastlogin.service": ("/home/vmail", "/run/chatmail-lastlogin"),
+    "chatmail-metadata.service": ("/home/vmail", "/run/chatmail-metadata"),
+    "chatmail-expire.service": ("/home/vmail",),
+    "filtermail.service": ("/var/spool/postfix/filtermail",),
+    "filtermail-incoming.service": ("/var/spool/postfix/filtermail",),
+    "filtermail-milter.service": ("/var/spool/postfix/filtermail",),
+}
+
+
+class SetupError(Exception):
+    """A step of the setup failed; the message says which and why."""
+
+
+def say(text: str) -> None:
+    print(f"{PROG} setup: {text}", flush=True)
+
+
+# ---------------------------------------------------------------- pure parts
+
+
+def _below(path: str, parents: tuple[str, ...]) -> bool:
+    return any(path == p or path.startswith(p.rstrip("/") + "/") for p in parents)
+
+
+def unit_needs(config: Config) -> dict[str, list[str]]:
+    """Per unit, the directories chatmail.ini puts its files in (mail store, sockets)."""
+    store = [config.mailboxes_dir, config.notification_dir]
+    sockets = {
+        "doveauth.service": [config.doveauth_socket, config.doveauth_http_socket],
+        "chatmail-lastlogin.service": [config.lastlogin_socket],
+        "chatmail-metadata.service": [config.metadata_socket],
+        "chatmail-expire.service": [],
+        "filtermail.service": [config.filtermail_smtp_socket],
+        "filtermail-incoming.service": [config.filtermail_smtp_socket_incoming],
+        "filtermail-milter.service": [config.filtermail_milter_socket],
+    }
+    needs = {}
+    for unit, paths in sockets.items():
+        dirs = [str(Path(p).parent) for p in paths]
+        if not unit.startswith("filtermail"):
+            dirs = store + dirs
+        needs[unit] = list(dict.fromkeys(dirs))
+    return needs
+
+
+def unit_dropins(config: Config) -> dict[str, str]:
+    """Drop-in text per unit whose files chatmail.ini moved out of the unit's defaults.
+
+    A directory below /run becomes a RuntimeDirectory (systemd makes it, owned by
+    the unit's user, mode 0700 like the defaults); any other is a ReadWritePaths.
+    """
+    dropins = {}
+    for unit, dirs in unit_needs(config).items():
+        moved = [d for d in dirs if not _below(d, DEFAULT_WRITABLE[unit])]
+        if not moved:
+            continue
+        lines = [
+            "# written by `chatmaild setup` from chatmail.ini, which puts files of this",
+            "# unit outside its defaults; rewritten (or removed) by every setup",
+            "[Service]",
+        ]
+        for d in moved:
+            if d.startswith("/run/") and d.count("/") == 2:
+                lines.append(f"RuntimeDirectory={d.removeprefix('/run/')}")
+            else:
+                lines.append(f"ReadWritePaths={d}")
+        dropins[unit] = "\n".join(lines) + "\n"
+    return dropins
+
+
+def dns_records(config: Config, dkim_line: str) -> str:
+    """The zone-file lines an operator publishes for this relay."""
+    bare = config.mail_domain.strip("[]")
+    return "\n".join(
+        [
+            f"DNS records to publish for {bare}:",
+            f"{bare}. 3600 IN MX 10 {bare}.",
+            f'{bare}. 3600 IN TXT "v=spf1 a ~all"',
+            f'_dmarc.{bare}. 3600 IN TXT "v=DMARC1;p=reject;adkim=s;aspf=s"',
+            dkim_line,
+            f"_submission._tcp.{bare}. 3600 IN SRV 0 1 {config.submission_port} {bare}.",
+            f"_submissions._tcp.{bare}. 3600 IN SRV 0 1 {config.submissions_port} {bare}.",
+            f"_imap._tcp.{bare}. 3600 IN SRV 0 1 {config.imap_port} {bare}.",
+            f"_imaps._tcp.{bare}. 3600 IN SRV 0 1 {config.imaps_port} {bare}.",
+        ]
+    )
+
+
+# ---------------------------------------------------------------- steps
+
+
+def run(cmd: list[str], what: str) -> str:
+    res = subprocess.run(cmd, capture_output=True, text=True, stdin=subprocess.DEVNULL)
+    if res.returncode != 0:
+        raise SetupError(f"{what} failed: {' '.join(cmd)}: {(res.stderr or res.stdout).strip()}")
+    return res.stdout
+
+
+def record_created(path: Path) -> None:
+    PACKAGE_STATE.mkdir(parents=True, exist_ok=True)
+    known = CREATED_LIST.read_text().splitlines() if CREATED_LIST.exists() else []
+    if str(path) not in known:
+        with open(CREATED_LIST, "a", encoding="utf-8") as f:
+            f.write(f"{path}\n")
+
+
+def ensure_directories(config: Config) -> None:
+    """The mail store vmail's alone; filtermail's socket directories reachable by Postfix only."""
+    vmail = pwd.getpwnam(config.vmail_user)
+    home = Path(vmail.pw_dir)
+    for d in (home, Path(config.mailboxes_dir)):
+        d.mkdir(parents=True, exist_ok=True)
+        os.chown(d, vmail.pw_uid, vmail.pw_gid)
+        os.chmod(d, 0o700)
+    postfix_gid = grp.getgrnam("postfix").gr_gid
+    for path in (
+        config.filtermail_smtp_socket,
+        config.filtermail_smtp_socket_incoming,
+        config.filtermail_milter_socket,
+    ):
+        d = Path(path).parent
+        d.mkdir(parents=True, exist_ok=True)
+        os.chown(d, vmail.pw_uid, postfix_gid)
+        os.chmod(d, 0o2750)  # setgid: every socket gets group postfix
+
+
+def ensure_tls(config: Config) -> None:
+    """A self-signed certificate unless chatmail.ini names one (kept across runs)."""
+    if config.tls_external_cert_and_key:
+        for path in config.tls_external_cert_and_key:
+            if not Path(path).exists():
+                say(f"warning: {path} (tls_external_cert_and_key) does not exist yet")
+        return
+    cert, key = TLS_DIR / "cert.pem", TLS_DIR / "key.pem"
+    if not (cert.exists() and key.exists()):
+        TLS_DIR.mkdir(parents=True, exist_ok=True)
+        name = config.mail_domain.strip("[]")
+        alt = f"IP:{name}" if config.is_ip_domain else f"DNS:{name}"
+        run(
+            ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
+             "-nodes", "-days", "3650", "-subj", f"/CN={name}", "-addext",
+             f"subjectAltName={alt}", "-keyout", str(key), "-out", str(cert)],
+            "creating a self-signed certificate",
+        )  # fmt: skip
+        for path in (cert, key):
+            record_created(path)
+        say(f"created a self-signed certificate for {name} in {TLS_DIR}")
+    # chatmail-newemail serves HTTPS as vmail
+    os.chown(key, 0, pwd.getpwnam(config.vmail_user).pw_gid)
+    os.chmod(key, 0o640)
+
+
+def ensure_dkim(config: Config) -> str:
+    """The DKIM key (made once, group vmail, 0640); returns its zone-file line."""
+    from ..accounts import atomic_write
+    from ..filtermail.cli import zone_line
+    from ..filtermail.dkim import DKIMError, Signer, generate_key, public_value, txt_record
+
+    path = Path(config.dkim_key_path)
+    domain = config.mail_domain.strip("[]")
+    if path.exists():
+        pem = path.read_bytes()
+    else:
+        pem, _ = generate_key(2048)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(path, pem, mode=0o640)
+        record_created(path)
+        say(f"created the DKIM key {path}")
+    os.chown(path, 0, pwd.getpwnam(config.vmail_user).pw_gid)
+    os.chmod(path, 0o640)
+    try:
+        Signer(domain, config.dkim_selector, pem)
+        value = public_value(pem)
+    except (DKIMError, ValueError, TypeError) as e:
+        raise SetupError(f"{path}: not a usable DKIM key: {e}") from None
+    return zone_line(f"{config.dkim_selector}._domainkey.{domain}", txt_record(value))
+
+
+def ensure_nodelay() -> Path | None:
+    """The no-delay shim for the installed Dovecot (needs a C compiler; optional)."""
+    from .nodelay import NodelayUnavailable, build
+
+    try:
+        return build(PACKAGE_STATE)
+    except NodelayUnavailable as e:
+        say(f"no-delay shim not used ({e}): Dovecot announces new mail 0.5 s later")
+        return None
+
+
+def save_postfix_before() -> None:
+    """Postfix's main.cf and master.cf as they were before our first setup (for purge)."""
+    if POSTFIX_BEFORE.exists():
+        return
+    tmp = POSTFIX_BEFORE.with_name(POSTFIX_BEFORE.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for name in ("main.cf", "master.cf"):
+        if (POSTFIX_DIR / name).exists():
+            shutil.copy2(POSTFIX_DIR / name, tmp / name)
+    os.replace(tmp, POSTFIX_BEFORE)
+
+
+def apply_postfix(layout: Layout) -> None:
+    """Our main.cf parameters and master.cf services into Postfix's own files."""
+    save_postfix_before()
+    main_cf, master_cf = POSTFIX_DIR / "main.cf", POSTFIX_DIR / "master.cf"
+    if not main_cf.exists():  # Postfix installed as "No configuration"
+        main_cf.touch(mode=0o644)
+    if not master_cf.exists():
+        shutil.copyfile("/usr/share/postfix/master.cf.dist", master_cf)
+    ours = str(layout.postfix_config_dir)
+    changes = main_changes(
+        parse_main(run(["postconf", "-n"], "reading main.cf")),
+        parse_main(run(["postconf", "-c", ours, "-n"], "reading our main.cf")),
+    )
+    if changes:
+        run(["postconf", "-e", *changes], "postconf -e")
+    current = parse_master(run(["postconf", "-M"], "reading master.cf"))
+    wanted = parse_master(run(["postconf", "-c", ours, "-M"], "reading our master.cf"))
+    for key in conflicting_services(current, wanted):
+        run(["postconf", "-M#", key], f"commenting out {key} (it listens on one of our ports)")
+        say(f"commented out the master.cf service {key}: chatmail's own listens on its port")
+    changes = master_changes(current, wanted)
+    if changes:
+        run(["postconf", "-M", *changes], "postconf -M")
+    run(["postfix", "check"], "postfix check")
+
+
+def check_dovecot(layout: Layout) -> None:
+    conf = layout.dovecot_config_dir / "dovecot.conf"
+    run(["doveconf", "-c", str(conf), "-n"], f"doveconf -c {conf}")
+
+
+def write_unit_dropins(config: Config) -> bool:
+    """Write (or remove) the ini-derived drop-ins; True if anything changed."""
+    wanted = unit_dropins(config)
+    changed = False
+    for unit in DEFAULT_WRITABLE:
+        path = UNIT_DIR / f"{unit}.d" / DROPIN_NAME
+        text = wanted.get(unit)
+        if text is None:
+            if path.exists():
+                path.unlink()
+                changed = True
+                try:
+                    path.parent.rmdir()
+                except OSError:
+                    pass
+            continue
+        if path.exists() and path.read_text() == text:
+            continue
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+        changed = True
+        say(f"wrote {path}")
+    return changed
+
+
+def systemd_running() -> bool:
+    return Path("/run/systemd/system").is_dir()
+
+
+def restart_everything() -> None:
+    """Daemons first (Dovecot and Postfix need them), then the servers; timers on."""
+    run(["systemctl", "daemon-reload"], "systemctl daemon-reload")
+    run(["systemctl", "enable", "--quiet", *DAEMON_UNITS, *TIMER_UNITS], "systemctl enable")
+    run(["systemctl", "restart", *DAEMON_UNITS], "restarting chatmail's daemons")
+    run(["systemctl", "restart", *SERVER_UNITS], "restarting Dovecot and Postfix")
+    run(["systemctl", "start", *TIMER_UNITS], "starting the timers")
+
+
+def setup(config: Config, *, restart: bool) -> str:
+    """Every step; returns the DNS records to publish."""
+    try:
+        pwd.getpwnam(config.vmail_user)
+    except KeyError:
+        raise SetupError(
+            f"no user {config.vmail_user} (vmail_user): the package's postinst creates it"
+        ) from None
+    ensure_directories(config)
+    ensure_tls(config)
+    dkim_line = ensure_dkim(config)
+    nodelay = ensure_nodelay()
+    layout = Layout.production(config).with_(nodelay_so=nodelay)
+    render_all(config, layout)
+    say(f"rendered {layout.postfix_config_dir} and {layout.dovecot_config_dir}")
+    check_dovecot(layout)
+    apply_postfix(layout)
+    say("applied chatmail's settings to /etc/postfix/main.cf and master.cf with postconf")
+    dropins_changed = write_unit_dropins(config)
+    if restart and systemd_running():
+        restart_everything()
+        say("restarted chatmail's daemons, Dovecot and Postfix")
+    elif dropins_changed and systemd_running():
+        run(["systemctl", "daemon-reload"], "systemctl daemon-reload")
+    return dns_records(config, dkim_line)
+
+
+SETUP_DOC = """configure Postfix, Dovecot and the units from chatmail.ini
+Run after changing chatmail.ini (dpkg-reconfigure chatmaild runs it too); the
+package's postinst runs it on every install and upgrade.  Creates the mail store
+directories, a self-signed certificate unless tls_external_cert_and_key is set,
+the DKIM key; renders /etc/chatmail/postfix and /etc/chatmail/dovecot; applies
+the Postfix settings to /etc/postfix/main.cf and master.cf with postconf (the
+files as they were before the first setup are kept for purge); writes unit
+drop-ins where chatmail.ini moves the mail store or a socket; restarts the
+daemons, Dovecot and Postfix; prints the DNS records to publish.  Keys,
+certificates and mail are kept.  Needs root."""
+
+
+def cmd_setup(args: argparse.Namespace) -> int:
+    from ..admin import config_from_args
+
+    config = config_from_args(args)
+    if os.geteuid() != 0:
+        print(f"{PROG} setup: run as root", file=sys.stderr)
+        return 1
+    try:
+        records = setup(config, restart=not args.no_restart)
+    except (SetupError, ConfigError, OSError) as e:
+        print(f"{PROG} setup: {e}", file=sys.stderr)
+        return 1
+    print()
+    print(records)
+    return 0
+
+
+def add_cli(subparsers) -> None:
+    summary, _, body = SETUP_DOC.partition("\n")
+    p = subparsers.add_parser(
+        "setup",
+        help=summary,
+        description=summary + "\n\n" + body,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "--no-restart",
+        action="store_true",
+        help="change files only; restart nothing (the package's postinst restarts itself)",
+    )
+    p.set_defaults(func=cmd_setup)

@@ -1,0 +1,70 @@
+"""Delta Chat exchange against an installed relay on this network namespace's 127.0.0.1.
+
+    python -m tests.deb_client WORKDIR MAIL_DOMAIN
+
+Run by tests/test_deb.py in a booted machine's network namespace (the host's
+Python and Delta Chat core): two accounts from ``/new`` on port 443, each logged
+in over IMAP 993 (which creates it), a Secure-Join, then a message each way
+through 465 -> filtermail -> delivery; both arrive encrypted.  Prints
+``exchange ok ADDR1 ADDR2``.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import ssl
+import sys
+from pathlib import Path
+
+from testing.dcclient import DCClients, securejoin, wait_incoming_text
+
+HOST = "127.0.0.1"
+
+
+class InstalledRelay:
+    """What DCClients needs of a relay: where it listens and fresh credentials."""
+
+    host = HOST
+    ports = {"imaps": 993, "submissions": 465}
+
+    def __init__(self, mail_domain: str) -> None:
+        self.mail_domain = mail_domain
+
+    def new_credentials(self) -> tuple[str, str]:
+        """From POST /new on 443, as the apps get them (self-signed certificate)."""
+        ctx = ssl.create_default_context()
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+        conn = http.client.HTTPSConnection(HOST, 443, context=ctx, timeout=30)
+        conn.request("POST", "/new", headers={"Host": self.mail_domain})
+        resp = conn.getresponse()
+        body = resp.read()
+        if resp.status != 200:
+            raise RuntimeError(f"/new answered {resp.status}: {body[:200]!r}")
+        creds = json.loads(body)
+        if not creds["email"].endswith("@" + self.mail_domain):
+            raise RuntimeError(f"/new made {creds['email']}")
+        return creds["email"], creds["password"]
+
+
+def main(workdir: str, mail_domain: str) -> int:
+    relay = InstalledRelay(mail_domain)
+    clients = DCClients(Path(workdir))
+    try:
+        alice = clients.account(relay, name="alice")
+        bob = clients.account(relay, name="bob")
+        securejoin(alice, bob, timeout=90)
+        for sender, receiver, text in ((alice, bob, "hello bob"), (bob, alice, "hi alice")):
+            sender.create_chat(receiver).send_text(text)
+            snap = wait_incoming_text(receiver, text, timeout=90)
+            if not snap.show_padlock:
+                raise RuntimeError(f"{text!r} arrived unencrypted")
+        print(f"exchange ok {alice.addr} {bob.addr}", flush=True)
+        return 0
+    finally:
+        clients.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main(*sys.argv[1:]))

@@ -1,0 +1,280 @@
+"""The Debian package, built and installed on Debian 12 and 13 under a real systemd.
+
+For each release: ``make deb`` (on this Debian 12 host; inside the cached
+Debian 13 test system via scripts/debian13.sh), lintian of that release on the
+result, then a freshly booted minimal machine of the release (scripts/debian-
+root.sh --bare: systemd as PID 1, its own network namespace, nothing of the
+relay installed, Debian's packages in apt's cache and no network at all) gets
+``apt-get install ./chatmaild_*.deb`` with the mail domain preseeded, and:
+
+- every chatmail unit is active (Type=notify: READY reached), sandboxed, runs as
+  vmail; Postfix and Dovecot are active; nothing came from pip;
+- the Delta Chat core (the host's, in the machine's network namespace) gets two
+  accounts from /new on 443, logs in over 993 and exchanges encrypted mail
+  through 465 and filtermail; the operator log lines are in the journal;
+- other local users reach no socket of the relay, nor sendmail or the queue;
+- ``systemctl kill -s KILL`` of filtermail and doveauth: systemd restarts them
+  and mail flows again;
+- an ini change takes effect with ``dpkg-reconfigure chatmaild``;
+- installing the package again restarts the daemons and keeps mail, keys, config;
+- ``apt-get remove`` stops everything and keeps mail, keys and config;
+  ``apt-get purge`` removes config and keys, restores Postfix's own files and
+  keeps the mail store;
+- (Debian 12) ``make install`` in the purged machine builds and installs the
+  package again from this checkout; ``make uninstall`` removes it.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from testing.machine import Machine
+
+pytestmark = [pytest.mark.relay, pytest.mark.timeout(1500)]
+ROOT = Path(__file__).resolve().parents[1]
+DOMAIN = "chat.example.org"
+DEBS = "/debs"  # where the machine sees the built package
+DAEMONS = [
+    "doveauth.service",
+    "chatmail-lastlogin.service",
+    "chatmail-metadata.service",
+    "filtermail.service",
+    "filtermail-incoming.service",
+    "filtermail-milter.service",
+    "chatmail-newemail.service",
+]
+TIMERS = ["chatmail-expire.timer", "chatmail-fsreport.timer"]
+SERVERS = ["dovecot.service", "postfix@-.service"]
+HOST_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
+
+# another local user must reach none of these (SECURITY.md), nor sendmail or the queue
+PROBE = r"""
+import errno, os, socket, subprocess, sys
+nobody = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups"]
+probe = ("import errno, socket, sys\n"
+         "try:\n socket.socket(socket.AF_UNIX).connect(sys.argv[1]); print('connected')\n"
+         "except OSError as e:\n print(errno.errorcode.get(e.errno, e.errno))\n")
+bad = []
+for path in ["/var/spool/postfix/filtermail/outgoing.sock",
+             "/var/spool/postfix/filtermail/incoming.sock",
+             "/var/spool/postfix/filtermail/milter.sock",
+             "/var/spool/postfix/public/reinject", "/var/spool/postfix/public/reinject_incoming",
+             "/run/doveauth/doveauth.socket", "/run/doveauth/doveauth-http.socket",
+             "/run/chatmail-metadata/metadata.socket",
+             "/run/chatmail-lastlogin/lastlogin.socket", "/run/dovecot/auth-userdb"]:
+    got = subprocess.run(nobody + ["python3", "-I", "-c", probe, path], cwd="/",
+                         capture_output=True, text=True).stdout.strip()
+    if got != "EACCES":
+        bad.append(f"{path}: {got}")
+if os.path.exists("/run/dovecot/lmtp"):
+    bad.append("Dovecot's 0666 lmtp listener exists")
+sent = subprocess.run(nobody + ["/usr/sbin/sendmail", "-f", "x@chat.example.org",
+                      "y@chat.example.org"], input=b"Subject: x\n\nhi\n", cwd="/",
+                      capture_output=True)
+if sent.returncode == 0:
+    bad.append("nobody could submit mail with sendmail")
+queue = subprocess.run(nobody + ["/usr/sbin/postqueue", "-p"], cwd="/", capture_output=True)
+if queue.returncode == 0:
+    bad.append("nobody could list the queue")
+print("\n".join(bad) or "access ok")
+"""
+
+
+def _build(cmd: list[str], dist: Path) -> Path:
+    shutil.rmtree(dist, ignore_errors=True)
+    res = subprocess.run(
+        cmd, cwd=ROOT, capture_output=True, text=True, timeout=1200,
+        env={"PATH": HOST_PATH, "HOME": "/root", "LANG": "C.UTF-8"},
+    )  # fmt: skip
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-5000:]
+    (deb,) = dist.glob("chatmaild_*_all.deb")
+    return deb
+
+
+def lintian_problems(output: str) -> list[str]:
+    """Error and warning tags in lintian's output (overrides already applied)."""
+    return [line for line in output.splitlines() if line[:2] in ("E:", "W:")]
+
+
+@pytest.fixture(scope="module")
+def debs():
+    """The package of each release, built from this checkout, and lintian's verdict."""
+    version = subprocess.run(
+        ["dpkg-parsechangelog", "-l", str(ROOT / "debian/changelog"), "-S", "Version"],
+        capture_output=True, text=True, check=True,
+    ).stdout.strip()  # fmt: skip
+    built = {}
+    dist = ROOT / "dist" / "test-bookworm"
+    deb = _build(["make", "deb", f"DIST={dist}"], dist)
+    lint = subprocess.run(
+        ["lintian", "--fail-on", "none", str(deb)], capture_output=True, text=True, timeout=600
+    )
+    built["bookworm"] = (deb, lint.stdout + lint.stderr)
+    dist = ROOT / "dist" / "test-trixie"
+    # built and linted inside Debian 13, by that release's tools
+    script = (
+        f"make deb DIST={dist} && lintian --fail-on none {dist}/chatmaild_{version}_all.deb"
+        f" > {dist}/lintian.txt 2>&1"
+    )
+    deb = _build([str(ROOT / "scripts/debian13.sh"), "run", "sh", "-c", script], dist)
+    built["trixie"] = (deb, (dist / "lintian.txt").read_text())
+    assert all(d.name == f"chatmaild_{version}_all.deb" for d, _ in built.values())
+    return built
+
+
+@pytest.mark.parametrize("suite", ["bookworm", "trixie"])
+def test_lintian_clean(debs, suite):
+    deb, output = debs[suite]
+    assert lintian_problems(output) == [], output
+
+
+def _units_active(m: Machine) -> None:
+    for unit in DAEMONS + TIMERS + SERVERS:
+        m.wait_for(f"systemctl is-active --quiet {unit}", 90, f"{unit} active")
+
+
+def _show(m: Machine, unit: str, *props: str) -> dict[str, str]:
+    out = m.sh(f"systemctl show {unit} " + " ".join(f"-p {p}" for p in props))
+    return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
+
+
+def _exchange(m: Machine, workdir: Path) -> str:
+    """Two fresh Delta Chat accounts exchange encrypted mail through the machine's relay."""
+    res = subprocess.run(
+        m.netns_argv([sys.executable, "-m", "tests.deb_client", str(workdir), DOMAIN]),
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    logs = "".join(p.read_text(errors="replace")[-3000:] for p in workdir.glob("*.log"))
+    assert res.returncode == 0 and "exchange ok" in res.stdout, res.stdout + res.stderr + logs
+    return res.stdout.split("exchange ok", 1)[1].strip()
+
+
+def _sha(m: Machine, path: str) -> str:
+    return m.sh(f"sha256sum {path}").split()[0]
+
+
+@pytest.mark.parametrize("suite", ["bookworm", "trixie"])
+def test_package_on_a_fresh_machine(debs, suite, tmp_path):
+    deb, _ = debs[suite]
+    with Machine(suite, binds={str(deb.parent): DEBS, str(ROOT): str(ROOT)}) as m:
+        # -- install, the domain preseeded, no network at all: only Debian's packages
+        m.sh(f"echo 'chatmaild chatmaild/mail_domain string {DOMAIN}' | debconf-set-selections")
+        start = time.monotonic()
+        out = m.sh(
+            f"DEBIAN_FRONTEND=noninteractive apt-get install -y -q {DEBS}/{deb.name} 2>&1",
+            timeout=900,
+        )
+        install_seconds = time.monotonic() - start
+        print(f"{suite}: apt-get install took {install_seconds:.0f} s")
+        assert "DNS records to publish for chat.example.org" in out, out[-3000:]
+        assert "opendkim._domainkey.chat.example.org. 3600 IN TXT" in out, out[-3000:]
+        for pkg in ("postfix", "dovecot-core", "python3-aiohttp", "python3-dkim"):
+            assert f"Setting up {pkg} " in out, pkg
+        assert not m.ok("command -v pip || command -v pip3"), "pip on the machine"
+        assert m.sh("ls /usr/local/lib/ | grep -c python || true").strip() == "0"
+        assert f"mail_domain = {DOMAIN}" in m.sh("cat /etc/chatmail/chatmail.ini")
+
+        # -- supervised, hardened units
+        _units_active(m)
+        for unit in DAEMONS:
+            props = _show(m, unit, "Type", "User", "Restart", "ProtectSystem", "NoNewPrivileges",
+                          "PrivateTmp", "ExecStart")  # fmt: skip
+            assert props["Type"] == "notify", (unit, props)
+            assert props["User"] == "vmail" and props["Restart"] == "always", (unit, props)
+            assert props["ProtectSystem"] == "strict" and props["NoNewPrivileges"] == "yes"
+            assert props["PrivateTmp"] == "yes", (unit, props)
+            assert "path=/usr/bin/" in props["ExecStart"], props["ExecStart"]
+        dovecot = _show(m, "dovecot.service", "ExecStart")["ExecStart"]
+        assert "-c /etc/chatmail/dovecot/dovecot.conf" in dovecot, dovecot
+        # Postfix's own files carry our settings (postconf), Debian's Dovecot config is unused
+        assert m.sh("postconf -h smtpd_sender_login_maps").strip().endswith("/login_map")
+        assert "reinject" in m.sh("postconf -M reinject/unix")
+        assert m.sh("postconf -h authorized_submit_users").strip() == "root"
+
+        # -- the real Delta Chat core, on the standard ports
+        first = _exchange(m, tmp_path / "dc1")
+        journal = m.sh("journalctl --no-pager -o cat -u doveauth -u filtermail")
+        assert "Created address: " in journal, journal[-2000:]
+        assert "Outgoing: Filtering encrypted mail." in journal, journal[-2000:]
+        assert m.sh(PROBE.join(["python3 - <<'EOF'\n", "EOF\n"])).strip() == "access ok"
+        users = m.sh("doveadm user '*'").split()
+        assert set(first.split()) <= set(users), users
+        shown = m.sh(f"doveadm user {first.split()[0]}")
+        assert "home" in shown and "password" not in shown, shown
+
+        # -- systemd restarts killed daemons; mail flows again
+        pids = {
+            u: _show(m, u, "MainPID")["MainPID"] for u in ("filtermail.service", "doveauth.service")
+        }
+        m.sh("systemctl kill -s KILL filtermail.service doveauth.service")
+        for unit, pid in pids.items():
+            m.wait_for(
+                f"[ $(systemctl show -p NRestarts --value {unit}) -ge 1 ] && "
+                f"systemctl is-active --quiet {unit} && "
+                f"[ $(systemctl show -p MainPID --value {unit}) != {pid} ]",
+                60,
+                f"{unit} restarted",
+            )
+        _exchange(m, tmp_path / "dc2")
+
+        # -- an ini change takes effect with dpkg-reconfigure
+        dkim = _sha(m, "/etc/dkimkeys/opendkim.private")
+        m.sh("echo 'max_message_size = 20M' >> /etc/chatmail/chatmail.ini")
+        m.sh("DEBIAN_FRONTEND=noninteractive dpkg-reconfigure chatmaild 2>&1")
+        assert m.sh("postconf -h message_size_limit").strip() == str(20 * 2**20)
+        assert "max_message_size = 20M" in m.sh("cat /etc/chatmail/chatmail.ini")
+        _units_active(m)
+
+        # -- upgrade (the same version again): restarted, everything kept
+        before = {
+            u: _show(m, u, "MainPID")["MainPID"] for u in ("doveauth.service", "dovecot.service")
+        }
+        ini, cert = _sha(m, "/etc/chatmail/chatmail.ini"), _sha(m, "/etc/chatmail/tls/cert.pem")
+        m.sh(f"DEBIAN_FRONTEND=noninteractive apt-get install -y --reinstall {DEBS}/{deb.name}")
+        _units_active(m)
+        for unit, pid in before.items():
+            assert _show(m, unit, "MainPID")["MainPID"] != pid, f"{unit} not restarted"
+        assert _sha(m, "/etc/dkimkeys/opendkim.private") == dkim
+        assert _sha(m, "/etc/chatmail/chatmail.ini") == ini
+        assert _sha(m, "/etc/chatmail/tls/cert.pem") == cert
+        store = f"/home/vmail/mail/{DOMAIN}"
+        for addr in first.split():
+            assert m.ok(f"ls {store}/{addr}/cur {store}/{addr}/new"), addr
+        _exchange(m, tmp_path / "dc3")
+
+        # -- remove: everything stops, mail, keys and config stay
+        m.sh("DEBIAN_FRONTEND=noninteractive apt-get remove -y chatmaild")
+        for unit in DAEMONS + TIMERS + SERVERS:
+            assert not m.ok(f"systemctl is-active --quiet {unit}"), f"{unit} still active"
+        for path in ("/etc/chatmail/chatmail.ini", "/etc/dkimkeys/opendkim.private",
+                     *(f"{store}/{a}" for a in first.split())):  # fmt: skip
+            assert m.ok(f"test -e {path}"), f"remove lost {path}"
+
+        # -- purge: config and keys go, Postfix's files come back, the mail store stays
+        m.sh("DEBIAN_FRONTEND=noninteractive apt-get purge -y chatmaild")
+        for path in ("/etc/chatmail", "/etc/dkimkeys/opendkim.private", "/var/lib/chatmaild"):
+            assert not m.ok(f"test -e {path}"), f"purge left {path}"
+        assert "filtermail" not in m.sh("cat /etc/postfix/main.cf /etc/postfix/master.cf")
+        for addr in first.split():
+            assert m.ok(f"test -f {store}/{addr}/password"), f"purge lost {addr}"
+        assert m.ok("getent passwd vmail")
+
+        if suite == "bookworm":
+            # -- make install: the one sysadmin command builds this package here and installs it
+            m.sh("DEBIAN_FRONTEND=noninteractive apt-get install -y -q make")
+            out = m.sh(
+                f"cd {ROOT} && make install MAIL_DOMAIN={DOMAIN} DIST=/tmp/dist 2>&1", timeout=900
+            )
+            assert "DNS records to publish" in out, out[-3000:]
+            _units_active(m)
+            for addr in first.split():  # the old store is used again
+                assert addr in m.sh("doveadm user '*'")
+            m.sh(f"cd {ROOT} && make uninstall 2>&1")
+            assert not m.ok("dpkg -s chatmaild 2>/dev/null | grep -q '^Status: install ok'")
+            assert not m.ok("systemctl is-active --quiet doveauth.service")
