@@ -162,7 +162,10 @@ def test_versions_agree():
 
 def test_package_ships_the_units_and_no_test_code():
     rules = (ROOT / "debian/rules").read_text()
-    assert "install -m 0644 systemd/*.service systemd/*.timer debian/chatmaild/$(UNIT_DIR)/" in rules
+    install_units = (
+        "install -m 0644 systemd/*.service systemd/*.timer debian/chatmaild/$(UNIT_DIR)/"
+    )
+    assert install_units in rules
     assert not (ROOT / "chatmaild" / "testing").exists()
     for unit in (ROOT / "systemd").glob("*.service"):
         text = unit.read_text()
