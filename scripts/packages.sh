@@ -32,7 +32,7 @@ TEST_PACKAGES=(gnupg sq zstd iproute2 util-linux procps git make python3-nacl ch
 DEB_EXTRA_PACKAGES=(gcc libc6-dev)
 
 # what `make deb` needs besides RUNTIME_PACKAGES (debian/control's Build-Depends)
-BUILD_PACKAGES=(debhelper dh-python po-debconf pybuild-plugin-pyproject python3-all
+BUILD_PACKAGES=(build-essential debhelper dh-python po-debconf pybuild-plugin-pyproject python3-all
     python3-setuptools dpkg-dev lintian)
 
 # install the named packages that are missing (no Postfix questions: we configure it)
