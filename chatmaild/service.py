@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import contextvars
 import logging
 import os
 import signal
@@ -23,7 +24,7 @@ import ssl
 import stat
 import sys
 import textwrap
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +36,34 @@ EXIT_CONFIG = 78  # EX_CONFIG from sysexits.h, also systemd's "not configured"
 
 
 # ---------------------------------------------------------------- logging
+
+
+# the role a log record belongs to when one process serves several roles: set
+# while a role starts and while it serves a connection (tasks inherit it)
+CURRENT_ROLE: contextvars.ContextVar[str | None] = contextvars.ContextVar("role", default=None)
+
+
+class RoleFilter(logging.Filter):
+    """Name each record's role: the role being served, else a role's own logger, else ``prog``.
+
+    Sets ``record.role`` (the stderr prefix) and ``record.SYSLOG_IDENTIFIER``
+    (python-systemd sends record attributes as journal fields), so every line of
+    a process that serves several roles says which one wrote it.
+    """
+
+    def __init__(self, prog: str) -> None:
+        super().__init__()
+        self.prog = prog
+        self.roles: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        role = CURRENT_ROLE.get()
+        if role is None:
+            top = record.name.split(".", 1)[0]
+            role = record.name if record.name in self.roles else top if top in self.roles else None
+        record.role = role or self.prog
+        record.SYSLOG_IDENTIFIER = record.role
+        return True
 
 
 def setup_logging(prog: str, *, verbose: bool = False) -> logging.Logger:
@@ -55,11 +84,20 @@ def setup_logging(prog: str, *, verbose: bool = False) -> logging.Logger:
     if handler is None:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(
-            logging.Formatter(f"%(asctime)s {prog}[%(process)d] %(levelname)s %(message)s")
+            logging.Formatter("%(asctime)s %(role)s[%(process)d] %(levelname)s %(message)s")
         )
+    handler.addFilter(RoleFilter(prog))
     root.addHandler(handler)
     root.setLevel(level)
     return logging.getLogger(prog)
+
+
+def register_roles(names: Iterable[str]) -> None:
+    """Tell the log handlers which logger names are roles of this process."""
+    for handler in logging.getLogger().handlers:
+        for f in handler.filters:
+            if isinstance(f, RoleFilter):
+                f.roles.update(names)
 
 
 # ---------------------------------------------------------------- sd_notify
@@ -256,6 +294,7 @@ class Server:
     async def _on_connect(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         assert task is not None
+        CURRENT_ROLE.set(self.daemon.name)  # this connection's task only
         self.connections.add(task)
         try:
             await self.daemon.handle_connection(reader, writer)
@@ -272,7 +311,12 @@ class Server:
                 await writer.wait_closed()
 
     async def start(self) -> None:
-        await self.daemon.start()
+        # background tasks the role starts inherit its name for their log lines
+        token = CURRENT_ROLE.set(self.daemon.name)
+        try:
+            await self.daemon.start()
+        finally:
+            CURRENT_ROLE.reset(token)
         # backlog: asyncio would otherwise listen() again with 100, and a burst of
         # connects (Dovecot opening many dict connections) would get EAGAIN.
         opts: dict = {"sock": self.sock, "backlog": LISTEN_BACKLOG}
@@ -310,22 +354,41 @@ class Server:
             await asyncio.wait(list(self.connections), timeout=5)
         await self.daemon.stop()
 
+    def where(self) -> str:
+        name = self.sock.getsockname()
+        if isinstance(name, tuple):
+            return f"{name[0]}:{name[1]}"
+        return name or "inherited socket"
+
     async def serve_until_signal(self) -> None:
-        loop = asyncio.get_running_loop()
-        stop_requested = asyncio.Event()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop_requested.set)
-        await self.start()
+        await serve_until_signal([self])
+
+
+async def serve_until_signal(servers: Sequence[Server]) -> None:
+    """Start every role's server, READY=1 once all listen, stop them all on SIGTERM/SIGINT.
+
+    A role whose start fails ends the process (systemd restarts it); a failing
+    connection handler only closes that connection (Server._on_connect).
+    """
+    loop = asyncio.get_running_loop()
+    stop_requested = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop_requested.set)
+    started: list[Server] = []
+    try:
+        for server in servers:
+            await server.start()
+            started.append(server)
+            server.daemon.log.info("listening on %s", server.where())
         sd_notify("READY=1")
-        where = self.sock.getsockname()
-        if isinstance(where, tuple):
-            where = f"{where[0]}:{where[1]}"
-        self.daemon.log.info("listening on %s", where or "inherited socket")
         await stop_requested.wait()
-        self.daemon.log.info("stopping")
+    finally:
+        for server in started:
+            server.daemon.log.info("stopping")
         sd_notify("STOPPING=1")
-        await self.stop()
-        self.daemon.log.info("stopped")
+        await asyncio.gather(*(server.stop() for server in started))
+        for server in started:
+            server.daemon.log.info("stopped")
 
 
 # ---------------------------------------------------------------- command line
@@ -377,12 +440,40 @@ def run_daemon(
     add_arguments: Callable[[argparse.ArgumentParser], None] | None = None,
 ) -> int:
     """Entry point shared by every socket daemon."""
-    prog = daemon_class.name
+    return run_daemons(daemon_class.name, lambda args: [daemon_class], doc, argv, add_arguments)
+
+
+def inherited_for(endpoints: Sequence[Endpoint], inherited: list[socket.socket]):
+    """Match sockets passed by systemd to endpoints: by path, or the one to the one."""
+    if len(endpoints) == 1 and len(inherited) == 1:
+        return [inherited[0]]
+    by_path: dict[str, socket.socket] = {}
+    for sock in inherited:
+        with contextlib.suppress(OSError):
+            name = sock.getsockname()
+            if isinstance(name, str) and name:
+                by_path[name] = sock
+    return [by_path.get(e.path) if e.path else None for e in endpoints]
+
+
+def run_daemons(
+    prog: str,
+    roles_of: Callable[[argparse.Namespace], Sequence[type[Daemon]]],
+    doc: str,
+    argv: list[str] | None = None,
+    add_arguments: Callable[[argparse.ArgumentParser], None] | None = None,
+) -> int:
+    """One process serving one or more roles, each on its own socket, in one event loop.
+
+    ``roles_of(args)`` names the Daemon classes to run.  Each role keeps its
+    config keys, socket and log name; they share the interpreter, the libraries
+    and the event loop (one copy of each in memory instead of one per role).
+    """
     parser = make_parser(prog, doc)
     parser.add_argument(
         "--listen",
         metavar="SOCKET",
-        help="override the configured socket: /path.sock or host:port",
+        help="override the configured socket: /path.sock or host:port (one role only)",
     )
     parser.add_argument(
         "--stop-timeout",
@@ -394,31 +485,45 @@ def run_daemon(
     if add_arguments:
         add_arguments(parser)
     args = parser.parse_args(argv)
+    try:
+        classes = list(roles_of(args))
+    except ValueError as e:
+        parser.error(str(e))
+    if args.listen and len(classes) != 1:
+        parser.error("--listen needs exactly one role")
     log = setup_logging(prog, verbose=args.verbose)
+    register_roles(cls.name for cls in classes)
     raise_fd_limit(log)
     config = load_config_or_exit(args.config, prog)
 
     async def main() -> int:
-        daemon = daemon_class(config, args)
-        endpoint = Endpoint.parse(args.listen) if args.listen else daemon.endpoint()
+        daemons = [cls(config, args) for cls in classes]
+        endpoints = [Endpoint.parse(args.listen) if args.listen else d.endpoint() for d in daemons]
         try:
-            inherited = systemd_sockets()
+            inherited = inherited_for(endpoints, systemd_sockets())
         except OSError as e:
             log.error("cannot use the sockets passed by systemd (LISTEN_FDS): %s", e)
             return 1
+        servers: list[Server] = []
+        bound: list[str] = []
         try:
-            sock = inherited[0] if inherited else bind_socket(endpoint)
-        except OSError as e:
-            log.error("cannot listen on %s: %s", endpoint, e)
-            return 1
-        sock.setblocking(False)
-        server = Server(daemon, sock, stop_timeout=args.stop_timeout)
-        try:
-            await server.serve_until_signal()
+            for daemon, endpoint, passed in zip(daemons, endpoints, inherited, strict=True):
+                try:
+                    sock = passed if passed is not None else bind_socket(endpoint)
+                except OSError as e:
+                    daemon.log.error("cannot listen on %s: %s", endpoint, e)
+                    return 1
+                if passed is None and endpoint.path:
+                    bound.append(endpoint.path)
+                sock.setblocking(False)
+                servers.append(Server(daemon, sock, stop_timeout=args.stop_timeout))
+            await serve_until_signal(servers)
         finally:
-            if endpoint.path and not inherited:
+            for server in servers:
+                server.sock.close()
+            for path in bound:
                 with contextlib.suppress(OSError):
-                    os.unlink(endpoint.path)
+                    os.unlink(path)
         return 0
 
     _use_fast_event_loop()

@@ -1,6 +1,11 @@
 """OpenPGP-only before-queue SMTP filter and DKIM signer for a chatmail relay.
 
-Usage: filtermail [--config INI] outgoing|incoming|milter
+Usage: filtermail [--config INI] ROLE [ROLE ...]   (ROLE: outgoing, incoming, milter)
+
+One process serves every role named (the installed unit runs all three), each
+on its own socket with its own config keys; its log lines are tagged with the
+role (filtermail, filtermail-incoming, filtermail-milter).  A failing request
+closes that connection only; the other roles keep serving.
 
 outgoing  listens on filtermail_smtp_socket for Postfix's submission proxy
           filter: per-sender rate limit, From must match the sender, only
@@ -41,7 +46,7 @@ import socket
 import stat
 import sys
 
-from ..service import EXIT_CONFIG, Daemon, Endpoint, run_daemon
+from ..service import EXIT_CONFIG, Daemon, Endpoint, run_daemons
 from .dkim import DKIMError, KeyFetcher, Signer, Verifier
 from .incoming import IncomingHandler
 from .milter import MilterSession
@@ -145,11 +150,12 @@ class OutgoingDaemon(FilterDaemon):
 
 
 class IncomingDaemon(FilterDaemon):
+    name = "filtermail-incoming"
     mode = "incoming"
 
 
 class MilterDaemon(Daemon):
-    name = "filtermail"
+    name = "filtermail-milter"
 
     def endpoint(self) -> Endpoint:
         # group postfix (the setgid directory's): Postfix's cleanup is the one client
@@ -176,13 +182,21 @@ DAEMONS: dict[str, type[Daemon]] = {
 
 
 def _add_mode(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("mode", choices=MODES, help="which filter to run")
+    parser.add_argument(
+        "mode", nargs="*", metavar="ROLE", help="roles to serve: " + ", ".join(MODES)
+    )
+
+
+def roles_of(args: argparse.Namespace) -> list[type[Daemon]]:
+    modes = list(dict.fromkeys(args.mode or ["outgoing"]))  # none named: outgoing, as before
+    unknown = [m for m in modes if m not in DAEMONS]
+    if unknown:
+        raise ValueError(f"unknown role {unknown[0]!r} (choose from {', '.join(MODES)})")
+    return [DAEMONS[mode] for mode in modes]
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = list(sys.argv[1:] if argv is None else argv)
-    mode = next((a for a in args if a in MODES), "outgoing")
-    return run_daemon(DAEMONS[mode], __doc__, args, add_arguments=_add_mode)
+    return run_daemons("filtermail", roles_of, __doc__, argv, add_arguments=_add_mode)
 
 
 if __name__ == "__main__":

@@ -61,6 +61,18 @@ RESTART_DELAY = 0.5
 RESTART_DELAY_MAX = 30.0
 RESTART_RESET_AFTER = 60.0
 SERVERS = ("postfix", "dovecot")
+# the process that serves each daemon component (a process serves several roles:
+# one interpreter and one set of libraries in memory instead of one per role);
+# the units in systemd/ use the same layout
+DICT_ROLES = ("doveauth", "lastlogin", "metadata")
+FILTER_ROLES = ("outgoing", "incoming", "milter")
+PROCESS_OF = {
+    "doveauth": "dict",
+    "lastlogin": "dict",
+    "metadata": "dict",
+    "filtermail": "filtermail",
+    "newemail": "newemail",
+}
 
 # ini keys holding a TCP port, and the short names used in Relay.ports
 PORT_KEYS = {
@@ -467,16 +479,11 @@ class Relay:
         program = self.layout.program
         cmds: dict[str, list[str]] = {}
         c = self.components
-        if "doveauth" in c:
-            cmds["doveauth"] = [program("doveauth"), "--config", ini]
-        if "lastlogin" in c:
-            cmds["lastlogin"] = [program("chatmail-lastlogin"), "--config", ini]
-        if "metadata" in c:
-            cmds["metadata"] = [program("chatmail-metadata"), "--config", ini]
+        dict_roles = [role for role in DICT_ROLES if role in c]
+        if dict_roles:
+            cmds["dict"] = [program("chatmail-dict"), "--config", ini, *dict_roles]
         if "filtermail" in c:
-            cmds["filtermail"] = [program("filtermail"), "--config", ini, "outgoing"]
-            cmds["filtermail-incoming"] = [program("filtermail"), "--config", ini, "incoming"]
-            cmds["filtermail-milter"] = [program("filtermail"), "--config", ini, "milter"]
+            cmds["filtermail"] = [program("filtermail"), "--config", ini, *FILTER_ROLES]
         if "newemail" in c:
             listen = f"127.0.0.1:{self.config.newemail_port}"
             cmds["newemail"] = [program("chatmail-newemail"), "--config", ini, "--listen", listen]
@@ -499,7 +506,7 @@ class Relay:
         user = pwd.getpwnam(self.config.vmail_user)
         # the user's own groups (User= in the units), plus the unit's SupplementaryGroups=
         groups = set(os.getgrouplist(user.pw_name, user.pw_gid))
-        if name in ("filtermail", "filtermail-incoming"):
+        if name == "filtermail":
             groups.add(grp.getgrnam("postdrop").gr_gid)  # re-injection is in Postfix's public/
         caps: list[str] = []
         if name == "newemail":
@@ -619,13 +626,13 @@ class Relay:
             ("metadata", "metadata_socket"),
         ):
             if name in c:
-                checks.append((name, getattr(cfg, key), logs / f"{name}.log"))
+                checks.append((name, getattr(cfg, key), logs / "dict.log"))
         if "filtermail" in c:
             checks.append(("filtermail", cfg.filtermail_smtp_socket, logs / "filtermail.log"))
-            checks.append(("filtermail-incoming", cfg.filtermail_smtp_socket_incoming,
-                           logs / "filtermail-incoming.log"))  # fmt: skip
-            checks.append(("filtermail-milter", cfg.filtermail_milter_socket,
-                           logs / "filtermail-milter.log"))  # fmt: skip
+            checks.append(("filtermail incoming", cfg.filtermail_smtp_socket_incoming,
+                           logs / "filtermail.log"))  # fmt: skip
+            checks.append(("filtermail milter", cfg.filtermail_milter_socket,
+                           logs / "filtermail.log"))  # fmt: skip
         if "newemail" in c:
             checks.append(("newemail", ("127.0.0.1", cfg.newemail_port), logs / "newemail.log"))
         if "postfix" in c:
@@ -821,10 +828,16 @@ class Relay:
         return pids
 
     def pid_of(self, name: str) -> int | None:
-        """The pid of daemon ``name`` now (it changes when the supervisor restarts it)."""
+        """The pid of process ``name`` (or of the process serving component ``name``) now;
+        it changes when the supervisor restarts it."""
         with self._lock:
-            proc = self._procs.get(name)
+            proc = self._procs.get(PROCESS_OF.get(name, name))
         return proc.pid if proc is not None and proc.poll() is None else None
+
+    def proc_of(self, name: str) -> subprocess.Popen:
+        """The process object of process ``name`` or of the one serving component ``name``."""
+        with self._lock:
+            return self._procs[PROCESS_OF.get(name, name)]
 
 
 def _previous_ports(ini: Path) -> dict[str, int]:
