@@ -159,7 +159,7 @@ def bench_latency(sink: SinkProcess, tmp: Path) -> None:
             print(f"push latency max: {max(latencies):.1f} ms")
             # the part after LMTP answered (the POST often arrives before that)
             print(f"push latency after lmtp reply p99: {percentile(after_delivery, 99):.1f} ms")
-        metadata_pid = relay._procs["metadata"].pid
+        metadata_pid = relay.proc_of("metadata").pid
         print(f"metadata rss after load: {rss_mb(metadata_pid):.1f} MB")
 
 

@@ -110,7 +110,8 @@ def sd_notify(state: str) -> None:
     try:
         from systemd import daemon as sd_daemon  # type: ignore[import-not-found]
 
-        sd_daemon.notify(state)
+        with contextlib.suppress(OSError):  # systemd gone (or never there): nothing to tell
+            sd_daemon.notify(state)
         return
     except ImportError:
         pass

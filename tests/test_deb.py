@@ -41,12 +41,8 @@ ROOT = Path(__file__).resolve().parents[1]
 DOMAIN = "chat.example.org"
 DEBS = "/debs"  # where the machine sees the built package
 DAEMONS = [
-    "doveauth.service",
-    "chatmail-lastlogin.service",
-    "chatmail-metadata.service",
-    "filtermail.service",
-    "filtermail-incoming.service",
-    "filtermail-milter.service",
+    "chatmail-dict.service",  # doveauth, lastlogin, metadata
+    "filtermail.service",  # outgoing, incoming, milter
     "chatmail-newemail.service",
 ]
 TIMERS = ["chatmail-expire.timer", "chatmail-fsreport.timer"]
@@ -199,9 +195,13 @@ def test_package_on_a_fresh_machine(debs, suite, tmp_path):
 
         # -- the real Delta Chat core, on the standard ports
         first = _exchange(m, tmp_path / "dc1")
-        journal = m.sh("journalctl --no-pager -o cat -u doveauth -u filtermail")
+        journal = m.sh("journalctl --no-pager -o cat -u chatmail-dict -u filtermail")
         assert "Created address: " in journal, journal[-2000:]
         assert "Outgoing: Filtering encrypted mail." in journal, journal[-2000:]
+        # each role of a shared process logs under its own name
+        assert "Created address: " in m.sh("journalctl --no-pager -o cat -t doveauth")
+        milter = m.sh("journalctl --no-pager -o cat -t filtermail-milter")
+        assert "listening on /var/spool/postfix/filtermail/milter.sock" in milter, milter
         assert m.sh(PROBE.join(["python3 - <<'EOF'\n", "EOF\n"])).strip() == "access ok"
         users = m.sh("doveadm user '*'").split()
         assert set(first.split()) <= set(users), users
@@ -210,9 +210,10 @@ def test_package_on_a_fresh_machine(debs, suite, tmp_path):
 
         # -- systemd restarts killed daemons; mail flows again
         pids = {
-            u: _show(m, u, "MainPID")["MainPID"] for u in ("filtermail.service", "doveauth.service")
+            u: _show(m, u, "MainPID")["MainPID"]
+            for u in ("filtermail.service", "chatmail-dict.service")
         }
-        m.sh("systemctl kill -s KILL filtermail.service doveauth.service")
+        m.sh("systemctl kill -s KILL filtermail.service chatmail-dict.service")
         for unit, pid in pids.items():
             m.wait_for(
                 f"[ $(systemctl show -p NRestarts --value {unit}) -ge 1 ] && "
@@ -233,7 +234,8 @@ def test_package_on_a_fresh_machine(debs, suite, tmp_path):
 
         # -- upgrade (the same version again): restarted, everything kept
         before = {
-            u: _show(m, u, "MainPID")["MainPID"] for u in ("doveauth.service", "dovecot.service")
+            u: _show(m, u, "MainPID")["MainPID"]
+            for u in ("chatmail-dict.service", "dovecot.service")
         }
         ini, cert = _sha(m, "/etc/chatmail/chatmail.ini"), _sha(m, "/etc/chatmail/tls/cert.pem")
         m.sh(f"DEBIAN_FRONTEND=noninteractive apt-get install -y --reinstall {DEBS}/{deb.name}")
@@ -277,4 +279,4 @@ def test_package_on_a_fresh_machine(debs, suite, tmp_path):
                 assert addr in m.sh("doveadm user '*'")
             m.sh(f"cd {ROOT} && make uninstall 2>&1")
             assert not m.ok("dpkg -s chatmaild 2>/dev/null | grep -q '^Status: install ok'")
-            assert not m.ok("systemctl is-active --quiet doveauth.service")
+            assert not m.ok("systemctl is-active --quiet chatmail-dict.service")

@@ -208,7 +208,7 @@ def test_doveauth_down_is_a_temporary_failure(relay_factory):
     relay = relay_factory(components=["postfix", "dovecot", "doveauth"])
     addr, password = relay.new_credentials()
     relay.imap(addr, password).logout()
-    doveauth = relay._procs["doveauth"]
+    doveauth = relay.proc_of("doveauth")
     doveauth.send_signal(signal.SIGTERM)
     assert doveauth.wait(30) == 0
     for who in (addr, relay.new_credentials()[0]):  # an existing and a new account

@@ -111,7 +111,7 @@ def wait_for_mail(relay: Relay, addr: str, marker: bytes, timeout: float = 20) -
 
 def tail(relay: Relay) -> str:
     text = ""
-    for name in ("postfix.log", "filtermail.log", "filtermail-incoming.log"):
+    for name in ("postfix.log", "filtermail.log"):
         path = relay.log_dir / name
         if path.exists():
             text += f"== {name}\n" + "\n".join(path.read_text().splitlines()[-15:]) + "\n"

@@ -117,8 +117,8 @@ def test_lmtp_delivery_pushes_every_token_with_retry_and_gone(push_relay, http_s
 
 
 def respawn_metadata(relay: Relay) -> subprocess.Popen:
-    """Start chatmail-metadata again the way the relay does (as vmail); the relay stops it."""
-    return relay.spawn("metadata")
+    """Start the dict process (metadata's) again as the relay does (as vmail)."""
+    return relay.spawn("dict")
 
 
 def test_sigkill_with_pending_notifications(relay_factory, http_sink):
@@ -138,7 +138,7 @@ def test_sigkill_with_pending_notifications(relay_factory, http_sink):
     assert len(queue_files(relay)) == 6
     assert http_sink.wait_for(lambda s: len(s.tokens(500)) >= 2, 20)
 
-    proc = relay._procs["metadata"]
+    proc = relay.proc_of("metadata")
     proc.send_signal(signal.SIGKILL)
     assert proc.wait(10) == -signal.SIGKILL
     assert len(queue_files(relay)) == 6
@@ -181,7 +181,7 @@ def test_delivery_succeeds_while_metadata_daemon_is_down(push_relay, http_sink):
     addr, password = push_relay.new_credentials()
     conn = push_relay.imap(addr, password)
     set_token(conn, "tok")
-    proc = push_relay._procs["metadata"]
+    proc = push_relay.proc_of("metadata")
     proc.send_signal(signal.SIGKILL)
     proc.wait(10)
 

@@ -98,7 +98,7 @@ def test_make_run_from_a_checkout_other_users_cannot_enter(base):
         # the daemons (vmail) run: an account is made on login, mail goes through filtermail
         message = send_and_receive(relay, relay)
         assert b"multipart/encrypted" in message
-        assert pids_named(target, "chatmaild.doveauth")
+        assert pids_named(target, "chatmaild.dictd")
     finally:
         rc = relay.stop()
         if target is not None:
@@ -112,12 +112,12 @@ def test_dead_daemons_and_servers_are_restarted(base):
     state = base / "state"
     relay = DevRelay(state)
     try:
-        for module in ("chatmaild.doveauth", "chatmaild.filtermail.main"):
+        for module in ("chatmaild.dictd", "chatmaild.filtermail.main"):
             [victim, *_] = pids_named(state, module)
             os.kill(victim, signal.SIGKILL)
         dovecot = int((state / "dovecot/run/master.pid").read_text())
         os.kill(dovecot, signal.SIGKILL)
-        for name in ("doveauth", "filtermail", "dovecot"):
+        for name in ("dict", "filtermail", "dovecot"):
             assert relay.wait_line(lambda line, n=name: f"restarted {n} " in line), relay.output
         assert relay.wait_line(lambda line: "exited with status -9; restarting in" in line)
         # reaped, not left as zombies
@@ -183,7 +183,7 @@ def test_two_make_run_relays_exchange_mail(base):
             message = send_and_receive(sender, recipient)
             assert b"multipart/encrypted" in message
             # it came over port 25 and its DKIM signature was verified, not skipped
-            log = (recipient.state / "log/filtermail-incoming.log").read_text()
+            log = (recipient.state / "log/filtermail.log").read_text()
             assert "Incoming: Filtering encrypted mail." in log
         # a restart of the first relay (new ports are possible) is picked up again
         first.stop()

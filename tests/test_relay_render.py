@@ -149,12 +149,8 @@ def _unit(path: Path) -> configparser.ConfigParser:
 @pytest.mark.parametrize(
     "unit",
     [
-        "doveauth.service",
-        "chatmail-lastlogin.service",
-        "chatmail-metadata.service",
+        "chatmail-dict.service",
         "filtermail.service",
-        "filtermail-incoming.service",
-        "filtermail-milter.service",
         "chatmail-newemail.service",
     ],
 )
@@ -172,18 +168,25 @@ def test_daemon_units(unit):
     assert f'\n{Path(exe).name} = "' in pyproject
 
 
-@pytest.mark.parametrize(
-    "unit,groups",
-    [
-        ("filtermail.service", "postdrop"),  # enters public/ to re-inject
-        ("filtermail-incoming.service", "postdrop"),
-        ("filtermail-milter.service", None),  # re-injects nothing
-    ],
-)
-def test_filtermail_units_write_only_their_socket_directory(unit, groups):
-    svc = _unit(SYSTEMD / unit)["Service"]
-    assert svc.get("SupplementaryGroups") == groups
+def test_filtermail_unit_writes_only_its_socket_directory():
+    svc = _unit(SYSTEMD / "filtermail.service")["Service"]
+    assert svc.get("SupplementaryGroups") == "postdrop"  # enters public/ to re-inject
     assert svc["ReadWritePaths"] == FILTERMAIL_SOCKET_DIR
+    # one process serves the three roles, each on its own socket
+    assert svc["ExecStart"].split()[-3:] == ["outgoing", "incoming", "milter"]
+
+
+def test_dict_unit_serves_the_three_dicts_with_their_socket_directories():
+    svc = _unit(SYSTEMD / "chatmail-dict.service")["Service"]
+    assert svc["ExecStart"].split()[-3:] == ["doveauth", "lastlogin", "metadata"]
+    assert svc["RuntimeDirectory"].split() == [
+        "doveauth",
+        "chatmail-lastlogin",
+        "chatmail-metadata",
+    ]
+    assert svc["RuntimeDirectoryMode"] == "0700" and svc["UMask"] == "0077"
+    assert svc["ReadWritePaths"] == "/home/vmail"
+    assert "SupplementaryGroups" not in svc and svc["CapabilityBoundingSet"] == ""
 
 
 @pytest.mark.parametrize("name", ["chatmail-expire", "chatmail-fsreport"])

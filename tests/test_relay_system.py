@@ -92,18 +92,15 @@ def test_units_follow_a_moved_store_and_socket():
             filtermail_smtp_socket="/var/spool/postfix/chatmail/outgoing.sock",
         )
     )
-    doveauth = dropins["doveauth.service"]
-    assert "ReadWritePaths=/srv/mail/chat.example.org\n" in doveauth
-    assert "RuntimeDirectory=chatmail-auth\n" in doveauth  # below /run: systemd makes it
-    for unit in (
-        "chatmail-lastlogin.service",
-        "chatmail-metadata.service",
-        "chatmail-expire.service",
-    ):
-        assert "ReadWritePaths=/srv/mail/chat.example.org\n" in dropins[unit], unit
-    assert "ReadWritePaths=/var/spool/postfix/chatmail\n" in dropins["filtermail.service"]
-    assert "filtermail-incoming.service" not in dropins  # its socket stayed
-    assert dropins["doveauth.service"].startswith("# written by `chatmaild setup`")
+    dicts = dropins["chatmail-dict.service"]
+    assert "ReadWritePaths=/srv/mail/chat.example.org\n" in dicts
+    assert "RuntimeDirectory=chatmail-auth\n" in dicts  # below /run: systemd makes it
+    assert "chatmail-lastlogin" not in dicts  # the other sockets stayed
+    assert "ReadWritePaths=/srv/mail/chat.example.org\n" in dropins["chatmail-expire.service"]
+    filters = dropins["filtermail.service"]
+    assert filters.count("ReadWritePaths=") == 1  # the incoming and milter sockets stayed
+    assert "ReadWritePaths=/var/spool/postfix/chatmail\n" in filters
+    assert dicts.startswith("# written by `chatmaild setup`")
 
 
 def test_dns_records_name_the_domain_and_dkim():

@@ -79,9 +79,9 @@ def test_configured_file_bad_file_logged_once_and_empty_iroh_relay(relay_factory
     path.write_text('{"clients": [')  # an operator's half-saved edit
     assert server_metadata(relay, APPVERSIONS) is None
     assert server_metadata(relay, APPVERSIONS) is None
-    log = (relay.log_dir / "metadata.log").read_text(errors="replace")
+    log = (relay.log_dir / "dict.log").read_text(errors="replace")
     assert log.count(f"appversions_path {path} is malformed: not JSON") == 1, log
 
     path.write_text(json.dumps(mine))  # fixed: served again without a restart
     assert json.loads(server_metadata(relay, APPVERSIONS)) == mine
-    assert relay._procs["metadata"].poll() is None
+    assert relay.proc_of("metadata").poll() is None

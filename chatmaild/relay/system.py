@@ -48,28 +48,35 @@ UNIT_DIR = Path("/etc/systemd/system")
 DROPIN_NAME = "chatmail-ini.conf"
 TLS_DIR = GENERATED_DIR / "tls"
 
-# the units, in start order: the dict daemons before Dovecot, the filters before Postfix
+# the units, in start order: the dict daemons before Dovecot, the filters before Postfix;
+# one process per unit serves several roles (chatmail-dict: doveauth, last-login,
+# metadata; filtermail: outgoing, incoming, milter)
 DAEMON_UNITS = (
+    "chatmail-dict.service",
+    "filtermail.service",
+    "chatmail-newemail.service",
+)
+# units of earlier versions (one process per role), stopped and their drop-ins removed
+RETIRED_UNITS = (
     "doveauth.service",
     "chatmail-lastlogin.service",
     "chatmail-metadata.service",
-    "filtermail.service",
     "filtermail-incoming.service",
     "filtermail-milter.service",
-    "chatmail-newemail.service",
 )
 TIMER_UNITS = ("chatmail-expire.timer", "chatmail-fsreport.timer")
 SERVER_UNITS = ("dovecot.service", "postfix.service")
 
 # what the units allow by default (systemd/*.service): paths below these need no drop-in
 DEFAULT_WRITABLE = {
-    "doveauth.service": ("/home/vmail", "/run/doveauth"),
-    "chatmail-lastlogin.service": ("/home/vmail", "/run/chatmail-lastlogin"),
-    "chatmail-metadata.service": ("/home/vmail", "/run/chatmail-metadata"),
+    "chatmail-dict.service": (
+        "/home/vmail",
+        "/run/doveauth",
+        "/run/chatmail-lastlogin",
+        "/run/chatmail-metadata",
+    ),
     "chatmail-expire.service": ("/home/vmail",),
     "filtermail.service": ("/var/spool/postfix/filtermail",),
-    "filtermail-incoming.service": ("/var/spool/postfix/filtermail",),
-    "filtermail-milter.service": ("/var/spool/postfix/filtermail",),
 }
 
 
@@ -92,13 +99,18 @@ def unit_needs(config: Config) -> dict[str, list[str]]:
     """Per unit, the directories chatmail.ini puts its files in (mail store, sockets)."""
     store = [config.mailboxes_dir, config.notification_dir]
     sockets = {
-        "doveauth.service": [config.doveauth_socket, config.doveauth_http_socket],
-        "chatmail-lastlogin.service": [config.lastlogin_socket],
-        "chatmail-metadata.service": [config.metadata_socket],
+        "chatmail-dict.service": [
+            config.doveauth_socket,
+            config.doveauth_http_socket,
+            config.lastlogin_socket,
+            config.metadata_socket,
+        ],
         "chatmail-expire.service": [],
-        "filtermail.service": [config.filtermail_smtp_socket],
-        "filtermail-incoming.service": [config.filtermail_smtp_socket_incoming],
-        "filtermail-milter.service": [config.filtermail_milter_socket],
+        "filtermail.service": [
+            config.filtermail_smtp_socket,
+            config.filtermail_smtp_socket_incoming,
+            config.filtermail_milter_socket,
+        ],
     }
     needs = {}
     for unit, paths in sockets.items():
@@ -301,7 +313,7 @@ def write_unit_dropins(config: Config) -> bool:
     """Write (or remove) the ini-derived drop-ins; True if anything changed."""
     wanted = unit_dropins(config)
     changed = False
-    for unit in DEFAULT_WRITABLE:
+    for unit in (*DEFAULT_WRITABLE, *RETIRED_UNITS):
         path = UNIT_DIR / f"{unit}.d" / DROPIN_NAME
         text = wanted.get(unit)
         if text is None:
@@ -329,6 +341,12 @@ def systemd_running() -> bool:
 def restart_everything() -> None:
     """Daemons first (Dovecot and Postfix need them), then the servers; timers on."""
     run(["systemctl", "daemon-reload"], "systemctl daemon-reload")
+    # an earlier version's per-role units would hold the sockets; gone or not, no error
+    subprocess.run(
+        ["systemctl", "disable", "--now", "--quiet", *RETIRED_UNITS],
+        capture_output=True,
+        stdin=subprocess.DEVNULL,
+    )
     run(["systemctl", "enable", "--quiet", *DAEMON_UNITS, *TIMER_UNITS], "systemctl enable")
     run(["systemctl", "restart", *DAEMON_UNITS], "restarting chatmail's daemons")
     run(["systemctl", "restart", *SERVER_UNITS], "restarting Dovecot and Postfix")

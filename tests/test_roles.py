@@ -1,0 +1,168 @@
+"""One process serving several roles (issue 11): each on its own socket, isolated
+from the others' failures, READY once all listen, log lines naming the role."""
+
+from __future__ import annotations
+
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from chatmaild.filtermail.dkim import generate_key
+from testing.rawdict import RawDictClient, wait_for_socket
+from tests.fixtures.dict import child_env, write_test_ini
+
+
+def ask(path: Path, line: str) -> str:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(10)
+        s.connect(str(path))
+        s.sendall(line.encode() + b"\n")
+        return s.makefile("rb").readline().decode()
+
+
+@pytest.fixture
+def roles(tmp_path):
+    """Start testing.roledaemons (role-a, role-b in one process); SIGTERM must end it with 0."""
+    started: list[subprocess.Popen] = []
+
+    def start(*args: str, env: dict | None = None) -> subprocess.Popen:
+        ini = write_test_ini(tmp_path)
+        log = open(tmp_path / "roles.log", "wb")  # noqa: SIM115 (the child keeps it)
+        cmd = [sys.executable, "-m", "testing.roledaemons", "--config", str(ini),
+               "--dir", str(tmp_path), *args]  # fmt: skip
+        proc = subprocess.Popen(cmd, stdout=log, stderr=log, env=env or child_env())
+        log.close()
+        started.append(proc)
+        return proc
+
+    yield start
+    for proc in started:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(30) == 0, (tmp_path / "roles.log").read_text()
+
+
+def test_a_failing_handler_closes_only_its_connection(roles, tmp_path):
+    proc = roles()
+    a, b = tmp_path / "role-a.sock", tmp_path / "role-b.sock"
+    wait_for_socket(a, proc=proc)
+    wait_for_socket(b, proc=proc)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as broken:
+        broken.settimeout(10)
+        broken.connect(str(a))
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as other:
+            other.settimeout(10)
+            other.connect(str(b))  # a connection of the other role, open meanwhile
+            broken.sendall(b"boom\n")
+            assert broken.recv(100) == b""  # the failing role's connection is closed
+            other.sendall(b"still there\n")
+            assert other.recv(100) == b"role-b: still there\n"
+    assert proc.poll() is None
+    assert ask(a, "again") == "role-a: again\n"  # and the failing role serves on
+    assert ask(b, "hello") == "role-b: hello\n"
+    log = (tmp_path / "roles.log").read_text()
+    # each line names the role that wrote it, not only the process
+    assert f"role-a[{proc.pid}] ERROR connection handler failed" in log, log
+    assert "RuntimeError: role-a: handler failure requested by the test" in log
+    assert f"role-b[{proc.pid}] INFO answered hello" in log, log
+    assert f"role-a[{proc.pid}] INFO answered again" in log, log
+
+
+def test_ready_only_when_every_role_listens(roles, tmp_path):
+    notify_path = tmp_path / "notify.socket"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify:
+        notify.bind(str(notify_path))
+        proc = roles("--hold", env=child_env(NOTIFY_SOCKET=str(notify_path)))
+        a = tmp_path / "role-a.sock"
+        wait_for_socket(a, proc=proc)
+        assert ask(a, "first") == "role-a: first\n"  # role-a serves while role-b starts
+        notify.setblocking(False)
+        with pytest.raises(BlockingIOError):
+            notify.recv(4096)  # no READY=1 yet
+        (tmp_path / "go").touch()
+        notify.settimeout(20)
+        assert "READY=1" in notify.recv(4096).decode()
+        assert ask(tmp_path / "role-b.sock", "second") == "role-b: second\n"
+        proc.send_signal(signal.SIGTERM)
+        assert "STOPPING=1" in notify.recv(4096).decode()
+        assert proc.wait(30) == 0
+
+
+def test_listen_needs_exactly_one_role(tmp_path):
+    ini = write_test_ini(tmp_path)
+    cmd = [sys.executable, "-m", "testing.roledaemons", "--config", str(ini),
+           "--dir", str(tmp_path), "--listen", str(tmp_path / "x.sock")]  # fmt: skip
+    res = subprocess.run(cmd, capture_output=True, text=True, env=child_env(), timeout=30)
+    assert res.returncode == 2 and "--listen needs exactly one role" in res.stderr
+    res = subprocess.run([*cmd[:-2], "role-c"], capture_output=True, text=True, timeout=30)
+    assert res.returncode == 2 and "unknown role 'role-c'" in res.stderr
+
+
+def test_filtermail_serves_its_three_roles_from_one_process(tmp_path):
+    """The installed layout: outgoing, incoming and milter in one process, each on its socket."""
+    key, _ = generate_key()
+    (tmp_path / "dkim.key").write_bytes(key)
+    socks = {r: tmp_path / f"{r}.sock" for r in ("outgoing", "incoming", "milter")}
+    ini = write_test_ini(
+        tmp_path,
+        dkim_key_path=tmp_path / "dkim.key",
+        filtermail_smtp_socket=socks["outgoing"],
+        filtermail_smtp_socket_incoming=socks["incoming"],
+        filtermail_milter_socket=socks["milter"],
+    )
+    notify_path = tmp_path / "notify.socket"
+    log = open(tmp_path / "filtermail.log", "wb")  # noqa: SIM115
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify:
+        notify.bind(str(notify_path))
+        notify.settimeout(30)
+        cmd = [sys.executable, "-m", "chatmaild.filtermail.main", "--config", str(ini),
+               "outgoing", "incoming", "milter"]  # fmt: skip
+        env = child_env(NOTIFY_SOCKET=str(notify_path))
+        proc = subprocess.Popen(cmd, stdout=log, stderr=log, env=env)
+        try:
+            assert "READY=1" in notify.recv(4096).decode()
+            for role in ("outgoing", "incoming"):
+                with socket.socket(socket.AF_UNIX) as s:
+                    s.settimeout(10)
+                    s.connect(str(socks[role]))  # READY: every role listens already
+                    assert s.makefile("rb").readline().startswith(b"220 "), role
+            with socket.socket(socket.AF_UNIX) as s:
+                s.connect(str(socks["milter"]))
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            rc = proc.wait(30)
+            log.close()
+    text = (tmp_path / "filtermail.log").read_text()
+    assert rc == 0, text
+    for role, name in (("outgoing", "filtermail"), ("incoming", "filtermail-incoming"),
+                       ("milter", "filtermail-milter")):  # fmt: skip
+        assert f"{name}[{proc.pid}] INFO listening on {socks[role]}" in text, text
+    assert not any(p.exists() for p in socks.values())  # the files it bound are gone
+
+
+def test_dict_roles_answer_from_one_process(daemon_factory, tmp_path):
+    """chatmail-dict: doveauth, lastlogin and metadata, each on its own socket, one pid."""
+    ini = write_test_ini(
+        tmp_path,
+        lastlogin_socket=tmp_path / "lastlogin.socket",
+        metadata_socket=tmp_path / "metadata.socket",
+    )
+    (tmp_path / "mail").mkdir()
+    daemon = daemon_factory("chatmaild.dictd", ini=ini, args=["doveauth", "lastlogin", "metadata"])
+    for name in ("doveauth", "lastlogin", "metadata"):
+        wait_for_socket(tmp_path / f"{name}.socket", proc=daemon.proc)
+    user = "alice123x@example.org"
+    server_key = "shared/x/vendor/vendor.dovecot/pvt/server/vendor/deltachat/maxsmtprecipients"
+    with RawDictClient(tmp_path / "metadata.socket") as c:
+        assert c.lookup(server_key, user) == "O1000"
+    with RawDictClient(tmp_path / "lastlogin.socket") as c:
+        assert c.lookup(f"shared/last-login/{user}", user) == "N"
+    with RawDictClient(tmp_path / "doveauth.socket") as c:
+        assert c.lookup("shared/userdb/nobody@other.example") == "N"  # not our domain
+    log = daemon.log()
+    for name in ("doveauth", "chatmail-lastlogin", "chatmail-metadata"):
+        assert f"{name}[{daemon.pid}] INFO listening on" in log, log
