@@ -36,13 +36,10 @@ from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from .config import Config
+from .httppost import PostClient
 from .tokens import TokenStore
-
-if TYPE_CHECKING:
-    import aiohttp
 
 RETRY_FACTOR = 8
 RETRY_LEVELS = 5  # attempts in all: delays 0, 1, 8, 64, 512 x base
@@ -203,7 +200,7 @@ class Notifier:
         self.lanes: dict[tuple[str, str], Lane] = {}
         self._ready: asyncio.Queue[Lane] = asyncio.Queue()
         self._workers: list[asyncio.Task] = []
-        self._session: aiohttp.ClientSession | None = None
+        self._session: PostClient | None = None
         self._inflight = 0
         self._closing = False
         # counters for tests and benchmarks
@@ -329,20 +326,15 @@ class Notifier:
             self._after_failure(lane, batch, reason)
 
     async def _post(self, token: str) -> PostResult:
-        import aiohttp  # loaded on first use: keeps an idle daemon small
-
         if self._session is None:
-            self._session = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=self.concurrency, keepalive_timeout=60),
-                timeout=aiohttp.ClientTimeout(total=self.config.notification_timeout),
-                skip_auto_headers=("User-Agent",),
+            self._session = PostClient(
+                self.url, self.concurrency, self.config.notification_timeout, keepalive=60
             )
         try:
-            async with self._session.post(self.url, data=token.encode()) as response:
-                await response.read()
-                return response.status, f"HTTP {response.status}"
-        except (aiohttp.ClientError, TimeoutError, OSError) as e:
-            return None, f"{type(e).__name__}: {e}"
+            status = await self._session.post(token.encode())
+            return status, f"HTTP {status}"
+        except (TimeoutError, OSError, EOFError, ValueError) as e:
+            return None, f"{type(e).__name__}: {e or 'timeout'}"
 
     def _complete(self, lane: Lane, batch: list[Pending]) -> None:
         done = {id(p) for p in batch}
