@@ -444,6 +444,21 @@ def run_daemon(
     return run_daemons(daemon_class.name, lambda args: [daemon_class], doc, argv, add_arguments)
 
 
+def listen_overrides(values: Sequence[str], names: Sequence[str]) -> dict[str, Endpoint]:
+    """``--listen`` values -> endpoint per role name: ``SOCKET`` alone with one role,
+    else ``ROLE=SOCKET``."""
+    overrides: dict[str, Endpoint] = {}
+    for value in values:
+        role, sep, where = value.partition("=")
+        if sep and role in names:
+            overrides[role] = Endpoint.parse(where)
+        elif len(names) == 1:
+            overrides[names[0]] = Endpoint.parse(value)
+        else:
+            raise ValueError(f"--listen {value}: name the role (one of {', '.join(names)})")
+    return overrides
+
+
 def inherited_for(endpoints: Sequence[Endpoint], inherited: list[socket.socket]):
     """Match sockets passed by systemd to endpoints: by path, or the one to the one."""
     if len(endpoints) == 1 and len(inherited) == 1:
@@ -473,8 +488,11 @@ def run_daemons(
     parser = make_parser(prog, doc)
     parser.add_argument(
         "--listen",
-        metavar="SOCKET",
-        help="override the configured socket: /path.sock or host:port (one role only)",
+        action="append",
+        default=[],
+        metavar="[ROLE=]SOCKET",
+        help="override the configured socket: /path.sock or host:port; with several roles,"
+        " ROLE=SOCKET for the role whose log name is ROLE (repeatable)",
     )
     parser.add_argument(
         "--stop-timeout",
@@ -490,8 +508,10 @@ def run_daemons(
         classes = list(roles_of(args))
     except ValueError as e:
         parser.error(str(e))
-    if args.listen and len(classes) != 1:
-        parser.error("--listen needs exactly one role")
+    try:
+        listen = listen_overrides(args.listen, [cls.name for cls in classes])
+    except ValueError as e:
+        parser.error(str(e))
     log = setup_logging(prog, verbose=args.verbose)
     register_roles(cls.name for cls in classes)
     raise_fd_limit(log)
@@ -499,7 +519,7 @@ def run_daemons(
 
     async def main() -> int:
         daemons = [cls(config, args) for cls in classes]
-        endpoints = [Endpoint.parse(args.listen) if args.listen else d.endpoint() for d in daemons]
+        endpoints = [listen[d.name] if d.name in listen else d.endpoint() for d in daemons]
         try:
             inherited = inherited_for(endpoints, systemd_sockets())
         except OSError as e:

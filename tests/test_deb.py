@@ -42,8 +42,7 @@ DOMAIN = "chat.example.org"
 DEBS = "/debs"  # where the machine sees the built package
 DAEMONS = [
     "chatmail-dict.service",  # doveauth, lastlogin, metadata
-    "filtermail.service",  # outgoing, incoming, milter
-    "chatmail-newemail.service",
+    "filtermail.service",  # outgoing, incoming, milter, newemail
 ]
 TIMERS = ["chatmail-expire.timer", "chatmail-fsreport.timer"]
 SERVERS = ["dovecot.service", "postfix@-.service"]

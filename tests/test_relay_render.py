@@ -151,7 +151,6 @@ def _unit(path: Path) -> configparser.ConfigParser:
     [
         "chatmail-dict.service",
         "filtermail.service",
-        "chatmail-newemail.service",
     ],
 )
 def test_daemon_units(unit):
@@ -172,8 +171,11 @@ def test_filtermail_unit_writes_only_its_socket_directory():
     svc = _unit(SYSTEMD / "filtermail.service")["Service"]
     assert svc.get("SupplementaryGroups") == "postdrop"  # enters public/ to re-inject
     assert svc["ReadWritePaths"] == FILTERMAIL_SOCKET_DIR
-    # one process serves the three roles, each on its own socket
-    assert svc["ExecStart"].split()[-3:] == ["outgoing", "incoming", "milter"]
+    # one process serves the four roles, each on its own socket
+    assert svc["ExecStart"].split()[-4:] == ["outgoing", "incoming", "milter", "newemail"]
+    # newemail's port 443, and nothing else
+    assert svc["AmbientCapabilities"] == svc["CapabilityBoundingSet"] == "CAP_NET_BIND_SERVICE"
+    assert svc["ProtectHome"] == "yes"  # no mail store
 
 
 def test_dict_unit_serves_the_three_dicts_with_their_socket_directories():

@@ -92,14 +92,19 @@ def test_ready_only_when_every_role_listens(roles, tmp_path):
         assert proc.wait(30) == 0
 
 
-def test_listen_needs_exactly_one_role(tmp_path):
+def test_listen_names_the_role_when_there_are_several(roles, tmp_path):
     ini = write_test_ini(tmp_path)
     cmd = [sys.executable, "-m", "testing.roledaemons", "--config", str(ini),
            "--dir", str(tmp_path), "--listen", str(tmp_path / "x.sock")]  # fmt: skip
     res = subprocess.run(cmd, capture_output=True, text=True, env=child_env(), timeout=30)
-    assert res.returncode == 2 and "--listen needs exactly one role" in res.stderr
+    assert res.returncode == 2 and "name the role (one of role-a, role-b)" in res.stderr
     res = subprocess.run([*cmd[:-2], "role-c"], capture_output=True, text=True, timeout=30)
     assert res.returncode == 2 and "unknown role 'role-c'" in res.stderr
+    proc = roles("--listen", f"role-b={tmp_path / 'x.sock'}")
+    wait_for_socket(tmp_path / "x.sock", proc=proc)
+    assert ask(tmp_path / "x.sock", "moved") == "role-b: moved\n"
+    wait_for_socket(tmp_path / "role-a.sock", proc=proc)  # the other one stays put
+    assert not (tmp_path / "role-b.sock").exists()
 
 
 def test_filtermail_serves_its_three_roles_from_one_process(tmp_path):

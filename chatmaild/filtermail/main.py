@@ -1,11 +1,16 @@
 """OpenPGP-only before-queue SMTP filter and DKIM signer for a chatmail relay.
 
-Usage: filtermail [--config INI] ROLE [ROLE ...]   (ROLE: outgoing, incoming, milter)
+Usage: filtermail [--config INI] ROLE [ROLE ...]
+       (ROLE: outgoing, incoming, milter, newemail)
 
-One process serves every role named (the installed unit runs all three), each
+One process serves every role named (the installed unit runs all four), each
 on its own socket with its own config keys; its log lines are tagged with the
-role (filtermail, filtermail-incoming, filtermail-milter).  A failing request
-closes that connection only; the other roles keep serving.
+role (filtermail, filtermail-incoming, filtermail-milter, chatmail-newemail).
+A failing request closes that connection only; the other roles keep serving.
+newemail is chatmail-newemail(1), the relay's HTTPS front door, served here
+to save a second interpreter's memory (it has the same user and keys; see
+SECURITY.md); with it the process takes newemail's --request-timeout and
+--connection-timeout, and --listen chatmail-newemail=HOST:PORT.
 
 outgoing  listens on filtermail_smtp_socket for Postfix's submission proxy
           filter: per-sender rate limit, From must match the sender, only
@@ -57,7 +62,7 @@ from .smtp import ServerSettings, SMTPServer
 # owner vmail (filtermail) and the directory's group postfix; nobody else
 POSTFIX_CLIENT_MODE = 0o660
 
-MODES = ("outgoing", "incoming", "milter")
+MODES = ("outgoing", "incoming", "milter", "newemail")
 
 
 def postfix_access_problem(path: str, postfix_gid: int) -> str | None:
@@ -77,7 +82,8 @@ def postfix_access_problem(path: str, postfix_gid: int) -> str | None:
 
 
 def warn_unless_postfix_can_connect(daemon: Daemon) -> None:
-    if daemon.args is not None and getattr(daemon.args, "listen", None):
+    listen = getattr(daemon.args, "listen", None) or []
+    if any("=" not in v or v.partition("=")[0] == daemon.name for v in listen):
         return  # an explicit --listen is the operator's choice
     path = daemon.endpoint().path
     try:
@@ -182,21 +188,36 @@ DAEMONS: dict[str, type[Daemon]] = {
 
 
 def _add_mode(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "mode", nargs="*", metavar="ROLE", help="roles to serve: " + ", ".join(MODES)
-    )
+    parser.add_argument("mode", nargs="*", metavar="ROLE", help="roles: " + ", ".join(MODES))
+
+
+def _add_web_arguments(parser: argparse.ArgumentParser) -> None:
+    _add_mode(parser)
+    from ..newemail import add_arguments
+
+    add_arguments(parser)
 
 
 def roles_of(args: argparse.Namespace) -> list[type[Daemon]]:
     modes = list(dict.fromkeys(args.mode or ["outgoing"]))  # none named: outgoing, as before
-    unknown = [m for m in modes if m not in DAEMONS]
+    unknown = [m for m in modes if m not in MODES]
     if unknown:
         raise ValueError(f"unknown role {unknown[0]!r} (choose from {', '.join(MODES)})")
-    return [DAEMONS[mode] for mode in modes]
+    classes = []
+    for mode in modes:
+        if mode == "newemail":
+            from ..newemail import NewEmailDaemon  # aiohttp: only when the web role runs
+
+            classes.append(NewEmailDaemon)
+        else:
+            classes.append(DAEMONS[mode])
+    return classes
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_daemons("filtermail", roles_of, __doc__, argv, add_arguments=_add_mode)
+    args = list(sys.argv[1:] if argv is None else argv)
+    add = _add_web_arguments if "newemail" in args else _add_mode
+    return run_daemons("filtermail", roles_of, __doc__, args, add_arguments=add)
 
 
 if __name__ == "__main__":

@@ -61,18 +61,11 @@ RESTART_DELAY = 0.5
 RESTART_DELAY_MAX = 30.0
 RESTART_RESET_AFTER = 60.0
 SERVERS = ("postfix", "dovecot")
-# the process that serves each daemon component (a process serves several roles:
-# one interpreter and one set of libraries in memory instead of one per role);
-# the units in systemd/ use the same layout
+# a process serves several roles (one interpreter and one set of libraries in
+# memory instead of one per role), as the units in systemd/ do: "dict" the
+# dict daemons, "filtermail" the filters and the web front door (newemail)
 DICT_ROLES = ("doveauth", "lastlogin", "metadata")
 FILTER_ROLES = ("outgoing", "incoming", "milter")
-PROCESS_OF = {
-    "doveauth": "dict",
-    "lastlogin": "dict",
-    "metadata": "dict",
-    "filtermail": "filtermail",
-    "newemail": "newemail",
-}
 
 # ini keys holding a TCP port, and the short names used in Relay.ports
 PORT_KEYS = {
@@ -482,11 +475,16 @@ class Relay:
         dict_roles = [role for role in DICT_ROLES if role in c]
         if dict_roles:
             cmds["dict"] = [program("chatmail-dict"), "--config", ini, *dict_roles]
-        if "filtermail" in c:
-            cmds["filtermail"] = [program("filtermail"), "--config", ini, *FILTER_ROLES]
-        if "newemail" in c:
-            listen = f"127.0.0.1:{self.config.newemail_port}"
-            cmds["newemail"] = [program("chatmail-newemail"), "--config", ini, "--listen", listen]
+        roles = [
+            *(FILTER_ROLES if "filtermail" in c else ()),
+            *(["newemail"] if "newemail" in c else []),
+        ]
+        if roles:
+            cmd = [program("filtermail"), "--config", ini, *roles]
+            if "newemail" in c:
+                # loopback only, unlike an installed relay's every interface
+                cmd += ["--listen", f"chatmail-newemail=127.0.0.1:{self.config.newemail_port}"]
+            cmds[self.process_of("filtermail" if "filtermail" in c else "newemail")] = cmd
         # the servers start once our sockets are asked for (Dovecot connects lazily anyway)
         if "postfix" in c:
             # the master itself, no postfix-script shell between: our child is the master
@@ -506,10 +504,10 @@ class Relay:
         user = pwd.getpwnam(self.config.vmail_user)
         # the user's own groups (User= in the units), plus the unit's SupplementaryGroups=
         groups = set(os.getgrouplist(user.pw_name, user.pw_gid))
-        if name == "filtermail":
+        if name == "filtermail" and "filtermail" in self.components:
             groups.add(grp.getgrnam("postdrop").gr_gid)  # re-injection is in Postfix's public/
         caps: list[str] = []
-        if name == "newemail":
+        if "newemail" in self.components and name == self.process_of("newemail"):
             # like its unit's AmbientCapabilities=CAP_NET_BIND_SERVICE: /new may be on port 443
             caps = ["--inh-caps=+net_bind_service", "--ambient-caps=+net_bind_service"]
         ids = [f"--reuid={user.pw_uid}", f"--regid={user.pw_gid}"]
@@ -634,7 +632,8 @@ class Relay:
             checks.append(("filtermail milter", cfg.filtermail_milter_socket,
                            logs / "filtermail.log"))  # fmt: skip
         if "newemail" in c:
-            checks.append(("newemail", ("127.0.0.1", cfg.newemail_port), logs / "newemail.log"))
+            log = logs / f"{self.process_of('newemail')}.log"
+            checks.append(("newemail", ("127.0.0.1", cfg.newemail_port), log))
         if "postfix" in c:
             # the unix services (re-injection) are bound before `postfix start` returns
             for name in ("smtp", "submission", "submissions"):
@@ -827,17 +826,27 @@ class Relay:
                 pids |= process_tree(proc.pid)
         return pids
 
+    def process_of(self, component: str) -> str:
+        """The name of the process serving ``component`` (a process name: itself)."""
+        if component in DICT_ROLES:
+            return "dict"
+        if component == "newemail" and "filtermail" not in self.components:
+            return "newemail"  # the web role alone: a process of its own name
+        if component in ("filtermail", "newemail"):
+            return "filtermail"
+        return component
+
     def pid_of(self, name: str) -> int | None:
         """The pid of process ``name`` (or of the process serving component ``name``) now;
         it changes when the supervisor restarts it."""
         with self._lock:
-            proc = self._procs.get(PROCESS_OF.get(name, name))
+            proc = self._procs.get(self.process_of(name))
         return proc.pid if proc is not None and proc.poll() is None else None
 
     def proc_of(self, name: str) -> subprocess.Popen:
         """The process object of process ``name`` or of the one serving component ``name``."""
         with self._lock:
-            return self._procs[PROCESS_OF.get(name, name)]
+            return self._procs[self.process_of(name)]
 
 
 def _previous_ports(ini: Path) -> dict[str, int]:
