@@ -3,14 +3,14 @@
 Figures (RSS and PSS from /proc/PID/smaps_rollup, MB = MiB):
 
 - every daemon process of a freshly started relay with every component
-  (``make run``'s layout: chatmail-dict = doveauth + lastlogin + metadata,
-  filtermail = outgoing + incoming + milter, newemail), and the total
-  (target: total RSS <= 100 MB);
+  (``make run``'s and the units' layout: chatmail-dict = doveauth + lastlogin
+  + metadata, filtermail = outgoing + incoming + milter + newemail), and the
+  total (target: total RSS <= 100 MB);
 - the same after a load run through the whole path: accounts created over
   IMAP, a push token set for each (notifications go to a local HTTP sink),
   encrypted mail submitted over TLS (outgoing filter, re-injection, LMTP,
   push), IMAP logins (last-login), web pages and /new;
-- filtermail alone (the same program and roles, its re-injection answered by
+- filtermail alone (the same program with its three filter roles, its re-injection answered by
   a sink, DKIM keys of the sending domain from a loopback DNS server) through
   LOAD_MESSAGES messages straight on its sockets: outgoing to a local
   recipient, outgoing DKIM-signed to another domain, incoming DKIM-verified;
@@ -255,21 +255,21 @@ def filtermail_volume(root: Path) -> None:
             rss0, pss0 = memory_mb(proc.pid)
             print(f"filtermail_alone_idle: RSS {rss0:.1f} MB, PSS {pss0:.1f} MB", flush=True)
             done, start = 0, time.monotonic()
-            per_round = max(LOAD_MESSAGES // 10, 3)
+            rounds = 10
             samples = []
-            while done < LOAD_MESSAGES:
-                for _, path, mail_from, rcpt, payload in steps:
-                    n = min(per_round // 3, LOAD_MESSAGES - done)
-                    await _drive(path, n, mail_from, rcpt, payload)
-                    done += n
+            for r in range(rounds):
+                # ten rounds, each a third of every kind; RSS after each
+                for k, (_, path, mail_from, rcpt, payload) in enumerate(steps):
+                    share = LOAD_MESSAGES * (3 * r + k + 1) // (3 * rounds) - done
+                    await _drive(path, share, mail_from, rcpt, payload)
+                    done += share
                 rss, pss = memory_mb(proc.pid)
-                samples.append(rss)
+                samples.append((done, rss))
                 print(f"filtermail_alone_after_{done}: RSS {rss:.1f} MB, PSS {pss:.1f} MB "
                       f"({done / (time.monotonic() - start):.0f} msg/s)", flush=True)  # fmt: skip
-            first_round = samples[0]
-            print(f"filtermail_alone_growth_after_first_{done // len(samples)}: "
-                  f"{samples[-1] - first_round:+.1f} MB over {done} messages "
-                  f"({samples[-1] - rss0:+.1f} MB since idle)")  # fmt: skip
+            (first_done, first_rss), last_rss = samples[0], samples[-1][1]
+            print(f"filtermail_alone_growth: {last_rss - first_rss:+.1f} MB from {first_done} "
+                  f"to {done} messages ({last_rss - rss0:+.1f} MB since idle)")  # fmt: skip
             proc.terminate()
             await asyncio.to_thread(proc.wait)
             server.close()
