@@ -182,8 +182,11 @@ def record_created(path: Path) -> None:
 def ensure_directories(config: Config) -> None:
     """The mail store vmail's alone; filtermail's socket directories reachable by Postfix only."""
     vmail = pwd.getpwnam(config.vmail_user)
+    store = Path(config.mailboxes_dir)
+    # the package's vmail has no home (/nonexistent); one a former install gave it
+    # (/home/vmail, above the default store) stays vmail's alone
     home = Path(vmail.pw_dir)
-    for d in (home, Path(config.mailboxes_dir)):
+    for d in (home, store) if home.is_dir() and home != Path("/") else (store,):
         d.mkdir(parents=True, exist_ok=True)
         os.chown(d, vmail.pw_uid, vmail.pw_gid)
         os.chmod(d, 0o700)
