@@ -171,3 +171,12 @@ def test_dict_roles_answer_from_one_process(daemon_factory, tmp_path):
     log = daemon.log()
     for name in ("doveauth", "chatmail-lastlogin", "chatmail-metadata"):
         assert f"{name}[{daemon.pid}] INFO listening on" in log, log
+
+
+def test_an_unreachable_notify_socket_stops_nothing(roles, tmp_path):
+    """sd_notify to a socket nobody listens on (systemd gone) must not end the daemon."""
+    proc = roles(env=child_env(NOTIFY_SOCKET=str(tmp_path / "nobody-listens.socket")))
+    wait_for_socket(tmp_path / "role-b.sock", proc=proc)
+    assert ask(tmp_path / "role-a.sock", "still") == "role-a: still\n"
+    proc.send_signal(signal.SIGTERM)  # STOPPING=1 goes nowhere as well
+    assert proc.wait(30) == 0
