@@ -231,7 +231,6 @@ def postfix_service(config: Config, key: str, queue_dir: Path) -> str:
     return path.name
 
 
-
 def _vmail_uid_range(user: str) -> str:
     """Dovecot's first/last_valid_uid: mail access for the vmail uid only.
 
@@ -243,6 +242,7 @@ def _vmail_uid_range(user: str) -> str:
     except KeyError:  # rendered where the user does not exist (yet): Dovecot's defaults
         return "first_valid_uid = 500"
     return f"first_valid_uid = {uid}\nlast_valid_uid = {uid}"
+
 
 def template_variables(config: Config, layout: Layout) -> dict[str, object]:
     """Every value the templates may use (in the syntax of the layout's Dovecot series)."""
