@@ -46,7 +46,12 @@ DAEMONS = [
     "filtermail.service",  # outgoing, incoming, milter, newemail
 ]
 TIMERS = ["chatmail-expire.timer", "chatmail-fsreport.timer"]
-SERVERS = ["dovecot.service", "postfix@-.service"]
+# the unit that runs Postfix's master: an instance of postfix@ on Debian 12,
+# postfix.service itself (Type=forking) on Debian 13
+SERVERS = {
+    "bookworm": ["dovecot.service", "postfix@-.service"],
+    "trixie": ["dovecot.service", "postfix.service"],
+}
 HOST_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
 
 # another local user must reach none of these (SECURITY.md), nor sendmail or the queue
@@ -131,7 +136,7 @@ def test_lintian_clean(debs, suite):
 
 
 def _units_active(m: Machine) -> None:
-    for unit in DAEMONS + TIMERS + SERVERS:
+    for unit in DAEMONS + TIMERS + SERVERS[m.suite]:
         m.wait_for(f"systemctl is-active --quiet {unit}", 90, f"{unit} active")
 
 
@@ -190,6 +195,8 @@ def test_package_on_a_fresh_machine(debs, suite, tmp_path):
             assert props["ProtectSystem"] == "strict" and props["NoNewPrivileges"] == "yes"
             assert props["PrivateTmp"] == "yes", (unit, props)
             assert "path=/usr/bin/" in props["ExecStart"], props["ExecStart"]
+        for unit in SERVERS[suite]:  # supervised like the daemons
+            assert _show(m, unit, "Restart")["Restart"] == "always", unit
         dovecot = _show(m, "dovecot.service", "ExecStart")["ExecStart"]
         assert "-c /etc/chatmail/dovecot/dovecot.conf" in dovecot, dovecot
         # Postfix's own files carry our settings (postconf), Debian's Dovecot config is unused
@@ -260,7 +267,7 @@ def test_package_on_a_fresh_machine(debs, suite, tmp_path):
 
         # -- remove: everything stops, mail, keys and config stay
         m.sh("DEBIAN_FRONTEND=noninteractive apt-get remove -y chatmaild")
-        for unit in DAEMONS + TIMERS + SERVERS:
+        for unit in DAEMONS + TIMERS + SERVERS[suite]:
             assert not m.ok(f"systemctl is-active --quiet {unit}"), f"{unit} still active"
         for path in ("/etc/chatmail/chatmail.ini", "/etc/dkimkeys/opendkim.private",
                      *(f"{store}/{a}" for a in first.split())):  # fmt: skip
