@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from testing.mails import encrypted_message
+from testing.rawdict import wait_for_socket
 from tests.devrelay import ROOT, DevRelay, wait_for_message
 from tests.sandbox import world_readable_tempdir
 
@@ -132,6 +133,9 @@ def test_dead_daemons_and_servers_are_restarted(base):
             except (OSError, imaplib.IMAP4.error):
                 assert time.monotonic() < deadline, relay.output
                 time.sleep(0.2)
+        # filtermail's process (four roles) may still be starting when logins work again
+        for sock in ("outgoing", "incoming", "milter"):
+            wait_for_socket(state / f"postfix/spool/filtermail/{sock}.sock", timeout=30)
         message = send_and_receive(relay, relay)
         assert b"multipart/encrypted" in message
     finally:
