@@ -65,7 +65,8 @@ def crypt(password: str, setting: str) -> str | None:
 
 def sha512_crypt(password: str) -> str:
     """A fresh ``$6$<salt>$<hash>`` for ``password`` (default rounds, as Dovecot expects)."""
-    salt = "".join(secrets.choice(SALT_CHARS) for _ in range(SALT_LENGTH))
+    # 64 characters: a random byte modulo 64 is uniform (one getrandom call, not 16)
+    salt = "".join(SALT_CHARS[b % 64] for b in secrets.token_bytes(SALT_LENGTH))
     hashed = crypt(password, f"$6${salt}")
     if hashed is None:
         raise RuntimeError("libcrypt refused a SHA512-CRYPT salt")
