@@ -6,8 +6,10 @@ round so that a noisy moment hits all of them:
 - ``nofilter``: submission without any filter (the ceiling);
 - ``proxy``: today's default, filtermail outgoing as submission's
   ``smtpd_proxy_filter`` re-injecting accepted mail into a second smtpd;
-- ``milter``: ``filtermail_outgoing_interface = milter``, the same handler in
-  submission's own smtpd session (``smtpd_milters``), no re-injection.
+- ``milter``: the same handler as a milter in submission's own smtpd session
+  (``smtpd_milters``, ``bench/milter_filtermail.py``), no re-injection: the
+  proxy relay's master.cf with the submission services' proxy filter swapped
+  for the milter, Postfix reloaded.
 
 Per stack and message size (4 KB and 128 KB encrypted mail to a local
 recipient, over CONNECTIONS implicit-TLS submission connections): messages
@@ -25,13 +27,16 @@ from __future__ import annotations
 import os
 import shutil
 import statistics
+import subprocess
+import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
 
 from bench.bench_filtermail import BASE, FILTERED, UNLIMITED, _accounts, _wait_delivered
-from chatmaild.relay.stack import Relay
+from chatmaild.relay.render import postfix_path
+from chatmaild.relay.stack import Relay, _connectable
 from testing import mails
 
 CONNECTIONS = 4
@@ -65,6 +70,13 @@ class Stack:
         self.relay.start()
         self.senders = _accounts(self.relay, CONNECTIONS)
 
+    def cpu_seconds(self) -> float:
+        return relay_cpu_seconds(self.relay)
+
+    def filter_pid(self) -> int | None:
+        """filtermail outgoing (None without a filter)."""
+        return self.relay.pid_of("filtermail")
+
     def round(self, size: int, total: int) -> dict[str, float | list[float]]:
         ((rcpt, _),) = _accounts(self.relay, 1)
         per_conn = total // CONNECTIONS
@@ -90,8 +102,8 @@ class Stack:
         for t in threads:
             t.start()
         barrier.wait()
-        cpu_before = relay_cpu_seconds(self.relay)
-        filter_pid = self.relay.pid_of("filtermail")  # outgoing (None without a filter)
+        cpu_before = self.cpu_seconds()
+        filter_pid = self.filter_pid()
         filter_before = process_cpu_seconds(filter_pid)
         start = time.monotonic()
         for t in threads:
@@ -101,7 +113,7 @@ class Stack:
             raise errors[0]
         n = per_conn * CONNECTIONS
         delivered = accepted + _wait_delivered(self.relay, rcpt, n)
-        cpu = relay_cpu_seconds(self.relay) - cpu_before
+        cpu = self.cpu_seconds() - cpu_before
         filter_cpu = process_cpu_seconds(filter_pid) - filter_before
         lat = sorted(x for per in latencies for x in per)
         return {
@@ -115,6 +127,58 @@ class Stack:
 
     def close(self) -> None:
         self.relay.stop()
+
+
+class MilterStack(Stack):
+    """The filtered relay with submission's proxy filter replaced by the bench milter."""
+
+    def __init__(self, state: Path) -> None:
+        super().__init__(state, FILTERED)
+        self.milter: subprocess.Popen | None = None
+        try:
+            self.switch_to_milter()
+        except BaseException:
+            self.close()
+            raise
+
+    def filter_pid(self) -> int | None:
+        return self.milter.pid if self.milter is not None else None
+
+    def cpu_seconds(self) -> float:
+        return relay_cpu_seconds(self.relay) + process_cpu_seconds(self.filter_pid())
+
+    def switch_to_milter(self) -> None:
+        c, queue = self.relay.config, self.relay.layout.postfix_queue_dir
+        sock = str(Path(c.filtermail_smtp_socket).with_name("bench-milter.sock"))
+        log = open(self.relay.log_dir / "bench-milter.log", "ab")  # noqa: SIM115
+        ini = str(self.relay.ini_path)
+        cmd = [sys.executable, "-m", "bench.milter_filtermail", "--config", ini, "--socket", sock]
+        self.milter = subprocess.Popen(cmd, stdout=log, stderr=log)
+        log.close()
+        deadline = time.monotonic() + 30
+        while not _connectable(sock):
+            if self.milter.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("bench milter did not start")
+            time.sleep(0.05)
+        master = self.relay.layout.postfix_config_dir / "master.cf"
+        text = master.read_text()
+        proxy = f"  -o smtpd_proxy_filter=unix:{postfix_path(c.filtermail_smtp_socket, queue)}\n"
+        if text.count(proxy) != 2:
+            raise RuntimeError(f"{master}: not two submission services with {proxy.strip()}")
+        milter = f"  -o smtpd_milters=unix:{postfix_path(sock, queue)}\n"
+        master.write_text(text.replace(proxy, milter))
+        subprocess.run(
+            ["postfix", "-c", str(master.parent), "reload"], check=True, capture_output=True
+        )
+        time.sleep(2)  # smtpd processes of the old configuration finish their connection
+
+    def close(self) -> None:
+        try:
+            super().close()
+        finally:
+            if self.milter is not None:
+                self.milter.terminate()
+                self.milter.wait(30)
 
 
 def report(size: int, runs: dict[str, list[dict]]) -> None:
@@ -151,7 +215,7 @@ def main() -> None:
     try:
         stacks["nofilter"] = Stack(root / "nofilter", BASE)
         stacks["proxy"] = Stack(root / "proxy", FILTERED)
-        stacks["milter"] = Stack(root / "milter", FILTERED, filtermail_outgoing_interface="milter")
+        stacks["milter"] = MilterStack(root / "milter")
         print(f"load before: {os.getloadavg()[0]:.2f} (1 min)", flush=True)
         for size, count in SIZES:
             for stack in stacks.values():  # warm up: processes, pools, caches

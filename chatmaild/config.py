@@ -184,13 +184,6 @@ def _address_list(raw: str) -> list[str]:
     return raw.replace(",", " ").split()
 
 
-def parse_filter_interface(raw: str) -> str:
-    value = raw.strip().lower()
-    if value not in ("proxy", "milter"):
-        raise ValueError("expected proxy or milter")
-    return value
-
-
 def parse_addresses(raw: str) -> tuple[str, ...]:
     """Space-separated e-mail addresses (lower-cased)."""
     out = []
@@ -296,14 +289,6 @@ class Config:
         "outgoing filter socket (submission's smtpd_proxy_filter); filtermail's socket"
         " directories are owned by vmail_user, group postfix, mode 2750",
         f"{FILTERMAIL_SOCKET_DIR}/outgoing.sock",
-    )
-    filtermail_outgoing_interface: str = _key(
-        parse_filter_interface,
-        "how Postfix's submission smtpd consults filtermail outgoing on"
-        " filtermail_smtp_socket: proxy (smtpd_proxy_filter, the filter re-injects"
-        " accepted mail) or milter (smtpd_milters: same checks and replies, the"
-        " cleanup and DKIM signature become edits, no second smtpd session)",
-        "proxy",
     )
     filtermail_smtp_socket_incoming: str = _key(
         parse_abspath,

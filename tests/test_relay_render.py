@@ -17,7 +17,8 @@ ROOT = Path(__file__).resolve().parents[1]
 SYSTEMD = ROOT / "systemd"
 
 
-def render(tmp_path, extra: str = "") -> Path:
+@pytest.fixture
+def rendered(tmp_path):
     tls = tmp_path / "tls"
     tls.mkdir()
     subprocess.run(
@@ -29,16 +30,11 @@ def render(tmp_path, extra: str = "") -> Path:
     ini = tmp_path / "chatmail.ini"
     ini.write_text(
         "[params]\nmail_domain = chat.example.org\n"
-        f"tls_external_cert_and_key = {tls}/cert.pem {tls}/key.pem\n{extra}"
+        f"tls_external_cert_and_key = {tls}/cert.pem {tls}/key.pem\n"
     )
     root = tmp_path / "root"
     assert chatmaild_main(["--config", str(ini), "render", "--root", str(root)]) == 0
     return root
-
-
-@pytest.fixture
-def rendered(tmp_path):
-    return render(tmp_path)
 
 
 def test_postfix_accepts_rendered_config(rendered):
@@ -62,25 +58,6 @@ def test_postfix_accepts_rendered_config(rendered):
     assert "smtpd_proxy_filter=unix:filtermail/outgoing.sock" in master
     assert "smtpd_proxy_filter=unix:filtermail/incoming.sock" in master
     assert main["non_smtpd_milters"] == "unix:filtermail/milter.sock"
-    assert master.count("smtpd_milters=\n") == 2  # submission: the proxy, no milter
-
-
-def test_outgoing_filter_as_milter(tmp_path):
-    """filtermail_outgoing_interface = milter: submission's smtpd consults the outgoing
-    socket as a milter and has no proxy filter; port 25 keeps its proxy filter."""
-    pdir = render(tmp_path, "filtermail_outgoing_interface = milter\n") / "etc/chatmail/postfix"
-    res = subprocess.run(["postconf", "-c", str(pdir), "-M"], capture_output=True, text=True)
-    assert res.returncode == 0 and "warning" not in res.stderr, res.stderr
-    submission = [line for line in res.stdout.splitlines() if line.split()[0] in ("587", "465")]
-    assert len(submission) == 2
-    for line in submission:
-        assert "smtpd_milters=unix:filtermail/outgoing.sock" in line
-        assert "smtpd_proxy_filter= " in line or line.rstrip().endswith("smtpd_proxy_filter=")
-    master = (pdir / "master.cf").read_text()
-    assert "smtpd_proxy_filter=unix:filtermail/incoming.sock" in master
-    assert "smtpd_proxy_filter=unix:filtermail/outgoing.sock" not in master
-    main = (pdir / "main.cf").read_text()
-    assert "milter_default_action = tempfail" in main  # milter unreachable: 4xx, never 250
 
 
 def test_reinjection_socket_must_be_where_postfix_creates_it(tmp_path, capsys):

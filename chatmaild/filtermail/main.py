@@ -46,7 +46,6 @@ from .dkim import DKIMError, KeyFetcher, Signer, Verifier
 from .incoming import IncomingHandler
 from .milter import MilterSession
 from .outgoing import OutgoingHandler
-from .outgoing_milter import MilterOutgoingHandler, OutgoingMilterSession
 from .reinject import ReinjectClient
 from .smtp import ServerSettings, SMTPServer
 
@@ -112,12 +111,6 @@ class FilterDaemon(Daemon):
             c.postfix_reinject_socket if outgoing else c.postfix_reinject_socket_incoming
         )
         warn_unless_postfix_can_connect(self)
-        self.milter: MilterOutgoingHandler | None = None
-        if outgoing and c.filtermail_outgoing_interface == "milter":
-            # smtpd_milters: same policy, spoken as a milter (see outgoing_milter)
-            self.milter = MilterOutgoingHandler(c, load_signer(c))
-            self.log.info("entering serving loop (outgoing, milter)")
-            return
         if self.mode == "outgoing":
             handler = OutgoingHandler(c, self.reinject, load_signer(c))
         else:
@@ -144,10 +137,6 @@ class FilterDaemon(Daemon):
         sock = writer.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        if self.milter is not None:
-            session = OutgoingMilterSession(self.milter, self.config.max_message_size)
-            await session.serve(reader, writer)
-            return
         await self.server.serve(reader, writer)
 
 

@@ -254,8 +254,6 @@ def template_variables(config: Config, layout: Layout) -> dict[str, object]:
     def filter_socket(path: str) -> str:
         return f"unix:{postfix_path(path, queue)}" if filtering else ""
 
-    outgoing_socket = filter_socket(config.filtermail_smtp_socket)
-    outgoing_milter = config.filtermail_outgoing_interface == "milter"
     log = layout.log_dir
     imap_plugins = ["last_login"] if "lastlogin" in comps else []
     # new-mail events for push notifications come from Lua in LMTP (metadata's script)
@@ -305,10 +303,7 @@ def template_variables(config: Config, layout: Layout) -> dict[str, object]:
             config, "postfix_reinject_socket_incoming", queue
         ),
         # filtermail wiring; empty disables the proxy filter / milter in Postfix
-        # filtermail_outgoing_interface: the one outgoing socket is either submission's
-        # proxy filter or its milter
-        "outgoing_proxy_filter": "" if outgoing_milter else outgoing_socket,
-        "outgoing_smtpd_milters": outgoing_socket if outgoing_milter else "",
+        "outgoing_proxy_filter": filter_socket(config.filtermail_smtp_socket),
         "incoming_proxy_filter": filter_socket(config.filtermail_smtp_socket_incoming),
         "non_smtpd_milters": filter_socket(config.filtermail_milter_socket),
         # paths
