@@ -72,7 +72,9 @@ __all__ = ["AuthService", "DoveauthDaemon", "main", "migrate_legacy_db", "split_
 
 log = logging.getLogger("doveauth")
 
-CREATION_THREADS = 32
+# Dovecot's auth workers ask one request at a time each; most of a creation is an
+# fsync wait, so this many overlap their disk waits (threads start on demand)
+CREATION_THREADS = 16
 
 
 def split_escaped_key(rest: str) -> list[str]:
@@ -147,7 +149,6 @@ class DoveauthDaemon(DictDaemon):
         self.auth = AuthService(config)
         self.http = AuthHttpResponder(config, self.passdb, self.userdb, self.all_users)
         self.http_server: Server | None = None
-        # threads start on demand; most of a creation's time is an fsync wait
         self.creators = ThreadPoolExecutor(CREATION_THREADS, thread_name_prefix="create")
 
     async def start(self) -> None:
