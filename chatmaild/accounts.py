@@ -313,11 +313,11 @@ class AccountStore:
         existing = account.password_hash()
         if existing is not None:
             return CreateResult(account, created=False)
-        # hash before the lock: others creating the same address wait for the disk, not the CPU
-        stored = password if password_is_hash else hash_password(password)
         with self._locked(account):
             if account.password_hash() is not None:
                 return CreateResult(account, created=False)
+            # under the lock: of many first logins of one address, only the winner hashes
+            stored = password if password_is_hash else hash_password(password)
             if enforce_e2ee:
                 touch_flag(account.home / FLAG_ENFORCE_E2EE)
             atomic_write(account.password_path, stored.encode("ascii"))
