@@ -4,14 +4,27 @@ export VENV
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: deps test lint bench run deb install uninstall clean
+.PHONY: deps test test-here test-other lint bench run deb install uninstall clean
 
 deps:
 	./scripts/install-deps.sh
 
-test: deps
+# Both releases: the whole suite on this machine's release, then again inside a booted
+# container of the other one (Debian 12 <-> 13; scripts/debian-root.sh), which leaves out
+# only the tests that boot machines of both releases themselves (marker "machines").
+RELEASE := $(shell . /etc/os-release && echo $$VERSION_CODENAME)
+OTHER_RELEASE := $(if $(filter trixie,$(RELEASE)),bookworm,trixie)
+CONTAINER_VENV := /var/lib/chatmaild-test/venv
+
+test: test-here test-other
+
+test-here: deps
 	$(VENV)/bin/ruff check chatmaild tests bench testing
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
+
+test-other:
+	./scripts/debian-root.sh $(OTHER_RELEASE) run $(MAKE) test-here VENV=$(CONTAINER_VENV) \
+		PYTEST_ARGS='-m "not machines" $(PYTEST_ARGS)'
 
 lint: deps
 	$(VENV)/bin/ruff check chatmaild tests bench testing

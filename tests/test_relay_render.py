@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import configparser
+import pwd
 import subprocess
 from pathlib import Path
 
@@ -113,6 +114,9 @@ def test_each_dovecot_series_gets_its_own_files(tmp_path, series):
     written = render_all(config, layout, prefix=tmp_path / "root")
     dovecot = {p.name for p in written if p.parent.name == "dovecot"}
     conf = (tmp_path / "root/etc/chatmail/dovecot/dovecot.conf").read_text()
+    # mail access for vmail's uid only; a system uid below Dovecot's default 500 included
+    uid = pwd.getpwnam(config.vmail_user).pw_uid
+    assert f"\nfirst_valid_uid = {uid}\nlast_valid_uid = {uid}\n" in conf
     if series == "2.3":
         assert dovecot == {"dovecot.conf", "auth.conf", "push_notification.lua"}
         assert "driver = dict" in conf

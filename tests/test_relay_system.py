@@ -10,6 +10,7 @@ import subprocess
 from pathlib import Path
 
 from chatmaild.config import parse_params
+from chatmaild.relay import system
 from chatmaild.relay.postconf import (
     MasterEntry,
     conflicting_services,
@@ -173,3 +174,14 @@ def test_package_ships_the_units_and_no_test_code():
         exe = re.search(r"^ExecStart=(\S+)", text, re.M).group(1)
         assert exe.startswith("/usr/bin/"), unit
         assert f"Documentation=man:{Path(exe).name}(1)" in text, unit
+
+
+def test_postfix_supervision_goes_where_the_master_runs(tmp_path):
+    bookworm, trixie = tmp_path / "12", tmp_path / "13"
+    bookworm.mkdir()
+    trixie.mkdir()
+    (bookworm / "postfix.service").write_text("[Service]\nType=oneshot\nExecStart=/bin/true\n")
+    (trixie / "postfix.service").write_text("[Service]\nType=forking\nExecStart=postfix x\n")
+    assert not system.postfix_runs_in_main_unit((bookworm,))
+    assert system.postfix_runs_in_main_unit((tmp_path / "none", trixie))
+    assert "Restart=always" in system.POSTFIX_SUPERVISION

@@ -19,6 +19,7 @@ or ``dovecot/dovecot-2.4.conf`` + ``auth.lua`` (2.4, doveauth over HTTP).
 from __future__ import annotations
 
 import os
+import pwd
 import re
 import shutil
 from collections.abc import Iterable, Mapping
@@ -230,6 +231,19 @@ def postfix_service(config: Config, key: str, queue_dir: Path) -> str:
     return path.name
 
 
+def _vmail_uid_range(user: str) -> str:
+    """Dovecot's first/last_valid_uid: mail access for the vmail uid only.
+
+    A system user made by adduser gets a uid below Dovecot's default
+    first_valid_uid (500), which would refuse every login's mail access.
+    """
+    try:
+        uid = pwd.getpwnam(user).pw_uid
+    except KeyError:  # rendered where the user does not exist (yet): Dovecot's defaults
+        return "first_valid_uid = 500"
+    return f"first_valid_uid = {uid}\nlast_valid_uid = {uid}"
+
+
 def template_variables(config: Config, layout: Layout) -> dict[str, object]:
     """Every value the templates may use (in the syntax of the layout's Dovecot series)."""
     series = layout.dovecot_series or installed_series()
@@ -281,6 +295,7 @@ def template_variables(config: Config, layout: Layout) -> dict[str, object]:
         "client_connection_limit": max(1, config.max_smtp_connections // 5),
         "max_imap_connections": config.max_imap_connections,
         "vmail_user": config.vmail_user,
+        "vmail_uid_range": _vmail_uid_range(config.vmail_user),
         "mailboxes_dir": config.mailboxes_dir,
         # sockets of our dict daemons (and doveauth's HTTP one for Dovecot 2.4)
         "doveauth_socket": config.doveauth_socket,

@@ -173,8 +173,11 @@ def record_created(path: Path) -> None:
 def ensure_directories(config: Config) -> None:
     """The mail store vmail's alone; filtermail's socket directories reachable by Postfix only."""
     vmail = pwd.getpwnam(config.vmail_user)
+    store = Path(config.mailboxes_dir)
+    # the package's vmail has no home (/nonexistent); one a former install gave it
+    # (/home/vmail, above the default store) stays vmail's alone
     home = Path(vmail.pw_dir)
-    for d in (home, Path(config.mailboxes_dir)):
+    for d in (home, store) if home.is_dir() and home != Path("/") else (store,):
         d.mkdir(parents=True, exist_ok=True)
         os.chown(d, vmail.pw_uid, vmail.pw_gid)
         os.chmod(d, 0o700)
@@ -297,11 +300,40 @@ def check_dovecot(layout: Layout) -> None:
     run(["doveconf", "-c", str(conf), "-n"], f"doveconf -c {conf}")
 
 
+# Postfix's master runs in postfix@-.service on Debian 12 (postfix.service is a oneshot
+# wrapper there, where Restart=always is refused: the package's conffile drop-in is for
+# the instance) and in postfix.service itself (Type=forking) from Debian 13 on.
+POSTFIX_SUPERVISION = """\
+# written by `chatmaild setup`: this release runs Postfix's master in postfix.service
+# itself; it must come back by itself (a crashed MTA silently stops all delivery),
+# after the filters it hands mail to
+[Unit]
+Wants=filtermail.service filtermail-incoming.service filtermail-milter.service
+After=filtermail.service filtermail-incoming.service filtermail-milter.service
+
+[Service]
+Restart=always
+RestartSec=30
+"""
+SYSTEM_UNIT_DIRS = (Path("/usr/lib/systemd/system"), Path("/lib/systemd/system"))
+
+
+def postfix_runs_in_main_unit(unit_dirs: tuple[Path, ...] = SYSTEM_UNIT_DIRS) -> bool:
+    """Whether Debian's postfix.service runs the master itself (Debian 13 and later)."""
+    for d in unit_dirs:
+        unit = d / "postfix.service"
+        if unit.is_file():
+            return "\nType=forking" in unit.read_text()
+    return False
+
+
 def write_unit_dropins(config: Config) -> bool:
     """Write (or remove) the ini-derived drop-ins; True if anything changed."""
     wanted = unit_dropins(config)
+    if postfix_runs_in_main_unit():
+        wanted["postfix.service"] = POSTFIX_SUPERVISION
     changed = False
-    for unit in DEFAULT_WRITABLE:
+    for unit in (*DEFAULT_WRITABLE, "postfix.service"):
         path = UNIT_DIR / f"{unit}.d" / DROPIN_NAME
         text = wanted.get(unit)
         if text is None:
