@@ -28,22 +28,14 @@ import secrets
 import shutil
 import stat
 import time
-import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import accountlock
+from . import accountlock, shacrypt
 from .accountlock import FLAG_ENFORCE_E2EE
 from .addr import AddressError, canonical_address, check_creatable, is_safe_dirname
 from .config import Config
-
-with warnings.catch_warnings():
-    warnings.simplefilter("ignore", DeprecationWarning)
-    try:  # Python >= 3.13 has no stdlib crypt; crypt-r is its backport
-        import crypt_r as _crypt  # type: ignore[import-not-found]
-    except ImportError:
-        import crypt as _crypt  # type: ignore[no-redef]
 
 HASH_PREFIX = "{SHA512-CRYPT}"
 PASSWORD = "password"
@@ -56,7 +48,7 @@ log = logging.getLogger("chatmaild.accounts")
 
 
 def hash_password(password: str) -> str:
-    return HASH_PREFIX + _crypt.crypt(password, _crypt.METHOD_SHA512)
+    return HASH_PREFIX + shacrypt.sha512_crypt(password)
 
 
 def verify_password(password: str, stored: str) -> bool:
@@ -64,7 +56,7 @@ def verify_password(password: str, stored: str) -> bool:
     if not stored.startswith(HASH_PREFIX):
         return False
     crypted = stored[len(HASH_PREFIX) :]
-    candidate = _crypt.crypt(password, crypted)
+    candidate = shacrypt.crypt(password, crypted)
     return candidate is not None and hmac.compare_digest(candidate, crypted)
 
 
@@ -324,6 +316,7 @@ class AccountStore:
         with self._locked(account):
             if account.password_hash() is not None:
                 return CreateResult(account, created=False)
+            # under the lock: of many first logins of one address, only the winner hashes
             stored = password if password_is_hash else hash_password(password)
             if enforce_e2ee:
                 touch_flag(account.home / FLAG_ENFORCE_E2EE)

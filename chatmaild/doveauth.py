@@ -57,6 +57,7 @@ import logging
 import os
 import sqlite3
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from .accounts import AccountStore
@@ -70,6 +71,10 @@ from .service import Endpoint, Server, bind_socket, run_daemon
 __all__ = ["AuthService", "DoveauthDaemon", "main", "migrate_legacy_db", "split_escaped_key"]
 
 log = logging.getLogger("doveauth")
+
+# Dovecot's auth workers ask one request at a time each; most of a creation is an
+# fsync wait, so this many overlap their disk waits (threads start on demand)
+CREATION_THREADS = 16
 
 
 def split_escaped_key(rest: str) -> list[str]:
@@ -144,6 +149,7 @@ class DoveauthDaemon(DictDaemon):
         self.auth = AuthService(config)
         self.http = AuthHttpResponder(config, self.passdb, self.userdb, self.all_users)
         self.http_server: Server | None = None
+        self.creators = ThreadPoolExecutor(CREATION_THREADS, thread_name_prefix="create")
 
     async def start(self) -> None:
         await asyncio.to_thread(migrate_legacy_db, self.config, self.auth.store)
@@ -155,6 +161,7 @@ class DoveauthDaemon(DictDaemon):
         await self.http_server.start()
 
     async def stop(self) -> None:
+        self.creators.shutdown(wait=False)
         if self.http_server is not None:
             await self.http_server.stop()
             with contextlib.suppress(OSError):
@@ -173,8 +180,10 @@ class DoveauthDaemon(DictDaemon):
         known = self.auth.credentials(username)
         if known is not None:
             return known  # fast path: no thread for existing accounts
-        # hashing and the creation lock block: keep them off the event loop
-        return await asyncio.to_thread(self.auth.passdb, username, password)
+        # hashing, the lock and two fsyncs block: off the event loop, in a pool big
+        # enough that creations waiting for the disk do not hold up the others
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self.creators, self.auth.passdb, username, password)
 
     def userdb(self, username: str) -> dict[str, str] | None:
         return self.auth.userdb(username)

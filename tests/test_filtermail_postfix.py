@@ -355,3 +355,43 @@ def test_passthrough_sender_and_recipient(fed):
     both = [PASSTHROUGH_RECIPIENT, bob]
     code, text = submit_code(a, alice, pw, both, mails.plain_message(alice, both))
     assert code == 523 and "Encryption Needed" in text
+
+
+def test_submission_header_section_too_large(fed):
+    """A message that is all header (no empty line) is refused at submission too."""
+    a, _, _ = fed
+    alice, pw = account(a)
+    bob, _ = account(a)
+    message = f"From: <{alice}>\r\n".encode() + b"X: y\r\n" * 200_000
+    code, text = submit_code(a, alice, pw, [bob], message)
+    assert (code, text) == (552, f"5.3.4 Header section larger than {MAX_HEADER_SECTION} bytes")
+
+
+def stored(relay: Relay, addr: str) -> list[bytes]:
+    home = Path(relay.config.mailboxes_dir) / addr
+    paths = [p for p in home.rglob("*") if p.is_file() and p.parent.name in ("new", "cur")]
+    return [stored_message(p) for p in paths]
+
+
+def test_submission_to_a_disabled_account(fed):
+    """Mail to a disabled account is dropped for that recipient only; 250 for the client."""
+    a, _, _ = fed
+    alice, pw = account(a)
+    bob, _ = account(a)
+    carol, _ = account(a)
+    (Path(a.config.mailboxes_dir) / bob / "DISABLED").touch()
+    message = mails.encrypted_message(alice, [bob, carol], subject="not for bob")
+    assert submit_code(a, alice, pw, [bob, carol], message) == (250, "")
+    marker = message.split(b"Message-ID: ")[1].split(b"\r\n")[0]
+    wait_for_mail(a, carol, marker)  # one LMTP transaction would have brought bob's too
+    # the same message again, bob alone: dropped as a whole, so nothing to deliver
+    assert submit_code(a, alice, pw, [bob], message) == (250, "")
+    # once this one is in for both, the queue holds nothing older for them
+    control = mails.encrypted_message(alice, [bob, carol], subject="control")
+    (Path(a.config.mailboxes_dir) / bob / "DISABLED").unlink()
+    assert submit_code(a, alice, pw, [bob, carol], control) == (250, "")
+    control_marker = control.split(b"Message-ID: ")[1].split(b"\r\n")[0]
+    wait_for_mail(a, bob, control_marker)
+    wait_for_mail(a, carol, control_marker)
+    assert not [m for m in stored(a, bob) if marker in m]
+    assert len([m for m in stored(a, carol) if marker in m]) == 1

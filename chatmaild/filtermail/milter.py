@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import struct
+from collections.abc import Awaitable, Callable
 
 from ..addr import header_addresses, valid_addr_spec
 from .dkim import Signer, body_hash_async
@@ -31,6 +32,47 @@ WANTED = (
 )  # fmt: skip
 ACTION_ADDHDRS = 0x01
 MAX_PACKET = 1 << 20
+
+
+Command = Callable[[bytes, bytes], Awaitable["list[bytes] | None"]]
+
+
+async def serve_packets(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter, command: Command
+) -> None:
+    """The milter wire format: length-prefixed packets, one command letter each.
+
+    ``command(letter, data)`` returns the reply packets (possibly none), or None
+    to close the connection.
+    """
+    while True:
+        try:
+            head = await reader.readexactly(4)
+            (length,) = struct.unpack(">I", head)
+            if not 1 <= length <= MAX_PACKET:
+                log.warning("milter: bad packet length %d; closing", length)
+                return
+            packet = await reader.readexactly(length)
+        except asyncio.IncompleteReadError:
+            return
+        replies = await command(packet[:1], packet[1:])
+        if replies is None:
+            return
+        for r in replies:
+            writer.write(struct.pack(">I", len(r)) + r)
+        if replies:
+            await writer.drain()
+
+
+def header_block(headers: list[tuple[bytes, bytes]], leading_space: bool) -> bytes:
+    """The header section (CRLF line ends) from milter header events; ``leading_space``:
+    the values keep the space after the colon (SMFIP_HDR_LEADSPC was agreed)."""
+    lead = b"" if leading_space else b" "
+    lines = []
+    for name, value in headers:
+        value = value.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+        lines.append(name + b":" + lead + value + b"\r\n")
+    return b"".join(lines)
 
 
 class MilterSession:
@@ -50,24 +92,7 @@ class MilterSession:
         return bool(self.flags & bit)
 
     async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        while True:
-            try:
-                head = await reader.readexactly(4)
-                (length,) = struct.unpack(">I", head)
-                if not 1 <= length <= MAX_PACKET:
-                    log.warning("milter: bad packet length %d; closing", length)
-                    return
-                packet = await reader.readexactly(length)
-            except asyncio.IncompleteReadError:
-                return
-            cmd, data = packet[:1], packet[1:]
-            replies = await self.command(cmd, data)
-            if replies is None:
-                return
-            for r in replies:
-                writer.write(struct.pack(">I", len(r)) + r)
-            if replies:
-                await writer.drain()
+        await serve_packets(reader, writer, self.command)
 
     async def command(self, cmd: bytes, data: bytes) -> list[bytes] | None:
         """Replies for one milter command; None closes the connection."""
@@ -111,12 +136,7 @@ class MilterSession:
         return None
 
     def _header_block(self) -> bytes:
-        lead = b"" if self.flags & P_HDR_LEADSPC else b" "
-        lines = []
-        for name, value in self.headers:
-            value = value.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
-            lines.append(name + b":" + lead + value + b"\r\n")
-        return b"".join(lines)
+        return header_block(self.headers, bool(self.flags & P_HDR_LEADSPC))
 
     def _from_domain(self) -> str | None:
         """Domain of the first From header's single address (None if it has none)."""
