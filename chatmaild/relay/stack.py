@@ -728,6 +728,21 @@ class Relay:
             masters.add(procs["postfix"].pid)
         return masters
 
+    def _stragglers(self) -> set[int]:
+        """Live processes whose command line names this relay's state directory."""
+        markers = {str(self.state_dir).encode(), str(self.state_dir.resolve()).encode()}
+        found = set()
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit() or int(entry) == os.getpid():
+                continue
+            try:
+                cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
+            except OSError:
+                continue
+            if any(m + b"/" in cmdline for m in markers) and _alive(int(entry)):
+                found.add(int(entry))
+        return found
+
     def stop(self) -> None:
         """Stop everything this relay started; wait until no process of it is left.
 
@@ -757,6 +772,14 @@ class Relay:
         while time.monotonic() < deadline:
             for proc in self._procs.values():
                 proc.poll()  # reap our direct children
+            # a master whose pid file appeared only now (one still starting when the stop
+            # began; seen once under load): it and its children go too
+            for pid in self._masters() - masters:
+                log.info("relay %s: stopping master %d found late", self.state_dir, pid)
+                masters.add(pid)
+                doomed |= process_tree(pid)
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGTERM)
             doomed = {p for p in doomed if _alive(p)}
             if not doomed:
                 break
@@ -773,6 +796,16 @@ class Relay:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         _wait_gone(doomed, 5.0)  # SIGKILL takes effect asynchronously
+        # A master that forks a service just as SIGTERM arrives leaves a child that is
+        # not in any tree we saw: not yet exec'd, it still runs master's code with SIGTERM
+        # ignored and blocked, reparented to init, and waits forever.  Its command line
+        # names our config directory, which nothing else does.
+        stragglers = self._stragglers()
+        for pid in stragglers:
+            log.warning("relay %s: killing pid %d left by a stopped master", self.state_dir, pid)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        _wait_gone(stragglers, 5.0)
         for proc in self._procs.values():
             with contextlib.suppress(subprocess.TimeoutExpired):
                 proc.wait(timeout=5)
