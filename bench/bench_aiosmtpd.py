@@ -21,7 +21,14 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.bench_filtermail import CONNECTIONS, UNLIMITED, _cpu_seconds, _sink, _vm_kb
+from bench.bench_filtermail import (
+    CONNECTIONS,
+    UNLIMITED,
+    _cpu_seconds,
+    _proxy_session,
+    _sink,
+    _vm_kb,
+)
 from chatmaild.config import write_config
 from chatmaild.filtermail.dkim import generate_key
 from testing import mails
@@ -36,28 +43,7 @@ RCPT = "rcpt00001@chat.example"
 
 async def _session(path: str, payload: bytes) -> float:
     """One message as Postfix's proxy client sends it; seconds until the 250."""
-    start = time.monotonic()
-    reader, writer = await asyncio.open_unix_connection(path)
-
-    async def reply(line: bytes | None = None) -> bytes:
-        if line is not None:
-            writer.write(line)
-        while True:
-            got = await reader.readline()
-            if got[3:4] != b"-":
-                return got
-
-    await reply()
-    await reply(b"EHLO proxy.example\r\n")
-    for command in (f"MAIL FROM:<{SENDER}>\r\n", f"RCPT TO:<{RCPT}>\r\n", "DATA\r\n"):
-        await reply(command.encode())
-    answer = await reply(payload + b".\r\n")
-    if not answer.startswith(b"250"):
-        raise RuntimeError(f"filter answered {answer!r}")
-    elapsed = time.monotonic() - start
-    await reply(b"QUIT\r\n")
-    writer.close()
-    return elapsed
+    return await _proxy_session(path, SENDER, RCPT, payload)
 
 
 async def _drive(path: str, count: int, payload: bytes, parallel: int) -> list[float]:

@@ -233,8 +233,10 @@ async def _sink(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> N
     writer.close()
 
 
-async def _proxy_session(path: str, sender: str, rcpt: str, payload: bytes) -> None:
-    """One message the way Postfix's smtpd_proxy_filter client sends it."""
+async def _proxy_session(path: str, sender: str, rcpt: str, payload: bytes) -> float:
+    """One message the way Postfix's smtpd_proxy_filter client sends it (a connection
+    each); seconds from connecting to the 250 after DATA."""
+    start = time.monotonic()
     reader, writer = await asyncio.open_unix_connection(path)
 
     async def reply(line: bytes | None = None) -> bytes:
@@ -252,8 +254,10 @@ async def _proxy_session(path: str, sender: str, rcpt: str, payload: bytes) -> N
     answer = await reply(payload + b".\r\n")
     if not answer.startswith(b"250"):
         raise RuntimeError(f"filtermail answered {answer!r}")
+    elapsed = time.monotonic() - start
     await reply(b"QUIT\r\n")
     writer.close()
+    return elapsed
 
 
 async def _drive(path: str, count: int, sender: str, rcpt: str, payload: bytes) -> None:

@@ -34,6 +34,7 @@ from pathlib import Path
 
 import dkim as dkimpy
 
+from bench.bench_filtermail import _drive, _sink
 from chatmaild.config import write_config
 from chatmaild.filtermail.dkim import generate_key, public_value, txt_record
 from chatmaild.relay.dns import LoopbackDNS
@@ -146,59 +147,6 @@ def whole_path(root: Path) -> None:
 
 
 # ------------------------------------------------------------------ filtermail volume
-
-
-async def _sink(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    """Stands in for Postfix's re-injection smtpd: accepts everything."""
-    writer.write(b"220 sink ESMTP\r\n")
-    while line := await reader.readline():
-        verb = line[:4].upper()
-        if verb == b"DATA":
-            writer.write(b"354 go on\r\n")
-            await reader.readuntil(b"\r\n.\r\n")
-            writer.write(b"250 2.0.0 Ok: queued\r\n")
-        elif verb == b"EHLO":
-            writer.write(b"250-sink\r\n250-PIPELINING\r\n250 8BITMIME\r\n")
-        elif verb == b"QUIT":
-            writer.write(b"221 bye\r\n")
-            break
-        else:
-            writer.write(b"250 ok\r\n")
-    writer.close()
-
-
-async def _session(path: str, sender: str, rcpt: str, payload: bytes) -> None:
-    """One message as Postfix's smtpd_proxy_filter client sends it (a connection each)."""
-    reader, writer = await asyncio.open_unix_connection(path)
-
-    async def reply(line: bytes | None = None) -> bytes:
-        if line is not None:
-            writer.write(line)
-        while True:
-            got = await reader.readline()
-            if got[3:4] != b"-":
-                return got
-
-    await reply()
-    await reply(b"EHLO proxy.example\r\n")
-    for command in (f"MAIL FROM:<{sender}>\r\n", f"RCPT TO:<{rcpt}>\r\n", "DATA\r\n"):
-        await reply(command.encode())
-    answer = await reply(payload + b".\r\n")
-    if not answer.startswith(b"250"):
-        raise RuntimeError(f"filtermail answered {answer!r}")
-    await reply(b"QUIT\r\n")
-    writer.close()
-
-
-async def _drive(path: str, count: int, sender: str, rcpt: str, payload: bytes) -> None:
-    left = [count]
-
-    async def worker() -> None:
-        while left[0] > 0:
-            left[0] -= 1
-            await _session(path, sender, rcpt, payload)
-
-    await asyncio.gather(*(worker() for _ in range(CONNECTIONS)))
 
 
 def filtermail_volume(root: Path) -> None:
