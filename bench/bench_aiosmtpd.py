@@ -23,14 +23,12 @@ from pathlib import Path
 
 from bench.bench_filtermail import (
     CONNECTIONS,
-    UNLIMITED,
     _cpu_seconds,
     _proxy_session,
     _sink,
     _vm_kb,
+    filter_alone_config,
 )
-from chatmaild.config import write_config
-from chatmaild.filtermail.dkim import generate_key
 from testing import mails
 
 FRONT_ENDS = {
@@ -60,19 +58,8 @@ async def _drive(path: str, count: int, payload: bytes, parallel: int) -> list[f
 
 
 def _measure(work: Path, name: str) -> dict[str, float]:
-    key, _ = generate_key()
-    (work / "dkim.key").write_bytes(key)
     filter_path, sink_path = str(work / "filter.sock"), str(work / "reinject.sock")
-    ini = write_config(
-        work / "chatmail.ini",
-        mail_domain="chat.example",
-        filtermail_smtp_socket=filter_path,
-        postfix_reinject_socket=sink_path,
-        dkim_key_path=work / "dkim.key",
-        mailboxes_dir=work / "mail",
-        passdb_path=work / "passdb.sqlite",
-        **UNLIMITED,
-    )
+    ini = filter_alone_config(work, filter_path, sink_path)
     args = [a.format(ini=ini) for a in FRONT_ENDS[name]]
     log = open(work / f"{name}.log", "w")  # noqa: SIM115 (closed below)
     proc = subprocess.Popen([sys.executable, *args], stderr=log, cwd=Path(__file__).parents[1])

@@ -271,13 +271,12 @@ async def _drive(path: str, count: int, sender: str, rcpt: str, payload: bytes) 
     await asyncio.gather(*(worker() for _ in range(CONNECTIONS)))
 
 
-def _cpu_per_message(root: Path) -> None:
-    work = root / "alone"
-    work.mkdir()
+def filter_alone_config(work: Path, filter_path: str, sink_path: str) -> Path:
+    """chatmail.ini for filtermail outgoing alone in ``work``: its socket, a sink for
+    re-injection, a fresh DKIM key, no limits."""
     key, _ = generate_key()
     (work / "dkim.key").write_bytes(key)
-    filter_path, sink_path = str(work / "filtermail.sock"), str(work / "reinject.sock")
-    ini = write_config(
+    return write_config(
         work / "chatmail.ini",
         mail_domain="chat.example",
         filtermail_smtp_socket=filter_path,
@@ -287,6 +286,13 @@ def _cpu_per_message(root: Path) -> None:
         passdb_path=work / "passdb.sqlite",
         **UNLIMITED,
     )
+
+
+def _cpu_per_message(root: Path) -> None:
+    work = root / "alone"
+    work.mkdir()
+    filter_path, sink_path = str(work / "filtermail.sock"), str(work / "reinject.sock")
+    ini = filter_alone_config(work, filter_path, sink_path)
     cmd = [sys.executable, "-m", "chatmaild.filtermail.main", "--config", str(ini), "outgoing"]
     log = open(work / "filtermail.log", "w")  # noqa: SIM115 (closed below)
     proc = subprocess.Popen(cmd, stderr=log)
