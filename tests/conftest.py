@@ -1,11 +1,13 @@
 """Test plugin root: every module in tests/fixtures/ is loaded as a pytest plugin,
 so each area (dict, relay, filtermail, ...) keeps its fixtures in its own file."""
 
+import logging
 import shutil
 from pathlib import Path
 
 import pytest
 
+from chatmaild.service import RoleFilter
 from tests.sandbox import leftover_processes, session_base_if_made
 
 pytest_plugins = sorted(
@@ -13,6 +15,19 @@ pytest_plugins = sorted(
     for p in (Path(__file__).parent / "fixtures").glob("*.py")
     if p.stem != "__init__"
 )
+
+
+@pytest.fixture(autouse=True)
+def _daemon_log_handlers_removed():
+    """Daemons' main() run in-process install a root handler on the test's captured
+    stderr; once that capture closed, a later log line printed "Logging error ...
+    I/O operation on closed file".  Each test's own handlers go with it (pytest's
+    capture handlers stay: they carry no RoleFilter)."""
+    yield
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        if any(isinstance(f, RoleFilter) for f in handler.filters):
+            root.removeHandler(handler)
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:

@@ -162,3 +162,47 @@ def test_leftover_check_finds_a_process_of_the_session(tmp_path):
         proc.kill()
         proc.wait()
     assert leftover_processes(state) == []
+
+
+def test_ports_of_a_relay_not_yet_started_are_held():
+    """Relays are made before they start (two peered relays, say): a port picked for
+    one must not be picked for the next meanwhile.  Postfix listens with SO_REUSEPORT,
+    so two relays on one port would both start and share its connections."""
+    from tests.sandbox import world_readable_tempdir
+
+    state = world_readable_tempdir("held-")
+    relay = Relay(state / "a", None, ("postfix", "dovecot", "doveauth"))
+    ports = [int(relay.ports[name]) for name in ("smtp", "submission", "imaps")]
+    try:
+        for port in ports:
+            with socket.socket() as s, pytest.raises(OSError, match="in use"):
+                s.bind(("127.0.0.1", port))
+        relay.start()  # the servers bind the held ports all the same
+        relay.imap(*relay.new_credentials()).logout()
+    finally:
+        relay.stop()
+    for port in ports:
+        with socket.socket() as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind(("127.0.0.1", port))  # released by stop()
+
+
+def test_a_port_someone_else_listens_on_too_fails_the_start():
+    """A second listener sharing the SMTP port through SO_REUSEPORT (as another
+    Postfix would) is found at start, not left to take half the mail."""
+    from tests.sandbox import leftover_processes, world_readable_tempdir
+
+    other = socket.socket()
+    other.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    other.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    other.bind(("127.0.0.1", 0))
+    other.listen()
+    port = other.getsockname()[1]
+    state = world_readable_tempdir("shared-")
+    try:
+        relay = Relay(state, {"smtp_port": port}, ("postfix", "dovecot"))
+        with pytest.raises(RelayError, match=f"smtp {port} \\(2 listeners\\)"):
+            relay.start()
+    finally:
+        other.close()
+    assert leftover_processes(state) == []

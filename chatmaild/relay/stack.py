@@ -107,18 +107,53 @@ def available_components() -> tuple[str, ...]:
     return tuple(have)
 
 
-def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
-    """Ports the kernel says are free right now (held together so they are distinct)."""
+def reserve_ports(count: int, host: str = "127.0.0.1") -> list[socket.socket]:
+    """Sockets bound to ``count`` distinct free ports, held until the servers listen.
+
+    Postfix listens with SO_REUSEPORT: two relays given the same port both start
+    and the kernel deals connections out between them (seen in CI as "Relay
+    access denied" for a relay's own domain).  Ports only picked, then released,
+    can be picked again by the next relay before the first one listens.  So the
+    port stays bound: bound without SO_REUSEADDR, the kernel picks a port nothing
+    else holds and no later pick gets it; SO_REUSEADDR set afterwards lets our
+    servers, which all set it, bind and listen there all the same.
+    """
     socks = []
     try:
         for _ in range(count):
             s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            s.bind((host, 0))
             socks.append(s)
-        return [s.getsockname()[1] for s in socks]
-    finally:
+            s.bind((host, 0))
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    except BaseException:
         for s in socks:
             s.close()
+        raise
+    return socks
+
+
+def reserve_port(port: int, host: str = "127.0.0.1") -> socket.socket | None:
+    """Hold ``port`` as :func:`reserve_ports` does, or None when something listens there.
+
+    SO_REUSEADDR before bind: connections of a previous run in TIME_WAIT do not count.
+    """
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        s.bind((host, port))
+    except OSError:
+        s.close()
+        return None
+    return s
+
+
+def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
+    """Ports the kernel says are free right now (distinct, but not held: see reserve_ports)."""
+    socks = reserve_ports(count, host)
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
 
 
 def _children_map() -> dict[int, list[int]]:
@@ -241,6 +276,8 @@ class Relay:
         self._supervisor: threading.Thread | None = None
         self.restarts: dict[str, int] = {}
         self._started = False
+        # our TCP ports, bound until stop() so no other relay picks them meanwhile
+        self._reserved: list[socket.socket] = []
         # a killed earlier run may still hold this directory's ports and pid files
         self._reap_stale()
         self.config: Config = self._write_ini()
@@ -287,10 +324,14 @@ class Relay:
             previous = _previous_ports(self.ini_path)
             for key in list(missing):
                 port = previous.get(key)
-                if port and port not in params.values() and _port_free(port):
+                held = reserve_port(port) if port and port not in params.values() else None
+                if held is not None:
+                    self._reserved.append(held)
                     params[key] = port
                     missing.remove(key)
-        params.update(zip(missing, free_ports(len(missing)), strict=True))
+        fresh = reserve_ports(len(missing))
+        self._reserved += fresh
+        params.update(zip(missing, (s.getsockname()[1] for s in fresh), strict=True))
         params.update(self.overrides)
         self.etc_dir.mkdir(parents=True, exist_ok=True)
         write_config(self.ini_path, **params)
@@ -341,10 +382,12 @@ class Relay:
         self._started = True
         self._stopping.clear()
         try:
+            self._reserve_configured_ports()
             self._prepare()
             for name in self._commands():
                 self.spawn(name)
             self._wait_ready()
+            self._check_ports_unshared()
         except BaseException:
             self.stop()
             raise
@@ -749,6 +792,7 @@ class Relay:
         Safe at any point of a start: every process is our child or its descendant.
         """
         if not self._started:
+            self._release_ports()
             return
         self._started = False
         self._stopping.set()
@@ -814,6 +858,35 @@ class Relay:
             pidfile.unlink(missing_ok=True)
         with contextlib.suppress(OSError):
             self.json_path.unlink()
+        self._release_ports()
+
+    def _release_ports(self) -> None:
+        for sock in self._reserved:
+            sock.close()
+        self._reserved.clear()
+
+    def _reserve_configured_ports(self) -> None:
+        """Hold the ports again for a start after a stop (best effort: the shared-port
+        check after the start still catches another listener)."""
+        if self._reserved:
+            return
+        for key in PORT_KEYS.values():
+            held = reserve_port(int(getattr(self.config, key)))
+            if held is not None:
+                self._reserved.append(held)
+
+    def _check_ports_unshared(self) -> None:
+        """Refuse to run when another process listens on one of our ports too."""
+        ports = {int(getattr(self.config, key)): name for name, key in PORT_KEYS.items()}
+        shared = {
+            port: count for port, count in _listeners_per_port().items()
+            if port in ports and count > 1
+        }  # fmt: skip
+        if shared:
+            raise RelayError(
+                "other processes listen on this relay's ports too (SO_REUSEPORT): "
+                + ", ".join(f"{ports[p]} {p} ({n} listeners)" for p, n in sorted(shared.items()))
+            )
 
     # ------------------------------------------------------------ client helpers
 
@@ -894,15 +967,18 @@ def _previous_ports(ini: Path) -> dict[str, int]:
     return {k: int(v) for k, v in items.items() if k in PORT_KEYS.values() and v.isdigit()}
 
 
-def _port_free(port: int) -> bool:
-    with socket.socket() as s:
-        # as the servers bind: connections of the previous run in TIME_WAIT do not count
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
+def _listeners_per_port(host: str = "127.0.0.1") -> dict[int, int]:
+    """How many listening IPv4 TCP sockets (distinct inodes) each port of ``host`` has."""
+    inodes: dict[int, set[str]] = {}
+    with open("/proc/net/tcp") as f:
+        for line in f.readlines()[1:]:
+            fields = line.split()
+            if fields[3] != "0A":  # TCP_LISTEN
+                continue
+            addr, port = fields[1].split(":")
+            if socket.inet_ntoa(bytes.fromhex(addr)[::-1]) in (host, "0.0.0.0"):
+                inodes.setdefault(int(port, 16), set()).add(fields[9])
+    return {port: len(found) for port, found in inodes.items()}
 
 
 def _listening() -> tuple[set[tuple[str, int]], set[str]]:
