@@ -151,11 +151,15 @@ def test_a_failed_start_leaves_no_server_running():
 def test_leftover_check_finds_a_process_of_the_session(tmp_path):
     """The end-of-run check sees a server started below a test directory and still running."""
     import subprocess
+    import sys
 
     from tests.sandbox import leftover_processes, world_readable_tempdir
 
     state = world_readable_tempdir("leak-")
-    proc = subprocess.Popen(["sh", "-c", "sleep 60", str(state / "etc/dovecot.conf")])
+    # not `sh -c "sleep 60" path`: dash execs sleep in place, and the path leaves the command line
+    proc = subprocess.Popen(
+        [sys.executable, "-c", "import time; time.sleep(60)", str(state / "etc/dovecot.conf")]
+    )
     try:
         assert [line for line in leftover_processes(state) if f"pid {proc.pid}:" in line]
     finally:
