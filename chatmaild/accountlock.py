@@ -1,13 +1,14 @@
 """The per-account creation lock and the files an interrupted creation leaves.
 
-Account creation (and a password change) holds ``<addr>/password.lock`` with
-``flock(LOCK_EX)`` -- the lock ``filelock.FileLock`` takes on Unix, so older
-tools that use filelock on the same file still exclude each other -- and
-writes ``password.tmp-<random>`` before renaming it to ``password``.  A process
-killed in between (``kill -9``, power loss) leaves a directory without a
-password file holding some of::
+Account creation (and a password change) holds ``flock(LOCK_EX)`` on the
+account directory ``<addr>/`` itself and writes ``password.tmp-<random>``
+before renaming it to ``password``.  A process killed in between (``kill -9``,
+power loss) leaves a directory without a password file holding some of::
 
-    password.lock  enforceE2EEincoming  password.tmp-<random>
+    enforceE2EEincoming  password.tmp-<random>
+
+(and ``password.lock``, the lock file of versions before the directory lock,
+which every creation made; it is still recognised as a leftover).
 
 Such a directory is not an account: nothing lists it, the next creation for
 the address completes it (removing the stale temp files under the lock), and
@@ -33,7 +34,7 @@ PASSWORD_TMP_PREFIX = PASSWORD + ".tmp-"
 FLAG_ENFORCE_E2EE = "enforceE2EEincoming"
 POLL_INTERVAL = 0.01
 
-_LOCK_FLAGS = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+_LOCK_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
 
 
 def is_password_temp(name: str) -> bool:
@@ -45,45 +46,35 @@ def is_creation_leftover(name: str) -> bool:
     return name in (PASSWORD_LOCK, FLAG_ENFORCE_E2EE) or is_password_temp(name)
 
 
-def _still_linked(dir_fd: int, lock_fd: int) -> bool:
-    """The locked file is still ``password.lock`` of that directory (not removed meanwhile)."""
-    try:
-        named = os.stat(PASSWORD_LOCK, dir_fd=dir_fd, follow_symlinks=False)
-    except FileNotFoundError:
-        return False
-    return os.path.samestat(named, os.fstat(lock_fd))
-
-
 def acquire(dir_fd: int, timeout: float) -> int | None:
     """Lock the account directory ``dir_fd``; returns the lock's fd (close it to release).
 
-    ``timeout`` 0 tries once and returns None when another process holds the
-    lock; otherwise waits up to ``timeout`` seconds and raises TimeoutError.
+    The lock is ``flock(LOCK_EX)`` on a descriptor of the directory itself, so
+    taking it creates no file: one inode less per account creation, which is
+    where a creation's kernel time goes (ext4 inode allocation).  ``timeout`` 0
+    tries once and returns None when another process holds the lock; otherwise
+    waits up to ``timeout`` seconds and raises TimeoutError.
     """
     deadline = time.monotonic() + timeout
-    while True:
-        fd = os.open(PASSWORD_LOCK, _LOCK_FLAGS, 0o600, dir_fd=dir_fd)
-        try:
-            while True:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except BlockingIOError:
-                    if time.monotonic() >= deadline:
-                        if timeout <= 0:
-                            os.close(fd)
-                            return None
-                        raise TimeoutError(
-                            errno.ETIMEDOUT, f"{PASSWORD_LOCK} held for more than {timeout}s"
-                        ) from None
-                    time.sleep(POLL_INTERVAL)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.close(fd)
-            raise
-        if _still_linked(dir_fd, fd):
-            return fd
-        os.close(fd)  # the holder removed or replaced the file: lock the current one
+    fd = os.open(".", _LOCK_FLAGS, dir_fd=dir_fd)
+    try:
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return fd
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    if timeout <= 0:
+                        os.close(fd)
+                        return None
+                    raise TimeoutError(
+                        errno.ETIMEDOUT, f"account directory locked for more than {timeout}s"
+                    ) from None
+                time.sleep(POLL_INTERVAL)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+        raise
 
 
 def remove_password_temps(dir_fd: int) -> list[str]:

@@ -3,17 +3,16 @@
 Layout (compatible with the reference relay)::
 
     <mailboxes_dir>/<addr>/password             {SHA512-CRYPT}$6$...; mtime = last login (day)
-    <mailboxes_dir>/<addr>/password.lock        creation / password change lock
     <mailboxes_dir>/<addr>/enforceE2EEincoming  flag: refuse incoming cleartext
     <mailboxes_dir>/<addr>/DISABLED             flag: account disabled
     <mailboxes_dir>/<addr>/{cur,new,tmp,...}    Maildir, written by Dovecot
 
 Every path is built from a canonical address (see :mod:`chatmaild.addr`), so no
 input can name a file outside ``mailboxes_dir``.  Writes are atomic (temp file,
-fsync, rename); creation is serialised per address with a file lock and
-re-checked under it.  An account is a directory with a non-empty password
-file; what a killed creation leaves behind is not listed and is completed by
-the next creation (see :mod:`chatmaild.accountlock`).
+fsync, rename); creation is serialised per address with a lock on the
+account directory (flock: no lock file) and re-checked under it.  An account
+is a directory with a non-empty password file; what a killed creation leaves
+behind is not listed and is completed by the next creation (see :mod:`chatmaild.accountlock`).
 """
 
 from __future__ import annotations

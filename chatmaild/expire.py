@@ -15,8 +15,8 @@ Walks ``mailboxes_dir`` once (see chatmaild.maildir) and, per account directory:
   4. removes ``maildirsize`` if anything was deleted, so Dovecot recounts.
 
 Directories without a password file (policy): an empty directory, or one
-holding only what an interrupted account creation leaves (``password.lock``,
-``enforceE2EEincoming``, ``password.tmp-*``), is removed once nothing in it
+holding only what an interrupted account creation leaves (``enforceE2EEincoming``,
+``password.tmp-*``, an older version's ``password.lock``), is removed once nothing in it
 changed for 24 hours -- under the account's creation lock, so a creation in
 progress is never disturbed; any other one is removed whole (also under that
 lock) when nothing in it (files or directories) changed for

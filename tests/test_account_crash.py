@@ -39,16 +39,21 @@ from tests.fixtures.dict import TEST_DOMAIN, write_test_ini
 DAY = 86400
 TEMP = "password.tmp-" + "0f" * 8
 
-# the states create() passes through before the rename makes the account (in order)
+# the states create() passes through before the rename makes the account (in order),
+# and those of versions before the directory lock, which made a password.lock file
 STAGES = {
     "directory": {},
-    "lock": {PASSWORD_LOCK: b""},
-    "flag": {PASSWORD_LOCK: b"", FLAG_ENFORCE_E2EE: b""},
-    "temp-partial": {PASSWORD_LOCK: b"", FLAG_ENFORCE_E2EE: b"", TEMP: b"{SHA512-CRYPT}$6$ab"},
+    "flag": {FLAG_ENFORCE_E2EE: b""},
+    "temp-partial": {FLAG_ENFORCE_E2EE: b"", TEMP: b"{SHA512-CRYPT}$6$ab"},
     "temp-complete": {
-        PASSWORD_LOCK: b"",
         FLAG_ENFORCE_E2EE: b"",
         TEMP: hash_password("someone-elses-password").encode(),
+    },
+    "older-lock": {PASSWORD_LOCK: b""},
+    "older-temp-partial": {
+        PASSWORD_LOCK: b"",
+        FLAG_ENFORCE_E2EE: b"",
+        TEMP: b"{SHA512-CRYPT}$6$ab",
     },
 }
 
@@ -93,7 +98,9 @@ def test_half_created_is_no_account_and_the_next_creation_completes_it(store, st
     result = store.create(addr, "my-own-password")
     assert result.created
     assert verify_password("my-own-password", result.account.password_hash())
-    assert sorted(os.listdir(result.account.home)) == [FLAG_ENFORCE_E2EE, "password", PASSWORD_LOCK]
+    # an older version's password.lock stays; a creation now makes no lock file
+    made = set(os.listdir(result.account.home)) - set(STAGES[stage])
+    assert made <= {FLAG_ENFORCE_E2EE, "password"} and "password" in made
     assert list(store.iter_addresses()) == [result.account.addr, keep.addr]
     assert keep.password_hash() == keep_hash
 
@@ -103,7 +110,7 @@ def test_temp_file_of_a_creation_in_progress_is_not_removed(tmp_path):
     addr = f"busy@{TEST_DOMAIN}"
     home = half_created(store.root, addr, "temp-partial")
     # another creator holds the lock and is writing its temp file right now
-    holder = os.open(home / PASSWORD_LOCK, os.O_RDWR)
+    holder = os.open(home, os.O_RDONLY | os.O_DIRECTORY)
     fcntl.flock(holder, fcntl.LOCK_EX)
     try:
         with pytest.raises(TimeoutError):
@@ -148,7 +155,7 @@ def test_expire_removes_old_leftovers_only_and_never_an_account(tmp_path, capsys
     assert expire.main(["--config", str(ini)]) == 0  # dry run: nothing changes
     assert gone.exists() and old_temp.exists()
 
-    holder = os.open(held / PASSWORD_LOCK, os.O_RDWR)
+    holder = os.open(held, os.O_RDONLY | os.O_DIRECTORY)
     fcntl.flock(holder, fcntl.LOCK_EX)  # a creation of held@ is running right now
     try:
         assert expire.main(["--config", str(ini), "--remove"]) == 0
