@@ -37,7 +37,7 @@ import string
 import subprocess
 import threading
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 
 from ..config import Config, read_config, write_config
@@ -967,17 +967,23 @@ def _previous_ports(ini: Path) -> dict[str, int]:
     return {k: int(v) for k, v in items.items() if k in PORT_KEYS.values() and v.isdigit()}
 
 
-def _listeners_per_port(host: str = "127.0.0.1") -> dict[int, int]:
-    """How many listening IPv4 TCP sockets (distinct inodes) each port of ``host`` has."""
-    inodes: dict[int, set[str]] = {}
+def _tcp_listeners() -> Iterator[tuple[str, int, str]]:
+    """(IPv4 address, port, socket inode) of every listening TCP socket, from /proc/net/tcp."""
     with open("/proc/net/tcp") as f:
         for line in f.readlines()[1:]:
             fields = line.split()
             if fields[3] != "0A":  # TCP_LISTEN
                 continue
             addr, port = fields[1].split(":")
-            if socket.inet_ntoa(bytes.fromhex(addr)[::-1]) in (host, "0.0.0.0"):
-                inodes.setdefault(int(port, 16), set()).add(fields[9])
+            yield socket.inet_ntoa(bytes.fromhex(addr)[::-1]), int(port, 16), fields[9]
+
+
+def _listeners_per_port(host: str = "127.0.0.1") -> dict[int, int]:
+    """How many listening IPv4 TCP sockets (distinct inodes) each port of ``host`` has."""
+    inodes: dict[int, set[str]] = {}
+    for ip, port, inode in _tcp_listeners():
+        if ip in (host, "0.0.0.0"):
+            inodes.setdefault(port, set()).add(inode)
     return {port: len(found) for port, found in inodes.items()}
 
 
@@ -988,16 +994,10 @@ def _listening() -> tuple[set[tuple[str, int]], set[str]]:
     logs (a probe that never speaks TLS is logged as a failed handshake).
     """
     tcp: set[tuple[str, int]] = set()
-    with open("/proc/net/tcp") as f:
-        for line in f.readlines()[1:]:
-            fields = line.split()
-            if fields[3] != "0A":  # TCP_LISTEN
-                continue
-            host, port = fields[1].split(":")
-            ip = socket.inet_ntoa(bytes.fromhex(host)[::-1])
-            tcp.add((ip, int(port, 16)))
-            if ip == "0.0.0.0":
-                tcp.add(("127.0.0.1", int(port, 16)))
+    for ip, port, _ in _tcp_listeners():
+        tcp.add((ip, port))
+        if ip == "0.0.0.0":
+            tcp.add(("127.0.0.1", port))
     unix: set[str] = set()
     with open("/proc/net/unix") as f:
         for line in f.readlines()[1:]:
