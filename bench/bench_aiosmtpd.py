@@ -25,9 +25,9 @@ from bench.bench_filtermail import (
     CONNECTIONS,
     _cpu_seconds,
     _proxy_session,
-    _sink,
     _vm_kb,
     filter_alone_config,
+    run_against_sink,
 )
 from testing import mails
 
@@ -61,18 +61,9 @@ def _measure(work: Path, name: str) -> dict[str, float]:
     filter_path, sink_path = str(work / "filter.sock"), str(work / "reinject.sock")
     ini = filter_alone_config(work, filter_path, sink_path)
     args = [a.format(ini=ini) for a in FRONT_ENDS[name]]
-    log = open(work / f"{name}.log", "w")  # noqa: SIM115 (closed below)
-    proc = subprocess.Popen([sys.executable, *args], stderr=log, cwd=Path(__file__).parents[1])
     figures: dict[str, float] = {}
 
-    async def run() -> None:
-        server = await asyncio.start_unix_server(_sink, sink_path, limit=2**26)
-        for _ in range(200):
-            try:
-                (await asyncio.open_unix_connection(filter_path))[1].close()
-                break
-            except OSError:
-                await asyncio.sleep(0.05)
+    async def measure(proc: subprocess.Popen) -> None:
         for size, count in ((4096, 3000), (128 * 1024, 600)):
             payload = mails.encrypted_message(SENDER, [RCPT], size=size)
             await _drive(filter_path, 100, payload, CONNECTIONS)  # warm up
@@ -85,17 +76,9 @@ def _measure(work: Path, name: str) -> dict[str, float]:
         big = mails.encrypted_message(SENDER, [RCPT], size=25 * 2**20)
         await _drive(filter_path, 10, big, 10)
         figures["peak_rss_10x25MB"] = _vm_kb(proc.pid, "VmHWM") / 1024
-        proc.terminate()
-        await asyncio.to_thread(proc.wait)
-        server.close()
-        await server.wait_closed()
 
-    try:
-        asyncio.run(run())
-    finally:
-        proc.terminate()
-        proc.wait()
-        log.close()
+    run_against_sink([sys.executable, *args], work / f"{name}.log", sink_path, filter_path,
+                     measure, cwd=Path(__file__).parents[1])  # fmt: skip
     return figures
 
 

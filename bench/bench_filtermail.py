@@ -37,6 +37,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from chatmaild.config import write_config
@@ -288,23 +289,50 @@ def filter_alone_config(work: Path, filter_path: str, sink_path: str) -> Path:
     )
 
 
+def run_against_sink(
+    cmd: list[str],
+    log_path: Path,
+    sink_path: str,
+    ready_path: str,
+    body: Callable[[subprocess.Popen], Awaitable[None]],
+    cwd: Path | None = None,
+) -> None:
+    """Run the filter process ``cmd`` (stderr to ``log_path``) with a sink on its
+    re-injection socket; once ``ready_path`` accepts, ``await body(proc)``.
+    The process and the sink are stopped however ``body`` ends."""
+    log = open(log_path, "w")  # noqa: SIM115 (closed below)
+    proc = subprocess.Popen(cmd, stderr=log, cwd=cwd)
+
+    async def run() -> None:
+        server = await asyncio.start_unix_server(_sink, sink_path, limit=2**26)
+        for _ in range(200):
+            try:
+                (await asyncio.open_unix_connection(ready_path))[1].close()
+                break
+            except OSError:
+                await asyncio.sleep(0.05)
+        await body(proc)
+        proc.terminate()  # closes its pooled connections, so the sink's tasks end
+        await asyncio.to_thread(proc.wait)
+        server.close()
+        await server.wait_closed()
+
+    try:
+        asyncio.run(run())
+    finally:
+        proc.terminate()
+        proc.wait()
+        log.close()
+
+
 def _cpu_per_message(root: Path) -> None:
     work = root / "alone"
     work.mkdir()
     filter_path, sink_path = str(work / "filtermail.sock"), str(work / "reinject.sock")
     ini = filter_alone_config(work, filter_path, sink_path)
     cmd = [sys.executable, "-m", "chatmaild.filtermail.main", "--config", str(ini), "outgoing"]
-    log = open(work / "filtermail.log", "w")  # noqa: SIM115 (closed below)
-    proc = subprocess.Popen(cmd, stderr=log)
 
-    async def run() -> None:
-        server = await asyncio.start_unix_server(_sink, sink_path, limit=2**26)
-        for _ in range(100):
-            try:
-                (await asyncio.open_unix_connection(filter_path))[1].close()
-                break
-            except OSError:
-                await asyncio.sleep(0.1)
+    async def measure(proc: subprocess.Popen) -> None:
         sender = "sender001@chat.example"
         for size, rcpt, count in (
             (4096, "rcpt00001@chat.example", 3000),
@@ -320,17 +348,8 @@ def _cpu_per_message(root: Path) -> None:
             where = "local" if rcpt.endswith("chat.example") else "remote_signed"
             print(f"filtermail_cpu_{size // 1024}k_{where}: {per_msg:.0f} us/msg "
                   f"(alone against a sink: {rate:.0f} msg/s)")  # fmt: skip
-        proc.terminate()  # closes its pooled connections, so the sink's tasks end
-        await asyncio.to_thread(proc.wait)
-        server.close()
-        await server.wait_closed()
 
-    try:
-        asyncio.run(run())
-    finally:
-        proc.terminate()
-        proc.wait()
-        log.close()
+    run_against_sink(cmd, work / "filtermail.log", sink_path, filter_path, measure)
 
 
 def main() -> None:

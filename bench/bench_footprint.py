@@ -19,7 +19,6 @@ Figures (RSS and PSS from /proc/PID/smaps_rollup, MB = MiB):
 
 from __future__ import annotations
 
-import asyncio
 import imaplib
 import os
 import shutil
@@ -34,7 +33,7 @@ from pathlib import Path
 
 import dkim as dkimpy
 
-from bench.bench_filtermail import _drive, _sink
+from bench.bench_filtermail import _drive, run_against_sink
 from chatmaild.config import write_config
 from chatmaild.filtermail.dkim import generate_key, public_value, txt_record
 from chatmaild.relay.dns import LoopbackDNS
@@ -174,8 +173,6 @@ def filtermail_volume(root: Path) -> None:
         )
         cmd = [sys.executable, "-m", "chatmaild.filtermail.main", "--config", str(ini),
                "outgoing", "incoming", "milter"]  # fmt: skip
-        log = open(work / "filtermail.log", "w")  # noqa: SIM115 (closed below)
-        proc = subprocess.Popen(cmd, stderr=log)
         sender = "sender001@chat.example"
         outgoing_local = mails.encrypted_message(sender, ["rcpt001@chat.example"])
         outgoing_remote = mails.encrypted_message(sender, ["rcpt001@other.example"])
@@ -192,14 +189,7 @@ def filtermail_volume(root: Path) -> None:
              incoming),
         )  # fmt: skip
 
-        async def run() -> None:
-            server = await asyncio.start_unix_server(_sink, socks["sink"], limit=2**26)
-            for _ in range(200):
-                try:
-                    (await asyncio.open_unix_connection(socks["milter"]))[1].close()
-                    break
-                except OSError:
-                    await asyncio.sleep(0.05)
+        async def load(proc: subprocess.Popen) -> None:
             rss0, pss0 = memory_mb(proc.pid)
             print(f"filtermail_alone_idle: RSS {rss0:.1f} MB, PSS {pss0:.1f} MB", flush=True)
             done, start = 0, time.monotonic()
@@ -218,16 +208,9 @@ def filtermail_volume(root: Path) -> None:
             (first_done, first_rss), last_rss = samples[0], samples[-1][1]
             print(f"filtermail_alone_growth: {last_rss - first_rss:+.1f} MB from {first_done} "
                   f"to {done} messages ({last_rss - rss0:+.1f} MB since idle)")  # fmt: skip
-            proc.terminate()
-            await asyncio.to_thread(proc.wait)
-            server.close()
 
-        try:
-            asyncio.run(run())
-        finally:
-            proc.terminate()
-            proc.wait()
-            log.close()
+        # ready once the last role listens (the milter)
+        run_against_sink(cmd, work / "filtermail.log", socks["sink"], socks["milter"], load)
         if "Traceback" in (work / "filtermail.log").read_text():
             raise RuntimeError("filtermail logged a traceback: " + str(work / "filtermail.log"))
 
