@@ -7,7 +7,10 @@ power loss) leaves a directory without a password file holding some of::
 
     enforceE2EEincoming  password.tmp-<random>
 
-(and ``password.lock``, the lock file of versions before the directory lock,
+A creation renames its temp file to ``password`` before the fsyncs (one
+journal commit instead of two), so a power loss in that last step can also
+leave an empty ``password``; an empty password file is no account either.
+(And ``password.lock``, the lock file of versions before the directory lock,
 which every creation made; it is still recognised as a leftover).
 
 Such a directory is not an account: nothing lists it, the next creation for
@@ -41,8 +44,10 @@ def is_password_temp(name: str) -> bool:
     return name.startswith(PASSWORD_TMP_PREFIX) and len(name) > len(PASSWORD_TMP_PREFIX)
 
 
-def is_creation_leftover(name: str) -> bool:
-    """Whether an interrupted creation can have left a file of this name."""
+def is_creation_leftover(name: str, empty: bool = False) -> bool:
+    """Whether an interrupted creation can have left this file (``empty``: it has size 0)."""
+    if name == PASSWORD:
+        return empty
     return name in (PASSWORD_LOCK, FLAG_ENFORCE_E2EE) or is_password_temp(name)
 
 

@@ -9,7 +9,8 @@ Layout (compatible with the reference relay)::
 
 Every path is built from a canonical address (see :mod:`chatmaild.addr`), so no
 input can name a file outside ``mailboxes_dir``.  Writes are atomic (temp file,
-fsync, rename); creation is serialised per address with a lock on the
+rename) and durable before anyone is answered (fsync of file and directory);
+creation is serialised per address with a lock on the
 account directory (flock: no lock file) and re-checked under it.  An account
 is a directory with a non-empty password file; what a killed creation leaves
 behind is not listed and is completed by the next creation (see :mod:`chatmaild.accountlock`).
@@ -60,7 +61,11 @@ def verify_password(password: str, stored: str) -> bool:
 
 
 def atomic_write(path: Path, data: bytes, mode: int = 0o600) -> None:
-    """Replace ``path`` with ``data`` so readers see the old or the new file, never half."""
+    """Replace ``path`` with ``data`` so readers see the old or the new file, never half.
+
+    The data is on disk before the rename, so even a power loss leaves the old file
+    or the new one (two journal commits: one for the data, one for the rename).
+    """
     tmp = path.with_name(f"{path.name}.tmp-{secrets.token_hex(8)}")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
     try:
@@ -80,6 +85,35 @@ def fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def publish_new_file(dir_fd: int, name: str, data: bytes, mode: int = 0o600) -> os.stat_result:
+    """Put ``data`` under ``name`` in ``dir_fd`` whole (temp file, rename), then make it durable.
+
+    Only for a name whose absence is harmless (a new account's password): the
+    rename comes before the fsyncs, so one journal commit carries data, inode and
+    name, and the directory's fsync finds nothing left to do.  A power loss
+    before they return can leave the file empty (the creation never answered);
+    readers treat an empty file as absent.  Returns the file's stat.
+    """
+    tmp = f"{name}.tmp-{secrets.token_hex(8)}"
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    fd = os.open(tmp, flags, mode, dir_fd=dir_fd)
+    try:
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.rename(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+        except BaseException:
+            with _suppress_missing():
+                os.unlink(tmp, dir_fd=dir_fd)
+            raise
+        os.fsync(fd)
+        os.fsync(dir_fd)
+        return os.fstat(fd)
     finally:
         os.close(fd)
 
@@ -140,6 +174,10 @@ class Account:
         # a file replaced between stat and read is cached under the old key: re-read next time
         object.__setattr__(self, "_read_cache", (key, text))
         return text
+
+    def remember_password(self, st: os.stat_result, text: str) -> None:
+        """Cache what was just written (``st``: the file's stat), sparing the next read."""
+        object.__setattr__(self, "_read_cache", ((st.st_ino, st.st_mtime_ns, st.st_size), text))
 
     @property
     def exists(self) -> bool:
@@ -312,14 +350,16 @@ class AccountStore:
         existing = account.password_hash()
         if existing is not None:
             return CreateResult(account, created=False)
-        with self._locked(account):
+        with self._locked(account) as dir_fd:
             if account.password_hash() is not None:
                 return CreateResult(account, created=False)
             # under the lock: of many first logins of one address, only the winner hashes
             stored = password if password_is_hash else hash_password(password)
             if enforce_e2ee:
                 touch_flag(account.home / FLAG_ENFORCE_E2EE)
-            atomic_write(account.password_path, stored.encode("ascii"))
+            data = stored.encode("ascii")
+            st = publish_new_file(dir_fd, PASSWORD, data)
+            account.remember_password(st, stored)
         return CreateResult(account, created=True)
 
     def set_password(self, raw_addr: str, password: str) -> Account:
@@ -332,8 +372,9 @@ class AccountStore:
         return account
 
     @contextlib.contextmanager
-    def _locked(self, account: Account) -> Iterator[None]:
-        """Hold the account's lock, its directory created if needed, stale temp files gone.
+    def _locked(self, account: Account) -> Iterator[int]:
+        """Hold the account's lock, its directory created if needed, stale temp files gone;
+        yields a descriptor of the directory.
 
         The directory may vanish while we wait (chatmail-expire removes a
         creation leftover under this lock): then it is made again and locked anew.
@@ -356,7 +397,7 @@ class AccountStore:
                         continue  # removed or renamed away while we waited for the lock
                     for name in accountlock.remove_password_temps(dir_fd):
                         log.warning("%s: removed stale %s", account.addr, name)
-                    yield
+                    yield dir_fd
                     return
             finally:
                 os.close(dir_fd)

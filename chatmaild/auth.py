@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import logging
 
-from .accounts import Account, AccountStore
+from .accounts import Account, AccountStore, hash_password
 from .addr import AddressError
 from .config import Config
 from .syslimits import resource_refusal
 
 log = logging.getLogger("doveauth")
+
+NO_ACCOUNT = object()  # AuthService.existing(): nothing stored yet, creation may be tried
 
 
 class AuthService:
@@ -54,42 +56,64 @@ class AuthService:
             return None
         return self.user_fields(account, user)
 
-    def credentials(self, user: str) -> dict[str, str] | None:
-        """passdb fields of an existing account that is not disabled, else None; never creates."""
-        try:
-            account = self.store.account(user)
-        except AddressError:
-            return None
-        stored = account.password_hash()
-        if stored is None or account.is_disabled:
-            return None
-        return self.pass_fields(account, stored, user)
-
     def passdb(self, user: str, password: str) -> dict[str, str] | None:
         """Answer an existing account, or create it when every rule allows.
 
         The password is not verified here for existing accounts: Dovecot
         compares it with the returned hash.
         """
+        answer = self.existing(user)
+        if answer is not NO_ACCOUNT:
+            return answer
+        if self.creation_refused(user, password):
+            return None
+        return self.create(user, hash_password(password))
+
+    def existing(self, user: str) -> dict[str, str] | None | object:
+        """passdb fields of an existing account, None when it is disabled or the
+        address invalid (both logged), NO_ACCOUNT when creation may be tried."""
         try:
             account = self.store.account(user)
         except AddressError as e:
             log.warning("registration rejected: invalid address: %s: %r", e, user)
             return None
         stored = account.password_hash()
-        if stored is not None:
-            if account.is_disabled:
-                log.info("login refused for disabled account %s", account.addr)
-                return None
-            return self.pass_fields(account, stored, user)
+        if stored is None:
+            return NO_ACCOUNT
+        if account.is_disabled:
+            log.info("login refused for disabled account %s", account.addr)
+            return None
+        return self.pass_fields(account, stored, user)
+
+    def creation_refused(self, user: str, password: str) -> bool:
+        """Whether a rule forbids creating ``user`` now (the reason is logged).
+
+        Only reads (a flag file, the load, /proc/meminfo, statvfs): cheap enough
+        for an event loop, and checked before any hashing is spent on it.
+        """
         refusal = self.store.creation_refusal(user, password) or resource_refusal(self.config)
         if refusal:
-            log.warning("registration rejected: %s: %s", refusal, account.addr)
-            return None
-        result = self.store.create(user, password)
+            try:
+                addr = self.store.account(user).addr
+            except AddressError:
+                addr = repr(user)
+            log.warning("registration rejected: %s: %s", refusal, addr)
+        return refusal is not None
+
+    def create(self, user: str, stored_hash: str) -> dict[str, str] | None:
+        """Create ``user`` with a hash made by :func:`hash_password` (blocks on the disk).
+
+        Of concurrent first logins of one address the first one creates the
+        account; the others answer it as it exists, like any later login.
+        """
+        result = self.store.create(user, stored_hash, password_is_hash=True)
+        account = result.account
         if result.created:
             log.info("Created address: %s", account.addr)
         stored = account.password_hash()
         if stored is None:  # deleted between create and read; let the client retry
+            return None
+        if not result.created and account.is_disabled:
+            log.info("login refused for disabled account %s", account.addr)
             return None
         return self.pass_fields(account, stored, user)

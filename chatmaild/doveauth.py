@@ -60,9 +60,9 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from .accounts import AccountStore
+from .accounts import AccountStore, hash_password
 from .addr import AddressError
-from .auth import AuthService
+from .auth import NO_ACCOUNT, AuthService
 from .authhttp import AuthHttpResponder
 from .config import Config
 from .dictproxy import DictDaemon, ProtocolError
@@ -72,9 +72,11 @@ __all__ = ["AuthService", "DoveauthDaemon", "main", "migrate_legacy_db", "split_
 
 log = logging.getLogger("doveauth")
 
-# Dovecot's auth workers ask one request at a time each; most of a creation is an
-# fsync wait, so this many overlap their disk waits (threads start on demand)
-CREATION_THREADS = 16
+# A creation hashes (CPU: libcrypt without the GIL, one thread per core is all that
+# helps; more only fight over caches and the GIL) and then writes (mostly waiting for
+# a journal commit: many overlap, and commits take several at once)
+HASH_THREADS = len(os.sched_getaffinity(0))
+WRITE_THREADS = 16
 
 
 def split_escaped_key(rest: str) -> list[str]:
@@ -149,7 +151,8 @@ class DoveauthDaemon(DictDaemon):
         self.auth = AuthService(config)
         self.http = AuthHttpResponder(config, self.passdb, self.userdb, self.all_users)
         self.http_server: Server | None = None
-        self.creators = ThreadPoolExecutor(CREATION_THREADS, thread_name_prefix="create")
+        self.hashers = ThreadPoolExecutor(HASH_THREADS, thread_name_prefix="hash")
+        self.writers = ThreadPoolExecutor(WRITE_THREADS, thread_name_prefix="create")
 
     async def start(self) -> None:
         await asyncio.to_thread(migrate_legacy_db, self.config, self.auth.store)
@@ -161,7 +164,8 @@ class DoveauthDaemon(DictDaemon):
         await self.http_server.start()
 
     async def stop(self) -> None:
-        self.creators.shutdown(wait=False)
+        self.hashers.shutdown(wait=False)
+        self.writers.shutdown(wait=False)
         if self.http_server is not None:
             await self.http_server.stop()
             with contextlib.suppress(OSError):
@@ -177,13 +181,14 @@ class DoveauthDaemon(DictDaemon):
 
     async def passdb(self, username: str, password: str) -> dict[str, str] | None:
         """An existing, enabled account's fields, else whatever creation decides."""
-        known = self.auth.credentials(username)
-        if known is not None:
-            return known  # fast path: no thread for existing accounts
-        # hashing, the lock and two fsyncs block: off the event loop, in a pool big
-        # enough that creations waiting for the disk do not hold up the others
+        answer = self.auth.existing(username)
+        if answer is not NO_ACCOUNT:
+            return answer  # type: ignore[return-value]  # no thread for existing accounts
+        if self.auth.creation_refused(username, password):
+            return None
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self.creators, self.auth.passdb, username, password)
+        stored = await loop.run_in_executor(self.hashers, hash_password, password)
+        return await loop.run_in_executor(self.writers, self.auth.create, username, stored)
 
     def userdb(self, username: str) -> dict[str, str] | None:
         return self.auth.userdb(username)

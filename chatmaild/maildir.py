@@ -154,6 +154,13 @@ def list_root(root_fd: int) -> tuple[list[str], list[str], int]:
     return accounts, trash, symlinks
 
 
+def _is_empty(entry: os.DirEntry) -> bool:
+    try:
+        return entry.stat(follow_symlinks=False).st_size == 0
+    except FileNotFoundError:
+        return False
+
+
 def scan_mailbox(root_fd: int, name: str, *, stat_extras: bool = False) -> MailboxScan | None:
     """Scan one account directory; None if it vanished or is not a real directory.
 
@@ -174,7 +181,9 @@ def scan_mailbox(root_fd: int, name: str, *, stat_extras: bool = False) -> Mailb
             top = list(it)
         scan.top_entries = len(top)
         scan.only_creation_leftovers = bool(top) and all(
-            is_creation_leftover(e.name) and e.is_file(follow_symlinks=False) for e in top
+            e.is_file(follow_symlinks=False)
+            and is_creation_leftover(e.name, e.name == PASSWORD and _is_empty(e))
+            for e in top
         )
         for entry in top:
             if entry.name == PASSWORD:

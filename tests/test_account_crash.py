@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 
 from chatmaild import expire
-from chatmaild.accountlock import PASSWORD_LOCK, is_creation_leftover
+from chatmaild.accountlock import PASSWORD, PASSWORD_LOCK, is_creation_leftover
 from chatmaild.accounts import (
     FLAG_ENFORCE_E2EE,
     AccountStore,
@@ -49,6 +49,8 @@ STAGES = {
         FLAG_ENFORCE_E2EE: b"",
         TEMP: hash_password("someone-elses-password").encode(),
     },
+    # renamed, then power lost before the fsync: the name is on disk, the data not
+    "renamed-empty": {FLAG_ENFORCE_E2EE: b"", PASSWORD: b""},
     "older-lock": {PASSWORD_LOCK: b""},
     "older-temp-partial": {
         PASSWORD_LOCK: b"",
@@ -100,7 +102,7 @@ def test_half_created_is_no_account_and_the_next_creation_completes_it(store, st
     assert verify_password("my-own-password", result.account.password_hash())
     # an older version's password.lock stays; a creation now makes no lock file
     made = set(os.listdir(result.account.home)) - set(STAGES[stage])
-    assert made <= {FLAG_ENFORCE_E2EE, "password"} and "password" in made
+    assert made <= {FLAG_ENFORCE_E2EE, PASSWORD} and PASSWORD in os.listdir(result.account.home)
     assert list(store.iter_addresses()) == [result.account.addr, keep.addr]
     assert keep.password_hash() == keep_hash
 
@@ -150,10 +152,12 @@ def test_expire_removes_old_leftovers_only_and_never_an_account(tmp_path, capsys
     gone = half_created(store.root, f"gone@{TEST_DOMAIN}", "temp-complete", age_days=2)
     young = half_created(store.root, f"young@{TEST_DOMAIN}", "flag")
     held = half_created(store.root, f"held@{TEST_DOMAIN}", "temp-partial", age_days=2)
+    empty = half_created(store.root, f"empty@{TEST_DOMAIN}", "renamed-empty", age_days=2)
+    young_empty = half_created(store.root, f"youngempty@{TEST_DOMAIN}", "renamed-empty")
     hashes = {n: a.password_hash() for n, a in accounts.items()}
 
     assert expire.main(["--config", str(ini)]) == 0  # dry run: nothing changes
-    assert gone.exists() and old_temp.exists()
+    assert gone.exists() and old_temp.exists() and empty.exists()
 
     holder = os.open(held, os.O_RDONLY | os.O_DIRECTORY)
     fcntl.flock(holder, fcntl.LOCK_EX)  # a creation of held@ is running right now
@@ -162,11 +166,11 @@ def test_expire_removes_old_leftovers_only_and_never_an_account(tmp_path, capsys
     finally:
         os.close(holder)
     out = capsys.readouterr().out
-    assert not gone.exists()
-    assert young.exists() and held.exists()
+    assert not gone.exists() and not empty.exists()
+    assert young.exists() and held.exists() and young_empty.exists()
     assert not old_temp.exists() and young_temp.exists()
     assert {n: a.password_hash() for n, a in accounts.items()} == hashes
-    assert "removed 1 of" in out.splitlines()[-1]
+    assert "removed 2 of" in out.splitlines()[-1]
     # the leftover creation lock was released: the next run removes it
     assert expire.main(["--config", str(ini), "--remove"]) == 0
     assert not held.exists() and young.exists()

@@ -57,6 +57,30 @@ def test_hash_and_verify():
     assert hash_password("same") != hash_password("same")  # salted
 
 
+def test_a_creation_answers_only_once_password_and_directory_entry_are_synced(store, monkeypatch):
+    """Durability: the password file's data and its name in the account directory are
+    fsynced before create() returns (the rename comes first, so one journal commit
+    carries both)."""
+    synced: list[tuple[tuple[int, int], bool]] = []  # (device, inode), password named yet
+    real_fsync = os.fsync
+
+    def recording_fsync(fd):
+        st = os.fstat(fd)
+        home = store.root / f"durable@{DOMAIN}"
+        synced.append(((st.st_dev, st.st_ino), (home / "password").exists()))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", recording_fsync)
+    account = store.create(f"durable@{DOMAIN}", "durable-password").account
+    monkeypatch.undo()
+    pw, home = account.password_path.stat(), account.home.stat()
+    inodes = {ino for ino, _ in synced}
+    assert (pw.st_dev, pw.st_ino) in inodes
+    assert (home.st_dev, home.st_ino) in inodes
+    # the directory's fsync came after the rename, so it covers the name
+    assert all(named for ino, named in synced if ino == (home.st_dev, home.st_ino))
+
+
 def test_create_layout(store):
     result = store.create(f"Alice@{DOMAIN}", "s3cret-password")
     assert result.created
