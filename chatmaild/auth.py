@@ -10,7 +10,9 @@ LOG LINES
 
 from __future__ import annotations
 
+import enum
 import logging
+from typing import Final, Literal
 
 from .accounts import Account, AccountStore, hash_password
 from .addr import AddressError
@@ -19,7 +21,13 @@ from .syslimits import resource_refusal
 
 log = logging.getLogger("doveauth")
 
-NO_ACCOUNT = object()  # AuthService.existing(): nothing stored yet, creation may be tried
+
+class _Missing(enum.Enum):
+    NO_ACCOUNT = "no account"
+
+
+# AuthService.existing(): nothing stored for the address yet, creation may be tried
+NO_ACCOUNT: Final = _Missing.NO_ACCOUNT
 
 
 class AuthService:
@@ -69,7 +77,7 @@ class AuthService:
             return None
         return self.create(user, hash_password(password))
 
-    def existing(self, user: str) -> dict[str, str] | None | object:
+    def existing(self, user: str) -> dict[str, str] | None | Literal[_Missing.NO_ACCOUNT]:
         """passdb fields of an existing account, None when it is disabled or the
         address invalid (both logged), NO_ACCOUNT when creation may be tried."""
         try:

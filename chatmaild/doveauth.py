@@ -183,7 +183,7 @@ class DoveauthDaemon(DictDaemon):
         """An existing, enabled account's fields, else whatever creation decides."""
         answer = self.auth.existing(username)
         if answer is not NO_ACCOUNT:
-            return answer  # type: ignore[return-value]  # no thread for existing accounts
+            return answer  # no thread for existing accounts
         if self.auth.creation_refused(username, password):
             return None
         loop = asyncio.get_running_loop()
