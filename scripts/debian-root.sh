@@ -19,6 +19,8 @@
 #   --private-network   the container gets its own network namespace (only lo):
 #                       its ports 25, 443, 993 ... never meet the host's
 #   --bind-ro=SRC[:DST] bind-mount a host directory read-only (repeatable)
+#   --bind=SRC[:DST]    bind-mount a host directory writable (repeatable), e.g. a
+#                       filesystem the container cannot make itself (no loop devices)
 # Without --private-network the host's network (loopback) is shared.
 # scripts/debian13.sh is `debian-root.sh trixie`.
 #
@@ -56,6 +58,7 @@ while [ $# -gt 0 ]; do
         --bare) BARE=1 ;;
         --private-network) PRIVATE_NETWORK=1 ;;
         --bind-ro=*) EXTRA_BINDS+=("--bind-ro=${1#--bind-ro=}") ;;
+        --bind=*) EXTRA_BINDS+=("--bind=${1#--bind=}") ;;
         -h | --help | help) sed -n '2,/^set -euo/p' "$0" | sed -e '/^set -euo/d' -e 's/^# \{0,1\}//'; exit 0 ;;
         -*) printf 'debian-root: unknown option %s\n' "$1" >&2; exit 2 ;;
         *) break ;;
