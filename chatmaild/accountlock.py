@@ -29,15 +29,12 @@ import errno
 import fcntl
 import os
 import time
-from collections.abc import Iterator
 
 PASSWORD = "password"
 PASSWORD_LOCK = PASSWORD + ".lock"
 PASSWORD_TMP_PREFIX = PASSWORD + ".tmp-"
 FLAG_ENFORCE_E2EE = "enforceE2EEincoming"
 POLL_INTERVAL = 0.01
-
-_LOCK_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
 
 
 def is_password_temp(name: str) -> bool:
@@ -51,35 +48,28 @@ def is_creation_leftover(name: str, empty: bool = False) -> bool:
     return name in (PASSWORD_LOCK, FLAG_ENFORCE_E2EE) or is_password_temp(name)
 
 
-def acquire(dir_fd: int, timeout: float) -> int | None:
-    """Lock the account directory ``dir_fd``; returns the lock's fd (close it to release).
+def acquire(dir_fd: int, timeout: float) -> bool:
+    """Lock the account directory open as ``dir_fd``; closing ``dir_fd`` releases it.
 
-    The lock is ``flock(LOCK_EX)`` on a descriptor of the directory itself, so
+    The lock is ``flock(LOCK_EX)`` on that descriptor of the directory itself, so
     taking it creates no file: one inode less per account creation, which is
     where a creation's kernel time goes (ext4 inode allocation).  ``timeout`` 0
-    tries once and returns None when another process holds the lock; otherwise
+    tries once and returns False when another process holds the lock; otherwise
     waits up to ``timeout`` seconds and raises TimeoutError.
     """
     deadline = time.monotonic() + timeout
-    fd = os.open(".", _LOCK_FLAGS, dir_fd=dir_fd)
-    try:
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                return fd
-            except BlockingIOError:
-                if time.monotonic() >= deadline:
-                    if timeout <= 0:
-                        os.close(fd)
-                        return None
-                    raise TimeoutError(
-                        errno.ETIMEDOUT, f"account directory locked for more than {timeout}s"
-                    ) from None
-                time.sleep(POLL_INTERVAL)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.close(fd)
-        raise
+    while True:
+        try:
+            fcntl.flock(dir_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return True
+        except BlockingIOError:
+            if time.monotonic() >= deadline:
+                if timeout <= 0:
+                    return False
+                raise TimeoutError(
+                    errno.ETIMEDOUT, f"account directory locked for more than {timeout}s"
+                ) from None
+            time.sleep(POLL_INTERVAL)
 
 
 def remove_password_temps(dir_fd: int) -> list[str]:
@@ -91,11 +81,3 @@ def remove_password_temps(dir_fd: int) -> list[str]:
                 os.unlink(name, dir_fd=dir_fd)
                 removed.append(name)
     return removed
-
-
-@contextlib.contextmanager
-def released(lock_fd: int) -> Iterator[int]:
-    try:
-        yield lock_fd
-    finally:
-        os.close(lock_fd)

@@ -388,17 +388,14 @@ class AccountStore:
                 dir_fd = os.open(account.home, _DIR_FLAGS)
             except FileNotFoundError:
                 continue  # removed between mkdir and open
-            try:
-                remaining = max(deadline - time.monotonic(), 0.001)
-                lock_fd = accountlock.acquire(dir_fd, remaining)
-                assert lock_fd is not None  # a positive timeout raises instead
-                with accountlock.released(lock_fd):
-                    if not _is_same_dir(account.home, dir_fd):
-                        continue  # removed or renamed away while we waited for the lock
-                    for name in accountlock.remove_password_temps(dir_fd):
-                        log.warning("%s: removed stale %s", account.addr, name)
-                    yield dir_fd
-                    return
+            try:  # closing dir_fd releases the lock
+                accountlock.acquire(dir_fd, max(deadline - time.monotonic(), 0.001))
+                if not _is_same_dir(account.home, dir_fd):
+                    continue  # removed or renamed away while we waited for the lock
+                for name in accountlock.remove_password_temps(dir_fd):
+                    log.warning("%s: removed stale %s", account.addr, name)
+                yield dir_fd
+                return
             finally:
                 os.close(dir_fd)
 

@@ -259,20 +259,18 @@ def _remove_without_password(root_fd: int, name: str) -> bool:
     """
     try:
         with open_dir(root_fd, (name,)) as fd:
-            lock_fd = accountlock.acquire(fd, 0)
-            if lock_fd is None:
+            if not accountlock.acquire(fd, 0):  # held until open_dir closes fd
                 log.info("%s: an account creation holds it, not removed", name)
                 return False
-            with accountlock.released(lock_fd):
-                try:
-                    st = os.stat(PASSWORD, dir_fd=fd, follow_symlinks=False)
-                except FileNotFoundError:
-                    pass
-                else:
-                    if st.st_size > 0 or not stat.S_ISREG(st.st_mode):
-                        log.info("%s: became an account during the run, not removed", name)
-                        return False
-                return remove_account(root_fd, name)
+            try:
+                st = os.stat(PASSWORD, dir_fd=fd, follow_symlinks=False)
+            except FileNotFoundError:
+                pass
+            else:
+                if st.st_size > 0 or not stat.S_ISREG(st.st_mode):
+                    log.info("%s: became an account during the run, not removed", name)
+                    return False
+            return remove_account(root_fd, name)
     except FileNotFoundError:
         return False
 
@@ -281,14 +279,12 @@ def _remove_stale_temps(root_fd: int, plan: MailboxPlan) -> None:
     """Unlink an account's old password.tmp-* files under its lock (skipped while busy)."""
     try:
         with open_dir(root_fd, (plan.name,)) as fd:
-            lock_fd = accountlock.acquire(fd, 0)
-            if lock_fd is None:
+            if not accountlock.acquire(fd, 0):  # held until open_dir closes fd
                 return  # a password write is running: its own cleanup takes them
-            with accountlock.released(lock_fd):
-                for tmp in plan.stale_temps:
-                    with contextlib.suppress(FileNotFoundError):
-                        os.unlink(tmp, dir_fd=fd)
-                        log.info("%s: removed stale %s", plan.name, tmp)
+            for tmp in plan.stale_temps:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(tmp, dir_fd=fd)
+                    log.info("%s: removed stale %s", plan.name, tmp)
     except FileNotFoundError:
         return
 
