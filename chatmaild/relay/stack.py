@@ -870,14 +870,14 @@ class Relay:
         check after the start still catches another listener)."""
         if self._reserved:
             return
-        for key in PORT_KEYS.values():
-            held = reserve_port(int(getattr(self.config, key)))
+        for name in PORT_KEYS:
+            held = reserve_port(int(self.ports[name]))
             if held is not None:
                 self._reserved.append(held)
 
     def _check_ports_unshared(self) -> None:
         """Refuse to run when another process listens on one of our ports too."""
-        ports = {int(getattr(self.config, key)): name for name, key in PORT_KEYS.items()}
+        ports = {int(self.ports[name]): name for name in PORT_KEYS}
         shared = {
             port: count for port, count in _listeners_per_port().items()
             if port in ports and count > 1
