@@ -335,20 +335,25 @@ def _doveauth_in(tmpdir: Path, mail_root: Path, accounts: int):
     stored = hash_password("bench-password")
     for i in range(accounts):
         store.create(f"user{i:05d}@{DOMAIN}", stored, password_is_hash=True)
-    with open(tmpdir / "doveauth.log", "wb") as log:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "chatmaild.doveauth", "--config", str(ini)],
-            stdout=log,
-            stderr=log,
-        )
+    cmd = [sys.executable, "-m", "chatmaild.doveauth", "--config", str(ini)]
+    with _serving(cmd, tmpdir / "doveauth.log", (sock, http_sock)) as proc:
+        yield proc, sock, http_sock
+
+
+@contextlib.contextmanager
+def _serving(cmd: list[str], log_path: Path, sockets: tuple[Path, ...], **popen):
+    """Start the daemon ``cmd`` (output to ``log_path``), yield it once all its
+    ``sockets`` exist; terminate it however the block ends, then sync the disks."""
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=log, **popen)
         try:
             deadline = time.monotonic() + 20
-            while not (sock.exists() and http_sock.exists()):
+            while not all(sock.exists() for sock in sockets):
                 if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError("doveauth did not start")
+                    raise RuntimeError(f"{cmd[0]} did not start (see {log_path})")
                 time.sleep(0.05)
             time.sleep(0.5)
-            yield proc, sock, http_sock
+            yield proc
         finally:
             proc.terminate()
             proc.wait(30)
@@ -375,7 +380,8 @@ def fresh_ext4(size_mb: int = 1024):
     """
     given = os.environ.get(FRESH_EXT4_ENV)
     if given:  # made by whoever set it (a container has no loop devices)
-        yield Path(tempfile.mkdtemp(prefix="bench-ext4-", dir=given))
+        with tempfile.TemporaryDirectory(prefix="bench-ext4-", dir=given) as below:
+            yield Path(below)
         return
     base = Path(tempfile.mkdtemp(prefix="bench-ext4-", dir="/var/tmp"))
     image, mnt = base / "fs.img", base / "mnt"
@@ -433,21 +439,9 @@ def reference_doveauth(executable: str, mail_root: Path):
         )
         sock = tmpdir / "doveauth.socket"
         env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # not our package
-        with open(tmpdir / "doveauth.log", "wb") as log:
-            proc = subprocess.Popen([executable, str(sock), str(ini)], stdout=log, stderr=log,
-                                    env=env, cwd="/")  # fmt: skip
-            try:
-                deadline = time.monotonic() + 20
-                while not sock.exists():
-                    if proc.poll() is not None or time.monotonic() > deadline:
-                        raise RuntimeError(f"reference doveauth did not start: {executable}")
-                    time.sleep(0.05)
-                time.sleep(0.5)
-                yield proc, sock
-            finally:
-                proc.terminate()
-                proc.wait(30)
-        os.sync()
+        cmd = [executable, str(sock), str(ini)]
+        with _serving(cmd, tmpdir / "doveauth.log", (sock,), env=env, cwd="/") as proc:
+            yield proc, sock
 
 
 def bench_creations_against_reference() -> None:
@@ -458,8 +452,10 @@ def bench_creations_against_reference() -> None:
         print(f"reference_creations: not measured (set {REFERENCE_ENV} to its doveauth)")
         return
     rates: dict[str, list[float]] = {"ours": [], "reference": []}
-    for r in range(FRESH_ROUNDS * 2):
-        kind = ("ours", "reference")[r % 2 ^ (r // 2) % 2]  # ours, ref, ref, ours, ...
+    pair = ("ours", "reference")
+    # taking turns, each one first every other round: ours, ref, ref, ours, ...
+    order = [kind for r in range(FRESH_ROUNDS) for kind in (pair if r % 2 == 0 else pair[::-1])]
+    for kind in order:
         with fresh_ext4() as mnt:
             if mnt is None:
                 return
