@@ -375,6 +375,23 @@ class Config:
     imap_port: int = _key(parse_port, "IMAP STARTTLS port", 143)
     imaps_port: int = _key(parse_port, "IMAP implicit-TLS port", 993)
     newemail_port: int = _key(parse_port, "HTTPS onboarding endpoint port", 443)
+    web_max_connections: int = _key(
+        _int_in(1, 1_000_000), "connections the web port holds open at once, in all", 1024
+    )
+    web_max_connections_per_ip: int = _key(
+        _int_in(1, 1_000_000),
+        "connections the web port holds open at once from one IPv4 address or IPv6 /64",
+        32,
+    )
+    web_max_handshakes: int = _key(
+        _int_in(1, 100_000), "TLS handshakes in progress at once on the web port", 64
+    )
+    web_handshake_rate: int = _key(
+        _int_in(1, 1_000_000),
+        "TLS handshakes a second on the web port from one IPv4 address or IPv6 /64"
+        " (twice as many at once)",
+        10,
+    )
     disable_ipv6: bool = _key(parse_bool, "IPv4 only", False)
     imap_rawlog: bool = _key(parse_bool, "keep raw IMAP logs per user", False)
     imap_compress: bool = _key(parse_bool, "enable IMAP COMPRESS (disables hibernation)", False)

@@ -1,6 +1,6 @@
 """The relay's web front door over HTTPS: home page with the invite QR code, and /new.
 
-Routes (aiohttp; HEAD works wherever GET does, other methods get 405 with Allow):
+Routes (HEAD works wherever GET does, other methods get 405 with Allow):
 
     GET  /, /index.html   home page: the invite QR code (DCACCOUNT:https://<host>/new)
                           and a button opening the invite in Delta Chat
@@ -21,26 +21,41 @@ POST /new hands out a random address of this relay and a random password; the
 localpart has ``username_max_length`` characters from a-z0-9, the password
 ``password_min_length + 3`` from letters, digits and punctuation (``secrets``
 RNG).  Nothing is stored: the account comes into existence on the first
-IMAP/SMTP login.  /new is limited per client IP (token bucket: 2 per second,
-burst 5); more get 429.
+IMAP/SMTP login.  Credentials (/new, and the home page reached by IP) are
+limited per client (IPv4 address or IPv6 /64): 2 a second, 5 at once; /new
+then answers 429, the home page shows the invite without a ready account.
 
-When the request's Host is an IP address (a relay without DNS, like ``make
-run``), links name that IP and its port, the ``dclogin:`` link carries the
-actual IMAP and submission ports, and the home page's button is such a ready
-``dclogin:`` account, because the app could not look the relay up by name.
+Links never name what the request's Host says: they name mail_domain; for an
+IP-only relay (mail_domain an address) that address and newemail_port; and
+for a relay with a name reached by IP address (no DNS, like ``make run``) the
+address and port the client connected to.  Then the ``dclogin:`` link carries
+the actual IMAP and submission ports, and the home page's button is such a
+ready ``dclogin:`` account, because the app could not look the relay up by
+name.  Pages and QR codes are drawn once per name or address.
 
-Limits: request line and each header field 8190 bytes; at most 80 KiB
-received per request (header and body; bodies are never read, and one above
-64 KiB gets 413); the first request within --request-timeout seconds of the
-connection, which is also the idle time allowed between keep-alive requests;
-a connection open --connection-timeout seconds at most.
+Limits: connections open at once, in all and per client (web_max_connections,
+web_max_connections_per_ip); a new connection must send its first byte within
+--first-byte-timeout seconds (until then it holds no TLS state); TLS
+handshakes in progress at once (web_max_handshakes) and a second per client
+(web_handshake_rate), each done within 10 s; request line and each
+header field 8190 bytes, at most 32 fields; at most 80 KiB received per
+request (header and body; bodies are never read, and one above 64 KiB gets
+413); the request header complete within --request-timeout seconds of the
+handshake, which is also the idle time allowed between keep-alive requests; a
+connection open --connection-timeout seconds at most.  What the limits refuse
+is closed at once and logged once, then summarised once a minute.
 
 LOG LINES
     issued credentials for ADDR to IP
     rate limited: IP
+    rate limited: N more from M client(s) in the last 60 s
+    too many connections: IP             (and the same summary line)
+    connection limit reached: IP
+    too many TLS handshakes in progress: IP
+    TLS handshakes too fast: IP
 
 FILES
-    /etc/chatmail/chatmail.ini    configuration (mail_domain, newemail_port,
+    /etc/chatmail/chatmail.ini    configuration (mail_domain, newemail_port, web_*,
                                   tls_external_cert_and_key, www_folder, privacy_*,
                                   and the limits the info page shows)
     /etc/chatmail/tls/{cert,key}.pem   certificate when no external one is configured
@@ -52,43 +67,41 @@ SIGNALS
 from __future__ import annotations
 
 import argparse
+import asyncio
 import email.utils
 import functools
 import ipaddress
+import json
 import logging
 import os
 import re
 import secrets
 import ssl
 import string
-import time
 import urllib.parse
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
-
-from aiohttp import web
-from aiohttp.http_exceptions import HttpProcessingError
+from collections.abc import Callable
+from dataclasses import dataclass
 
 from .config import Config
+from .filtermail.ratelimit import RateLimiter
 from .service import Daemon, Endpoint, run_daemon
 from .web import pages, static
-from .web.guard import ConnectionGuard, guard_of
+from .web.limits import Admission, RefusalLog, source_of
 from .web.qr import qr_svg_document
+from .web.server import HttpsServer, Request, Response, Settings
 
 DEFAULT_TLS = ("/etc/chatmail/tls/cert.pem", "/etc/chatmail/tls/key.pem")
 LOCALPART_ALPHABET = string.ascii_lowercase + string.digits
 PASSWORD_ALPHABET = string.ascii_letters + string.digits + string.punctuation
 NEW_PATHS = ("/new", "/cgi-bin/newemail.py")
-MAX_LINE_BYTES = 8190
-MAX_HEADER_FIELDS = 32
-MAX_HEADER_BYTES = 16 * 1024
-MAX_BODY_BYTES = 64 * 1024
 REQUEST_TIMEOUT = 10.0
 CONNECTION_TIMEOUT = 300.0
-# a body nobody reads is drained this long before the connection closes
-LINGER_SECONDS = 2.0
+FIRST_BYTE_TIMEOUT = 5.0
 PAGE_MAX_AGE = 600
 JSON_TYPE = "application/json"
+# credentials per client: 2 a second, 5 at once (/new and the home page reached by IP)
+CREDENTIALS_PER_MINUTE = 120
+CREDENTIALS_BURST = 5
 
 
 # ---------------------------------------------------------------- pure logic
@@ -139,16 +152,32 @@ def dcaccount_url(host: str) -> str:
 def host_is_ip(host: str) -> str | None:
     """The IP address of a Host header value (``1.2.3.4:443``, ``[::1]:8443``), else None."""
     host = host.strip()
+    if not re.fullmatch(r"[\w.:\[\]]+", host):
+        return None
     if host.startswith("["):
         name = host[1:].split("]", 1)[0]
     elif host.count(":") == 1:
         name = host.split(":", 1)[0]
     else:
         name = host
+    return ip_literal(name)
+
+
+def ip_literal(name: str) -> str | None:
+    """``name`` as a normalized IP address (IPv4-mapped IPv6 as IPv4), else None."""
     try:
-        return str(ipaddress.ip_address(name))
+        addr = ipaddress.ip_address(name.strip("[]").split("%", 1)[0])
     except ValueError:
         return None
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        return str(addr.ipv4_mapped)
+    return str(addr)
+
+
+def host_port(ip: str, port: int) -> str:
+    """How a URL names ``ip`` and ``port`` (443 is https's own)."""
+    host = f"[{ip}]" if ":" in ip else ip
+    return host if port == 443 else f"{host}:{port}"
 
 
 @dataclass(frozen=True)
@@ -159,14 +188,23 @@ class Audience:
     ip: str | None
 
 
-def audience(config: Config, host_header: str | None) -> Audience:
-    """Links name the relay's own domain, not a client-supplied Host; only a relay
-    reached by IP address (no DNS, like ``make run``) is named as the client reached it."""
-    host = (host_header or "").strip()
-    ip = host_is_ip(host) if host and re.fullmatch(r"[\w.:\[\]]+", host) else None
-    if ip:
-        return Audience(host, ip)
-    return Audience(config.mail_domain.strip("[]"), None)
+def audience(config: Config, host_header: str | None, local: tuple[str, int]) -> Audience:
+    """What links name: always the relay's own name or address, never the request's.
+
+    An IP-only relay (``mail_domain`` an address) names that address and
+    ``newemail_port``.  A relay with a name, reached by IP address (no DNS, like
+    ``make run``: the Host is an address), names the address and port the client
+    connected to, ``local`` (the socket's own end: one of the machine's addresses,
+    which no client chooses).  Otherwise: ``mail_domain``.
+    """
+    own = ip_literal(config.mail_domain)
+    if own is not None:
+        return Audience(host_port(own, config.newemail_port), own)
+    if host_header and host_is_ip(host_header):
+        ip = ip_literal(local[0])
+        if ip is not None:
+            return Audience(host_port(ip, local[1]), ip)
+    return Audience(config.mail_domain, None)
 
 
 def account_link(config: Config, addr: str, password: str, ip: str | None) -> str:
@@ -192,38 +230,12 @@ def new_account(config: Config, who: Audience) -> tuple[dict[str, str], str]:
     return {"email": addr, "password": password, "dclogin_url": link}, addr
 
 
-@dataclass
-class RateLimiter:
-    """Token bucket per key: ``rate`` tokens per second, at most ``burst``."""
-
-    rate: float = 2.0
-    burst: float = 5.0
-    buckets: dict[str, tuple[float, float]] = field(default_factory=dict)
-
-    def allow(self, key: str, now: float | None = None) -> bool:
-        now = time.monotonic() if now is None else now
-        tokens, last = self.buckets.get(key, (self.burst, now))
-        tokens = min(self.burst, tokens + (now - last) * self.rate)
-        if tokens < 1:
-            self.buckets[key] = (tokens, now)
-            return False
-        self.buckets[key] = (tokens - 1, now)
-        if len(self.buckets) > 100_000:
-            # a bucket that has refilled is the same as no bucket: forget those
-            self.buckets = {
-                k: (t, at)
-                for k, (t, at) in self.buckets.items()
-                if t + (now - at) * self.rate < self.burst
-            }
-        return True
-
-
-def is_fresh(request: web.BaseRequest, etag: str, mtime: float | None = None) -> bool:
+def is_fresh(request: Request, etag: str, mtime: float | None = None) -> bool:
     """Whether the client's cached copy is current (If-None-Match, else If-Modified-Since)."""
-    match = request.headers.get("If-None-Match")
+    match = request.headers.get("if-none-match")
     if match is not None:
         return match.strip() == "*" or etag in [t.strip() for t in match.split(",")]
-    since = request.headers.get("If-Modified-Since")
+    since = request.headers.get("if-modified-since")
     if since and mtime is not None:
         try:
             when = email.utils.parsedate_to_datetime(since).timestamp()
@@ -233,25 +245,40 @@ def is_fresh(request: web.BaseRequest, etag: str, mtime: float | None = None) ->
     return False
 
 
+def text_response(status: int, text: str, **headers: str) -> Response:
+    return Response(status, {"Content-Type": "text/plain; charset=utf-8", **headers}, text.encode())
+
+
 @functools.lru_cache(maxsize=16)
 def invite_svg_document(invite: str) -> bytes:
-    # a relay has one invite per name it is reached by: drawn once each
+    # one invite per address of the relay (never one a client names): drawn once each
     return qr_svg_document(invite, title=invite)
 
 
 # ---------------------------------------------------------------- the web application
 
 
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+Handler = Callable[[Request], Response]
+COMMON_HEADERS = {
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-store",
+    "Server": "chatmaild",
+}
 
 
 class FrontDoor:
-    """Request handlers with the relay's config; ``app()`` wires them up."""
+    """Request handlers with the relay's config: ``handle`` answers one request.
+
+    Every page and QR code is drawn from the config, once per relay name or
+    address; a request only picks one and, reached by IP, adds fresh credentials.
+    """
 
     def __init__(self, config: Config, log: logging.Logger | None = None) -> None:
         self.config = config
         self.log = log or logging.getLogger("chatmail-newemail")
-        self.limiter = RateLimiter()
+        self.limiter = RateLimiter(CREDENTIALS_PER_MINUTE, CREDENTIALS_BURST)
+        self.refusals = RefusalLog(self.log)
         self.www_folder = self._site_folder(config.www_folder)
         self.csp = pages.content_security_policy()
         self.info = pages.info_page(config)
@@ -259,6 +286,7 @@ class FrontDoor:
         own = dcaccount_url(pages.public_name(config))
         # the home page of the relay's own name is always the same: made once
         self.home = pages.home_page(config, own, own, by_ip=False)
+        self.routes = self._routes()
 
     def _site_folder(self, folder: str) -> str | None:
         if not folder:
@@ -273,93 +301,89 @@ class FrontDoor:
             return None
         return folder
 
-    def app(self) -> web.Application:
-        app = web.Application(middlewares=[self.headers_middleware])
-        r = app.router
-        r.add_get("/new", self.new_redirect)
-        r.add_post("/new", self.new_post)
-        r.add_post("/cgi-bin/newemail.py", self.new_post)
-        r.add_get("/invite.svg", self.invite_svg)
-        if self.www_folder:
-            r.add_get("/{path:.*}", self.site_file)
-        else:
-            for path in ("/", "/index.html"):
-                r.add_get(path, self.page_handler(self.home, self.home_by_ip))
-            r.add_get("/info.html", self.page_handler(self.info))
-            r.add_get("/privacy.html", self.page_handler(self.privacy))
-        return app
+    def _routes(self) -> dict[str, dict[str, Handler]]:
+        routes: dict[str, dict[str, Handler]] = {
+            "/new": {"GET": self.new_redirect, "POST": self.new_post},
+            "/cgi-bin/newemail.py": {"POST": self.new_post},
+            "/invite.svg": {"GET": self.invite_svg},
+        }
+        if not self.www_folder:
+            home = self.page_handler(self.home, self.home_by_ip)
+            routes["/"] = routes["/index.html"] = {"GET": home}
+            routes["/info.html"] = {"GET": self.page_handler(self.info)}
+            routes["/privacy.html"] = {"GET": self.page_handler(self.privacy)}
+        return routes
 
-    @web.middleware
-    async def headers_middleware(self, request: web.Request, handler: Handler):
-        guard = guard_of(request.protocol)
-        if guard is not None:
-            guard.request_started()
-        try:
-            response = await handler(request)
-        except web.HTTPException as exc:
-            self._common_headers(exc)
-            raise
-        self._common_headers(response)
-        return response
-
-    @staticmethod
-    def _common_headers(response: web.StreamResponse) -> None:
-        h = response.headers
-        h.setdefault("X-Content-Type-Options", "nosniff")
-        h.setdefault("Referrer-Policy", "no-referrer")
-        h.setdefault("Cache-Control", "no-store")
-        h["Server"] = "chatmaild"
+    async def handle(self, request: Request) -> Response:
+        methods = self.routes.get(request.path)
+        if methods is None:
+            if not self.www_folder:
+                return text_response(404, "404: Not Found\n")
+            methods = {"GET": self.site_file}
+        handler = methods.get("GET" if request.method == "HEAD" else request.method)
+        if handler is None:
+            allowed = [m for m in ("GET", "HEAD", "POST") if m in methods or (
+                m == "HEAD" and "GET" in methods)]  # fmt: skip
+            return text_response(405, "405: Method Not Allowed\n", Allow=",".join(allowed))
+        return handler(request)
 
     # -- /new
 
-    def _client_ip(self, request: web.BaseRequest) -> str:
-        return request.remote or "local"
+    def _who(self, request: Request) -> Audience:
+        return audience(self.config, request.host, request.local)
 
-    def _rate_limited(self, request: web.BaseRequest) -> web.Response | None:
-        ip = self._client_ip(request)
-        if self.limiter.allow(ip):
-            return None
-        self.log.info("rate limited: %s", ip)
-        return web.Response(status=429, text="slow down\n", headers={"Retry-After": "1"})
+    def _credentials_allowed(self, request: Request) -> bool:
+        if self.limiter.check(source_of(request.remote)) == 0:
+            return True
+        self.refusals.note("rate limited", request.remote)
+        return False
 
-    async def new_redirect(self, request: web.Request) -> web.StreamResponse:
-        if (limited := self._rate_limited(request)) is not None:
-            return limited
-        who = audience(self.config, request.headers.get("Host"))
-        return web.Response(status=301, headers={"Location": dcaccount_url(who.host)})
+    @staticmethod
+    def _slow_down() -> Response:
+        return text_response(429, "slow down\n", **{"Retry-After": "1"})
 
-    async def new_post(self, request: web.Request) -> web.StreamResponse:
-        if (request.content_length or 0) > MAX_BODY_BYTES:
-            raise web.HTTPRequestEntityTooLarge(
-                max_size=MAX_BODY_BYTES, actual_size=request.content_length or 0
-            )
-        if (limited := self._rate_limited(request)) is not None:
-            return limited
-        data, addr = new_account(self.config, audience(self.config, request.headers.get("Host")))
-        self.log.info("issued credentials for %s to %s", addr, self._client_ip(request))
-        return web.json_response(data, headers={"Cache-Control": "no-store"})
+    def new_redirect(self, request: Request) -> Response:
+        if not self._credentials_allowed(request):
+            return self._slow_down()
+        return Response(301, {"Location": dcaccount_url(self._who(request).host)})
+
+    def new_post(self, request: Request) -> Response:
+        if not self._credentials_allowed(request):
+            return self._slow_down()
+        data, addr = new_account(self.config, self._who(request))
+        self.log.info("issued credentials for %s to %s", addr, request.remote)
+        body = json.dumps(data).encode()
+        return Response(200, {"Content-Type": f"{JSON_TYPE}; charset=utf-8"}, body)
 
     # -- pages
 
-    def home_by_ip(self, request: web.BaseRequest) -> pages.Page | None:
+    def home_by_ip(self, request: Request) -> pages.Page | None:
         """The home page for a client that reached us by IP: a fresh ready account each
-        time (None when it used a name)."""
-        who = audience(self.config, request.headers.get("Host"))
+        time, while the client's credentials rate allows (None when it used a name)."""
+        who = self._who(request)
         if who.ip is None:
             return None
+        invite = dcaccount_url(who.host)
+        if not self._credentials_allowed(request):
+            return self._home_by_ip_without_account(invite)
         addr, password = generate_credentials(self.config)
-        self.log.info("issued credentials for %s to %s", addr, self._client_ip(request))
+        # a page view, not worth a line each: the account exists only once it logs in
+        self.log.debug("issued credentials for %s to %s", addr, request.remote)
         link = account_link(self.config, addr, password, who.ip)
-        return pages.home_page(self.config, dcaccount_url(who.host), link, by_ip=True)
+        return pages.home_page(self.config, invite, link, by_ip=True)
+
+    @functools.lru_cache(maxsize=16)  # noqa: B019 (one FrontDoor per process)
+    def _home_by_ip_without_account(self, invite: str) -> pages.Page:
+        return pages.home_page(self.config, invite, invite, by_ip=True)
 
     def page_handler(
         self,
         fixed: pages.Page,
-        per_request: Callable[[web.BaseRequest], pages.Page | None] | None = None,
+        per_request: Callable[[Request], pages.Page | None] | None = None,
     ) -> Handler:
         """Serve ``fixed``, unless ``per_request`` makes a page for this request."""
 
-        async def handler(request: web.Request) -> web.StreamResponse:
+        def handler(request: Request) -> Response:
             page = per_request(request) if per_request else None
             if page is not None:
                 # holds credentials made for this visit: never cached, never revalidated
@@ -371,89 +395,54 @@ class FrontDoor:
         return handler
 
     def _page_response(
-        self, request: web.BaseRequest, page: pages.Page, cache: str, page_etag: bool = False
-    ) -> web.Response:
+        self, request: Request, page: pages.Page, cache: str, page_etag: bool = False
+    ) -> Response:
         headers = {"Cache-Control": cache, "Content-Security-Policy": self.csp}
         if page_etag:
             headers["ETag"] = page.etag
             if is_fresh(request, page.etag):
-                return web.Response(status=304, headers=headers)
-        return web.Response(
-            body=page.body, content_type=page.content_type, charset="utf-8", headers=headers
-        )
+                return Response(304, headers)
+        headers["Content-Type"] = f"{page.content_type}; charset=utf-8"
+        return Response(200, headers, page.body)
 
-    async def invite_svg(self, request: web.Request) -> web.StreamResponse:
-        invite = dcaccount_url(audience(self.config, request.headers.get("Host")).host)
-        body = invite_svg_document(invite)
-        return web.Response(
-            body=body,
-            content_type="image/svg+xml",
-            headers={"Cache-Control": f"public, max-age={PAGE_MAX_AGE}"},
+    def invite_svg(self, request: Request) -> Response:
+        body = invite_svg_document(dcaccount_url(self._who(request).host))
+        return Response(
+            200,
+            {"Content-Type": "image/svg+xml", "Cache-Control": f"public, max-age={PAGE_MAX_AGE}"},
+            body,
         )
 
     # -- www_folder
 
-    async def site_file(self, request: web.Request) -> web.StreamResponse:
+    def site_file(self, request: Request) -> Response:
         assert self.www_folder is not None
         found = static.lookup(self.www_folder, request.path)
         if isinstance(found, static.Redirect):
-            return web.Response(status=301, headers={"Location": found.location})
-        # (a response is a mapping, so an empty one is falsy: compare with None)
-        if found is not None and (response := await self._send_file(request, found)) is not None:
+            return Response(301, {"Location": found.location})
+        if found is not None and (response := self._file(request, found)) is not None:
             return response
         page404 = static.not_found_page(self.www_folder)
-        if page404 is not None:
-            response = await self._send_file(request, page404, 404)
-            if response is not None:
-                return response
-        raise web.HTTPNotFound()
+        if page404 is not None and (response := self._file(request, page404, 404)) is not None:
+            return response
+        return text_response(404, "404: Not Found\n")
 
-    async def _send_file(
-        self, request: web.Request, found: static.Found, status: int = 200
-    ) -> web.StreamResponse | None:
+    def _file(self, request: Request, found: static.Found, status: int = 200) -> Response | None:
         opened = static.open_file(found)
         if opened is None:
             return None
         fd, st = opened
-        with open(fd, "rb") as f:
-            etag = f'"{st.st_ino:x}-{st.st_size:x}-{st.st_mtime_ns:x}"'
-            headers = {"Cache-Control": "public, max-age=300", "ETag": etag}
-            if status == 200 and is_fresh(request, etag, st.st_mtime):
-                return web.Response(status=304, headers=headers)
-            response = web.StreamResponse(status=status, headers=headers)
-            response.content_type = static.content_type(found.path)
-            response.content_length = st.st_size
-            response.last_modified = st.st_mtime
-            await response.prepare(request)
-            try:
-                if request.method != "HEAD":
-                    # local reads are short; a slow client blocks only its own coroutine
-                    while chunk := f.read(64 * 1024):
-                        await response.write(chunk)
-                await response.write_eof()
-            except ConnectionError:
-                # the client left, or its connection was cut: nothing to log as an error
-                self.log.debug("connection lost while sending %s", request.path)
-            return response
+        etag = f'"{st.st_ino:x}-{st.st_size:x}-{st.st_mtime_ns:x}"'
+        headers = {"Cache-Control": "public, max-age=300", "ETag": etag}
+        if status == 200 and is_fresh(request, etag, st.st_mtime):
+            os.close(fd)
+            return Response(304, headers)
+        headers["Content-Type"] = static.content_type(found.path)
+        headers["Last-Modified"] = email.utils.formatdate(st.st_mtime, usegmt=True)
+        return Response(status, headers, file=open(fd, "rb"), file_size=st.st_size)
 
 
 # ---------------------------------------------------------------- daemon
-
-
-class QuietBadRequests(logging.Filter):
-    """aiohttp logs every malformed request with a traceback at ERROR level; on a
-    public port that is noise from scanners: one debug line is enough."""
-
-    def __init__(self, log: logging.Logger) -> None:
-        super().__init__()
-        self.log = log
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        exc = record.exc_info[1] if record.exc_info else None
-        if isinstance(exc, HttpProcessingError):
-            self.log.debug("bad request: %s", exc)
-            return False
-        return True
 
 
 class NewEmailDaemon(Daemon):
@@ -465,14 +454,15 @@ class NewEmailDaemon(Daemon):
         self.tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         self.tls.minimum_version = ssl.TLSVersion.TLSv1_2
         self.tls.load_cert_chain(cert, key)
-        self.request_timeout = getattr(args, "request_timeout", REQUEST_TIMEOUT)
-        self.connection_timeout = getattr(args, "connection_timeout", CONNECTION_TIMEOUT)
-        self.stop_timeout = getattr(args, "stop_timeout", 30.0)
+        arg = functools.partial(getattr, args)
+        self.settings = Settings(
+            first_byte_timeout=arg("first_byte_timeout", FIRST_BYTE_TIMEOUT),
+            request_timeout=arg("request_timeout", REQUEST_TIMEOUT),
+            lifetime=arg("connection_timeout", CONNECTION_TIMEOUT),
+        )
+        self.stop_timeout = arg("stop_timeout", 30.0)
         self.front = FrontDoor(config, self.log)
-        self.runner: web.AppRunner | None = None
-
-    def ssl_context(self) -> ssl.SSLContext:
-        return self.tls
+        self.server: HttpsServer | None = None
 
     def endpoint(self) -> Endpoint:
         # every interface (the relay's public onboarding); --listen narrows it
@@ -480,60 +470,61 @@ class NewEmailDaemon(Daemon):
             "0.0.0.0" if self.config.disable_ipv6 else "::", self.config.newemail_port
         )
 
+    def _connection_budget(self) -> int:
+        """web_max_connections, lowered when the open-files limit could not hold it (each
+        connection may hold a socket and a file of www_folder)."""
+        import resource
+
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        fit = (soft - 64) // 2
+        wanted = self.config.web_max_connections
+        if fit < wanted:
+            self.log.warning(
+                "open files limit %d holds %d connections, not web_max_connections = %d: "
+                "serving at most %d (raise LimitNOFILE= to serve more)",
+                soft, fit, wanted, max(fit, 1),
+            )  # fmt: skip
+            return max(fit, 1)
+        return wanted
+
     async def start(self) -> None:
-        http_log = logging.getLogger(f"{self.name}.http")
-        http_log.addFilter(QuietBadRequests(self.log))
-        self.runner = web.AppRunner(
-            self.front.app(),
-            handle_signals=False,
-            access_log=None,
-            logger=http_log,
-            keepalive_timeout=self.request_timeout,
-            max_line_size=MAX_LINE_BYTES,
-            max_field_size=MAX_LINE_BYTES,
-            max_headers=MAX_HEADER_FIELDS,
-            lingering_time=LINGER_SECONDS,
+        c = self.config
+        admission = Admission(
+            max_connections=self._connection_budget(),
+            max_per_source=c.web_max_connections_per_ip,
+            max_handshakes=c.web_max_handshakes,
+            handshakes_per_minute=60 * c.web_handshake_rate,
+            handshake_burst=2 * c.web_handshake_rate,
         )
-        await self.runner.setup()
+        self.server = HttpsServer(
+            self.front.handle, self.tls, self.log, self.settings, admission, COMMON_HEADERS
+        )
+        # the front door's refusals are summarised with the server's
+        self.front.refusals = self.server.refusals
 
-    def protocol_factory(self) -> Callable[[], ConnectionGuard]:
-        assert self.runner is not None and self.runner.server is not None
-        server = self.runner.server
-
-        def guarded() -> ConnectionGuard:
-            return ConnectionGuard(
-                server(),
-                header_timeout=self.request_timeout,
-                lifetime=self.connection_timeout,
-                max_request_bytes=MAX_HEADER_BYTES + MAX_BODY_BYTES,
-            )
-
-        return guarded
+    def protocol_factory(self) -> Callable[[], asyncio.Protocol]:
+        assert self.server is not None
+        return self.server.protocol
 
     async def stop(self) -> None:
-        if self.runner is None:
-            return
-        if self.runner.server is not None:
+        if self.server is not None:
             # requests in flight finish (bounded), idle keep-alive connections close
-            await self.runner.server.shutdown(self.stop_timeout)
-        await self.runner.cleanup()
+            await self.server.shutdown(self.stop_timeout)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--request-timeout",
-        type=float,
-        default=REQUEST_TIMEOUT,
-        metavar="SECONDS",
-        help="time to send a request header, and idle time between requests (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--connection-timeout",
-        type=float,
-        default=CONNECTION_TIMEOUT,
-        metavar="SECONDS",
-        help="longest time a connection stays open (default: %(default)s)",
-    )
+    limits = [
+        ("--request-timeout", float, REQUEST_TIMEOUT, "SECONDS",
+         "time to send a request header, and idle time between requests"),
+        ("--connection-timeout", float, CONNECTION_TIMEOUT, "SECONDS",
+         "longest time a connection stays open"),
+        ("--first-byte-timeout", float, FIRST_BYTE_TIMEOUT, "SECONDS",
+         "time a new connection may stay silent before its TLS handshake"),
+    ]  # fmt: skip
+    for flag, kind, default, metavar, text in limits:
+        parser.add_argument(
+            flag, type=kind, default=default, metavar=metavar, help=f"{text} (default: %(default)s)"
+        )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -43,7 +43,8 @@ DOMAIN = "chat.example.org"
 DEBS = "/debs"  # where the machine sees the built package
 DAEMONS = [
     "chatmail-dict.service",  # doveauth, lastlogin, metadata
-    "filtermail.service",  # outgoing, incoming, milter, newemail
+    "filtermail.service",  # outgoing, incoming, milter
+    "chatmail-newemail.service",  # the web front door, on its own
 ]
 TIMERS = ["chatmail-expire.timer", "chatmail-fsreport.timer"]
 # the unit that runs Postfix's master: an instance of postfix@ on Debian 12,
@@ -175,7 +176,7 @@ def test_package_on_a_fresh_machine(debs, suite, tmp_path):
         print(f"{suite}: apt-get install took {install_seconds:.0f} s")
         assert "DNS records to publish for chat.example.org" in out, out[-3000:]
         assert "opendkim._domainkey.chat.example.org. 3600 IN TXT" in out, out[-3000:]
-        for pkg in ("postfix", "dovecot-core", "python3-aiohttp", "python3-dkim"):
+        for pkg in ("postfix", "dovecot-core", "python3-h11", "python3-dkim"):
             assert f"Setting up {pkg} " in out, pkg
         assert not m.ok("command -v pip || command -v pip3"), "pip on the machine"
         # Debian's python3 makes /usr/local/lib/python3.X/dist-packages, empty: it stays so

@@ -6,22 +6,23 @@ import asyncio
 import concurrent.futures
 import http.client
 import json
+import logging
 import string
 import urllib.parse
 
 import pytest
-from aiohttp.test_utils import TestClient, TestServer
 
 from chatmaild.config import parse_params
+from chatmaild.filtermail.ratelimit import RateLimiter
 from chatmaild.newemail import (
     FrontDoor,
-    RateLimiter,
     audience,
     dclogin_url,
     generate_credentials,
     host_is_ip,
 )
 from chatmaild.relay import client_tls_context
+from chatmaild.web.server import Request
 
 
 @pytest.fixture
@@ -59,35 +60,37 @@ def test_host_is_ip():
     assert host_is_ip("chat.example:443") is None
 
 
-def test_rate_limiter_burst_then_rate():
-    lim = RateLimiter(rate=2, burst=5)
-    assert all(lim.allow("1.2.3.4", now=100.0) for _ in range(5))
-    assert not lim.allow("1.2.3.4", now=100.0)
-    assert lim.allow("5.6.7.8", now=100.0)  # per IP
-    assert lim.allow("1.2.3.4", now=100.5)  # one token after 0.5 s
-    assert not lim.allow("1.2.3.4", now=100.5)
-
-
-def ask(config, method, path, host=None):
-    """One request to the front door's aiohttp application, in this process."""
-
-    async def go():
-        async with TestClient(TestServer(FrontDoor(config).app())) as client:
-            headers = {"Host": host} if host else {}
-            resp = await client.request(method, path, headers=headers, allow_redirects=False)
-            return resp.status, resp.headers, await resp.read()
-
-    return asyncio.run(go())
+def ask(config, method, path, host=None, local=("127.0.0.1", 8443), door=None, remote="10.0.0.1"):
+    """One request to the front door's handlers, in this process."""
+    door = door or FrontDoor(config)
+    headers = {"host": host} if host else {}
+    request = Request(method, path, "", headers, remote=remote, local=local)
+    response = asyncio.run(door.handle(request))
+    return response.status, response.headers, response.body
 
 
 def test_audience_names_own_domain_or_ip(config):
-    assert audience(config, "chat.example").host == "chat.example"
-    # a forged Host header does not end up in links; an IP (no DNS) does
-    assert audience(config, "evil.example") == audience(config, None)
-    assert audience(config, "evil.example").ip is None
-    who = audience(config, "127.0.0.1:8443")
+    here = ("127.0.0.1", 8443)
+    assert audience(config, "chat.example", here).host == "chat.example"
+    # a forged Host header does not end up in links
+    assert audience(config, "evil.example", here) == audience(config, None, here)
+    assert audience(config, "evil.example", here).ip is None
+    # reached by IP address: the address and port the client connected to
+    who = audience(config, "127.0.0.1:8443", here)
     assert (who.host, who.ip) == ("127.0.0.1:8443", "127.0.0.1")
-    assert audience(config, "127.0.0.1:8443/x\r\n").ip is None
+    assert audience(config, "127.0.0.1:8443/x\r\n", here).ip is None
+    # whatever address and port the Host names: ours, not its
+    for forged in ("127.0.0.1:" + "9" * 2270, "10.9.9.9", "[::1]:1", "127.0.0.1:8443x"):
+        assert audience(config, forged, here).host in ("127.0.0.1:8443", "chat.example")
+    assert audience(config, "1.2.3.4", ("::ffff:192.0.2.7", 443)).host == "192.0.2.7"
+    assert audience(config, "[::1]", ("2001:db8::1", 8443)).host == "[2001:db8::1]:8443"
+
+
+def test_audience_of_an_ip_only_relay_is_its_address():
+    config = parse_params({"mail_domain": "[192.0.2.5]", "newemail_port": "443"})
+    for host in ("192.0.2.5", "evil.example", "10.0.0.1:8443", None):
+        who = audience(config, host, ("10.0.0.9", 8443))
+        assert (who.host, who.ip) == ("192.0.2.5", "192.0.2.5")
 
 
 def test_routes(config):
@@ -97,13 +100,14 @@ def test_routes(config):
     assert headers["Location"] == "DCACCOUNT:https://chat.example/new"
     _, headers, _ = ask(config, "GET", "/new", "127.0.0.1:8443")
     assert headers["Location"] == "DCACCOUNT:https://127.0.0.1:8443/new"
+    _, headers, _ = ask(config, "GET", "/new", "127.0.0.1:" + "1" * 2270)
+    assert headers["Location"] == "DCACCOUNT:https://127.0.0.1:8443/new"
     assert ask(config, "GET", "/other")[0] == 404
     status, headers, _ = ask(config, "PUT", "/new")
     assert status == 405 and headers["Allow"] == "GET,HEAD,POST"
     status, headers, body = ask(config, "POST", "/cgi-bin/newemail.py", "chat.example")
     data = json.loads(body)
     assert status == 200 and headers["Content-Type"] == "application/json; charset=utf-8"
-    assert headers["Cache-Control"] == "no-store"
     assert data["email"].endswith("@chat.example")
     assert data["dclogin_url"].startswith(f"dclogin:{data['email']}?p=")
     assert "ih=" not in data["dclogin_url"]
@@ -113,20 +117,52 @@ def test_routes(config):
     assert query["ih"] == ["127.0.0.1"] and query["ip"] == [str(config.imaps_port)]
 
 
-def test_rate_limit_only_on_new(config):
+def test_rate_limit_only_on_credentials(config):
     door = FrontDoor(config)
-    door.limiter = RateLimiter(rate=1e-9, burst=5)  # no refill while the test runs
-
-    async def go():
-        async with TestClient(TestServer(door.app())) as client:
-            pages = [(await client.get("/info.html")).status for _ in range(10)]
-            news = [(await client.post("/new")).status for _ in range(7)]
-            redirect = (await client.get("/new", allow_redirects=False)).status
-            return pages, news, redirect
-
-    pages, news, redirect = asyncio.run(go())
+    door.limiter = RateLimiter(1, 5)  # one a minute: no refill while the test runs
+    pages = [ask(config, "GET", "/info.html", door=door)[0] for _ in range(10)]
+    news = [ask(config, "POST", "/new", door=door)[0] for _ in range(7)]
+    redirect = ask(config, "GET", "/new", door=door)[0]
     assert set(pages) == {200}
     assert news == [200] * 5 + [429] * 2 and redirect == 429
+    # another client has its own budget
+    assert ask(config, "POST", "/new", door=door, remote="10.0.0.2")[0] == 200
+
+
+def test_home_by_ip_issues_accounts_at_a_bounded_rate(config, caplog):
+    caplog.set_level(logging.DEBUG, logger="chatmail-newemail")
+    door = FrontDoor(config)
+    door.limiter = RateLimiter(1, 5)
+    bodies = [ask(config, "GET", "/", "127.0.0.1", door=door)[2] for _ in range(8)]
+    with_account = [b for b in bodies if b'href="dclogin:' in b]
+    assert len(with_account) == 5  # the burst; then the invite without an account
+    assert all(b"DCACCOUNT:https://127.0.0.1:8443/new" in b for b in bodies)
+    # a page view is no INFO line; the refusals are one line, then a summary
+    issued = [r for r in caplog.records if "issued credentials" in r.getMessage()]
+    assert len(issued) == 5 and {r.levelno for r in issued} == {logging.DEBUG}
+    limited = [r.getMessage() for r in caplog.records if "rate limited" in r.getMessage()]
+    assert limited == ["rate limited: 10.0.0.1"]
+    door.refusals.flush()
+    assert "rate limited: 2 more from 1 client(s) in the last 60 s" in caplog.text
+
+
+def test_pages_are_drawn_once_whatever_the_host(config, monkeypatch):
+    from chatmaild import newemail
+    from chatmaild.web import pages
+
+    door = FrontDoor(config)
+    drawn = []
+    real = pages.qr_svg_inline
+    monkeypatch.setattr(pages, "qr_svg_inline", lambda *a, **k: drawn.append(a) or real(*a, **k))
+    monkeypatch.setattr(newemail, "qr_svg_document", lambda *a, **k: drawn.append(a) or b"<svg/>")
+    pages.invite_qr.cache_clear()
+    newemail.invite_svg_document.cache_clear()
+    for i in range(40):
+        host = f"127.0.0.{i}:{i}{'x' * i}" if i % 2 else f"127.0.0.{i}:{1000 + i}"
+        for path in ("/", "/invite.svg"):
+            assert ask(config, "GET", path, host, door=door)[0] == 200
+    # one QR code for the page and one for the file, of the one address we have
+    assert len(drawn) <= 2
 
 
 def _post(relay, path="/new"):

@@ -47,6 +47,7 @@ class NewEmail:
             base / "chatmail.ini",
             mail_domain=HOST,
             tls_external_cert_and_key=f"{cert} {key}",
+            web_handshake_rate=1000,  # every test's connection comes from 127.0.0.1
             **params,
         )
         self.port = free_ports(1)[0]

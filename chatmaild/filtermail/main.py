@@ -1,16 +1,15 @@
 """OpenPGP-only before-queue SMTP filter and DKIM signer for a chatmail relay.
 
 Usage: filtermail [--config INI] ROLE [ROLE ...]
-       (ROLE: outgoing, incoming, milter, newemail)
+       (ROLE: outgoing, incoming, milter)
 
-One process serves every role named (the installed unit runs all four), each
-on its own socket with its own config keys; its log lines are tagged with the
-role (filtermail, filtermail-incoming, filtermail-milter, chatmail-newemail).
-A failing request closes that connection only; the other roles keep serving.
-newemail is chatmail-newemail(1), the relay's HTTPS front door, served here
-to save a second interpreter's memory (it has the same user and keys; see
-SECURITY.md); with it the process takes newemail's --request-timeout and
---connection-timeout, and --listen chatmail-newemail=HOST:PORT.
+One process serves every role named (the installed unit runs all three),
+each on its own socket with its own config keys; its log lines are tagged
+with the role (filtermail, filtermail-incoming, filtermail-milter).  A
+failing request closes that connection only; the other roles keep serving.
+The web front door is chatmail-newemail(1), a process of its own: nothing a
+client of the public web port does can take time from the filters' event
+loop (README, "The web port").
 
 outgoing  listens on filtermail_smtp_socket for Postfix's submission proxy
           filter: per-sender rate limit, From must match the sender, only
@@ -62,7 +61,7 @@ from .smtp import ServerSettings, SMTPServer
 # owner vmail (filtermail) and the directory's group postfix; nobody else
 POSTFIX_CLIENT_MODE = 0o660
 
-MODES = ("outgoing", "incoming", "milter", "newemail")
+MODES = ("outgoing", "incoming", "milter")
 
 
 def postfix_access_problem(path: str, postfix_gid: int) -> str | None:
@@ -191,33 +190,19 @@ def _add_mode(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("mode", nargs="*", metavar="ROLE", help="roles: " + ", ".join(MODES))
 
 
-def _add_web_arguments(parser: argparse.ArgumentParser) -> None:
-    _add_mode(parser)
-    from ..newemail import add_arguments
-
-    add_arguments(parser)
-
-
 def roles_of(args: argparse.Namespace) -> list[type[Daemon]]:
     modes = list(dict.fromkeys(args.mode or ["outgoing"]))  # none named: outgoing, as before
+    if "newemail" in modes:
+        # the role of earlier versions: the web front door is a process of its own now
+        raise ValueError("newemail is no role of filtermail: run chatmail-newemail")
     unknown = [m for m in modes if m not in MODES]
     if unknown:
         raise ValueError(f"unknown role {unknown[0]!r} (choose from {', '.join(MODES)})")
-    classes = []
-    for mode in modes:
-        if mode == "newemail":
-            from ..newemail import NewEmailDaemon  # aiohttp: only when the web role runs
-
-            classes.append(NewEmailDaemon)
-        else:
-            classes.append(DAEMONS[mode])
-    return classes
+    return [DAEMONS[mode] for mode in modes]
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = list(sys.argv[1:] if argv is None else argv)
-    add = _add_web_arguments if "newemail" in args else _add_mode
-    return run_daemons("filtermail", roles_of, __doc__, args, add_arguments=add)
+    return run_daemons("filtermail", roles_of, __doc__, argv, add_arguments=_add_mode)
 
 
 if __name__ == "__main__":

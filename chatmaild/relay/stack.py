@@ -63,7 +63,8 @@ RESTART_RESET_AFTER = 60.0
 SERVERS = ("postfix", "dovecot")
 # a process serves several roles (one interpreter and one set of libraries in
 # memory instead of one per role), as the units in systemd/ do: "dict" the
-# dict daemons, "filtermail" the filters and the web front door (newemail)
+# dict daemons, "filtermail" the filters; the web front door ("newemail") is a
+# process of its own, so that its public port cannot take time from the filters
 DICT_ROLES = ("doveauth", "lastlogin", "metadata")
 FILTER_ROLES = ("outgoing", "incoming", "milter")
 
@@ -518,16 +519,12 @@ class Relay:
         dict_roles = [role for role in DICT_ROLES if role in c]
         if dict_roles:
             cmds["dict"] = [program("chatmail-dict"), "--config", ini, *dict_roles]
-        roles = [
-            *(FILTER_ROLES if "filtermail" in c else ()),
-            *(["newemail"] if "newemail" in c else []),
-        ]
-        if roles:
-            cmd = [program("filtermail"), "--config", ini, *roles]
-            if "newemail" in c:
-                # loopback only, unlike an installed relay's every interface
-                cmd += ["--listen", f"chatmail-newemail=127.0.0.1:{self.config.newemail_port}"]
-            cmds[self.process_of("filtermail" if "filtermail" in c else "newemail")] = cmd
+        if "filtermail" in c:
+            cmds["filtermail"] = [program("filtermail"), "--config", ini, *FILTER_ROLES]
+        if "newemail" in c:
+            # loopback only, unlike an installed relay's every interface
+            listen = f"127.0.0.1:{self.config.newemail_port}"
+            cmds["newemail"] = [program("chatmail-newemail"), "--config", ini, "--listen", listen]
         # the servers start once our sockets are asked for (Dovecot connects lazily anyway)
         if "postfix" in c:
             # the master itself, no postfix-script shell between: our child is the master
@@ -550,7 +547,7 @@ class Relay:
         if name == "filtermail" and "filtermail" in self.components:
             groups.add(grp.getgrnam("postdrop").gr_gid)  # re-injection is in Postfix's public/
         caps: list[str] = []
-        if "newemail" in self.components and name == self.process_of("newemail"):
+        if name == "newemail":
             # like its unit's AmbientCapabilities=CAP_NET_BIND_SERVICE: /new may be on port 443
             caps = ["--inh-caps=+net_bind_service", "--ambient-caps=+net_bind_service"]
         ids = [f"--reuid={user.pw_uid}", f"--regid={user.pw_gid}"]
@@ -675,8 +672,7 @@ class Relay:
             checks.append(("filtermail milter", cfg.filtermail_milter_socket,
                            logs / "filtermail.log"))  # fmt: skip
         if "newemail" in c:
-            log = logs / f"{self.process_of('newemail')}.log"
-            checks.append(("newemail", ("127.0.0.1", cfg.newemail_port), log))
+            checks.append(("newemail", ("127.0.0.1", cfg.newemail_port), logs / "newemail.log"))
         if "postfix" in c:
             # the unix services (re-injection) are bound before `postfix start` returns
             for name in ("smtp", "submission", "submissions"):
@@ -936,10 +932,6 @@ class Relay:
         """The name of the process serving ``component`` (a process name: itself)."""
         if component in DICT_ROLES:
             return "dict"
-        if component == "newemail" and "filtermail" not in self.components:
-            return "newemail"  # the web role alone: a process of its own name
-        if component in ("filtermail", "newemail"):
-            return "filtermail"
         return component
 
     def pid_of(self, name: str) -> int | None:

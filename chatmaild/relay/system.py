@@ -50,8 +50,8 @@ TLS_DIR = GENERATED_DIR / "tls"
 
 # the units, in start order: the dict daemons before Dovecot, the filters before Postfix;
 # one process per unit serves several roles (chatmail-dict: doveauth, last-login,
-# metadata; filtermail: outgoing, incoming, milter, newemail)
-DAEMON_UNITS = ("chatmail-dict.service", "filtermail.service")
+# metadata; filtermail: outgoing, incoming, milter); the web front door on its own
+DAEMON_UNITS = ("chatmail-dict.service", "filtermail.service", "chatmail-newemail.service")
 # units of earlier versions (one process per role), stopped and their drop-ins removed
 RETIRED_UNITS = (
     "doveauth.service",
@@ -59,7 +59,6 @@ RETIRED_UNITS = (
     "chatmail-metadata.service",
     "filtermail-incoming.service",
     "filtermail-milter.service",
-    "chatmail-newemail.service",
 )
 TIMER_UNITS = ("chatmail-expire.timer", "chatmail-fsreport.timer")
 SERVER_UNITS = ("dovecot.service", "postfix.service")

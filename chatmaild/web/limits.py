@@ -1,0 +1,122 @@
+"""Admission control for the public web port: who may open a connection, start a TLS
+handshake or get credentials, and one log line per kind of refusal per minute.
+
+Clients are counted per *source*: an IPv4 address, or the /64 network of an IPv6
+address (one household or phone gets a /64, and it can pick any address in it).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+
+from ..filtermail.ratelimit import RateLimiter
+
+SUMMARY_SECONDS = 60.0
+
+
+def source_of(ip: str) -> str:
+    """The key a client is counted under: its IPv4 address or its IPv6 /64."""
+    try:
+        addr = ipaddress.ip_address(ip.split("%", 1)[0])
+    except ValueError:
+        return ip
+    if isinstance(addr, ipaddress.IPv6Address):
+        if addr.ipv4_mapped is not None:
+            return str(addr.ipv4_mapped)
+        return str(ipaddress.IPv6Network((addr, 64), strict=False))
+    return str(addr)
+
+
+class RefusalLog:
+    """Logs the first refusal of each kind at once, then at most one summary line per
+    kind every ``period`` seconds: ``<kind>: N more from M clients in the last 60 s``.
+
+    A flood of refusals costs a few lines a minute, and the counts stay exact.
+    """
+
+    def __init__(self, log: logging.Logger, period: float = SUMMARY_SECONDS) -> None:
+        self.log = log
+        self.period = period
+        self.window_start: dict[str, float] = {}
+        self.suppressed: dict[str, Counter[str]] = {}
+
+    def note(self, kind: str, client: str, now: float | None = None) -> None:
+        now = time.monotonic() if now is None else now
+        start = self.window_start.get(kind)
+        if start is None or now - start >= self.period:
+            self.flush(kind)
+            self.window_start[kind] = now
+            self.log.info("%s: %s", kind, client)
+            return
+        self.suppressed.setdefault(kind, Counter())[client] += 1
+
+    def flush(self, kind: str | None = None) -> None:
+        """Write the summary of what was held back (of one kind, or of all)."""
+        for k in [kind] if kind is not None else list(self.suppressed):
+            held = self.suppressed.pop(k, None)
+            if held:
+                self.log.info(
+                    "%s: %d more from %d client(s) in the last %d s",
+                    k,
+                    sum(held.values()),
+                    len(held),
+                    round(self.period),
+                )
+
+    def tick(self, now: float | None = None) -> None:
+        """Close the windows that are over (called periodically)."""
+        now = time.monotonic() if now is None else now
+        for kind, start in list(self.window_start.items()):
+            if now - start >= self.period:
+                self.flush(kind)
+                del self.window_start[kind]
+
+
+@dataclass
+class Admission:
+    """Connections open in total and per source; TLS handshakes in progress and their
+    rate per source.  The server asks before each step and reports each end."""
+
+    max_connections: int = 1024
+    max_per_source: int = 32
+    max_handshakes: int = 64
+    handshakes_per_minute: int = 600
+    handshake_burst: int = 20
+    open: int = 0
+    per_source: Counter[str] = field(default_factory=Counter)
+    handshaking: int = 0
+    handshakes: RateLimiter = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.handshakes = RateLimiter(self.handshakes_per_minute, self.handshake_burst)
+
+    def connect(self, source: str) -> str | None:
+        """Count a new connection; or why it is refused."""
+        if self.open >= self.max_connections:
+            return "connection limit reached"
+        if self.per_source[source] >= self.max_per_source:
+            return "too many connections"
+        self.open += 1
+        self.per_source[source] += 1
+        return None
+
+    def disconnect(self, source: str) -> None:
+        self.open -= 1
+        self.per_source[source] -= 1
+        if self.per_source[source] <= 0:
+            del self.per_source[source]
+
+    def start_handshake(self, source: str) -> str | None:
+        if self.handshaking >= self.max_handshakes:
+            return "too many TLS handshakes in progress"
+        if self.handshakes.check(source):
+            return "TLS handshakes too fast"
+        self.handshaking += 1
+        return None
+
+    def end_handshake(self) -> None:
+        self.handshaking -= 1

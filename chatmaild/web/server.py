@@ -1,0 +1,515 @@
+"""A small HTTPS/1.1 server for the public web port: asyncio, TLS on memory BIOs, h11.
+
+Why not aiohttp: its import alone costs 18-25 MB of a process whose whole job
+is a handful of pages (README, "The web port"); h11 (Debian's python3-h11) is
+the maintained HTTP/1.1 state machine without I/O, and costs under 1 MB.
+
+Every connection goes through the same steps, each bounded:
+
+1. **accepted**: counted against ``max_connections`` and ``max_per_source``
+   (refused at once with a reset); holds a socket and this small object only,
+   no TLS state, until the client's first byte arrives (``first_byte_timeout``);
+2. **TLS handshake**: needs a free slot (``max_handshakes`` in progress) and a
+   token of the source's handshake rate; ``handshake_timeout``;
+3. **HTTP**: h11 parses at most ``max_request_bytes`` per request (header and
+   body); the header must be complete ``request_timeout`` after the handshake
+   or the previous response; request line and each field at most
+   ``max_line_bytes``, at most ``max_header_fields`` fields; a body above
+   ``max_body_bytes`` gets 413 unread; the connection lives ``lifetime`` at most.
+
+Decrypted data is read in 16 KiB pieces and dropped as soon as h11 has parsed
+it, so an idle TLS connection keeps only OpenSSL's session state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import email.utils
+import http
+import logging
+import ssl
+import time
+import urllib.parse
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import BinaryIO
+
+import h11
+
+from .limits import Admission, RefusalLog, source_of
+
+READ_CHUNK = 16 * 1024
+WRITE_CHUNK = 64 * 1024
+
+
+@dataclass(frozen=True)
+class Settings:
+    first_byte_timeout: float = 5.0
+    handshake_timeout: float = 10.0
+    request_timeout: float = 10.0
+    lifetime: float = 300.0
+    max_line_bytes: int = 8190
+    max_header_fields: int = 32
+    max_body_bytes: int = 64 * 1024
+    max_request_bytes: int = 80 * 1024
+    linger: float = 2.0
+
+
+@dataclass
+class Request:
+    method: str
+    path: str  # percent-decoded, without the query
+    query: str
+    headers: dict[str, str]  # lower-case names; repeated fields joined with ", "
+    remote: str  # the client's IP address
+    local: tuple[str, int]  # the address and port the client connected to
+    content_length: int = 0
+
+    @property
+    def host(self) -> str | None:
+        return self.headers.get("host")
+
+
+@dataclass
+class Response:
+    status: int
+    headers: dict[str, str] = field(default_factory=dict)
+    body: bytes = b""
+    # a file to send instead of body: the server closes it
+    file: BinaryIO | None = None
+    file_size: int = 0
+
+
+App = Callable[[Request], Awaitable[Response]]
+
+
+def _date() -> str:
+    return email.utils.formatdate(usegmt=True)
+
+
+class HttpsServer:
+    """Serves ``app`` over HTTPS with the limits of ``settings`` and ``admission``."""
+
+    def __init__(
+        self,
+        app: App,
+        tls: ssl.SSLContext,
+        log: logging.Logger,
+        settings: Settings | None = None,
+        admission: Admission | None = None,
+        common_headers: dict[str, str] | None = None,
+    ) -> None:
+        self.app = app
+        self.tls = tls
+        self.log = log
+        self.settings = settings or Settings()
+        self.admission = admission or Admission()
+        self.refusals = RefusalLog(log)
+        self.common_headers = common_headers or {}
+        self.connections: set[Connection] = set()
+        self.stopping = False
+        self._ticker: asyncio.TimerHandle | None = None
+
+    def protocol(self) -> Connection:
+        if self._ticker is None:
+            self._tick()
+        return Connection(self)
+
+    def _tick(self) -> None:
+        self.refusals.tick()
+        self._ticker = asyncio.get_running_loop().call_later(10.0, self._tick)
+
+    async def shutdown(self, timeout: float) -> None:
+        """Close idle connections now, busy ones after their response (``timeout`` at most)."""
+        self.stopping = True
+        for conn in list(self.connections):
+            if conn.task is None:
+                conn.close()
+        deadline = time.monotonic() + timeout
+        while any(c.task is not None for c in self.connections) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        for conn in list(self.connections):
+            conn.abort("server stopping")
+        if self._ticker is not None:
+            self._ticker.cancel()
+        self.refusals.flush()
+
+
+class Connection(asyncio.Protocol):
+    """One client connection: waiting for its first byte, in its handshake, or HTTP."""
+
+    __slots__ = (
+        "server",
+        "transport",
+        "source",
+        "remote",
+        "local",
+        "tls",
+        "bio_in",
+        "bio_out",
+        "http",
+        "handshaking",
+        "received",
+        "task",
+        "writable",
+        "lingering",
+        "timer",
+        "life_timer",
+        "pending",
+    )
+
+    def __init__(self, server: HttpsServer) -> None:
+        self.server = server
+        self.transport: asyncio.Transport | None = None
+        self.source = ""
+        self.remote = ""
+        self.local: tuple[str, int] = ("", 0)
+        self.tls: ssl.SSLObject | None = None
+        self.bio_in: ssl.MemoryBIO | None = None
+        self.bio_out: ssl.MemoryBIO | None = None
+        self.http: h11.Connection | None = None
+        self.handshaking = False
+        self.received = 0  # bytes of the current request
+        self.task: asyncio.Task | None = None
+        self.writable: asyncio.Event | None = None
+        self.lingering = False
+        self.timer: asyncio.TimerHandle | None = None
+        self.life_timer: asyncio.TimerHandle | None = None
+        self.pending: Request | None = None
+
+    # ------------------------------------------------------------ asyncio callbacks
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        peer = transport.get_extra_info("peername") or ("", 0)
+        sock = transport.get_extra_info("sockname") or ("", 0)
+        self.remote = str(peer[0]) if isinstance(peer, tuple) else "local"
+        self.local = (str(sock[0]), int(sock[1])) if isinstance(sock, tuple) else ("", 0)
+        self.source = source_of(self.remote)
+        refused = self.server.admission.connect(self.source)
+        if refused is not None:
+            self.server.refusals.note(refused, self.source)
+            self.source = ""  # not counted
+            transport.abort()
+            return
+        self.server.connections.add(self)
+        s = self.server.settings
+        loop = asyncio.get_running_loop()
+        self.life_timer = loop.call_later(s.lifetime, self.abort, "connection open too long")
+        self._set_timer(s.first_byte_timeout, "no data in time")
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        for timer in (self.timer, self.life_timer):
+            if timer is not None:
+                timer.cancel()
+        self.timer = self.life_timer = None
+        if self.handshaking:
+            self.handshaking = False
+            self.server.admission.end_handshake()
+        if self.source:
+            self.server.admission.disconnect(self.source)
+            self.source = ""
+        self.server.connections.discard(self)
+        if self.task is not None:
+            self.task.cancel()
+        if self.writable is not None:
+            self.writable.set()
+        self.transport = None
+        self.tls = self.bio_in = self.bio_out = None
+        self.http = None
+
+    def pause_writing(self) -> None:
+        if self.writable is None:
+            self.writable = asyncio.Event()
+        self.writable.clear()
+
+    def resume_writing(self) -> None:
+        if self.writable is not None:
+            self.writable.set()
+
+    def eof_received(self) -> bool:
+        if self.http is not None and not self.lingering:
+            with contextlib.suppress(h11.RemoteProtocolError):
+                self.http.receive_data(b"")
+            if self.task is None:
+                self._process()
+        if self.task is None:
+            self.close()
+        return True  # half-open: a response in flight is still sent
+
+    def data_received(self, data: bytes) -> None:
+        if self.transport is None:
+            return
+        if self.tls is None and not self._start_tls():
+            return
+        assert self.bio_in is not None and self.tls is not None
+        self.bio_in.write(data)
+        if self.handshaking:
+            try:
+                self.tls.do_handshake()
+            except ssl.SSLWantReadError:
+                self._flush()
+                return
+            except (ssl.SSLError, OSError) as e:
+                self._flush()
+                self.abort(f"TLS handshake failed: {e}")
+                return
+            self._flush()
+            self.handshaking = False
+            self.server.admission.end_handshake()
+            self.http = h11.Connection(
+                h11.SERVER, max_incomplete_event_size=self.server.settings.max_request_bytes
+            )
+            self._wait_for_request()
+        self._read_tls()
+
+    # ------------------------------------------------------------ TLS
+
+    def _start_tls(self) -> bool:
+        refused = self.server.admission.start_handshake(self.source)
+        if refused is not None:
+            self.server.refusals.note(refused, self.source)
+            self.abort(refused)
+            return False
+        self.handshaking = True
+        self.bio_in, self.bio_out = ssl.MemoryBIO(), ssl.MemoryBIO()
+        self.tls = self.server.tls.wrap_bio(self.bio_in, self.bio_out, server_side=True)
+        self._set_timer(self.server.settings.handshake_timeout, "TLS handshake not done in time")
+        return True
+
+    def _flush(self) -> None:
+        if self.bio_out is not None and self.transport is not None and self.bio_out.pending:
+            self.transport.write(self.bio_out.read())
+
+    def _read_tls(self) -> None:
+        while self.tls is not None and self.transport is not None:
+            try:
+                chunk = self.tls.read(READ_CHUNK)
+            except ssl.SSLWantReadError:
+                break
+            except ssl.SSLZeroReturnError:
+                self.eof_received()
+                break
+            except (ssl.SSLError, OSError) as e:
+                self.abort(f"TLS error: {e}")
+                break
+            if not chunk:
+                self.eof_received()
+                break
+            self._http_data(chunk)
+        self._flush()
+
+    def _send(self, data: bytes | None) -> None:
+        if data and self.tls is not None and self.transport is not None:
+            self.tls.write(data)
+            self._flush()
+
+    # ------------------------------------------------------------ HTTP
+
+    def _http_data(self, data: bytes) -> None:
+        if self.lingering or self.http is None:
+            return  # draining what a refused request still sends
+        self.received += len(data)
+        if self.received > self.server.settings.max_request_bytes:
+            self.abort("request too large")
+            return
+        self.http.receive_data(data)
+        if self.task is None:
+            self._process()
+
+    def _process(self) -> None:
+        """Take the next events from h11 until one needs an answer or more data."""
+        s = self.server.settings
+        while self.http is not None and self.task is None and not self.lingering:
+            try:
+                event = self.http.next_event()
+            except h11.RemoteProtocolError as e:
+                self._refuse(400, f"bad request: {e}")
+                return
+            if event is h11.NEED_DATA or event is h11.PAUSED:
+                return
+            if isinstance(event, h11.Request):
+                self._cancel_timer()
+                problem = self._check_head(event)
+                if problem is not None:
+                    self._refuse(400, f"bad request: {problem}")
+                    return
+                self.pending = self._request(event)
+                if self.pending.content_length > s.max_body_bytes:
+                    self._refuse(413, "request body too large")
+                    return
+            elif isinstance(event, h11.EndOfMessage):
+                request, self.pending = self.pending, None
+                if request is not None:
+                    self.task = asyncio.get_running_loop().create_task(self._respond(request))
+                return
+            elif isinstance(event, h11.ConnectionClosed):
+                self.close()
+                return
+            # h11.Data: a body nobody reads (its size is bounded above)
+
+    def _check_head(self, event: h11.Request) -> str | None:
+        s = self.server.settings
+        if len(event.target) + len(event.method) + 10 > s.max_line_bytes:
+            return "request line too long"
+        if len(event.headers) > s.max_header_fields:
+            return "too many header fields"
+        for name, value in event.headers:
+            if len(name) + len(value) + 2 > s.max_line_bytes:
+                return "header field too long"
+        return None
+
+    def _request(self, event: h11.Request) -> Request:
+        headers: dict[str, str] = {}
+        for name, value in event.headers:
+            key, text = name.decode("latin-1"), value.decode("latin-1")
+            headers[key] = f"{headers[key]}, {text}" if key in headers else text
+        target = event.target.decode("latin-1")
+        raw_path, _, query = target.partition("?")
+        length = headers.get("content-length", "0")
+        return Request(
+            method=event.method.decode("ascii"),
+            path=urllib.parse.unquote(raw_path, errors="replace"),
+            query=query,
+            headers=headers,
+            remote=self.remote,
+            local=self.local,
+            content_length=int(length) if length.isdigit() else 0,
+        )
+
+    def _head(self, response: Response, close: bool) -> h11.Response:
+        headers = {**self.server.common_headers, **response.headers}
+        headers.setdefault("Date", _date())
+        if response.file is not None:
+            headers["Content-Length"] = str(response.file_size)
+        elif "Content-Length" not in headers:
+            headers["Content-Length"] = str(len(response.body))
+        if close:
+            headers["Connection"] = "close"
+        try:
+            reason = http.HTTPStatus(response.status).phrase.encode()
+        except ValueError:
+            reason = b""
+        return h11.Response(
+            status_code=response.status, headers=list(headers.items()), reason=reason
+        )
+
+    def _refuse(self, status: int, why: str) -> None:
+        """Answer a request we will not serve, then close (after draining what follows)."""
+        self.server.log.debug("%s from %s", why, self.remote)
+        self._cancel_timer()
+        text = f"{status}: {http.HTTPStatus(status).phrase}\n".encode()
+        head = self._head(
+            Response(status, {"Content-Type": "text/plain; charset=utf-8"}, text), close=True
+        )
+        raw = b"HTTP/1.1 %d %s\r\n" % (status, head.reason) + b"".join(
+            b"%s: %s\r\n" % (n, v) for n, v in head.headers.raw_items()
+        )
+        self._send(raw + b"\r\n" + text)
+        self._linger()
+
+    def _linger(self) -> None:
+        """Send close_notify and FIN, read and drop what the client still sends for a
+        moment, then close: a close with unread data would reset the connection and
+        could destroy the answer before the client reads it."""
+        self.lingering = True
+        self.http = None
+        if self.tls is not None:
+            with contextlib.suppress(ssl.SSLError, OSError):
+                self.tls.unwrap()
+            self._flush()
+        if self.transport is not None:
+            with contextlib.suppress(OSError, RuntimeError):
+                if self.transport.can_write_eof():
+                    self.transport.write_eof()
+            self._set_timer(self.server.settings.linger, None)
+
+    async def _respond(self, request: Request) -> None:
+        conn = self.http
+        response: Response | None = None
+        close = True
+        try:
+            try:
+                response = await self.server.app(request)
+            except Exception:
+                self.server.log.exception("request %s %s failed", request.method, request.path)
+                response = Response(500, {"Content-Type": "text/plain"}, b"500: internal error\n")
+            if conn is None or self.transport is None:
+                return
+            close = (
+                self.server.stopping
+                or conn.their_state is h11.MUST_CLOSE
+                or request.headers.get("connection", "").lower() == "close"
+            )
+            self._send(conn.send(self._head(response, close)))
+            if request.method != "HEAD":
+                if response.file is not None:
+                    await self._send_file(conn, response.file)
+                elif response.body:
+                    self._send(conn.send(h11.Data(data=response.body)))
+            self._send(conn.send(h11.EndOfMessage()))
+        except h11.LocalProtocolError as e:
+            self.abort(f"cannot answer: {e}")
+            return
+        except (ConnectionError, asyncio.CancelledError):
+            return
+        finally:
+            if response is not None and response.file is not None:
+                response.file.close()
+            self.task = None
+        if self.transport is None:
+            return
+        if close or conn.our_state is h11.MUST_CLOSE:
+            self.close()
+            return
+        conn.start_next_cycle()
+        self.received = 0
+        self._wait_for_request()
+        self._process()
+
+    async def _send_file(self, conn: h11.Connection, f: BinaryIO) -> None:
+        # local reads are short; a slow client waits only on its own flow control
+        while chunk := f.read(WRITE_CHUNK):
+            if self.writable is not None:
+                await self.writable.wait()
+            if self.transport is None:
+                raise ConnectionResetError
+            self._send(conn.send(h11.Data(data=chunk)))
+
+    # ------------------------------------------------------------ ending
+
+    def _wait_for_request(self) -> None:
+        self._set_timer(self.server.settings.request_timeout, "no complete request header in time")
+
+    def _set_timer(self, seconds: float, why: str | None) -> None:
+        self._cancel_timer()
+        loop = asyncio.get_running_loop()
+        if why is None:
+            self.timer = loop.call_later(seconds, self._end_linger)
+        else:
+            self.timer = loop.call_later(seconds, self.abort, why)
+
+    def _cancel_timer(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
+    def _end_linger(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+    def close(self) -> None:
+        """Orderly close: TLS close_notify, then the connection."""
+        if self.transport is None or self.transport.is_closing():
+            return
+        if self.tls is not None and not self.handshaking:
+            with contextlib.suppress(ssl.SSLError, OSError):
+                self.tls.unwrap()
+            self._flush()
+        self.transport.close()
+
+    def abort(self, why: str) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.server.log.debug("closing connection from %s: %s", self.remote, why)
+            self.transport.abort()
