@@ -156,7 +156,7 @@ def test_onboarding_on_port_443_like_the_unit(base):
     relay = DevRelay(base / "state", cmd=["unshare", "-n", "bash", "-c", script])
     try:
         assert any("https://127.0.0.1:443/new" in line for line in relay.lines), relay.output
-        [newemail] = pids_named(base / "state", "chatmaild.filtermail.main")  # its process
+        [newemail] = pids_named(base / "state", "chatmaild.newemail")  # its process
         creds = subprocess.run(
             ["nsenter", f"--net=/proc/{newemail}/ns/net", venv_python, "-c",
              "import http.client, ssl, sys\n"

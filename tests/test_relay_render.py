@@ -175,11 +175,24 @@ def test_filtermail_unit_writes_only_its_socket_directory():
     svc = _unit(SYSTEMD / "filtermail.service")["Service"]
     assert svc.get("SupplementaryGroups") == "postdrop"  # enters public/ to re-inject
     assert svc["ReadWritePaths"] == FILTERMAIL_SOCKET_DIR
-    # one process serves the four roles, each on its own socket
-    assert svc["ExecStart"].split()[-4:] == ["outgoing", "incoming", "milter", "newemail"]
-    # newemail's port 443, and nothing else
-    assert svc["AmbientCapabilities"] == svc["CapabilityBoundingSet"] == "CAP_NET_BIND_SERVICE"
+    # one process serves the three filter roles, each on its own socket
+    assert svc["ExecStart"].split()[-3:] == ["outgoing", "incoming", "milter"]
+    # no capability at all: the web port is chatmail-newemail's
+    assert "AmbientCapabilities" not in svc and svc["CapabilityBoundingSet"] == ""
     assert svc["ProtectHome"] == "yes"  # no mail store
+
+
+def test_newemail_unit_is_a_process_of_its_own_with_port_443_only():
+    svc = _unit(SYSTEMD / "chatmail-newemail.service")["Service"]
+    assert svc["ExecStart"].split()[0] == "/usr/bin/chatmail-newemail"
+    assert svc["AmbientCapabilities"] == svc["CapabilityBoundingSet"] == "CAP_NET_BIND_SERVICE"
+    assert "SupplementaryGroups" not in svc and "ReadWritePaths" not in svc  # writes nothing
+    assert svc["ProtectHome"] == svc["NoNewPrivileges"] == "yes" and svc["Type"] == "notify"
+    # its connection limit fits its descriptors (a socket and a file each)
+    from chatmaild.config import Config
+
+    limit = Config.__dataclass_fields__["web_max_connections"].default
+    assert int(svc["LimitNOFILE"]) >= 2 * limit + 64
 
 
 def test_dict_unit_serves_the_three_dicts_with_their_socket_directories():
