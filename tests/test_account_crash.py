@@ -17,7 +17,6 @@ import random
 import secrets
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -284,7 +283,7 @@ def test_leftovers_through_dovecot_doveadm_and_expire(relay):
 
     res = subprocess.run(
         ["setpriv", f"--reuid={vmail.pw_uid}", f"--regid={vmail.pw_gid}", "--init-groups",
-         sys.executable, "-m", "chatmaild.expire", "--config", str(relay.ini_path), "--remove"],
+         relay.python, "-m", "chatmaild.expire", "--config", str(relay.ini_path), "--remove"],
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert res.returncode == 0, res.stdout + res.stderr

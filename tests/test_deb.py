@@ -26,6 +26,7 @@ relay installed, Debian's packages in apt's cache and no network at all) gets
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -223,6 +224,40 @@ def test_package_on_a_fresh_machine(debs, suite, tmp_path):
         assert set(first.split()) <= set(users), users
         shown = m.sh(f"doveadm user {first.split()[0]}")
         assert "home" in shown and "password" not in shown, shown
+
+        # -- the web port attacked (issue 26): mail still flows, limits hold, the log is short
+        attack = [sys.executable, "-m", "testing.webattack", "--port", "443"]
+        attacker = subprocess.Popen(
+            m.netns_argv([*attack[:3], "forged-host", *attack[3:], "--seconds", "20"]),
+            cwd=ROOT, stdout=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        try:
+            _exchange(m, tmp_path / "dc-attacked")
+        finally:
+            out, _ = attacker.communicate(timeout=120)
+        assert json.loads(out.splitlines()[-1]).get("status 200", 0) > 0, out
+        idle = subprocess.run(
+            m.netns_argv([*attack[:3], "idle", *attack[3:], "--seconds", "1",
+                          "--connections", "64", "--sources", "1"]),
+            cwd=ROOT, capture_output=True, text=True, timeout=120, check=True,
+        ).stdout  # fmt: skip
+        assert json.loads(idle.splitlines()[-1])["still open"] <= 32, idle
+        page = (
+            "import http.client, ssl, sys\n"
+            "c = http.client.HTTPSConnection('127.0.0.1', 443,"
+            " context=ssl._create_unverified_context(), timeout=30)\n"
+            "c.request('GET', '/', headers={'Host': '127.0.0.1:1evil'})\n"
+            "sys.stdout.write(c.getresponse().read().decode())\n"
+        )
+        forged = subprocess.run(
+            m.netns_argv([sys.executable, "-c", page]),
+            capture_output=True, text=True, timeout=60, check=True,
+        ).stdout  # fmt: skip
+        assert "DCACCOUNT:https://127.0.0.1/new" in forged and "evil" not in forged
+        web = m.sh("journalctl --no-pager -o cat -t chatmail-newemail")
+        assert "Traceback" not in web and "too many connections: 127.0.0.2" in web, web[-2000:]
+        assert len(web.splitlines()) < 100, web[-2000:]
+        assert "issued credentials" not in m.sh("journalctl --no-pager -o cat -u filtermail")
 
         # -- systemd restarts killed daemons; mail flows again
         pids = {
