@@ -4,8 +4,8 @@ Figures (RSS and PSS from /proc/PID/smaps_rollup, MB = MiB):
 
 - every daemon process of a freshly started relay with every component
   (``make run``'s and the units' layout: chatmail-dict = doveauth + lastlogin
-  + metadata, filtermail = outgoing + incoming + milter + newemail), and the
-  total (target: total RSS <= 100 MB);
+  + metadata, filtermail = outgoing + incoming + milter, chatmail-newemail),
+  and the total (target: total RSS <= 100 MB);
 - the same after a load run through the whole path: accounts created over
   IMAP, a push token set for each (notifications go to a local HTTP sink),
   encrypted mail submitted over TLS (outgoing filter, re-injection, LMTP,

@@ -18,16 +18,14 @@ from __future__ import annotations
 import json
 import resource
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 from chatmaild.relay.stack import Relay
-from testing import mails
+from testing import mails, webattack
 from testing.webattack import MailProbe
 
-ROOT = Path(__file__).resolve().parents[1]
 COMPONENTS = ["postfix", "dovecot", "doveauth", "filtermail", "newemail"]
 SECONDS = 20.0
 OVERRIDES = {
@@ -41,21 +39,19 @@ ATTACKS = [
     ("forged Host, 20 connections", "forged-host", {"connections": 20}),
     ("Host over the line limit, 20 connections", "long-host", {"connections": 20}),
     ("replayed TLS ClientHellos, 50 at a time", "handshakes", {"connections": 50}),
+    (
+        "replayed TLS ClientHellos from 200 addresses, 50 at a time",
+        "handshakes",
+        {"connections": 50, "sources": 200, "spread": True},
+    ),
 ]
 
 
 def _attacker(relay: Relay, kind: str, seconds: float, **options: object) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "testing.webattack", kind, "--port",
-           str(relay.ports["newemail"]), "--seconds", str(seconds)]  # fmt: skip
-    for name, value in options.items():
-        flag = "--" + name.replace("_", "-")
-        cmd += [flag] if value is True else [flag, str(value)]
-    return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    return webattack.start(webattack.command(kind, relay.ports["newemail"], seconds, **options))
 
 
-def _finish(proc: subprocess.Popen) -> dict:
-    out, _ = proc.communicate(timeout=300)
-    return json.loads(out.strip().splitlines()[-1])
+_finish = webattack.finish
 
 
 def _rss_mb(pid: int) -> float:
@@ -101,7 +97,7 @@ def main() -> None:
             probe = MailProbe(
                 relay, sender, recipient[0], lambda s, r: mails.encrypted_message(s, [r])
             )
-            web_log = relay.log_dir / "newemail.log"
+            web_log = relay.log_dir / f"{relay.process_of('newemail')}.log"
             web_pid = relay.pid_of("newemail")
             assert web_pid is not None
             probe.latency(2)  # warm up

@@ -10,7 +10,8 @@ Kinds:
                with a made-up ``Host: 127.0.0.1:<2,270 letters>``, new letters each time
   long-host    the same with a Host field over the line limit (refused with 400)
   handshakes   a recorded TLS ClientHello replayed on fresh connections, CONNECTIONS
-               at a time, each closed once the server has answered with anything
+               at a time, each closed once the server has answered with anything;
+               with --spread from SOURCES local addresses (a botnet), else from one
   idle         CONNECTIONS connections that send nothing, spread over SOURCES local
                addresses (127.0.0.2, ...), held for --seconds; with --tls, each
                finishes its handshake first and then sends nothing
@@ -26,11 +27,15 @@ import socket
 import ssl
 import statistics
 import string
+import subprocess
 import sys
 import threading
 import time
 from collections import Counter
 from collections.abc import Callable
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _client_tls() -> ssl.SSLContext:
@@ -90,10 +95,13 @@ async def _requests(port: int, host: Callable[[], str], until: float, counts: Co
             writer.close()
 
 
-async def _handshakes(port: int, hello: bytes, until: float, counts: Counter) -> None:
+async def _handshakes(
+    port: int, hello: bytes, until: float, counts: Counter, source: str | None
+) -> None:
+    local = (source, 0) if source else None
     while time.monotonic() < until:
         try:
-            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            reader, writer = await asyncio.open_connection("127.0.0.1", port, local_addr=local)
         except OSError:
             counts["connect failed"] += 1
             await asyncio.sleep(0.01)
@@ -144,7 +152,15 @@ def _idle(port: int, connections: int, sources: int, seconds: float, tls: bool) 
     return counts
 
 
-def run(kind: str, port: int, seconds: float, connections: int, sources: int, tls: bool) -> dict:
+def run(
+    kind: str,
+    port: int,
+    seconds: float,
+    connections: int,
+    sources: int,
+    tls: bool,
+    spread: bool = False,
+) -> dict:
     until = time.monotonic() + seconds
     counts: Counter = Counter()
     if kind == "idle":
@@ -154,7 +170,10 @@ def run(kind: str, port: int, seconds: float, connections: int, sources: int, tl
         async def attack() -> None:
             if kind == "handshakes":
                 hello = client_hello()
-                jobs = [_handshakes(port, hello, until, counts) for _ in range(connections)]
+                jobs = [
+                    _handshakes(port, hello, until, counts, spread and f"127.0.0.{2 + i % sources}")
+                    for i in range(connections)
+                ]
             else:
                 length = 2270 if kind == "forged-host" else 9000
                 jobs = [
@@ -165,6 +184,29 @@ def run(kind: str, port: int, seconds: float, connections: int, sources: int, tl
 
         asyncio.run(attack())
     return {"kind": kind, "seconds": seconds, **counts}
+
+
+def command(kind: str, port: int, seconds: float, **options: object) -> list[str]:
+    """The argv of an attack: ``options`` are the flags (True: a flag alone)."""
+    cmd = [sys.executable, "-m", "testing.webattack", kind, "--port", str(port),
+           "--seconds", str(seconds)]  # fmt: skip
+    for name, value in options.items():
+        flag = "--" + name.replace("_", "-")
+        cmd += [flag] if value is True else [flag, str(value)]
+    return cmd
+
+
+def start(argv: list[str]) -> subprocess.Popen:
+    """An attack (``command()``, perhaps wrapped, e.g. into a network namespace) running."""
+    return subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, text=True)
+
+
+def finish(proc: subprocess.Popen) -> dict:
+    """The counts of a finished attack."""
+    out, _ = proc.communicate(timeout=300)
+    if proc.returncode != 0:
+        raise RuntimeError(f"attack failed ({proc.returncode}): {out[-2000:]}")
+    return json.loads(out.strip().splitlines()[-1])
 
 
 # ---------------------------------------------------------------- the mail side
@@ -237,8 +279,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--connections", type=int, default=20)
     parser.add_argument("--sources", type=int, default=100)
     parser.add_argument("--tls", action="store_true")
+    parser.add_argument(
+        "--spread", action="store_true", help="handshakes: from SOURCES addresses, not one"
+    )
     args = parser.parse_args(argv)
-    result = run(args.kind, args.port, args.seconds, args.connections, args.sources, args.tls)
+    result = run(
+        args.kind, args.port, args.seconds, args.connections, args.sources, args.tls, args.spread
+    )
     print(json.dumps(result), flush=True)
     return 0
 

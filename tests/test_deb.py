@@ -26,7 +26,6 @@ relay installed, Debian's packages in apt's cache and no network at all) gets
 
 from __future__ import annotations
 
-import json
 import shutil
 import subprocess
 import sys
@@ -35,6 +34,7 @@ from pathlib import Path
 
 import pytest
 
+from testing import webattack
 from testing.machine import Machine
 
 # "machines": the host covers both releases; a run inside a container leaves it out
@@ -226,22 +226,15 @@ def test_package_on_a_fresh_machine(debs, suite, tmp_path):
         assert "home" in shown and "password" not in shown, shown
 
         # -- the web port attacked (issue 26): mail still flows, limits hold, the log is short
-        attack = [sys.executable, "-m", "testing.webattack", "--port", "443"]
-        attacker = subprocess.Popen(
-            m.netns_argv([*attack[:3], "forged-host", *attack[3:], "--seconds", "20"]),
-            cwd=ROOT, stdout=subprocess.PIPE, text=True,
-        )  # fmt: skip
+        attacker = webattack.start(m.netns_argv(webattack.command("forged-host", 443, 20)))
         try:
             _exchange(m, tmp_path / "dc-attacked")
         finally:
-            out, _ = attacker.communicate(timeout=120)
-        assert json.loads(out.splitlines()[-1]).get("status 200", 0) > 0, out
-        idle = subprocess.run(
-            m.netns_argv([*attack[:3], "idle", *attack[3:], "--seconds", "1",
-                          "--connections", "64", "--sources", "1"]),
-            cwd=ROOT, capture_output=True, text=True, timeout=120, check=True,
-        ).stdout  # fmt: skip
-        assert json.loads(idle.splitlines()[-1])["still open"] <= 32, idle
+            counts = webattack.finish(attacker)
+        assert counts.get("status 200", 0) > 0, counts
+        idle = webattack.finish(webattack.start(m.netns_argv(
+            webattack.command("idle", 443, 1, connections=64, sources=1))))  # fmt: skip
+        assert idle["still open"] <= 32, idle
         page = (
             "import http.client, ssl, sys\n"
             "c = http.client.HTTPSConnection('127.0.0.1', 443,"

@@ -12,36 +12,25 @@ short and the web's lines never carry a mail role's name.
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-from testing import mails
+from testing import mails, webattack
 from testing.webattack import MailProbe
 
 pytestmark = [pytest.mark.relay, pytest.mark.timeout(600)]
-ROOT = Path(__file__).resolve().parents[1]
 COMPONENTS = ("postfix", "dovecot", "doveauth", "filtermail", "newemail")
 UNLIMITED = {"max_user_send_per_minute": 10**6, "max_user_send_burst_size": 10**6}
 SECONDS = 3.0
 
 
-def attack(relay, kind: str, seconds: float = SECONDS, **options: object) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "testing.webattack", kind, "--port",
-           str(relay.ports["newemail"]), "--seconds", str(seconds)]  # fmt: skip
-    for name, value in options.items():
-        flag = "--" + name.replace("_", "-")
-        cmd += [flag] if value is True else [flag, str(value)]
-    return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, text=True)
+def attack(relay, kind: str, seconds: float = SECONDS, **options: object):
+    return webattack.start(webattack.command(kind, relay.ports["newemail"], seconds, **options))
 
 
-def result(proc: subprocess.Popen) -> dict:
-    out, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 0, out
-    return json.loads(out.strip().splitlines()[-1])
+result = webattack.finish
 
 
 def rss_kb(pid: int) -> int:
@@ -96,7 +85,9 @@ def test_mail_flows_while_the_web_port_is_attacked(attacked, kind):
         assert counts["status 400"] > 0 and "status 200" not in counts
     else:
         # 20 workers from one address: the per-client handshake rate refuses most
-        assert counts.get("answered", 0) > 0 and counts.get("reset", 0) + counts.get("closed", 0) > 0
+        assert (
+            counts.get("answered", 0) > 0 and counts.get("reset", 0) + counts.get("closed", 0) > 0
+        )
 
 
 def test_pages_never_name_a_forged_host(attacked):
