@@ -19,8 +19,8 @@ refused.  /new and /invite.svg stay.
 
 POST /new hands out a random address of this relay and a random password; the
 localpart has ``username_max_length`` characters from a-z0-9, the password
-``password_min_length + 3`` from letters, digits and punctuation (``secrets``
-RNG).  Nothing is stored: the account comes into existence on the first
+``password_min_length + 3`` from letters, digits and punctuation (the
+system's RNG, os.urandom).  Nothing is stored: the account comes into existence on the first
 IMAP/SMTP login.  Credentials (/new, and the home page reached by IP) are
 limited per client (IPv4 address or IPv6 /64): 2 a second, 5 at once; /new
 then answers 429, the home page shows the invite without a ready account.
@@ -74,12 +74,12 @@ import ipaddress
 import json
 import logging
 import os
+import random
 import re
-import secrets
 import ssl
 import string
 import urllib.parse
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 from .config import Config
@@ -87,7 +87,7 @@ from .filtermail.ratelimit import RateLimiter
 from .service import Daemon, Endpoint, run_daemon
 from .web import pages, static
 from .web.limits import Admission, RefusalLog, source_of
-from .web.qr import qr_svg_document
+from .web.qr import QRCodes
 from .web.server import HttpsServer, Request, Response, Settings
 
 DEFAULT_TLS = ("/etc/chatmail/tls/cert.pem", "/etc/chatmail/tls/key.pem")
@@ -107,11 +107,16 @@ CREDENTIALS_BURST = 5
 # ---------------------------------------------------------------- pure logic
 
 
+# os.urandom, what the secrets module uses (whose hmac import would load OpenSSL's hash
+# table, 2 MB on Debian 13, for nothing this process needs)
+RANDOM = random.SystemRandom()
+
+
 def generate_credentials(config: Config) -> tuple[str, str]:
     """A random address of this relay and a random password."""
-    local = "".join(secrets.choice(LOCALPART_ALPHABET) for _ in range(config.username_max_length))
+    local = "".join(RANDOM.choice(LOCALPART_ALPHABET) for _ in range(config.username_max_length))
     password = "".join(
-        secrets.choice(PASSWORD_ALPHABET) for _ in range(config.password_min_length + 3)
+        RANDOM.choice(PASSWORD_ALPHABET) for _ in range(config.password_min_length + 3)
     )
     return f"{local}@{config.mail_domain}", password
 
@@ -249,16 +254,10 @@ def text_response(status: int, text: str, **headers: str) -> Response:
     return Response(status, {"Content-Type": "text/plain; charset=utf-8", **headers}, text.encode())
 
 
-@functools.lru_cache(maxsize=16)
-def invite_svg_document(invite: str) -> bytes:
-    # one invite per address of the relay (never one a client names): drawn once each
-    return qr_svg_document(invite, title=invite)
-
-
 # ---------------------------------------------------------------- the web application
 
 
-Handler = Callable[[Request], Response]
+Handler = Callable[[Request], Awaitable[Response]]
 COMMON_HEADERS = {
     "X-Content-Type-Options": "nosniff",
     "Referrer-Policy": "no-referrer",
@@ -283,9 +282,11 @@ class FrontDoor:
         self.csp = pages.content_security_policy()
         self.info = pages.info_page(config)
         self.privacy = pages.privacy_page(config)
+        self.codes = QRCodes()
         own = dcaccount_url(pages.public_name(config))
+        self.codes.draw_now([own])
         # the home page of the relay's own name is always the same: made once
-        self.home = pages.home_page(config, own, own, by_ip=False)
+        self.home = pages.home_page(config, own, own, self.codes.codes[own][0], by_ip=False)
         self.routes = self._routes()
 
     def _site_folder(self, folder: str) -> str | None:
@@ -325,7 +326,7 @@ class FrontDoor:
             allowed = [m for m in ("GET", "HEAD", "POST") if m in methods or (
                 m == "HEAD" and "GET" in methods)]  # fmt: skip
             return text_response(405, "405: Method Not Allowed\n", Allow=",".join(allowed))
-        return handler(request)
+        return await handler(request)
 
     # -- /new
 
@@ -342,12 +343,12 @@ class FrontDoor:
     def _slow_down() -> Response:
         return text_response(429, "slow down\n", **{"Retry-After": "1"})
 
-    def new_redirect(self, request: Request) -> Response:
+    async def new_redirect(self, request: Request) -> Response:
         if not self._credentials_allowed(request):
             return self._slow_down()
         return Response(301, {"Location": dcaccount_url(self._who(request).host)})
 
-    def new_post(self, request: Request) -> Response:
+    async def new_post(self, request: Request) -> Response:
         if not self._credentials_allowed(request):
             return self._slow_down()
         data, addr = new_account(self.config, self._who(request))
@@ -357,34 +358,31 @@ class FrontDoor:
 
     # -- pages
 
-    def home_by_ip(self, request: Request) -> pages.Page | None:
+    async def home_by_ip(self, request: Request) -> pages.Page | None:
         """The home page for a client that reached us by IP: a fresh ready account each
         time, while the client's credentials rate allows (None when it used a name)."""
         who = self._who(request)
         if who.ip is None:
             return None
         invite = dcaccount_url(who.host)
+        qr = (await self.codes.get(invite))[0]
         if not self._credentials_allowed(request):
-            return self._home_by_ip_without_account(invite)
+            return pages.home_page(self.config, invite, invite, qr, by_ip=True)
         addr, password = generate_credentials(self.config)
         # a page view, not worth a line each: the account exists only once it logs in
         self.log.debug("issued credentials for %s to %s", addr, request.remote)
         link = account_link(self.config, addr, password, who.ip)
-        return pages.home_page(self.config, invite, link, by_ip=True)
-
-    @functools.lru_cache(maxsize=16)  # noqa: B019 (one FrontDoor per process)
-    def _home_by_ip_without_account(self, invite: str) -> pages.Page:
-        return pages.home_page(self.config, invite, invite, by_ip=True)
+        return pages.home_page(self.config, invite, link, qr, by_ip=True)
 
     def page_handler(
         self,
         fixed: pages.Page,
-        per_request: Callable[[Request], pages.Page | None] | None = None,
+        per_request: Callable[[Request], Awaitable[pages.Page | None]] | None = None,
     ) -> Handler:
         """Serve ``fixed``, unless ``per_request`` makes a page for this request."""
 
-        def handler(request: Request) -> Response:
-            page = per_request(request) if per_request else None
+        async def handler(request: Request) -> Response:
+            page = await per_request(request) if per_request else None
             if page is not None:
                 # holds credentials made for this visit: never cached, never revalidated
                 return self._page_response(request, page, "no-store")
@@ -405,17 +403,17 @@ class FrontDoor:
         headers["Content-Type"] = f"{page.content_type}; charset=utf-8"
         return Response(200, headers, page.body)
 
-    def invite_svg(self, request: Request) -> Response:
-        body = invite_svg_document(dcaccount_url(self._who(request).host))
+    async def invite_svg(self, request: Request) -> Response:
+        document = (await self.codes.get(dcaccount_url(self._who(request).host)))[1]
         return Response(
             200,
             {"Content-Type": "image/svg+xml", "Cache-Control": f"public, max-age={PAGE_MAX_AGE}"},
-            body,
+            document.encode(),
         )
 
     # -- www_folder
 
-    def site_file(self, request: Request) -> Response:
+    async def site_file(self, request: Request) -> Response:
         assert self.www_folder is not None
         found = static.lookup(self.www_folder, request.path)
         if isinstance(found, static.Redirect):

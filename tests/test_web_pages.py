@@ -12,6 +12,7 @@ import pytest
 
 from chatmaild.config import parse_params
 from chatmaild.web import pages, static
+from chatmaild.web.qr import QRCodes, drawn
 
 
 def config(**params: str):
@@ -27,7 +28,7 @@ def text_of(page: pages.Page) -> str:
 
 def test_home_page_shows_invite_qr_and_tap_link():
     invite = "DCACCOUNT:https://chat.example/new"
-    html = text_of(pages.home_page(config(), invite, invite, by_ip=False))
+    html = text_of(pages.home_page(config(), invite, invite, drawn(invite)[0], by_ip=False))
     assert html.startswith("<!doctype html>") and '<html lang="en">' in html
     assert 'name="viewport"' in html
     [svg] = re.findall(r"<svg [^>]*>", html)
@@ -41,9 +42,30 @@ def test_home_page_shows_invite_qr_and_tap_link():
 def test_home_page_by_ip_offers_the_ready_account():
     link = "dclogin:a@chat.example?p=x%26y&v=1&ih=127.0.0.1"
     invite = "DCACCOUNT:https://127.0.0.1:8443/new"
-    html = text_of(pages.home_page(config(), invite, link, by_ip=True))
+    html = text_of(pages.home_page(config(), invite, link, drawn(invite)[0], by_ip=True))
     assert 'href="dclogin:a@chat.example?p=x%26y&amp;v=1&amp;ih=127.0.0.1"' in html
     assert f'href="{invite}"' in html and "reached by its IP address" in html
+
+
+def test_qr_codes_are_drawn_by_a_child_process():
+    """The web process keeps the SVG text, never segno and what it imports."""
+    import subprocess
+    import sys
+
+    invite = "DCACCOUNT:https://chat.example/new"
+    probe = (
+        "import sys\nfrom chatmaild.web.qr import QRCodes\nc = QRCodes()\n"
+        f"c.draw_now([{invite!r}])\n"
+        "print('segno' in sys.modules, 'hashlib' in sys.modules, len(c.codes[sys.argv[1]][1]))"
+    )
+    out = subprocess.run([sys.executable, "-c", probe, invite], capture_output=True, text=True,
+                         check=True).stdout.split()  # fmt: skip
+    assert out[:2] == ["False", "False"] and int(out[2]) > 1000
+    codes = QRCodes()
+    codes.draw_now([invite])
+    inline, document = codes.codes[invite]
+    assert (inline, document) == drawn(invite)
+    assert document.startswith("<?xml") and f"<title>{invite}</title>" in document
 
 
 def test_info_page_numbers_come_from_the_config():

@@ -11,15 +11,20 @@ from __future__ import annotations
 
 import base64
 import functools
-import hashlib
 import html
-import importlib.resources
 import string
 import urllib.parse
 from dataclasses import dataclass
+from pathlib import Path
 
 from ..config import Config
-from .qr import qr_svg_inline
+
+try:  # the builtin SHA-256: hashlib would load OpenSSL's whole hash table (2 MB on 13)
+    from _sha2 import sha256  # type: ignore[import-not-found]  # Python 3.12+
+except ImportError:  # Python 3.11
+    from _sha256 import sha256  # type: ignore[import-not-found,no-redef]
+
+TEMPLATES = Path(__file__).parent / "templates"
 
 HTML_TYPE = "text/html"
 PAGES = ("home", "info", "privacy")
@@ -31,7 +36,7 @@ class Markup(str):
 
 @functools.cache
 def template_text(name: str) -> str:
-    return (importlib.resources.files(__package__) / "templates" / name).read_text("utf-8")
+    return (TEMPLATES / name).read_text("utf-8")
 
 
 def render(name: str, **values: object) -> Markup:
@@ -46,7 +51,7 @@ def style_sheet() -> str:
 
 def content_security_policy() -> str:
     """Only the inline style sheet; no scripts, frames, forms or other origins."""
-    digest = base64.b64encode(hashlib.sha256(style_sheet().encode()).digest()).decode()
+    digest = base64.b64encode(sha256(style_sheet().encode()).digest()).decode()
     return (
         f"default-src 'none'; style-src 'sha256-{digest}'; img-src 'self' data:; "
         "base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
@@ -86,7 +91,7 @@ class Page:
 
     @functools.cached_property
     def etag(self) -> str:
-        return '"' + hashlib.sha256(self.body).hexdigest()[:32] + '"'
+        return '"' + sha256(self.body).hexdigest()[:32] + '"'
 
 
 def page(config: Config, which: str, title: str, main: Markup) -> Page:
@@ -102,15 +107,9 @@ def page(config: Config, which: str, title: str, main: Markup) -> Page:
     return Page(text.encode("utf-8"))
 
 
-@functools.lru_cache(maxsize=16)
-def invite_qr(invite: str) -> Markup:
-    """The QR code of ``invite`` as an inline ``<svg>`` (a few per relay: cached)."""
-    svg = qr_svg_inline(invite, title=f"QR code: {invite}")
-    return Markup(svg.replace("<svg ", '<svg role="img" ', 1))
-
-
-def home_page(config: Config, invite: str, tap_link: str, *, by_ip: bool) -> Page:
-    """The invite QR code for ``invite`` and a button opening ``tap_link`` in the app.
+def home_page(config: Config, invite: str, tap_link: str, qr: str, *, by_ip: bool) -> Page:
+    """The invite QR code ``qr`` (inline ``<svg>``, web.qr) of ``invite`` and a button
+    opening ``tap_link`` in the app.
 
     ``by_ip``: the relay is reached by IP address, and ``tap_link`` is a ready
     ``dclogin:`` account (an app cannot look such a relay up by name).
@@ -121,7 +120,7 @@ def home_page(config: Config, invite: str, tap_link: str, *, by_ip: bool) -> Pag
         domain=name,
         invite=invite,
         tap_link=tap_link,
-        qr=invite_qr(invite),
+        qr=Markup(qr),
         ip_note=render("ip_note.html") if by_ip else Markup(""),
     )
     return page(config, "home", f"{name}: chatmail relay for Delta Chat", main)
