@@ -284,9 +284,11 @@ class FrontDoor:
         self.privacy = pages.privacy_page(config)
         self.codes = QRCodes()
         own = dcaccount_url(pages.public_name(config))
-        self.codes.draw_now([own])
+        # an IP-only relay's links name its port too
+        self.codes.draw_now(list({own, dcaccount_url(audience(config, None, ("", 0)).host)}))
         # the home page of the relay's own name is always the same: made once
         self.home = pages.home_page(config, own, own, self.codes.codes[own][0], by_ip=False)
+        self._invite_pages: dict[str, pages.Page] = {}
         self.routes = self._routes()
 
     def _site_folder(self, folder: str) -> str | None:
@@ -367,12 +369,23 @@ class FrontDoor:
         invite = dcaccount_url(who.host)
         qr = (await self.codes.get(invite))[0]
         if not self._credentials_allowed(request):
-            return pages.home_page(self.config, invite, invite, qr, by_ip=True)
+            return self._invite_only(invite, qr)
         addr, password = generate_credentials(self.config)
         # a page view, not worth a line each: the account exists only once it logs in
         self.log.debug("issued credentials for %s to %s", addr, request.remote)
         link = account_link(self.config, addr, password, who.ip)
         return pages.home_page(self.config, invite, link, qr, by_ip=True)
+
+    def _invite_only(self, invite: str, qr: str) -> pages.Page:
+        """The by-IP home page without an account: made once per address."""
+        page = self._invite_pages.get(invite)
+        if page is None:
+            if len(self._invite_pages) >= 16:  # addresses of the relay: a handful
+                self._invite_pages.clear()
+            page = self._invite_pages[invite] = pages.home_page(
+                self.config, invite, invite, qr, by_ip=True
+            )
+        return page
 
     def page_handler(
         self,
@@ -445,6 +458,9 @@ class FrontDoor:
 
 class NewEmailDaemon(Daemon):
     name = "chatmail-newemail"
+    # asyncio's own loop: the web port needs no more speed than it has (README,
+    # "The web port"), and uvloop would cost 1.5 MB of RSS on Debian 13
+    fast_loop = False
 
     def __init__(self, config: Config, args: argparse.Namespace | None = None) -> None:
         super().__init__(config, args)
@@ -486,6 +502,12 @@ class NewEmailDaemon(Daemon):
         return wanted
 
     async def start(self) -> None:
+        # a relay reached by one address (make run's 127.0.0.1, an IP-only relay): its
+        # by-IP invite drawn now, like the name's, not by a child process on a request
+        endpoint = self.listen_endpoint
+        ip = ip_literal(endpoint.host or "") if endpoint is not None else None
+        if endpoint is not None and ip is not None and not ipaddress.ip_address(ip).is_unspecified:
+            self.front.codes.draw_now([dcaccount_url(host_port(ip, endpoint.port or 443))])
         c = self.config
         admission = Admission(
             max_connections=self._connection_budget(),

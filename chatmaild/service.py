@@ -227,12 +227,16 @@ class Daemon:
     # longest line (or HTTP head) a connection's reader buffers; protocols enforce
     # their own, often smaller, limits
     stream_limit = 2**20
+    # uvloop (about twice asyncio's throughput, 1.1 to 1.5 MB of RSS more)
+    fast_loop = True
 
     def __init__(self, config: Config, args: argparse.Namespace | None = None) -> None:
         self.config = config
         self.args = args
         self.log = logging.getLogger(self.name)
         self.stopping = asyncio.Event()
+        # where it listens (its endpoint() or --listen's), known before start()
+        self.listen_endpoint: Endpoint | None = None
         self._inflight = 0
         self._idle = asyncio.Event()
         self._idle.set()
@@ -520,6 +524,8 @@ def run_daemons(
     async def main() -> int:
         daemons = [cls(config, args) for cls in classes]
         endpoints = [listen[d.name] if d.name in listen else d.endpoint() for d in daemons]
+        for daemon, endpoint in zip(daemons, endpoints, strict=True):
+            daemon.listen_endpoint = endpoint
         try:
             inherited = inherited_for(endpoints, systemd_sockets())
         except OSError as e:
@@ -547,7 +553,8 @@ def run_daemons(
                     os.unlink(path)
         return 0
 
-    _use_fast_event_loop()
+    if all(cls.fast_loop for cls in classes):
+        _use_fast_event_loop()
     return asyncio.run(main())
 
 

@@ -188,6 +188,8 @@ def test_newemail_unit_is_a_process_of_its_own_with_port_443_only():
     assert svc["AmbientCapabilities"] == svc["CapabilityBoundingSet"] == "CAP_NET_BIND_SERVICE"
     assert "SupplementaryGroups" not in svc and "ReadWritePaths" not in svc  # writes nothing
     assert svc["ProtectHome"] == svc["NoNewPrivileges"] == "yes" and svc["Type"] == "notify"
+    # mail first when the CPU is short
+    assert int(svc["Nice"]) > 0 and int(svc["CPUWeight"]) < 100
     # its connection limit fits its descriptors (a socket and a file each)
     from chatmaild.config import Config
 

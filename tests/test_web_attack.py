@@ -143,3 +143,15 @@ def test_logs_stay_short_and_apart(attacked):
     assert refusals and len(refusals) < 20, refusals
     # nothing of the web under the mail roles' names, and no web in their process
     assert "chatmail-newemail" not in mail and "issued credentials" not in mail
+
+
+def test_mail_comes_first_when_the_cpu_is_short(attacked):
+    """The web process runs niced (its unit: Nice=10, CPUWeight=20), the filters not."""
+    relay, _ = attacked
+
+    def nice(pid: int) -> int:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[16])
+
+    web, filters = relay.pid_of("newemail"), relay.pid_of("filtermail")
+    assert web is not None and filters is not None
+    assert nice(web) == 10 and nice(filters) == 0

@@ -551,7 +551,11 @@ class Relay:
             # like its unit's AmbientCapabilities=CAP_NET_BIND_SERVICE: /new may be on port 443
             caps = ["--inh-caps=+net_bind_service", "--ambient-caps=+net_bind_service"]
         ids = [f"--reuid={user.pw_uid}", f"--regid={user.pw_gid}"]
-        return ["setpriv", *ids, f"--groups={','.join(map(str, sorted(groups)))}", *caps, *cmd]
+        setpriv = ["setpriv", *ids, f"--groups={','.join(map(str, sorted(groups)))}", *caps]
+        if name == "newemail":
+            # like its unit's Nice=10: when the CPU is short, mail comes first
+            return ["nice", "-n", "10", *setpriv, *cmd]
+        return [*setpriv, *cmd]
 
     def spawn(self, name: str) -> subprocess.Popen:
         """Start process ``name`` of this relay (again); stop() ends it with the others."""
