@@ -1,7 +1,7 @@
 """filtermail's own SMTP server against an aiosmtpd front end on the same handler.
 
 Both run ``filtermail outgoing``'s handler, re-injection pool, DKIM key and
-uvloop (the aiosmtpd one is ``bench/aiosmtpd_filtermail.py``), alone against an
+uvloop (the aiosmtpd one is ``bench/alternatives/aiosmtpd_filtermail.py``), alone against an
 SMTP sink standing in for Postfix, driven the way Postfix's smtpd_proxy_filter
 drives them (a new connection per message, 4 at once, UNIX sockets).  Figures
 per front end: throughput of 4 KB and 128 KB messages, p99 latency of one
@@ -33,7 +33,7 @@ from testing import mails
 
 FRONT_ENDS = {
     "ours": ["-m", "chatmaild.filtermail.main", "--config", "{ini}", "outgoing"],
-    "aiosmtpd": ["-m", "bench.aiosmtpd_filtermail", "--config", "{ini}"],
+    "aiosmtpd": ["-m", "bench.alternatives.aiosmtpd_filtermail", "--config", "{ini}"],
 }
 SENDER = "sender001@chat.example"
 RCPT = "rcpt00001@chat.example"

@@ -29,8 +29,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from chatmaild.accounts import AccountStore, hash_password
-from chatmaild.config import read_config, write_config
+from chatmaild.common.accounts import AccountStore, hash_password
+from chatmaild.common.config import read_config, write_config
 from testing.authhttpclient import AuthHttpClient
 
 DOMAIN = "bench.example.org"
@@ -335,7 +335,7 @@ def _doveauth_in(tmpdir: Path, mail_root: Path, accounts: int):
     stored = hash_password("bench-password")
     for i in range(accounts):
         store.create(f"user{i:05d}@{DOMAIN}", stored, password_is_hash=True)
-    cmd = [sys.executable, "-m", "chatmaild.doveauth", "--config", str(ini)]
+    cmd = [sys.executable, "-m", "chatmaild.dictd.doveauth", "--config", str(ini)]
     with _serving(cmd, tmpdir / "doveauth.log", (sock, http_sock)) as proc:
         yield proc, sock, http_sock
 

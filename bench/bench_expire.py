@@ -19,7 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from chatmaild.config import write_config
+from chatmaild.common.config import write_config
 from testing.maildirs import generate_bench_tree
 
 MAILBOXES = int(os.environ.get("BENCH_EXPIRE_MAILBOXES", "20000"))
@@ -72,18 +72,18 @@ def main() -> None:
         print(f"expire_tree_messages: {files} files")
         print(f"expire_generate_files_per_s: {files / gen:.0f} files/s")
 
-        dry = run_tool("chatmaild.expire", str(ini))
+        dry = run_tool("chatmaild.expire.main", str(ini))
         print(f"expire_dry_run_summary: {dry['out'].strip()}")
         print(f"expire_dry_run_seconds: {dry['seconds']:.2f} s (target < {TARGET_SECONDS})")
         print(f"expire_dry_run_files_per_s: {files / dry['seconds']:.0f} files/s")
         print(f"expire_dry_run_peak_rss: {dry['rss_kb'] / 1024:.1f} MB (target < {TARGET_RSS_MB})")
 
-        report = run_tool("chatmaild.fsreport", str(ini))
+        report = run_tool("chatmaild.expire.fsreport", str(ini))
         print(f"fsreport_seconds: {report['seconds']:.2f} s")
         print(f"fsreport_files_per_s: {files / report['seconds']:.0f} files/s")
         print(f"fsreport_peak_rss: {report['rss_kb'] / 1024:.1f} MB")
 
-        real = run_tool("chatmaild.expire", str(ini), "--remove")
+        real = run_tool("chatmaild.expire.main", str(ini), "--remove")
         print(f"expire_remove_summary: {real['out'].strip()}")
         print(f"expire_remove_seconds: {real['seconds']:.2f} s")
         print(f"expire_remove_peak_rss: {real['rss_kb'] / 1024:.1f} MB")

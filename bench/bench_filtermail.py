@@ -40,7 +40,7 @@ import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-from chatmaild.config import write_config
+from chatmaild.common.config import write_config
 from chatmaild.filtermail.dkim import generate_key
 from chatmaild.relay.render import postfix_path
 from chatmaild.relay.stack import Relay

@@ -34,7 +34,7 @@ from pathlib import Path
 import dkim as dkimpy
 
 from bench.bench_filtermail import _drive, run_against_sink
-from chatmaild.config import write_config
+from chatmaild.common.config import write_config
 from chatmaild.filtermail.dkim import generate_key, public_value, txt_record
 from chatmaild.relay.dns import LoopbackDNS
 from chatmaild.relay.stack import Relay

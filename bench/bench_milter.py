@@ -7,7 +7,7 @@ round so that a noisy moment hits all of them:
 - ``proxy``: today's default, filtermail outgoing as submission's
   ``smtpd_proxy_filter`` re-injecting accepted mail into a second smtpd;
 - ``milter``: the same handler as a milter in submission's own smtpd session
-  (``smtpd_milters``, ``bench/milter_filtermail.py``), no re-injection: the
+  (``smtpd_milters``, ``bench/alternatives/milter_filtermail.py``), no re-injection: the
   proxy relay's master.cf with the submission services' proxy filter swapped
   for the milter, Postfix reloaded.
 
@@ -152,7 +152,8 @@ class MilterStack(Stack):
         sock = str(Path(c.filtermail_smtp_socket).with_name("bench-milter.sock"))
         log = open(self.relay.log_dir / "bench-milter.log", "ab")  # noqa: SIM115
         ini = str(self.relay.ini_path)
-        cmd = [sys.executable, "-m", "bench.milter_filtermail", "--config", ini, "--socket", sock]
+        milter = "bench.alternatives.milter_filtermail"
+        cmd = [sys.executable, "-m", milter, "--config", ini, "--socket", sock]
         self.milter = subprocess.Popen(cmd, stdout=log, stderr=log)
         log.close()
         deadline = time.monotonic() + 30

@@ -29,8 +29,8 @@ import threading
 import time
 from pathlib import Path
 
-from chatmaild.config import read_config, write_config
-from chatmaild.notifier import encode_pending
+from chatmaild.common.config import read_config, write_config
+from chatmaild.dictd.push import encode_pending
 from chatmaild.relay import Relay
 from testing.dictclient import DictClient
 from testing.httpsink import SinkProcess

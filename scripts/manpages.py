@@ -123,7 +123,7 @@ def program_page(prog: str, target: str) -> str:
 def ini_page() -> str:
     import dataclasses
 
-    from chatmaild.config import (
+    from chatmaild.common.config import (
         DEFAULT_CONFIG_PATH,
         config_fields,
         format_size,

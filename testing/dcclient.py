@@ -17,7 +17,7 @@ from typing import Any
 from deltachat_rpc_client import DeltaChat, Rpc
 from deltachat_rpc_client.account import Account
 
-from chatmaild.newemail import dclogin_url
+from chatmaild.web.main import dclogin_url
 
 
 def rpc_server_path() -> str:

@@ -1,6 +1,6 @@
 """In-memory dict daemon for testing the dict protocol server and the service runtime.
 
-Runs the real :class:`~chatmaild.dictproxy.DictDaemon` machinery on a socket
+Runs the real :class:`~chatmaild.dictd.proxy.DictDaemon` machinery on a socket
 (``--listen`` is required) with a store held in memory.  Keys with special
 prefixes drive failure paths:
 
@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import asyncio
 
-from chatmaild.dictproxy import DictDaemon, Transaction
-from chatmaild.service import Endpoint, run_daemon
+from chatmaild.common.service import Endpoint, run_daemon
+from chatmaild.dictd.proxy import DictDaemon, Transaction
 
 
 class MemDictDaemon(DictDaemon):

@@ -11,7 +11,7 @@ import socket
 import time
 from pathlib import Path
 
-from chatmaild.dictproxy import split_fields, tabescape
+from chatmaild.dictd.proxy import split_fields, tabescape
 
 
 class RawDictClient:

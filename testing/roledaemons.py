@@ -15,7 +15,7 @@ import argparse
 import asyncio
 from pathlib import Path
 
-from chatmaild.service import Daemon, Endpoint, run_daemons
+from chatmaild.common.service import Daemon, Endpoint, run_daemons
 
 
 class EchoRole(Daemon):

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from chatmaild.service import RoleFilter
+from chatmaild.common.service import RoleFilter
 from tests.sandbox import leftover_processes, session_base_if_made
 
 pytest_plugins = sorted(

@@ -2,7 +2,7 @@
 is completed by the next creation, cleaned by chatmail-expire, and no existing
 account is ever touched.
 
-Deterministic part: every state a kill can leave (see chatmaild.accountlock) is
+Deterministic part: every state a kill can leave (see chatmaild.common.accountlock) is
 built exactly as create() writes it.  Then a real doveauth is SIGKILLed while
 creations are in flight, several times, and the invariants are checked.
 """
@@ -22,16 +22,16 @@ from pathlib import Path
 
 import pytest
 
-from chatmaild import expire
-from chatmaild.accountlock import PASSWORD, PASSWORD_LOCK, is_creation_leftover
-from chatmaild.accounts import (
+from chatmaild.common.accountlock import PASSWORD, PASSWORD_LOCK, is_creation_leftover
+from chatmaild.common.accounts import (
     FLAG_ENFORCE_E2EE,
     AccountStore,
     hash_password,
     verify_password,
 )
-from chatmaild.config import read_config
-from chatmaild.dictproxy import tabescape, tabunescape
+from chatmaild.common.config import read_config
+from chatmaild.dictd.proxy import tabescape, tabunescape
+from chatmaild.expire import main as expire
 from testing.rawdict import RawDictClient, wait_for_socket
 from tests.fixtures.dict import TEST_DOMAIN, write_test_ini
 
@@ -196,7 +196,7 @@ def test_sigkill_during_creations_damages_nothing(daemon_factory, tmp_path):
 
     rng = random.Random(14)
     for round_ in range(6):
-        daemon = daemon_factory("chatmaild.doveauth", ini=ini)
+        daemon = daemon_factory("chatmaild.dictd.doveauth", ini=ini)
         wait_for_socket(sock, proc=daemon.proc)
         clients = [RawDictClient(sock) for _ in range(6)]
         try:
@@ -230,7 +230,7 @@ def test_sigkill_during_creations_damages_nothing(daemon_factory, tmp_path):
     assert list(store.iter_addresses()) == complete
 
     # a fresh doveauth lists exactly the accounts, then every address logs in
-    daemon = daemon_factory("chatmaild.doveauth", ini=ini)
+    daemon = daemon_factory("chatmaild.dictd.doveauth", ini=ini)
     wait_for_socket(sock, proc=daemon.proc)
     with RawDictClient(sock) as client:
         listed = client.iterate("shared/userdb/")
@@ -283,7 +283,7 @@ def test_leftovers_through_dovecot_doveadm_and_expire(relay):
 
     res = subprocess.run(
         ["setpriv", f"--reuid={vmail.pw_uid}", f"--regid={vmail.pw_gid}", "--init-groups",
-         relay.python, "-m", "chatmaild.expire", "--config", str(relay.ini_path), "--remove"],
+         relay.python, "-m", "chatmaild.expire.main", "--config", str(relay.ini_path), "--remove"],
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert res.returncode == 0, res.stdout + res.stderr

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from chatmaild.accounts import (
+from chatmaild.common.accounts import (
     DAY,
     FLAG_DISABLED,
     FLAG_ENFORCE_E2EE,
@@ -20,8 +20,8 @@ from chatmaild.accounts import (
     hash_password,
     verify_password,
 )
-from chatmaild.addr import AddressError
-from chatmaild.config import Config
+from chatmaild.common.addr import AddressError
+from chatmaild.common.config import Config
 
 DOMAIN = "example.org"
 

@@ -10,8 +10,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from chatmaild.accounts import AccountStore
-from chatmaild.addr import (
+from chatmaild.common.accounts import AccountStore
+from chatmaild.common.addr import (
     AddressError,
     address_literal,
     canonical_address,
@@ -20,7 +20,7 @@ from chatmaild.addr import (
     is_safe_dirname,
     valid_addr_spec,
 )
-from chatmaild.config import Config
+from chatmaild.common.config import Config
 
 DOMAIN = "chat.example.org"
 

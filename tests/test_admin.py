@@ -8,9 +8,9 @@ import sys
 
 import pytest
 
-from chatmaild import admin
-from chatmaild.accounts import AccountStore, verify_password
-from chatmaild.config import read_config
+from chatmaild.admin import main as admin
+from chatmaild.common.accounts import AccountStore, verify_password
+from chatmaild.common.config import read_config
 from tests.fixtures.dict import TEST_DOMAIN
 
 ADDR = f"operator1@{TEST_DOMAIN}"
@@ -18,7 +18,7 @@ ADDR = f"operator1@{TEST_DOMAIN}"
 
 def chatmaild(ini, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "chatmaild.admin", "--config", str(ini), *args],
+        [sys.executable, "-m", "chatmaild.admin.main", "--config", str(ini), *args],
         capture_output=True,
         text=True,
         input=stdin,

@@ -8,7 +8,7 @@ import os
 
 import pytest
 
-from chatmaild.appversions import (
+from chatmaild.dictd.appversions import (
     PACKAGED_PATH,
     AppVersionsError,
     AppVersionsFile,

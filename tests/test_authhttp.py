@@ -11,8 +11,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from chatmaild.accounts import FLAG_DISABLED, AccountStore, verify_password
-from chatmaild.authhttp import (
+from chatmaild.common.accounts import FLAG_DISABLED, AccountStore, verify_password
+from chatmaild.common.config import read_config
+from chatmaild.dictd.authhttp import (
     MAX_BODY,
     MAX_HEAD,
     HttpError,
@@ -20,7 +21,6 @@ from chatmaild.authhttp import (
     parse_form,
     parse_head,
 )
-from chatmaild.config import read_config
 from testing.authhttpclient import AuthHttpClient
 from testing.rawdict import wait_for_socket
 from tests.fixtures.dict import TEST_DOMAIN

@@ -9,8 +9,8 @@ import sys
 
 import pytest
 
-from chatmaild.admin import render_config
-from chatmaild.config import (
+from chatmaild.admin.main import render_config
+from chatmaild.common.config import (
     Config,
     ConfigError,
     config_fields,
@@ -30,7 +30,7 @@ def ini(tmp_path, text: str):
 
 
 def test_iroh_relay_and_appversions_unset_empty_and_set(tmp_path):
-    from chatmaild.appversions import PACKAGED_PATH
+    from chatmaild.dictd.appversions import PACKAGED_PATH
 
     unset = read_config(ini(tmp_path, "[params]\nmail_domain = chat.example.org\n"))
     assert unset.iroh_relay == "https://chat.example.org"  # the reference's default
@@ -210,10 +210,10 @@ def test_unknown_keys_warn_once(tmp_path, caplog):
         "[params]\nmail_domain = x.example.org\nfrobnicate = 1\nzeta = 2\n"
         "filtermail_http_port_incoming = 10082\n",  # a reference key we accept silently
     )
-    with caplog.at_level(logging.WARNING, logger="chatmaild.config"):
+    with caplog.at_level(logging.WARNING, logger="chatmaild.common.config"):
         config = read_config(path)
     assert config.unknown_keys == ("frobnicate", "zeta")
-    warnings = [r for r in caplog.records if r.name == "chatmaild.config"]
+    warnings = [r for r in caplog.records if r.name == "chatmaild.common.config"]
     assert len(warnings) == 1
     assert "frobnicate, zeta" in warnings[0].getMessage()
 
@@ -227,12 +227,12 @@ def test_old_port_keys_are_accepted_with_one_warning(tmp_path, caplog):
         "postfix_reinject_port_incoming = 10026\nfiltermail_host = 127.0.0.1\n"
         "filtermail_milter_port = not even a number\n",
     )
-    with caplog.at_level(logging.WARNING, logger="chatmaild.config"):
+    with caplog.at_level(logging.WARNING, logger="chatmaild.common.config"):
         config = read_config(path)
     assert config.unknown_keys == ()
     assert config.filtermail_smtp_socket == "/var/spool/postfix/filtermail/outgoing.sock"
     assert config.postfix_reinject_socket_incoming == "/var/spool/postfix/public/reinject_incoming"
-    (warning,) = [r.getMessage() for r in caplog.records if r.name == "chatmaild.config"]
+    (warning,) = [r.getMessage() for r in caplog.records if r.name == "chatmaild.common.config"]
     assert "no longer used" in warning
     assert "filtermail_smtp_port (see filtermail_smtp_socket)" in warning
     assert "postfix_reinject_port_incoming (see postfix_reinject_socket_incoming)" in warning
@@ -243,9 +243,9 @@ def test_old_port_keys_are_accepted_with_one_warning(tmp_path, caplog):
 
 def test_unknown_keys_warning_can_be_suppressed(tmp_path, caplog):
     path = ini(tmp_path, "[params]\nmail_domain = x.example.org\nfrobnicate = 1\n")
-    with caplog.at_level(logging.WARNING, logger="chatmaild.config"):
+    with caplog.at_level(logging.WARNING, logger="chatmaild.common.config"):
         read_config(path, warn_unknown=False)
-    assert not [r for r in caplog.records if r.name == "chatmaild.config"]
+    assert not [r for r in caplog.records if r.name == "chatmaild.common.config"]
 
 
 # ---------------------------------------------------------------- sizes
@@ -317,7 +317,7 @@ def test_rendered_config_is_valid_ini_and_reads_back_equal(tmp_path):
 def test_chatmaild_config_command(tmp_path):
     path = ini(tmp_path, "[params]\nmail_domain = x.example.org\n")
     out = subprocess.run(
-        [sys.executable, "-m", "chatmaild.admin", "--config", str(path), "config"],
+        [sys.executable, "-m", "chatmaild.admin.main", "--config", str(path), "config"],
         capture_output=True,
         text=True,
         check=True,
@@ -326,7 +326,7 @@ def test_chatmaild_config_command(tmp_path):
     assert "max_mailbox_size = 500M" in out
     assert "min_free_disk_space = 1G" in out
     single = subprocess.run(
-        [sys.executable, "-m", "chatmaild.admin", "-c", str(path), "config", "max_load_1m"],
+        [sys.executable, "-m", "chatmaild.admin.main", "-c", str(path), "config", "max_load_1m"],
         capture_output=True,
         text=True,
         check=True,
@@ -337,7 +337,7 @@ def test_chatmaild_config_command(tmp_path):
 def test_bad_config_exits_78_with_message(tmp_path):
     path = ini(tmp_path, "[params]\nmail_domain = x.example.org\nmax_load_1m = x\n")
     proc = subprocess.run(
-        [sys.executable, "-m", "chatmaild.doveauth", "--config", str(path)],
+        [sys.executable, "-m", "chatmaild.dictd.doveauth", "--config", str(path)],
         capture_output=True,
         text=True,
         timeout=30,

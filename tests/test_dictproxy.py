@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from chatmaild.dictproxy import (
+from chatmaild.dictd.proxy import (
     ITER_NO_VALUE,
     MAX_LINE,
     ProtocolError,

@@ -13,8 +13,8 @@ import dns.name
 import pytest
 from dkim.canonicalization import Relaxed, Simple
 
-from chatmaild.admin import main as admin_main
-from chatmaild.config import write_config
+from chatmaild.admin.main import main as admin_main
+from chatmaild.common.config import write_config
 from chatmaild.filtermail import dkim as fdkim
 from chatmaild.filtermail.milter import MilterSession
 from tests.fixtures.filtermail import DOMAIN, OTHER, Ed25519Key

@@ -9,10 +9,10 @@ import threading
 
 import pytest
 
-from chatmaild.accounts import FLAG_DISABLED, AccountStore, verify_password
-from chatmaild.config import read_config
-from chatmaild.dictproxy import tabescape, tabunescape
-from chatmaild.doveauth import split_escaped_key
+from chatmaild.common.accounts import FLAG_DISABLED, AccountStore, verify_password
+from chatmaild.common.config import read_config
+from chatmaild.dictd.doveauth import split_escaped_key
+from chatmaild.dictd.proxy import tabescape, tabunescape
 from testing.rawdict import RawDictClient, wait_for_socket
 from tests.fixtures.dict import TEST_DOMAIN, write_test_ini
 
@@ -129,7 +129,7 @@ def test_nocreate_blocks_creation_but_not_existing(auth):
 
 def test_overload_refuses_creation(daemon_factory, tmp_path):
     ini = write_test_ini(tmp_path, max_load_1m="0.000001", min_free_disk_space="1000000G")
-    daemon = daemon_factory("chatmaild.doveauth", ini=ini)
+    daemon = daemon_factory("chatmaild.dictd.doveauth", ini=ini)
     wait_for_socket(tmp_path / "doveauth.socket", proc=daemon.proc)
     with RawDictClient(tmp_path / "doveauth.socket") as client:
         assert passdb(client, ADDR, "long-enough-pw") is None
@@ -220,9 +220,9 @@ def test_doveauth_lookup_commands(doveauth):
     with RawDictClient(sock) as client:
         passdb(client, ADDR, "first-password")
     for cmd in (
-        [sys.executable, "-m", "chatmaild.doveauth", "--config", str(ini), "lookup", ADDR],
-        [sys.executable, "-m", "chatmaild.admin", "-c", str(ini), "doveauth-lookup", ADDR],
-        [sys.executable, "-m", "chatmaild.admin", "-c", str(ini), "doveauth", "lookup", ADDR],
+        [sys.executable, "-m", "chatmaild.dictd.doveauth", "--config", str(ini), "lookup", ADDR],
+        [sys.executable, "-m", "chatmaild.admin.main", "-c", str(ini), "doveauth-lookup", ADDR],
+        [sys.executable, "-m", "chatmaild.admin.main", "-c", str(ini), "doveauth", "lookup", ADDR],
     ):
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
         assert proc.returncode == 0, proc.stderr
@@ -230,7 +230,15 @@ def test_doveauth_lookup_commands(doveauth):
         assert shown["addr"] == ADDR
         assert "password" not in shown
     missing = subprocess.run(
-        [sys.executable, "-m", "chatmaild.doveauth", "-c", str(ini), "lookup", "x@" + TEST_DOMAIN],
+        [
+            sys.executable,
+            "-m",
+            "chatmaild.dictd.doveauth",
+            "-c",
+            str(ini),
+            "lookup",
+            "x@" + TEST_DOMAIN,
+        ],
         capture_output=True,
         text=True,
         timeout=30,
@@ -243,7 +251,7 @@ def test_migration_from_legacy_sqlite_db(daemon_factory, tmp_path):
     """The reference relay's old passdb.sqlite moves into the store once, at start."""
     import sqlite3
 
-    from chatmaild.accounts import hash_password
+    from chatmaild.common.accounts import hash_password
 
     db_path = tmp_path / "passdb.sqlite"
     stored = hash_password("migrated-password")
@@ -261,7 +269,7 @@ def test_migration_from_legacy_sqlite_db(daemon_factory, tmp_path):
         db.executemany("INSERT INTO users VALUES (?, ?, ?)", rows)
     (tmp_path / "passdb.sqlite-wal").write_bytes(b"")
     ini = write_test_ini(tmp_path, passdb_path=db_path)
-    daemon = daemon_factory("chatmaild.doveauth", ini=ini)
+    daemon = daemon_factory("chatmaild.dictd.doveauth", ini=ini)
     wait_for_socket(tmp_path / "doveauth.socket", proc=daemon.proc)
     # the socket accepts at once; requests are answered after the migration
     with RawDictClient(tmp_path / "doveauth.socket", timeout=60) as client:

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from chatmaild.accounts import AccountStore, verify_password
+from chatmaild.common.accounts import AccountStore, verify_password
 from chatmaild.relay import Relay
 from testing.maildirs import stored_message
 from tests.fixtures.relay import base_components

@@ -14,9 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from chatmaild import expire, fsreport, maildir
-from chatmaild.expire import Policy, plan_mailbox
-from chatmaild.maildir import open_root, parse_maildir_name, scan_mailbox
+from chatmaild.expire import fsreport, maildir
+from chatmaild.expire import main as expire
+from chatmaild.expire.maildir import open_root, parse_maildir_name, scan_mailbox
+from chatmaild.expire.main import Policy, plan_mailbox
 from testing.maildirs import maildir_name
 from tests.fixtures.expire import MailTree
 from tests.sandbox import world_readable_tempdir
@@ -520,7 +521,7 @@ def test_runs_as_vmail_and_carries_on_past_permission_errors(vmail_tree):
             "--init-groups",
             tree.python,
             "-m",
-            "chatmaild.expire",
+            "chatmaild.expire.main",
             "--config",
             str(tree.ini),
             "--remove",

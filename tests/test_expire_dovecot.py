@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from chatmaild.maildir import parse_maildir_name
+from chatmaild.expire.maildir import parse_maildir_name
 from chatmaild.relay import Relay
 from testing.maildirs import stored_message
 from tests.fixtures.relay import RelayPool
@@ -171,7 +171,7 @@ def test_expire_removes_aged_mail_and_inactive_accounts(qrelay):
     age(gone_home / "password", 100)
 
     proc = run_as_vmail(
-        qrelay, "-m", "chatmaild.expire", "--config", str(qrelay.ini_path), "--remove"
+        qrelay, "-m", "chatmaild.expire.main", "--config", str(qrelay.ini_path), "--remove"
     )
     assert proc.returncode == 0, proc.stderr
     m = re.search(r"expire: removed (\d+) of \d+ mailboxes and (\d+) of \d+ messages", proc.stdout)
@@ -258,7 +258,7 @@ def test_expire_while_delivering_and_reading(qrelay):
     assert typ == "OK" and int(data[0]) == 305
 
     vmail_cmd = ["setpriv", f"--reuid={vmail.pw_uid}", f"--regid={vmail.pw_gid}",
-                 "--init-groups", qrelay.python, "-m", "chatmaild.expire",
+                 "--init-groups", qrelay.python, "-m", "chatmaild.expire.main",
                  "--config", str(qrelay.ini_path), "--remove"]  # fmt: skip
     expire = subprocess.Popen(vmail_cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:

@@ -8,11 +8,11 @@ import socket
 import dkim as dkimpy
 import pytest
 
-from chatmaild.accounts import FLAG_DISABLED, FLAG_ENFORCE_E2EE, AccountStore
+from chatmaild.common.accounts import FLAG_DISABLED, FLAG_ENFORCE_E2EE, AccountStore
+from chatmaild.common.ratelimit import RateLimiter
 from chatmaild.filtermail.dkim import split_message
 from chatmaild.filtermail.headers import MAX_HEADER_SECTION
 from chatmaild.filtermail.outgoing import is_passthrough
-from chatmaild.filtermail.ratelimit import RateLimiter
 from testing import mails
 from tests.fixtures.filtermail import DOMAIN, OTHER
 

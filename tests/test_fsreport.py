@@ -6,7 +6,7 @@ import os
 import re
 import stat
 
-from chatmaild import fsreport
+from chatmaild.expire import fsreport
 
 KIB = 1024
 MIB = 1024 * 1024

@@ -6,9 +6,9 @@ import os
 
 import pytest
 
-from chatmaild.accounts import AccountStore
-from chatmaild.config import read_config
-from chatmaild.lastlogin import parse_timestamp
+from chatmaild.common.accounts import AccountStore
+from chatmaild.common.config import read_config
+from chatmaild.dictd.lastlogin import parse_timestamp
 from tests.fixtures.metadata import DOMAIN
 
 USER = f"erin12345@{DOMAIN}"

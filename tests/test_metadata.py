@@ -12,9 +12,9 @@ import time
 
 import pytest
 
-from chatmaild.config import read_config
-from chatmaild.metadata import read_turn_credentials, server_key_name, turn_answer
-from chatmaild.tokens import TOKEN_LIFETIME
+from chatmaild.common.config import read_config
+from chatmaild.dictd.metadata import read_turn_credentials, server_key_name, turn_answer
+from chatmaild.dictd.tokens import TOKEN_LIFETIME
 from tests.fixtures.metadata import DOMAIN, wait_until
 
 USER = f"alice123x@{DOMAIN}"
@@ -281,7 +281,7 @@ def test_missing_mailboxes_dir_exits_with_clear_error(metadata_daemon, metadata_
 def test_token_store_cap_and_concurrent_writers(metadata_ini):
     from concurrent.futures import ThreadPoolExecutor
 
-    from chatmaild.tokens import MAX_TOKENS, TokenStore
+    from chatmaild.dictd.tokens import MAX_TOKENS, TokenStore
 
     config = read_config(metadata_ini.path)
     clock = iter(range(1_000_000_000, 2_000_000_000))

@@ -12,16 +12,16 @@ import urllib.parse
 
 import pytest
 
-from chatmaild.config import parse_params
-from chatmaild.filtermail.ratelimit import RateLimiter
-from chatmaild.newemail import (
+from chatmaild.common.config import parse_params
+from chatmaild.common.ratelimit import RateLimiter
+from chatmaild.relay import client_tls_context
+from chatmaild.web.main import (
     FrontDoor,
     audience,
     dclogin_url,
     generate_credentials,
     host_is_ip,
 )
-from chatmaild.relay import client_tls_context
 from chatmaild.web.server import Request
 
 

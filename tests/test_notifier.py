@@ -9,8 +9,8 @@ import time
 
 import pytest
 
-from chatmaild.config import read_config
-from chatmaild.notifier import (
+from chatmaild.common.config import read_config
+from chatmaild.dictd.push import (
     LOG_DEADLINE,
     Notifier,
     QueueDir,
@@ -19,7 +19,7 @@ from chatmaild.notifier import (
     is_expired,
     retry_delay,
 )
-from chatmaild.tokens import TokenStore
+from chatmaild.dictd.tokens import TokenStore
 from tests.fixtures.metadata import DOMAIN
 
 USER = f"carol1234@{DOMAIN}"
@@ -85,7 +85,7 @@ def test_failure_ladder_drops_after_five_attempts(metadata_ini, http_sink, caplo
         await wait(lambda: notifier.dropped == 1)
         await notifier.stop()
 
-    with caplog.at_level(logging.INFO, logger="chatmaild.notifier"):
+    with caplog.at_level(logging.INFO, logger="chatmaild.dictd.push"):
         asyncio.run(run())
     assert http_sink.count("dead", 500) == 5
     assert [r.getMessage() for r in caplog.records].count(LOG_DEADLINE) == 1
@@ -104,7 +104,7 @@ def test_old_notification_is_dropped_at_first_failure(metadata_ini, http_sink, c
         await wait(lambda: notifier.dropped == 1)
         await notifier.stop()
 
-    with caplog.at_level(logging.INFO, logger="chatmaild.notifier"):
+    with caplog.at_level(logging.INFO, logger="chatmaild.dictd.push"):
         asyncio.run(run())
     assert http_sink.count("late") == 1
     assert LOG_DEADLINE in caplog.messages

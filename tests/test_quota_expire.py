@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from chatmaild import quota_expire
+from chatmaild.expire import quota as quota_expire
 
 MB = 1024 * 1024
 

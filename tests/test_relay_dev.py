@@ -99,7 +99,7 @@ def test_make_run_from_a_checkout_other_users_cannot_enter(base):
         # the daemons (vmail) run: an account is made on login, mail goes through filtermail
         message = send_and_receive(relay, relay)
         assert b"multipart/encrypted" in message
-        assert pids_named(target, "chatmaild.dictd")
+        assert pids_named(target, "chatmaild.dictd.main")
     finally:
         rc = relay.stop()
         if target is not None:
@@ -113,7 +113,7 @@ def test_dead_daemons_and_servers_are_restarted(base):
     state = base / "state"
     relay = DevRelay(state)
     try:
-        for module in ("chatmaild.dictd", "chatmaild.filtermail.main"):
+        for module in ("chatmaild.dictd.main", "chatmaild.filtermail.main"):
             [victim, *_] = pids_named(state, module)
             os.kill(victim, signal.SIGKILL)
         dovecot = int((state / "dovecot/run/master.pid").read_text())
@@ -156,7 +156,7 @@ def test_onboarding_on_port_443_like_the_unit(base):
     relay = DevRelay(base / "state", cmd=["unshare", "-n", "bash", "-c", script])
     try:
         assert any("https://127.0.0.1:443/new" in line for line in relay.lines), relay.output
-        [newemail] = pids_named(base / "state", "chatmaild.newemail")  # its process
+        [newemail] = pids_named(base / "state", "chatmaild.web.main")  # its process
         creds = subprocess.run(
             ["nsenter", f"--net=/proc/{newemail}/ns/net", venv_python, "-c",
              "import http.client, ssl, sys\n"

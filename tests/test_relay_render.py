@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from chatmaild.admin import main as chatmaild_main
-from chatmaild.config import FILTERMAIL_SOCKET_DIR, read_config
+from chatmaild.admin.main import main as chatmaild_main
+from chatmaild.common.config import FILTERMAIL_SOCKET_DIR, read_config
 from chatmaild.relay.dovecotversion import UnsupportedDovecot, installed_series, series_of
 from chatmaild.relay.render import Layout, render_all
 
@@ -191,7 +191,7 @@ def test_newemail_unit_is_a_process_of_its_own_with_port_443_only():
     # mail first when the CPU is short
     assert int(svc["Nice"]) > 0 and int(svc["CPUWeight"]) < 100
     # its connection limit fits its descriptors (a socket and a file each)
-    from chatmaild.config import Config
+    from chatmaild.common.config import Config
 
     limit = Config.__dataclass_fields__["web_max_connections"].default
     assert int(svc["LimitNOFILE"]) >= 2 * limit + 64

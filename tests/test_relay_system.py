@@ -9,7 +9,7 @@ import re
 import subprocess
 from pathlib import Path
 
-from chatmaild.config import parse_params
+from chatmaild.common.config import parse_params
 from chatmaild.relay import system
 from chatmaild.relay.postconf import (
     MasterEntry,

@@ -157,7 +157,9 @@ def test_dict_roles_answer_from_one_process(daemon_factory, tmp_path):
         metadata_socket=tmp_path / "metadata.socket",
     )
     (tmp_path / "mail").mkdir()
-    daemon = daemon_factory("chatmaild.dictd", ini=ini, args=["doveauth", "lastlogin", "metadata"])
+    daemon = daemon_factory(
+        "chatmaild.dictd.main", ini=ini, args=["doveauth", "lastlogin", "metadata"]
+    )
     for name in ("doveauth", "lastlogin", "metadata"):
         wait_for_socket(tmp_path / f"{name}.socket", proc=daemon.proc)
     user = "alice123x@example.org"

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from chatmaild.appversions import PACKAGED_PATH, check_appversions
+from chatmaild.dictd.appversions import PACKAGED_PATH, check_appversions
 from chatmaild.relay import Relay
 from tests.fixtures.relay import base_components
 

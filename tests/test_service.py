@@ -186,7 +186,7 @@ def test_config_error_exits_78(daemon_factory, tmp_path):
 
 def test_help_reads_like_a_man_page():
     out = subprocess.run(
-        [sys.executable, "-m", "chatmaild.doveauth", "--help"],
+        [sys.executable, "-m", "chatmaild.dictd.doveauth", "--help"],
         capture_output=True,
         text=True,
         check=True,

@@ -6,7 +6,7 @@ import warnings
 
 import pytest
 
-from chatmaild import shacrypt
+from chatmaild.common import shacrypt
 
 with warnings.catch_warnings():
     warnings.simplefilter("ignore", DeprecationWarning)

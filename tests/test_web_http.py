@@ -21,9 +21,9 @@ from pathlib import Path
 
 import pytest
 
-from chatmaild.config import write_config
+from chatmaild.common.config import write_config
 from chatmaild.relay import client_tls_context
-from chatmaild.relay.stack import free_ports
+from chatmaild.relay.ports import free_ports
 from tests.sandbox import world_readable_tempdir
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -54,7 +54,7 @@ class NewEmail:
         self.log_path = base / "newemail.log"
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "chatmaild.newemail", "--config", str(ini),
+                [sys.executable, "-m", "chatmaild.web.main", "--config", str(ini),
                  "--listen", f"127.0.0.1:{self.port}", "--request-timeout", "1",
                  "--connection-timeout", "4", "--verbose"],
                 cwd=ROOT, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,

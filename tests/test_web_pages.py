@@ -10,7 +10,7 @@ import stat
 
 import pytest
 
-from chatmaild.config import parse_params
+from chatmaild.common.config import parse_params
 from chatmaild.web import pages, static
 from chatmaild.web.qr import QRCodes, drawn
 

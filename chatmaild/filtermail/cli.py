@@ -8,8 +8,8 @@ import pwd
 import sys
 from pathlib import Path
 
-from ..accounts import atomic_write
-from .dkim import DKIMError, Signer, generate_key, public_value, txt_record
+from chatmaild.common.accounts import atomic_write
+from chatmaild.filtermail.dkim import DKIMError, Signer, generate_key, public_value, txt_record
 
 KEYGEN_DOC = """Generate the DKIM signing key and print the DNS TXT record.
 
@@ -28,7 +28,7 @@ def zone_line(name: str, record: str) -> str:
 
 
 def cmd_dkim_keygen(args: argparse.Namespace) -> int:
-    from ..admin import config_from_args
+    from chatmaild.admin.main import config_from_args
 
     config = config_from_args(args)
     path = Path(args.key_path or config.dkim_key_path)

@@ -9,13 +9,13 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from ..accounts import AccountStore
-from ..addr import AddressError
-from ..config import Config
-from . import mime
-from .headers import Field, HeaderError
-from .reinject import ReinjectClient, ReinjectError
-from .smtp import Envelope, Session
+from chatmaild.common.accounts import AccountStore
+from chatmaild.common.addr import AddressError
+from chatmaild.common.config import Config
+from chatmaild.filtermail import mime
+from chatmaild.filtermail.headers import Field, HeaderError
+from chatmaild.filtermail.reinject import ReinjectClient, ReinjectError
+from chatmaild.filtermail.smtp import Envelope, Session
 
 log = logging.getLogger("filtermail")
 

@@ -35,7 +35,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import Prehashed
 
-from .headers import find_section
+from chatmaild.filtermail.headers import find_section
 
 log = logging.getLogger("filtermail")
 

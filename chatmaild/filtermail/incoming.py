@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import logging
 
-from ..config import Config
-from .common import BaseHandler, domain_of
-from .dkim import Verifier
-from .outgoing import ENCRYPTION_NEEDED
-from .reinject import ReinjectClient
-from .smtp import Envelope, Session
+from chatmaild.common.config import Config
+from chatmaild.filtermail.common import BaseHandler, domain_of
+from chatmaild.filtermail.dkim import Verifier
+from chatmaild.filtermail.outgoing import ENCRYPTION_NEEDED
+from chatmaild.filtermail.reinject import ReinjectClient
+from chatmaild.filtermail.smtp import Envelope, Session
 
 log = logging.getLogger("filtermail")
 

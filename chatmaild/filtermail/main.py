@@ -50,13 +50,13 @@ import socket
 import stat
 import sys
 
-from ..service import EXIT_CONFIG, Daemon, Endpoint, run_daemons
-from .dkim import DKIMError, KeyFetcher, Signer, Verifier
-from .incoming import IncomingHandler
-from .milter import MilterSession
-from .outgoing import OutgoingHandler
-from .reinject import ReinjectClient
-from .smtp import ServerSettings, SMTPServer
+from chatmaild.common.service import EXIT_CONFIG, Daemon, Endpoint, run_daemons
+from chatmaild.filtermail.dkim import DKIMError, KeyFetcher, Signer, Verifier
+from chatmaild.filtermail.incoming import IncomingHandler
+from chatmaild.filtermail.milter import MilterSession
+from chatmaild.filtermail.outgoing import OutgoingHandler
+from chatmaild.filtermail.reinject import ReinjectClient
+from chatmaild.filtermail.smtp import ServerSettings, SMTPServer
 
 # owner vmail (filtermail) and the directory's group postfix; nobody else
 POSTFIX_CLIENT_MODE = 0o660

@@ -17,8 +17,8 @@ import logging
 import struct
 from collections.abc import Awaitable, Callable
 
-from ..addr import header_addresses, valid_addr_spec
-from .dkim import Signer, body_hash_async
+from chatmaild.common.addr import header_addresses, valid_addr_spec
+from chatmaild.filtermail.dkim import Signer, body_hash_async
 
 log = logging.getLogger("filtermail")
 

@@ -31,9 +31,9 @@ import binascii
 import re
 from email.message import Message
 
-from ..addr import address_literal, header_addresses, valid_addr_spec
-from .headers import Field, HeaderError, find_section, parse_fields
-from .pgp import armor_problem
+from chatmaild.common.addr import address_literal, header_addresses, valid_addr_spec
+from chatmaild.filtermail.headers import Field, HeaderError, find_section, parse_fields
+from chatmaild.filtermail.pgp import armor_problem
 
 __all__ = [
     "ParsedMessage",

@@ -14,12 +14,12 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable, Sequence
 
-from ..config import Config
-from .common import BaseHandler, clean_outgoing_headers, domain_of
-from .dkim import DKIMError, Signer
-from .ratelimit import RateLimiter
-from .reinject import ReinjectClient
-from .smtp import Envelope, Session
+from chatmaild.common.config import Config
+from chatmaild.common.ratelimit import RateLimiter
+from chatmaild.filtermail.common import BaseHandler, clean_outgoing_headers, domain_of
+from chatmaild.filtermail.dkim import DKIMError, Signer
+from chatmaild.filtermail.reinject import ReinjectClient
+from chatmaild.filtermail.smtp import Envelope, Session
 
 log = logging.getLogger("filtermail")
 

@@ -24,7 +24,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from .smtp import dot_stuff
+from chatmaild.filtermail.smtp import dot_stuff
 
 log = logging.getLogger("filtermail")
 

@@ -1,5 +1,5 @@
 """python -m chatmaild.relay: run a complete local relay (same as ``chatmaild dev``)."""
 
-from .cli import main
+from chatmaild.relay.cli import main
 
 raise SystemExit(main())

@@ -23,9 +23,9 @@ import threading
 import time
 from pathlib import Path
 
-from ..config import ConfigError
-from .render import CHECKOUT_ROOT, Layout, render_all
-from .stack import Relay, RelayError, available_components
+from chatmaild.common.config import ConfigError
+from chatmaild.relay.render import CHECKOUT_ROOT, Layout, render_all
+from chatmaild.relay.stack import Relay, RelayError, available_components
 
 PROG = "chatmaild"
 SECTION = "params"
@@ -84,7 +84,7 @@ def reachable_state_dir(state: Path) -> Path:
 
 
 def ready_text(relay: Relay, seconds: float) -> str:
-    from ..newemail import dcaccount_url, dclogin_url
+    from chatmaild.web.main import dcaccount_url, dclogin_url
 
     p, host = relay.ports, relay.host
     addr, password = relay.new_credentials()
@@ -115,8 +115,8 @@ def ready_text(relay: Relay, seconds: float) -> str:
 def run_dev(
     state: str, config: str | None, nodelay: bool | None = None, peers: list[str] | None = None
 ) -> int:
-    from .dns import LoopbackDNS
-    from .peers import PeerError, PeerLinks
+    from chatmaild.relay.dns import LoopbackDNS
+    from chatmaild.relay.peers import PeerError, PeerLinks
 
     state_dir = Path(state).absolute()
     dns = LoopbackDNS().start()  # DKIM keys of this relay and its peers, for filtermail
@@ -179,7 +179,7 @@ def cmd_dev(args: argparse.Namespace) -> int:
 
 
 def cmd_render(args: argparse.Namespace) -> int:
-    from ..service import load_config_or_exit
+    from chatmaild.common.service import load_config_or_exit
 
     config = load_config_or_exit(args.config, PROG)
     layout = Layout.production(config)

@@ -17,8 +17,8 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from .dovecotversion import dovecot_version, version_tuple
-from .render import SOURCE_ROOT
+from chatmaild.relay.dovecotversion import dovecot_version, version_tuple
+from chatmaild.relay.render import SOURCE_ROOT
 
 __all__ = ["applies", "build", "dovecot_version", "prepare_nodelay"]
 

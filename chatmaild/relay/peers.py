@@ -20,8 +20,8 @@ import logging
 import os
 from pathlib import Path
 
-from .dns import LoopbackDNS
-from .stack import Relay
+from chatmaild.relay.dns import LoopbackDNS
+from chatmaild.relay.stack import Relay
 
 log = logging.getLogger("chatmaild.relay")
 

@@ -8,7 +8,7 @@ typo cannot silently render an empty setting.
 
 What differs between a production host and a loopback relay in a state
 directory (paths, listen addresses, the default transport, ...) is a
-:class:`Layout`; everything else comes from :class:`~chatmaild.config.Config`.
+:class:`Layout`; everything else comes from :class:`~chatmaild.common.config.Config`.
 
 Dovecot 2.3 and 2.4 take different configuration syntax (and 2.4 has no dict
 passdb): the installed series (``dovecot --version``) picks
@@ -26,8 +26,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from ..config import DEFAULT_CONFIG_PATH, Config, ConfigError
-from .dovecotversion import dovecot_version, installed_series
+from chatmaild.common.config import DEFAULT_CONFIG_PATH, Config, ConfigError
+from chatmaild.relay.dovecotversion import dovecot_version, installed_series
 
 PLACEHOLDER = re.compile(r"\{\{\s*([A-Za-z_][A-Za-z0-9_]*)\s*\}\}")
 
@@ -71,18 +71,18 @@ DOVECOT_COPIES = {"2.3": (PUSH_LUA,), "2.4": (PUSH_LUA, AUTH_LUA)}
 # components a relay can run; "postfix"/"dovecot" are the servers, the rest
 # are chatmaild daemons (module name used to check they exist)
 DAEMON_MODULES = {
-    "doveauth": "chatmaild.doveauth",
-    "lastlogin": "chatmaild.lastlogin",
-    "metadata": "chatmaild.metadata",
+    "doveauth": "chatmaild.dictd.doveauth",
+    "lastlogin": "chatmaild.dictd.lastlogin",
+    "metadata": "chatmaild.dictd.metadata",
     "filtermail": "chatmaild.filtermail",
-    "newemail": "chatmaild.newemail",
+    "newemail": "chatmaild.web.main",
 }
 ALL_COMPONENTS = ("postfix", "dovecot", *DAEMON_MODULES)
 
 
 def production_nodelay() -> Path | None:
     """The installed no-delay shim, if it is there and fits the installed Dovecot."""
-    from .nodelay import SO_NAME, applies
+    from chatmaild.relay.nodelay import SO_NAME, applies
 
     so = PACKAGE_STATE / SO_NAME
     return so if so.exists() and applies(dovecot_version()) else None

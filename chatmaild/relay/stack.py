@@ -37,66 +37,49 @@ import string
 import subprocess
 import threading
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
-from ..config import Config, read_config, write_config
-from .render import (
+from chatmaild.common.config import Config, read_config, write_config
+from chatmaild.relay.ports import (
+    LOCAL_SOCKETS,
+    PORT_KEYS,
+    SOCKET_KEYS,
+    PortHolding,
+    _previous_ports,
+    connectable,
+    reserve_port,
+    reserve_ports,
+)
+from chatmaild.relay.processes import (
+    DICT_ROLES,
+    SERVERS,
+    STOP_TIMEOUT,
+    RelayError,
+    Supervision,
+    _alive,
+    _read_pid,
+    _wait_gone,
+    process_tree,
+)
+from chatmaild.relay.readiness import Readiness
+from chatmaild.relay.render import (
     ALL_COMPONENTS,
     DAEMON_MODULES,
     Layout,
     render_all,
     transport_map,
 )
-from .staging import stage
+from chatmaild.relay.staging import stage
 
 log = logging.getLogger("chatmaild.relay")
 
 DEFAULT_DOMAIN = "chat.example"
-START_TIMEOUT = 30.0
-STOP_TIMEOUT = 15.0
-# restart back-off of supervised processes: first delay, doubling up to the cap;
-# a process that ran this long before dying starts again from the first delay
-RESTART_DELAY = 0.5
-RESTART_DELAY_MAX = 30.0
-RESTART_RESET_AFTER = 60.0
-SERVERS = ("postfix", "dovecot")
 # a process serves several roles (one interpreter and one set of libraries in
 # memory instead of one per role), as the units in systemd/ do: "dict" the
 # dict daemons, "filtermail" the filters; the web front door ("newemail") is a
 # process of its own, so that its public port cannot take time from the filters
-DICT_ROLES = ("doveauth", "lastlogin", "metadata")
 FILTER_ROLES = ("outgoing", "incoming", "milter")
-
-# ini keys holding a TCP port, and the short names used in Relay.ports
-PORT_KEYS = {
-    "smtp": "smtp_port",
-    "submission": "submission_port",
-    "submissions": "submissions_port",
-    "imap": "imap_port",
-    "imaps": "imaps_port",
-    "newemail": "newemail_port",
-}
-# ini keys holding the filter path's UNIX sockets (a port would be open to every
-# local user), also listed in Relay.ports; below Layout.local's queue directory
-SOCKET_KEYS = {
-    "reinject": "postfix_reinject_socket",
-    "reinject_incoming": "postfix_reinject_socket_incoming",
-    "filtermail": "filtermail_smtp_socket",
-    "filtermail_incoming": "filtermail_smtp_socket_incoming",
-    "filtermail_milter": "filtermail_milter_socket",
-}
-LOCAL_SOCKETS = {
-    "postfix_reinject_socket": "postfix/spool/public/reinject",
-    "postfix_reinject_socket_incoming": "postfix/spool/public/reinject_incoming",
-    "filtermail_smtp_socket": "postfix/spool/filtermail/outgoing.sock",
-    "filtermail_smtp_socket_incoming": "postfix/spool/filtermail/incoming.sock",
-    "filtermail_milter_socket": "postfix/spool/filtermail/milter.sock",
-}
-
-
-class RelayError(RuntimeError):
-    """The relay could not start; the message includes the relevant log tail."""
 
 
 def available_components() -> tuple[str, ...]:
@@ -106,102 +89,6 @@ def available_components() -> tuple[str, ...]:
         if importlib.util.find_spec(module) is not None:
             have.append(name)
     return tuple(have)
-
-
-def reserve_ports(count: int, host: str = "127.0.0.1") -> list[socket.socket]:
-    """Sockets bound to ``count`` distinct free ports, held until the servers listen.
-
-    Postfix listens with SO_REUSEPORT: two relays given the same port both start
-    and the kernel deals connections out between them (seen in CI as "Relay
-    access denied" for a relay's own domain).  Ports only picked, then released,
-    can be picked again by the next relay before the first one listens.  So the
-    port stays bound: bound without SO_REUSEADDR, the kernel picks a port nothing
-    else holds and no later pick gets it; SO_REUSEADDR set afterwards lets our
-    servers, which all set it, bind and listen there all the same.
-    """
-    socks = []
-    try:
-        for _ in range(count):
-            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            socks.append(s)
-            s.bind((host, 0))
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    except BaseException:
-        for s in socks:
-            s.close()
-        raise
-    return socks
-
-
-def reserve_port(port: int, host: str = "127.0.0.1") -> socket.socket | None:
-    """Hold ``port`` as :func:`reserve_ports` does, or None when something listens there.
-
-    SO_REUSEADDR before bind: connections of a previous run in TIME_WAIT do not count.
-    """
-    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        s.bind((host, port))
-    except OSError:
-        s.close()
-        return None
-    return s
-
-
-def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
-    """Ports the kernel says are free right now (distinct, but not held: see reserve_ports)."""
-    socks = reserve_ports(count, host)
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
-
-
-def _children_map() -> dict[int, list[int]]:
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            stat = Path(f"/proc/{entry}/stat").read_text()
-        except OSError:
-            continue
-        # the command name may contain spaces and parentheses: ppid follows the last ")"
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        children.setdefault(ppid, []).append(int(entry))
-    return children
-
-
-def process_tree(pid: int) -> set[int]:
-    """``pid`` and all its descendants that exist now."""
-    children = _children_map()
-    found, todo = set(), [pid]
-    while todo:
-        p = todo.pop()
-        if p in found:
-            continue
-        found.add(p)
-        todo.extend(children.get(p, []))
-    return {p for p in found if Path(f"/proc/{p}").exists()}
-
-
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state != "Z"
-
-
-def _wait_gone(pids: set[int], timeout: float) -> None:
-    """Wait until ``pids`` are gone; SIGKILL whatever is left after ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while pids and time.monotonic() < deadline:
-        pids = {p for p in pids if _alive(p)}
-        time.sleep(0.02)
-    for pid in pids:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
 
 
 @functools.cache
@@ -214,21 +101,6 @@ def _postfix_daemon_directory(config_dir: str) -> str:
     ).stdout.strip()
 
 
-def _read_pid(path: Path) -> int | None:
-    try:
-        return int(path.read_text().split()[0])
-    except (OSError, ValueError, IndexError):
-        return None
-
-
-def _tail(path: Path, lines: int = 25) -> str:
-    try:
-        text = path.read_text(errors="replace").splitlines()
-    except OSError:
-        return f"({path} missing)"
-    return f"--- {path} (last {lines} lines)\n" + "\n".join(text[-lines:])
-
-
 def client_tls_context() -> ssl.SSLContext:
     """TLS context for talking to a local relay's self-signed certificate."""
     ctx = ssl.create_default_context()
@@ -237,7 +109,7 @@ def client_tls_context() -> ssl.SSLContext:
     return ctx
 
 
-class Relay:
+class Relay(PortHolding, Supervision, Readiness):
     """One relay (Postfix, Dovecot, chatmaild daemons) living in ``state_dir``.
 
     ``overrides`` are chatmail.ini keys (``{"mail_domain": "other.example"}``);
@@ -455,7 +327,7 @@ class Relay:
                 os.chown(d, vmail.pw_uid, postfix_user.pw_gid)
                 os.chmod(d, 0o2750)
         if self.nodelay_requested is not False and "dovecot" in self.components:
-            from .nodelay import prepare_nodelay
+            from chatmaild.relay.nodelay import prepare_nodelay
 
             so = prepare_nodelay(self.state_dir / "nodelay", required=bool(self.nodelay_requested))
             self.layout = self.layout.with_(nodelay_so=so)
@@ -486,7 +358,7 @@ class Relay:
         os.chmod(cert, 0o644)
 
     def _make_dkim_key(self, vmail: pwd.struct_passwd) -> None:
-        from ..filtermail.dkim import generate_key
+        from chatmaild.filtermail.dkim import generate_key
 
         key = Path(self.config.dkim_key_path)
         if key.exists():
@@ -504,7 +376,7 @@ class Relay:
 
     def dkim_record(self) -> tuple[str, str]:
         """(DNS name, TXT value) publishing this relay's DKIM public key."""
-        from ..filtermail.dkim import public_value, txt_record
+        from chatmaild.filtermail.dkim import public_value, txt_record
 
         pem = Path(self.config.dkim_key_path).read_bytes()
         name = f"{self.config.dkim_selector}._domainkey.{self.mail_domain.strip('[]')}"
@@ -557,36 +429,6 @@ class Relay:
             return ["nice", "-n", "10", *setpriv, *cmd]
         return [*setpriv, *cmd]
 
-    def spawn(self, name: str) -> subprocess.Popen:
-        """Start process ``name`` of this relay (again); stop() ends it with the others."""
-        env = {
-            k: v
-            for k, v in os.environ.items()
-            if k not in ("NOTIFY_SOCKET", "JOURNAL_STREAM", "INVOCATION_ID", "LISTEN_FDS")
-        }
-        env["HOME"] = str(self.run_dir)
-        env["PYTHONUNBUFFERED"] = "1"
-        logfile = self.log_dir / (f"{name}-start.out" if name in SERVERS else f"{name}.log")
-        if name == "postfix":
-            self._postfix_check(logfile)
-        with open(logfile, "ab") as out:
-            proc = subprocess.Popen(
-                self.daemon_command(name),
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                env=env,
-                cwd=self.run_dir,
-                umask=0o077 if name not in SERVERS else -1,
-                start_new_session=True,  # Ctrl-C of `make run` is handled by us, in order
-            )
-        with self._lock:
-            self._procs[name] = proc
-            self._started_at[name] = time.monotonic()
-        # recorded so that a later start can end what a killed run left behind
-        (self.run_dir / f"{name}.relay-pid").write_text(f"{proc.pid}\n")
-        return proc
-
     def _postfix_check(self, logfile: Path) -> None:
         """What `postfix start` does before it runs the master: create missing queue
         directories (private/ for Dovecot's sockets too), check owners and modes."""
@@ -600,121 +442,7 @@ class Relay:
         if res.returncode != 0:
             raise RelayError(f"postfix check failed ({res.returncode})\n{self._log_of('postfix')}")
 
-    def _log_of(self, name: str) -> str:
-        if name in SERVERS:
-            return (
-                _tail(self.log_dir / f"{name}-start.out")
-                + "\n"
-                + _tail(self.log_dir / f"{name}.log")
-            )
-        return _tail(self.log_dir / f"{name}.log")
-
     # ------------------------------------------------------------ supervision
-
-    def _supervise(self) -> None:
-        """Restart what dies, with back-off (the units' Restart=always), until stop()."""
-        delay = {name: RESTART_DELAY for name in self._procs}
-        due: dict[str, float] = {}
-        while not self._stopping.wait(0.1):
-            now = time.monotonic()
-            with self._lock:
-                procs = dict(self._procs)
-            for name, proc in procs.items():
-                if name in due:
-                    if now >= due[name] and not self._stopping.is_set():
-                        del due[name]
-                        self._restart(name)
-                    continue
-                status = proc.poll()  # also reaps it: no zombie stays behind
-                if status is None:
-                    continue
-                if now - self._started_at[name] >= RESTART_RESET_AFTER:
-                    delay[name] = RESTART_DELAY
-                log.warning(
-                    "relay %s: %s exited with status %s; restarting in %.1f s",
-                    self.mail_domain, name, status, delay[name],
-                )  # fmt: skip
-                due[name] = now + delay[name]
-                delay[name] = min(delay[name] * 2, RESTART_DELAY_MAX)
-
-    def _restart(self, name: str) -> None:
-        if name in SERVERS:
-            # what the dead master left (children finishing, a stale lock) must go first
-            self._end_server_leftovers(name)
-        try:
-            proc = self.spawn(name)
-        except OSError as e:
-            log.error("relay %s: cannot restart %s: %s", self.mail_domain, name, e)
-            return
-        self.restarts[name] = self.restarts.get(name, 0) + 1
-        log.warning("relay %s: restarted %s (pid %d)", self.mail_domain, name, proc.pid)
-
-    def _end_server_leftovers(self, name: str) -> None:
-        pid = self._postfix_pid() if name == "postfix" else self._dovecot_pid()
-        if pid is not None:
-            doomed = process_tree(pid)
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGTERM)
-            _wait_gone(doomed, STOP_TIMEOUT)
-
-    def _readiness_checks(self) -> list[tuple[str, str | tuple[str, int], Path]]:
-        """(what, unix path or (host, port), log to show on failure)."""
-        c, cfg, logs = self.components, self.config, self.log_dir
-        checks: list[tuple[str, str | tuple[str, int], Path]] = []
-        for name, key in (
-            ("doveauth", "doveauth_socket"),
-            ("doveauth", "doveauth_http_socket"),  # Dovecot 2.4's Lua passdb/userdb
-            ("lastlogin", "lastlogin_socket"),
-            ("metadata", "metadata_socket"),
-        ):
-            if name in c:
-                checks.append((name, getattr(cfg, key), logs / "dict.log"))
-        if "filtermail" in c:
-            checks.append(("filtermail", cfg.filtermail_smtp_socket, logs / "filtermail.log"))
-            checks.append(("filtermail incoming", cfg.filtermail_smtp_socket_incoming,
-                           logs / "filtermail.log"))  # fmt: skip
-            checks.append(("filtermail milter", cfg.filtermail_milter_socket,
-                           logs / "filtermail.log"))  # fmt: skip
-        if "newemail" in c:
-            checks.append(("newemail", ("127.0.0.1", cfg.newemail_port), logs / "newemail.log"))
-        if "postfix" in c:
-            # the unix services (re-injection) are bound before `postfix start` returns
-            for name in ("smtp", "submission", "submissions"):
-                checks.append((f"postfix {name}", ("127.0.0.1", int(self.ports[name])),
-                               logs / "postfix.log"))  # fmt: skip
-        if "dovecot" in c:
-            for name in ("imap", "imaps"):
-                checks.append((f"dovecot {name}", ("127.0.0.1", int(self.ports[name])),
-                               logs / "dovecot.log"))  # fmt: skip
-            if "postfix" in c:
-                checks.append(("dovecot lmtp", str(self.ports["lmtp"]), logs / "dovecot.log"))
-        return checks
-
-    def _wait_ready(self, timeout: float = START_TIMEOUT) -> None:
-        """Wait until every listener is up."""
-        pending = self._readiness_checks()
-        deadline = time.monotonic() + timeout
-        while pending:
-            for name, proc in self._procs.items():
-                if proc.poll() is not None:
-                    raise RelayError(
-                        f"{name} exited with {proc.returncode} during start\n" + self._log_of(name)
-                    )
-            tcp, unix = _listening()
-            pending = [
-                chk
-                for chk in pending
-                if not (chk[1] in unix if isinstance(chk[1], str) else chk[1] in tcp)
-            ]
-            if not pending:
-                break
-            if time.monotonic() > deadline:
-                what, _, logfile = pending[0]
-                raise RelayError(
-                    f"not ready after {timeout:.0f}s: {', '.join(p[0] for p in pending)}\n"
-                    + _tail(logfile)
-                )
-            time.sleep(0.02)
 
     def _write_json(self) -> None:
         tmp = self.json_path.with_suffix(".tmp")
@@ -751,40 +479,6 @@ class Relay:
             self._write_json()
 
     # ------------------------------------------------------------ stop
-
-    def _postfix_pid(self) -> int | None:
-        pid = _read_pid(self.layout.postfix_queue_dir / "pid/master.pid")
-        return pid if pid and _alive(pid) else None
-
-    def _dovecot_pid(self) -> int | None:
-        pid = _read_pid(self.layout.dovecot_base_dir / "master.pid")
-        return pid if pid and _alive(pid) else None
-
-    def _masters(self) -> set[int]:
-        """The Postfix and Dovecot master processes, also while they are still starting."""
-        masters = {pid for pid in (self._dovecot_pid(), self._postfix_pid()) if pid is not None}
-        with self._lock:
-            procs = dict(self._procs)
-        if "dovecot" in procs and procs["dovecot"].poll() is None:
-            masters.add(procs["dovecot"].pid)
-        if "postfix" in procs and procs["postfix"].poll() is None:
-            masters.add(procs["postfix"].pid)
-        return masters
-
-    def _stragglers(self) -> set[int]:
-        """Live processes whose command line names this relay's state directory."""
-        markers = {str(self.state_dir).encode(), str(self.state_dir.resolve()).encode()}
-        found = set()
-        for entry in os.listdir("/proc"):
-            if not entry.isdigit() or int(entry) == os.getpid():
-                continue
-            try:
-                cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
-            except OSError:
-                continue
-            if any(m + b"/" in cmdline for m in markers) and _alive(int(entry)):
-                found.add(int(entry))
-        return found
 
     def stop(self) -> None:
         """Stop everything this relay started; wait until no process of it is left.
@@ -860,34 +554,6 @@ class Relay:
             self.json_path.unlink()
         self._release_ports()
 
-    def _release_ports(self) -> None:
-        for sock in self._reserved:
-            sock.close()
-        self._reserved.clear()
-
-    def _reserve_configured_ports(self) -> None:
-        """Hold the ports again for a start after a stop (best effort: the shared-port
-        check after the start still catches another listener)."""
-        if self._reserved:
-            return
-        for name in PORT_KEYS:
-            held = reserve_port(int(self.ports[name]))
-            if held is not None:
-                self._reserved.append(held)
-
-    def _check_ports_unshared(self) -> None:
-        """Refuse to run when another process listens on one of our ports too."""
-        ports = {int(self.ports[name]): name for name in PORT_KEYS}
-        shared = {
-            port: count for port, count in _listeners_per_port().items()
-            if port in ports and count > 1
-        }  # fmt: skip
-        if shared:
-            raise RelayError(
-                "other processes listen on this relay's ports too (SO_REUSEPORT): "
-                + ", ".join(f"{ports[p]} {p} ({n} listeners)" for p, n in sorted(shared.items()))
-            )
-
     # ------------------------------------------------------------ client helpers
 
     def new_credentials(self) -> tuple[str, str]:
@@ -919,105 +585,6 @@ class Relay:
         if addr is not None and password is not None:
             conn.login(addr, password)
         return conn
-
-    def running_pids(self) -> set[int]:
-        """Every process of this relay right now (masters with children, daemons)."""
-        pids: set[int] = set()
-        for pid in self._masters():
-            pids |= process_tree(pid)
-        with self._lock:
-            procs = list(self._procs.values())
-        for proc in procs:
-            if proc.poll() is None:
-                pids |= process_tree(proc.pid)
-        return pids
-
-    def process_of(self, component: str) -> str:
-        """The name of the process serving ``component`` (a process name: itself)."""
-        if component in DICT_ROLES:
-            return "dict"
-        return component
-
-    def pid_of(self, name: str) -> int | None:
-        """The pid of process ``name`` (or of the process serving component ``name``) now;
-        it changes when the supervisor restarts it."""
-        with self._lock:
-            proc = self._procs.get(self.process_of(name))
-        return proc.pid if proc is not None and proc.poll() is None else None
-
-    def proc_of(self, name: str) -> subprocess.Popen:
-        """The process object of process ``name`` or of the one serving component ``name``."""
-        with self._lock:
-            return self._procs[self.process_of(name)]
-
-
-def _previous_ports(ini: Path) -> dict[str, int]:
-    import configparser
-
-    parser = configparser.ConfigParser(interpolation=None)
-    try:
-        parser.read(ini, encoding="utf-8")
-        items = dict(parser.items("params"))
-    except (configparser.Error, OSError):
-        return {}
-    return {k: int(v) for k, v in items.items() if k in PORT_KEYS.values() and v.isdigit()}
-
-
-def _tcp_listeners() -> Iterator[tuple[str, int, str]]:
-    """(IPv4 address, port, socket inode) of every listening TCP socket, from /proc/net/tcp."""
-    with open("/proc/net/tcp") as f:
-        for line in f.readlines()[1:]:
-            fields = line.split()
-            if fields[3] != "0A":  # TCP_LISTEN
-                continue
-            addr, port = fields[1].split(":")
-            yield socket.inet_ntoa(bytes.fromhex(addr)[::-1]), int(port, 16), fields[9]
-
-
-def _listeners_per_port(host: str = "127.0.0.1") -> dict[int, int]:
-    """How many listening IPv4 TCP sockets (distinct inodes) each port of ``host`` has."""
-    inodes: dict[int, set[str]] = {}
-    for ip, port, inode in _tcp_listeners():
-        if ip in (host, "0.0.0.0"):
-            inodes.setdefault(port, set()).add(inode)
-    return {port: len(found) for port, found in inodes.items()}
-
-
-def _listening() -> tuple[set[tuple[str, int]], set[str]]:
-    """Listening IPv4 TCP (host, port) and UNIX socket paths, from /proc/net.
-
-    Looking instead of connecting keeps readiness checks out of the servers'
-    logs (a probe that never speaks TLS is logged as a failed handshake).
-    """
-    tcp: set[tuple[str, int]] = set()
-    for ip, port, _ in _tcp_listeners():
-        tcp.add((ip, port))
-        if ip == "0.0.0.0":
-            tcp.add(("127.0.0.1", port))
-    unix: set[str] = set()
-    with open("/proc/net/unix") as f:
-        for line in f.readlines()[1:]:
-            fields = line.split()
-            if len(fields) >= 8 and int(fields[3], 16) & 0x10000:  # __SO_ACCEPTCON
-                unix.add(fields[7])
-    return tcp, unix
-
-
-def connectable(target: str | tuple[str, int]) -> bool:
-    """Whether a UNIX socket path or (host, port) accepts a connection now."""
-    if isinstance(target, str):
-        if not os.path.exists(target):
-            return False
-        family, addr = socket.AF_UNIX, target
-    else:
-        family, addr = socket.AF_INET, target
-    with socket.socket(family, socket.SOCK_STREAM) as s:
-        s.settimeout(1)
-        try:
-            s.connect(addr)
-        except OSError:
-            return False
-    return True
 
 
 _connectable = connectable  # older name, used by other areas' tests

@@ -17,7 +17,7 @@ import subprocess
 import tomllib
 from pathlib import Path
 
-from .render import SOURCE_ROOT
+from chatmaild.relay.render import SOURCE_ROOT
 
 # the interpreter operators run (and the venv's base: see scripts/install-deps.sh)
 SYSTEM_PYTHON = "/usr/bin/python3"

@@ -30,15 +30,15 @@ import subprocess
 import sys
 from pathlib import Path
 
-from ..config import Config, ConfigError
-from .postconf import (
+from chatmaild.common.config import Config, ConfigError
+from chatmaild.relay.postconf import (
     conflicting_services,
     main_changes,
     master_changes,
     parse_main,
     parse_master,
 )
-from .render import GENERATED_DIR, PACKAGE_STATE, Layout, render_all
+from chatmaild.relay.render import GENERATED_DIR, PACKAGE_STATE, Layout, render_all
 
 PROG = "chatmaild"
 POSTFIX_DIR = Path("/etc/postfix")
@@ -229,9 +229,9 @@ def ensure_tls(config: Config) -> None:
 
 def ensure_dkim(config: Config) -> str:
     """The DKIM key (made once, group vmail, 0640); returns its zone-file line."""
-    from ..accounts import atomic_write
-    from ..filtermail.cli import zone_line
-    from ..filtermail.dkim import DKIMError, Signer, generate_key, public_value, txt_record
+    from chatmaild.common.accounts import atomic_write
+    from chatmaild.filtermail.cli import zone_line
+    from chatmaild.filtermail.dkim import DKIMError, Signer, generate_key, public_value, txt_record
 
     path = Path(config.dkim_key_path)
     domain = config.mail_domain.strip("[]")
@@ -255,7 +255,7 @@ def ensure_dkim(config: Config) -> str:
 
 def ensure_nodelay() -> Path | None:
     """The no-delay shim for the installed Dovecot (needs a C compiler; optional)."""
-    from .nodelay import NodelayUnavailable, build
+    from chatmaild.relay.nodelay import NodelayUnavailable, build
 
     try:
         return build(PACKAGE_STATE)
@@ -421,7 +421,7 @@ certificates and mail are kept.  Needs root."""
 
 
 def cmd_setup(args: argparse.Namespace) -> int:
-    from ..admin import config_from_args
+    from chatmaild.admin.main import config_from_args
 
     config = config_from_args(args)
     if os.geteuid() != 0:

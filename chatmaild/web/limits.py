@@ -13,7 +13,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 
-from ..filtermail.ratelimit import RateLimiter
+from chatmaild.common.ratelimit import RateLimiter
 
 SUMMARY_SECONDS = 60.0
 

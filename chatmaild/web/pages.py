@@ -17,7 +17,7 @@ import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..config import Config
+from chatmaild.common.config import Config
 
 try:  # the builtin SHA-256: hashlib would load OpenSSL's whole hash table (2 MB on 13)
     from _sha2 import sha256  # type: ignore[import-not-found]  # Python 3.12+

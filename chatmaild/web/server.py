@@ -38,7 +38,7 @@ from typing import BinaryIO
 
 import h11
 
-from .limits import Admission, RefusalLog, source_of
+from chatmaild.web.limits import Admission, RefusalLog, source_of
 
 READ_CHUNK = 16 * 1024
 WRITE_CHUNK = 64 * 1024

@@ -30,7 +30,7 @@ import urllib.parse
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 
-from .service import Daemon
+from chatmaild.common.service import Daemon
 
 MAX_HEAD = 8 * 1024
 MAX_HEADERS = 32
@@ -229,7 +229,7 @@ ListUsers = Callable[[], Awaitable[Iterable[str]]]
 class AuthHttpResponder(Daemon):
     """Serves the routes above on one socket with the lookups doveauth hands in.
 
-    A Daemon so that :class:`chatmaild.service.Server` runs it (connection
+    A Daemon so that :class:`chatmaild.common.service.Server` runs it (connection
     bookkeeping, graceful stop) next to doveauth's dict socket.
     """
 

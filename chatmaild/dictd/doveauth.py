@@ -12,7 +12,7 @@ doveauth answers two protocols with the same rules, each on its own socket:
   ``userdb`` with ``driver = dict``;
 - HTTP on doveauth_http_socket (mode 0600: only the vmail user), for Dovecot
   2.4's Lua passdb/userdb (dovecot/auth.lua), which has neither the dict nor
-  the checkpassword driver any more; see chatmaild.authhttp for the routes.
+  the checkpassword driver any more; see chatmaild.dictd.authhttp for the routes.
 
 Dict keys on the wire (Dovecot adds the ``shared/`` prefix):
 
@@ -60,13 +60,13 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from .accounts import AccountStore, hash_password
-from .addr import AddressError
-from .auth import NO_ACCOUNT, AuthService
-from .authhttp import AuthHttpResponder
-from .config import Config
-from .dictproxy import DictDaemon, ProtocolError
-from .service import Endpoint, Server, bind_socket, run_daemon
+from chatmaild.common.accounts import AccountStore, hash_password
+from chatmaild.common.addr import AddressError
+from chatmaild.common.config import Config
+from chatmaild.common.service import Endpoint, Server, bind_socket, run_daemon
+from chatmaild.dictd.auth import NO_ACCOUNT, AuthService
+from chatmaild.dictd.authhttp import AuthHttpResponder
+from chatmaild.dictd.proxy import DictDaemon, ProtocolError
 
 __all__ = ["AuthService", "DoveauthDaemon", "main", "migrate_legacy_db", "split_escaped_key"]
 
@@ -223,7 +223,7 @@ class DoveauthDaemon(DictDaemon):
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
     if "lookup" in args:  # `doveauth [-c INI] lookup ADDR`: the operator tool, not the daemon
-        from .admin import main as admin_main
+        from chatmaild.admin.main import main as admin_main
 
         i = args.index("lookup")
         return admin_main([*args[:i], "doveauth", *args[i:]])

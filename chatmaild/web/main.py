@@ -82,13 +82,13 @@ import urllib.parse
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
-from .config import Config
-from .filtermail.ratelimit import RateLimiter
-from .service import Daemon, Endpoint, run_daemon
-from .web import pages, static
-from .web.limits import Admission, RefusalLog, source_of
-from .web.qr import QRCodes
-from .web.server import HttpsServer, Request, Response, Settings
+from chatmaild.common.config import Config
+from chatmaild.common.ratelimit import RateLimiter
+from chatmaild.common.service import Daemon, Endpoint, run_daemon
+from chatmaild.web import pages, static
+from chatmaild.web.limits import Admission, RefusalLog, source_of
+from chatmaild.web.qr import QRCodes
+from chatmaild.web.server import HttpsServer, Request, Response, Settings
 
 DEFAULT_TLS = ("/etc/chatmail/tls/cert.pem", "/etc/chatmail/tls/key.pem")
 LOCALPART_ALPHABET = string.ascii_lowercase + string.digits

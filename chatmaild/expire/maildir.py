@@ -32,8 +32,8 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .accountlock import is_creation_leftover, is_password_temp
-from .addr import is_safe_dirname
+from chatmaild.common.accountlock import is_creation_leftover, is_password_temp
+from chatmaild.common.addr import is_safe_dirname
 
 DAY = 86400
 MESSAGE_DIRS = frozenset({"cur", "new", "tmp"})

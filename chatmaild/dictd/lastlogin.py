@@ -26,11 +26,11 @@ from __future__ import annotations
 
 import asyncio
 
-from .accounts import AccountStore
-from .addr import AddressError
-from .config import Config
-from .dictproxy import DictDaemon, Transaction
-from .service import Endpoint, run_daemon
+from chatmaild.common.accounts import AccountStore
+from chatmaild.common.addr import AddressError
+from chatmaild.common.config import Config
+from chatmaild.common.service import Endpoint, run_daemon
+from chatmaild.dictd.proxy import DictDaemon, Transaction
 
 KEY_PREFIX = "shared/last-login/"
 

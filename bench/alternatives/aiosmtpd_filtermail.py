@@ -1,6 +1,6 @@
 """filtermail outgoing with aiosmtpd's ``SMTP`` protocol class in front (bench only).
 
-    python -m bench.aiosmtpd_filtermail --config INI
+    python -m bench.alternatives.aiosmtpd_filtermail --config INI
 
 The same :class:`~chatmaild.filtermail.outgoing.OutgoingHandler`, re-injection
 pool, DKIM signer and event loop (uvloop) as ``filtermail outgoing``; only the
@@ -19,7 +19,7 @@ import signal
 
 from aiosmtpd.smtp import SMTP
 
-from chatmaild.config import read_config
+from chatmaild.common.config import read_config
 from chatmaild.filtermail.main import load_signer
 from chatmaild.filtermail.outgoing import OutgoingHandler
 from chatmaild.filtermail.reinject import ReinjectClient

@@ -28,7 +28,7 @@ from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import Config, ConfigError, add_config_arguments, read_config
+from chatmaild.common.config import Config, ConfigError, add_config_arguments, read_config
 
 SD_LISTEN_FDS_START = 3
 LISTEN_BACKLOG = 4096  # the kernel caps it at net.core.somaxconn

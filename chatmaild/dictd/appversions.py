@@ -23,7 +23,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-PACKAGED_PATH = Path(__file__).parent / "data" / "appversions.json"
+from chatmaild.common.config import APPVERSIONS_PACKAGED
+
+PACKAGED_PATH = APPVERSIONS_PACKAGED
 URL_PREFIXES = ("https://github.com/deltachat/", "https://download.delta.chat/")
 MAX_VERSION_INTEGER = 2**32 - 1
 MAX_FILE_SIZE = 64 * 1024  # it names a handful of builds; anything larger is a mistake
@@ -142,7 +144,7 @@ def packaged_path() -> str:
     return str(PACKAGED_PATH)
 
 
-if __name__ == "__main__":  # `python -m chatmaild.appversions FILE`: check a file
+if __name__ == "__main__":  # `python -m chatmaild.dictd.appversions FILE`: check a file
     import sys
 
     for name in sys.argv[1:] or [packaged_path()]:

@@ -28,8 +28,8 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-from .maildir import DAY, iter_mailboxes, list_root, open_root, write_textfile
-from .service import load_config_or_exit, make_parser, setup_logging
+from chatmaild.common.service import load_config_or_exit, make_parser, setup_logging
+from chatmaild.expire.maildir import DAY, iter_mailboxes, list_root, open_root, write_textfile
 
 PROG = "chatmail-fsreport"
 KIB = 1024

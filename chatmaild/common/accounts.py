@@ -7,13 +7,14 @@ Layout (compatible with the reference relay)::
     <mailboxes_dir>/<addr>/DISABLED             flag: account disabled
     <mailboxes_dir>/<addr>/{cur,new,tmp,...}    Maildir, written by Dovecot
 
-Every path is built from a canonical address (see :mod:`chatmaild.addr`), so no
+Every path is built from a canonical address (see :mod:`chatmaild.common.addr`), so no
 input can name a file outside ``mailboxes_dir``.  Writes are atomic (temp file,
 rename) and durable before anyone is answered (fsync of file and directory);
 creation is serialised per address with a lock on the
 account directory (flock: no lock file) and re-checked under it.  An account
 is a directory with a non-empty password file; what a killed creation leaves
-behind is not listed and is completed by the next creation (see :mod:`chatmaild.accountlock`).
+behind is not listed and is completed by the next creation (see
+:mod:`chatmaild.common.accountlock`).
 """
 
 from __future__ import annotations
@@ -32,10 +33,10 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import accountlock, shacrypt
-from .accountlock import FLAG_ENFORCE_E2EE
-from .addr import AddressError, canonical_address, check_creatable, is_safe_dirname
-from .config import Config
+from chatmaild.common import accountlock, shacrypt
+from chatmaild.common.accountlock import FLAG_ENFORCE_E2EE
+from chatmaild.common.addr import AddressError, canonical_address, check_creatable, is_safe_dirname
+from chatmaild.common.config import Config
 
 HASH_PREFIX = "{SHA512-CRYPT}"
 PASSWORD = "password"
@@ -44,7 +45,7 @@ DAY = 86400
 LOCK_TIMEOUT = 10.0
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
-log = logging.getLogger("chatmaild.accounts")
+log = logging.getLogger("chatmaild.common.accounts")
 
 
 def hash_password(password: str) -> str:

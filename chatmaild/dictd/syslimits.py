@@ -9,9 +9,9 @@ from __future__ import annotations
 import logging
 import os
 
-from .config import Config
+from chatmaild.common.config import Config
 
-log = logging.getLogger("chatmaild.syslimits")
+log = logging.getLogger("chatmaild.dictd.syslimits")
 
 
 def available_memory() -> int | None:

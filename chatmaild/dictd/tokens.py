@@ -23,8 +23,8 @@ from pathlib import Path
 
 import filelock
 
-from .accounts import DAY, LOCK_TIMEOUT, Account, AccountStore, atomic_write
-from .config import Config
+from chatmaild.common.accounts import DAY, LOCK_TIMEOUT, Account, AccountStore, atomic_write
+from chatmaild.common.config import Config
 
 METADATA_FILE = "metadata.json"
 TOKEN_LIFETIME = 90 * DAY
@@ -34,7 +34,7 @@ MAX_TOKEN_LENGTH = 4096
 # notifier POST thousands of times per message.  The oldest-set token goes first.
 MAX_TOKENS = 32
 
-log = logging.getLogger("chatmaild.tokens")
+log = logging.getLogger("chatmaild.dictd.tokens")
 
 
 class TokenError(ValueError):

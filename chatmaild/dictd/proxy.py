@@ -20,7 +20,7 @@ import re
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, field
 
-from .service import Daemon
+from chatmaild.common.service import Daemon
 
 MAX_LINE = 64 * 1024  # Dovecot's own DICT_CLIENT_MAX_LINE_LENGTH
 HEAD = 256  # bytes kept of an over-long line: enough for command letter and txid
@@ -38,7 +38,7 @@ ITER_NO_VALUE = 0x08
 ITER_EXACT_KEY = 0x10
 ITER_ASYNC = 0x20
 
-log = logging.getLogger("chatmaild.dictproxy")
+log = logging.getLogger("chatmaild.dictd.proxy")
 
 
 class ProtocolError(ValueError):

@@ -47,10 +47,10 @@ import string
 import sys
 from collections.abc import Callable
 
-from .accounts import FLAG_DISABLED, Account, AccountStore, drop_privileges
-from .addr import AddressError, canonical_address, check_creatable
-from .config import Config, config_fields, deprecation_warning
-from .service import load_config_or_exit, make_parser
+from chatmaild.common.accounts import FLAG_DISABLED, Account, AccountStore, drop_privileges
+from chatmaild.common.addr import AddressError, canonical_address, check_creatable
+from chatmaild.common.config import Config, config_fields, deprecation_warning
+from chatmaild.common.service import load_config_or_exit, make_parser
 
 PROG = "chatmaild"
 
@@ -292,7 +292,7 @@ def doveauth_lookup(socket_path: str, addr: str, timeout: float = 10.0) -> str:
     """Send a userdb LOOKUP to doveauth; return the raw reply line (O..., N or F)."""
     import socket
 
-    from .dictproxy import tabescape
+    from chatmaild.dictd.proxy import tabescape
 
     escaped = addr.replace("\\", "\\\\").replace('"', '\\"').replace("'", "\\'")
     request = f"H3\t2\t0\t\tauth\nL{tabescape('shared/userdb/' + escaped)}\t{tabescape(addr)}\n"
@@ -310,7 +310,7 @@ def doveauth_lookup(socket_path: str, addr: str, timeout: float = 10.0) -> str:
 
 
 def cmd_doveauth_lookup(args: argparse.Namespace) -> int:
-    from .dictproxy import tabunescape
+    from chatmaild.dictd.proxy import tabunescape
 
     config = config_from_args(args)
     path = args.socket or config.doveauth_socket
@@ -476,7 +476,7 @@ def _add_extra(subparsers, entry: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .service import setup_logging
+    from chatmaild.common.service import setup_logging
 
     parser = build_parser()
     args = parser.parse_args(argv)

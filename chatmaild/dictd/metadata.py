@@ -14,12 +14,12 @@ Dovecot's ``mail_attribute_dict`` points here.  Keys on the wire:
     .../vendor/deltachat/appversions   the file appversions_path, on one line (default: the
                                        packaged chatmaild/data/appversions.json); N when it
                                        is empty, missing or malformed (logged once), see
-                                       chatmaild.appversions
+                                       chatmaild.dictd.appversions
 
 Every other lookup answers N, every other change fails the transaction (F).
 Tokens expire 90 days after they were last set.  A notification is on disk in
 notification_dir before the SET is answered, and is retried until delivered,
-gone (410) or 5 hours old; see chatmaild.notifier.
+gone (410) or 5 hours old; see chatmaild.dictd.push.
 
 LOG LINES
     notification exceeded deadline
@@ -41,13 +41,13 @@ from __future__ import annotations
 
 import asyncio
 
-from .addr import AddressError
-from .appversions import AppVersionsFile
-from .config import Config
-from .dictproxy import DictDaemon, Transaction
-from .notifier import Notifier
-from .service import Endpoint, run_daemon
-from .tokens import TokenError, TokenStore
+from chatmaild.common.addr import AddressError
+from chatmaild.common.config import Config
+from chatmaild.common.service import Endpoint, run_daemon
+from chatmaild.dictd.appversions import AppVersionsFile
+from chatmaild.dictd.proxy import DictDaemon, Transaction
+from chatmaild.dictd.push import Notifier
+from chatmaild.dictd.tokens import TokenError, TokenStore
 
 TURN_PORT = 3478
 TURN_TIMEOUT = 5.0

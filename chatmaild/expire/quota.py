@@ -30,11 +30,11 @@ import os
 import sys
 import time
 
-from .addr import is_safe_dirname
-from .config import ConfigError, read_config
-from .expire import Policy, Totals, apply_plan, plan_mailbox
-from .maildir import open_root, scan_mailbox
-from .service import make_parser, setup_logging
+from chatmaild.common.addr import is_safe_dirname
+from chatmaild.common.config import ConfigError, read_config
+from chatmaild.common.service import make_parser, setup_logging
+from chatmaild.expire.maildir import open_root, scan_mailbox
+from chatmaild.expire.main import Policy, Totals, apply_plan, plan_mailbox
 
 PROG = "quota-expire"
 log = logging.getLogger(PROG)

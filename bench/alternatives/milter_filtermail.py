@@ -1,6 +1,6 @@
 """filtermail outgoing as a milter in submission's own smtpd session (bench only).
 
-    python -m bench.milter_filtermail --config INI --socket PATH
+    python -m bench.alternatives.milter_filtermail --config INI --socket PATH
 
 Postfix's ``smtpd_milters`` instead of ``smtpd_proxy_filter``, measured by
 ``bench_milter`` and not offered (README, "Design notes"): the same
@@ -32,7 +32,7 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from chatmaild.config import Config, read_config
+from chatmaild.common.config import Config, read_config
 from chatmaild.filtermail.dkim import Signer
 from chatmaild.filtermail.headers import Field, HeaderError, parse_fields
 from chatmaild.filtermail.main import load_signer

@@ -1,6 +1,6 @@
 """remove expired mail, inactive accounts and over-quota mail (daily)
 
-Walks ``mailboxes_dir`` once (see chatmaild.maildir) and, per account directory:
+Walks ``mailboxes_dir`` once (see chatmaild.expire.maildir) and, per account directory:
 
   1. removes the whole account if its last login (the mtime of its
      ``password`` file) is older than delete_inactive_users_after days;
@@ -55,9 +55,10 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from . import accountlock
-from .config import Config
-from .maildir import (
+from chatmaild.common import accountlock
+from chatmaild.common.config import Config
+from chatmaild.common.service import load_config_or_exit, make_parser, setup_logging
+from chatmaild.expire.maildir import (
     DAY,
     PASSWORD,
     MailboxScan,
@@ -73,7 +74,6 @@ from .maildir import (
     unlink_messages,
     write_textfile,
 )
-from .service import load_config_or_exit, make_parser, setup_logging
 
 PROG = "chatmail-expire"
 QUOTA_TARGET_RATIO = 0.70  # relieve down to 70%; Dovecot's quota_warning fires at 75%

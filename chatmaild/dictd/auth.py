@@ -14,10 +14,10 @@ import enum
 import logging
 from typing import Final, Literal
 
-from .accounts import Account, AccountStore, hash_password
-from .addr import AddressError
-from .config import Config
-from .syslimits import resource_refusal
+from chatmaild.common.accounts import Account, AccountStore, hash_password
+from chatmaild.common.addr import AddressError
+from chatmaild.common.config import Config
+from chatmaild.dictd.syslimits import resource_refusal
 
 log = logging.getLogger("doveauth")
 

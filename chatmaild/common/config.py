@@ -19,8 +19,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .addr import valid_addr_spec
-from .appversions import PACKAGED_PATH as APPVERSIONS_PACKAGED
+from chatmaild.common.addr import valid_addr_spec
+
+# the app builds chatmaild ships (package data), served by the metadata role
+APPVERSIONS_PACKAGED = Path(__file__).resolve().parents[1] / "data" / "appversions.json"
 
 DEFAULT_CONFIG_PATH = "/etc/chatmail/chatmail.ini"
 SECTION = "params"
@@ -43,7 +45,7 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--verbose", "-v", action="store_true", help="log debug messages")
 
 
-log = logging.getLogger("chatmaild.config")
+log = logging.getLogger("chatmaild.common.config")
 
 
 class ConfigError(Exception):

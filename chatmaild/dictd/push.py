@@ -37,9 +37,9 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .config import Config
-from .httppost import PostClient
-from .tokens import TokenStore
+from chatmaild.common.config import Config
+from chatmaild.dictd.httppost import PostClient
+from chatmaild.dictd.tokens import TokenStore
 
 RETRY_FACTOR = 8
 RETRY_LEVELS = 5  # attempts in all: delays 0, 1, 8, 64, 512 x base
@@ -49,7 +49,7 @@ TMP_SUFFIX = ".tmp"
 LOG_DEADLINE = "notification exceeded deadline"
 LOG_FAILED = "Notification request failed"
 
-log = logging.getLogger("chatmaild.notifier")
+log = logging.getLogger("chatmaild.dictd.push")
 
 
 # ---------------------------------------------------------------- pure logic

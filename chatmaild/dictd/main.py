@@ -22,13 +22,13 @@ import argparse
 import importlib
 import sys
 
-from .service import Daemon, run_daemons
+from chatmaild.common.service import Daemon, run_daemons
 
 # role -> (module, Daemon class); a role's module is imported only when it runs
 ROLES = {
-    "doveauth": ("chatmaild.doveauth", "DoveauthDaemon"),
-    "lastlogin": ("chatmaild.lastlogin", "LastLoginDaemon"),
-    "metadata": ("chatmaild.metadata", "MetadataDaemon"),
+    "doveauth": ("chatmaild.dictd.doveauth", "DoveauthDaemon"),
+    "lastlogin": ("chatmaild.dictd.lastlogin", "LastLoginDaemon"),
+    "metadata": ("chatmaild.dictd.metadata", "MetadataDaemon"),
 }
 
 

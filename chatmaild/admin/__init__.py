@@ -1,0 +1,1 @@
+"""The ``chatmaild`` admin command (``main``): config, accounts, registration, setup."""
