@@ -42,7 +42,7 @@ ATTACKS = [
     (
         "replayed TLS ClientHellos from 200 addresses, 50 at a time",
         "handshakes",
-        {"connections": 50, "sources": 200, "spread": True},
+        {"connections": 50, "sources": 200},
     ),
 ]
 
