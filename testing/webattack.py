@@ -3,6 +3,8 @@
 An attack runs in a process of its own (``python -m testing.webattack KIND``),
 so that its CPU is its own, as a real attacker's would be, sharing the
 machine's cores with the relay; it prints one JSON line of counts at the end.
+Connections come from SOURCES local addresses, 127.0.0.2 and up (one by default;
+a botnet is many), never from 127.0.0.1, where the legitimate clients are.
 Standard library only: it also runs inside the booted test machines.
 
 Kinds:
@@ -10,10 +12,8 @@ Kinds:
                with a made-up ``Host: 127.0.0.1:<2,270 letters>``, new letters each time
   long-host    the same with a Host field over the line limit (refused with 400)
   handshakes   a recorded TLS ClientHello replayed on fresh connections, CONNECTIONS
-               at a time, each closed once the server has answered with anything;
-               with --spread from SOURCES local addresses (a botnet), else from one
-  idle         CONNECTIONS connections that send nothing, spread over SOURCES local
-               addresses (127.0.0.2, ...), held for --seconds; with --tls, each
+               at a time, each closed once the server has answered with anything
+  idle         CONNECTIONS connections that send nothing, held for --seconds; with --tls, each
                finishes its handshake first and then sends nothing
 """
 
@@ -73,12 +73,16 @@ async def _read_response(reader: asyncio.StreamReader) -> int:
     return status
 
 
-async def _requests(port: int, host: Callable[[], str], until: float, counts: Counter) -> None:
+async def _requests(
+    port: int, host: Callable[[], str], until: float, counts: Counter, source: str
+) -> None:
     ctx = _client_tls()
     paths = ("/", "/invite.svg")
     while time.monotonic() < until:
         try:
-            reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=ctx)
+            reader, writer = await asyncio.open_connection(
+                "127.0.0.1", port, ssl=ctx, local_addr=(source, 0)
+            )
         except (OSError, ssl.SSLError):
             counts["connect failed"] += 1
             await asyncio.sleep(0.05)
@@ -95,13 +99,12 @@ async def _requests(port: int, host: Callable[[], str], until: float, counts: Co
             writer.close()
 
 
-async def _handshakes(
-    port: int, hello: bytes, until: float, counts: Counter, source: str | None
-) -> None:
-    local = (source, 0) if source else None
+async def _handshakes(port: int, hello: bytes, until: float, counts: Counter, source: str) -> None:
     while time.monotonic() < until:
         try:
-            reader, writer = await asyncio.open_connection("127.0.0.1", port, local_addr=local)
+            reader, writer = await asyncio.open_connection(
+                "127.0.0.1", port, local_addr=(source, 0)
+            )
         except OSError:
             counts["connect failed"] += 1
             await asyncio.sleep(0.01)
@@ -122,7 +125,7 @@ def _idle(port: int, connections: int, sources: int, seconds: float, tls: bool) 
     ctx = _client_tls()
     for i in range(connections):
         sock = socket.socket()
-        sock.bind((f"127.0.0.{2 + i % sources}", 0))
+        sock.bind((source_address(i, sources), 0))
         sock.settimeout(10)
         try:
             sock.connect(("127.0.0.1", port))
@@ -152,16 +155,18 @@ def _idle(port: int, connections: int, sources: int, seconds: float, tls: bool) 
     return counts
 
 
-def run(
-    kind: str,
-    port: int,
-    seconds: float,
-    connections: int,
-    sources: int,
-    tls: bool,
-    spread: bool = False,
-) -> dict:
+def source_address(i: int, sources: int) -> str:
+    """The local address connection ``i`` comes from: 127.0.0.2 and up, never 127.0.0.1,
+    the address of the legitimate clients a test runs meanwhile."""
+    return f"127.0.{(2 + i % sources) // 256}.{(2 + i % sources) % 256}"
+
+
+def run(kind: str, port: int, seconds: float, connections: int, sources: int, tls: bool) -> dict:
     until = time.monotonic() + seconds
+
+    def source(i: int) -> str:
+        return source_address(i, sources)
+
     counts: Counter = Counter()
     if kind == "idle":
         counts = _idle(port, connections, sources, seconds, tls)
@@ -171,14 +176,15 @@ def run(
             if kind == "handshakes":
                 hello = client_hello()
                 jobs = [
-                    _handshakes(port, hello, until, counts, spread and f"127.0.0.{2 + i % sources}")
-                    for i in range(connections)
+                    _handshakes(port, hello, until, counts, source(i)) for i in range(connections)
                 ]
             else:
                 length = 2270 if kind == "forged-host" else 9000
                 jobs = [
-                    _requests(port, lambda: f"127.0.0.1:{_letters(length)}", until, counts)
-                    for _ in range(connections)
+                    _requests(
+                        port, lambda: f"127.0.0.1:{_letters(length)}", until, counts, source(i)
+                    )
+                    for i in range(connections)
                 ]
             await asyncio.gather(*jobs)
 
@@ -277,15 +283,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--connections", type=int, default=20)
-    parser.add_argument("--sources", type=int, default=100)
+    parser.add_argument("--sources", type=int, default=1, help="local addresses to come from")
     parser.add_argument("--tls", action="store_true")
-    parser.add_argument(
-        "--spread", action="store_true", help="handshakes: from SOURCES addresses, not one"
-    )
     args = parser.parse_args(argv)
-    result = run(
-        args.kind, args.port, args.seconds, args.connections, args.sources, args.tls, args.spread
-    )
+    result = run(args.kind, args.port, args.seconds, args.connections, args.sources, args.tls)
     print(json.dumps(result), flush=True)
     return 0
 
