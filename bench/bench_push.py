@@ -169,7 +169,7 @@ def bench_latency(sink: SinkProcess, tmp: Path) -> None:
 def start_daemon(module: str, ini: Path, log: Path) -> subprocess.Popen:
     with open(log, "ab") as logf:
         return subprocess.Popen(
-            [sys.executable, "-m", f"chatmaild.{module}", "--config", str(ini)],
+            [sys.executable, "-m", f"chatmaild.dictd.{module}", "--config", str(ini)],
             stdout=logf,
             stderr=subprocess.STDOUT,
         )
