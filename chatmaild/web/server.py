@@ -43,8 +43,9 @@ from chatmaild.web.limits import Admission, RefusalLog, source_of
 READ_CHUNK = 16 * 1024
 WRITE_CHUNK = 64 * 1024
 # after this many connections at once, the memory they took is handed back to the
-# system once all are closed (see HttpsServer.all_closed)
+# system once at most TRIM_BELOW are left (see HttpsServer.crowd_gone)
 TRIM_AFTER = 256
+TRIM_BELOW = 16
 
 
 @dataclass(frozen=True)
@@ -131,20 +132,18 @@ class HttpsServer:
 
     def closed(self, conn: Connection) -> None:
         self.connections.discard(conn)
-        if not self.connections and self.peak >= TRIM_AFTER and not self.stopping:
-            self.peak = 0
-            asyncio.get_running_loop().call_later(1.0, self.all_closed)
+        if len(self.connections) <= TRIM_BELOW and self.peak >= TRIM_AFTER and not self.stopping:
+            self.peak = len(self.connections)
+            asyncio.get_running_loop().call_later(1.0, self.crowd_gone)
 
-    def all_closed(self) -> None:
+    def crowd_gone(self) -> None:
         """After a crowd of connections: hand the freed heap back to the system.
 
         glibc keeps freed memory below the top of its heap for reuse; after
         thousands of connections (an attack) that is megabytes the process
         would hold for good.  malloc_trim returns the free pages (~1 ms).
         """
-        if self.connections:
-            return
-        self.connections = set()  # a set keeps the table of its largest size
+        self.connections = set(self.connections)  # a set keeps the table of its largest size
         gc.collect()  # cycles of the connections (h11's state machines) wait for no allocation
         try:
             import ctypes  # only after a crowd: 0.6 MB that a quiet relay never pays
