@@ -79,7 +79,7 @@ import re
 import ssl
 import string
 import urllib.parse
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 
 from chatmaild.common.config import Config
@@ -273,7 +273,11 @@ class FrontDoor:
     address; a request only picks one and, reached by IP, adds fresh credentials.
     """
 
-    def __init__(self, config: Config, log: logging.Logger | None = None) -> None:
+    def __init__(
+        self, config: Config, log: logging.Logger | None = None, also_draw: Iterable[str] = ()
+    ) -> None:
+        """``also_draw``: invites of addresses the relay is known to be reached by, whose
+        codes are drawn now with the name's (one child process), not on a request."""
         self.config = config
         self.log = log or logging.getLogger("chatmail-newemail")
         self.limiter = RateLimiter(CREDENTIALS_PER_MINUTE, CREDENTIALS_BURST)
@@ -285,7 +289,8 @@ class FrontDoor:
         self.codes = QRCodes()
         own = dcaccount_url(pages.public_name(config))
         # an IP-only relay's links name its port too
-        self.codes.draw_now(list({own, dcaccount_url(audience(config, None, ("", 0)).host)}))
+        ip_only = dcaccount_url(audience(config, None, ("", 0)).host)
+        self.codes.draw_now(list(dict.fromkeys([own, ip_only, *also_draw])))
         # the home page of the relay's own name is always the same: made once
         self.home = pages.home_page(config, own, own, self.codes.codes[own][0], by_ip=False)
         self._invite_pages: dict[str, pages.Page] = {}
@@ -475,7 +480,7 @@ class NewEmailDaemon(Daemon):
             lifetime=arg("connection_timeout", CONNECTION_TIMEOUT),
         )
         self.stop_timeout = arg("stop_timeout", 30.0)
-        self.front = FrontDoor(config, self.log)
+        self.front: FrontDoor | None = None
         self.server: HttpsServer | None = None
 
     def endpoint(self) -> Endpoint:
@@ -506,8 +511,10 @@ class NewEmailDaemon(Daemon):
         # by-IP invite drawn now, like the name's, not by a child process on a request
         endpoint = self.listen_endpoint
         ip = ip_literal(endpoint.host or "") if endpoint is not None else None
+        local = []
         if endpoint is not None and ip is not None and not ipaddress.ip_address(ip).is_unspecified:
-            self.front.codes.draw_now([dcaccount_url(host_port(ip, endpoint.port or 443))])
+            local.append(dcaccount_url(host_port(ip, endpoint.port or 443)))
+        self.front = FrontDoor(self.config, self.log, also_draw=local)
         c = self.config
         admission = Admission(
             max_connections=self._connection_budget(),
@@ -516,11 +523,11 @@ class NewEmailDaemon(Daemon):
             handshakes_per_minute=60 * c.web_handshake_rate,
             handshake_burst=2 * c.web_handshake_rate,
         )
+        # one summary of refusals for the server's limits and the front door's
         self.server = HttpsServer(
-            self.front.handle, self.tls, self.log, self.settings, admission, COMMON_HEADERS
-        )
-        # the front door's refusals are summarised with the server's
-        self.front.refusals = self.server.refusals
+            self.front.handle, self.tls, self.log, self.settings, admission, COMMON_HEADERS,
+            refusals=self.front.refusals,
+        )  # fmt: skip
 
     def protocol_factory(self) -> Callable[[], asyncio.Protocol]:
         assert self.server is not None

@@ -104,13 +104,14 @@ class HttpsServer:
         settings: Settings | None = None,
         admission: Admission | None = None,
         common_headers: dict[str, str] | None = None,
+        refusals: RefusalLog | None = None,
     ) -> None:
         self.app = app
         self.tls = tls
         self.log = log
         self.settings = settings or Settings()
         self.admission = admission or Admission()
-        self.refusals = RefusalLog(log)
+        self.refusals = refusals or RefusalLog(log)
         self.common_headers = common_headers or {}
         self.connections: set[Connection] = set()
         self.peak = 0  # most connections at once since the memory was last handed back
