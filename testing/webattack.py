@@ -204,7 +204,11 @@ def command(kind: str, port: int, seconds: float, **options: object) -> list[str
 
 def start(argv: list[str]) -> subprocess.Popen:
     """An attack (``command()``, perhaps wrapped, e.g. into a network namespace) running."""
-    return subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    # a session of its own, as a local attacker's login would be: the kernel shares the
+    # CPU between sessions, and the attacker must not take its share from the mail probe's
+    return subprocess.Popen(
+        argv, cwd=ROOT, stdout=subprocess.PIPE, text=True, start_new_session=True
+    )
 
 
 def finish(proc: subprocess.Popen) -> dict:

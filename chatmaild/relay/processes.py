@@ -82,6 +82,24 @@ def _read_pid(path: Path) -> int | None:
         return None
 
 
+# the web role's nice value (its unit: Nice=10): when the CPU is short, mail comes first
+WEB_NICE = 10
+
+
+def _lower_session_priority(pid: int, nice: int) -> None:
+    """Lower the CPU share of process ``pid``'s session against the other sessions.
+
+    Each daemon runs in a session of its own, and the kernel shares the CPU between
+    sessions (autogroups) before a process's nice value counts, so ``nice`` alone
+    would give the web port the same share as all of Postfix.  Under systemd the
+    unit's cgroup (CPUWeight=) does this instead.
+    """
+    try:
+        Path(f"/proc/{pid}/autogroup").write_text(f"{nice}\n")
+    except OSError:
+        pass  # a kernel without autogroups: nice alone is what applies
+
+
 def _tail(path: Path, lines: int = 25) -> str:
     try:
         text = path.read_text(errors="replace").splitlines()
@@ -116,6 +134,8 @@ class Supervision:
                 umask=0o077 if name not in SERVERS else -1,
                 start_new_session=True,  # Ctrl-C of `make run` is handled by us, in order
             )
+        if name == "newemail":
+            _lower_session_priority(proc.pid, WEB_NICE)
         with self._lock:
             self._procs[name] = proc
             self._started_at[name] = time.monotonic()

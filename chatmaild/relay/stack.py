@@ -55,6 +55,7 @@ from chatmaild.relay.processes import (
     DICT_ROLES,
     SERVERS,
     STOP_TIMEOUT,
+    WEB_NICE,
     RelayError,
     Supervision,
     _alive,
@@ -425,8 +426,8 @@ class Relay(PortHolding, Supervision, Readiness):
         ids = [f"--reuid={user.pw_uid}", f"--regid={user.pw_gid}"]
         setpriv = ["setpriv", *ids, f"--groups={','.join(map(str, sorted(groups)))}", *caps]
         if name == "newemail":
-            # like its unit's Nice=10: when the CPU is short, mail comes first
-            return ["nice", "-n", "10", *setpriv, *cmd]
+            # like its unit's Nice=10 (its session's share: processes.spawn)
+            return ["nice", "-n", str(WEB_NICE), *setpriv, *cmd]
         return [*setpriv, *cmd]
 
     def _postfix_check(self, logfile: Path) -> None:
