@@ -7,7 +7,7 @@
 # shellcheck disable=SC1091
 . /etc/os-release
 RUNTIME_PACKAGES=(
-    postfix dovecot-core dovecot-imapd dovecot-lmtpd openssl
+    postfix dovecot-core dovecot-imapd dovecot-lmtpd openssl dehydrated
     python3
     python3-cryptography python3-dkim python3-dnspython python3-filelock python3-h11
     python3-systemd python3-uvloop python3-segno
@@ -24,9 +24,10 @@ esac
 # the web pages in a real browser, their QR code read back
 # python3-venv: the test venv; gcc: the no-delay IDLE shim (the package recommends it);
 # python3-aiosmtpd: the mail corpus capture and the aiosmtpd front end of make bench;
-# python3-aiohttp: the test push service (testing/httpsink.py) and the browser driver
+# python3-aiohttp: the test push service (testing/httpsink.py) and the browser driver;
+# pebble: Let's Encrypt's test CA (testing/pebble.py)
 TEST_PACKAGES=(gnupg sq zstd iproute2 util-linux procps git make python3-nacl chromium zbar-tools
-    python3-venv gcc libc6-dev python3-aiosmtpd python3-aiohttp)
+    python3-venv gcc libc6-dev python3-aiosmtpd python3-aiohttp pebble)
 
 # what the package recommends (the no-delay shim's compiler): --bare roots of
 # scripts/debian-root.sh download these too

@@ -80,6 +80,13 @@ def _int_in(lo: int, hi: int | None = None) -> Callable[[str], int]:
     return parse
 
 
+LETSENCRYPT_DIRECTORY = "https://acme-v02.api.letsencrypt.org/directory"
+# chatmail-acme's state (account, certificates, back-off) and the HTTP-01 answers
+# the web process serves on port 80
+ACME_STATE_DIR = Path("/var/lib/chatmail/acme")
+ACME_CHALLENGE_DIR = ACME_STATE_DIR / "challenges"
+
+
 def parse_port(raw: str) -> int:
     return _int_in(1, 65535)(raw)
 
@@ -377,6 +384,9 @@ class Config:
     imap_port: int = _key(parse_port, "IMAP STARTTLS port", 143)
     imaps_port: int = _key(parse_port, "IMAP implicit-TLS port", 993)
     newemail_port: int = _key(parse_port, "HTTPS onboarding endpoint port", 443)
+    http_port: int = _key(
+        parse_port, "plain HTTP port: ACME challenges, everything else redirected to HTTPS", 80
+    )
     web_max_connections: int = _key(
         _int_in(1, 1_000_000), "connections the web port holds open at once, in all", 1024
     )
@@ -402,6 +412,11 @@ class Config:
     )
     mtail_address: str = _key(parse_str, "metrics bind address; empty disables", "")
     acme_email: str = _key(parse_str, "ACME contact", "")
+    acme_directory: str = _key(
+        parse_url,
+        "ACME directory URL the certificate comes from (empty: a self-signed one)",
+        LETSENCRYPT_DIRECTORY,
+    )
     www_folder: str = _key(
         parse_optional_abspath, "directory of an own static website served instead of ours", ""
     )
@@ -443,6 +458,12 @@ class Config:
     @property
     def is_ip_domain(self) -> bool:
         return self.mail_domain.startswith("[")
+
+    @property
+    def certificate_names(self) -> tuple[str, ...]:
+        """The names the relay's certificate covers (MTA-STS's policy host too)."""
+        bare = self.mail_domain.strip("[]")
+        return (bare,) if self.is_ip_domain else (bare, f"mta-sts.{bare}")
 
     @property
     def max_mailbox_size_mb(self) -> int:

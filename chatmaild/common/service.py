@@ -254,6 +254,9 @@ class Daemon:
     async def stop(self) -> None:
         """Stop background work after connections are done."""
 
+    def reload(self) -> None:
+        """SIGHUP: read again what may change while running (a renewed certificate)."""
+
     async def handle_connection(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:
@@ -369,6 +372,16 @@ class Server:
         await serve_until_signal([self])
 
 
+def _reload(daemons: Sequence[Daemon]) -> None:
+    for daemon in daemons:
+        try:
+            daemon.reload()
+        except Exception as e:  # noqa: BLE001 (a failed reload keeps what runs)
+            daemon.log.error("reload failed, keeping the running state: %s", e)
+        else:
+            daemon.log.info("reloaded")
+
+
 async def serve_until_signal(servers: Sequence[Server]) -> None:
     """Start every role's server, READY=1 once all listen, stop them all on SIGTERM/SIGINT.
 
@@ -379,6 +392,7 @@ async def serve_until_signal(servers: Sequence[Server]) -> None:
     stop_requested = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop_requested.set)
+    loop.add_signal_handler(signal.SIGHUP, _reload, [server.daemon for server in servers])
     started: list[Server] = []
     try:
         for server in servers:

@@ -31,6 +31,7 @@ class LoopbackDNS:
         self.sock.settimeout(0.2)
         self.host, self.port = self.sock.getsockname()
         self.txt: dict[dns.name.Name, list[str]] = {}
+        self.a: dict[dns.name.Name, list[str]] = {}
         self.failures: dict[dns.name.Name, str] = {}
         self.queries: list[str] = []
         self._stop = threading.Event()
@@ -45,7 +46,12 @@ class LoopbackDNS:
         self.txt[_name(name)] = list(values)
         self.failures.pop(_name(name), None)
 
+    def set_a(self, name: str, *addresses: str) -> None:
+        """``name`` resolves to these IPv4 addresses (and has no AAAA: an empty answer)."""
+        self.a[_name(name)] = list(addresses)
+
     def remove(self, name: str) -> None:
+        self.a.pop(_name(name), None)
         self.txt.pop(_name(name), None)
         self.failures.pop(_name(name), None)
 
@@ -102,6 +108,12 @@ class LoopbackDNS:
         if failure == "servfail":
             response.set_rcode(dns.rcode.SERVFAIL)
             return response
+        addresses = self.a.get(question.name)
+        if addresses is not None and question.rdtype != dns.rdatatype.TXT:
+            if question.rdtype == dns.rdatatype.A:
+                rrset = dns.rrset.from_text_list(question.name, 300, "IN", "A", addresses)
+                response.answer.append(rrset)
+            return response  # other types: the name exists, no records of them
         values = self.txt.get(question.name)
         if values is None:
             response.set_rcode(dns.rcode.NXDOMAIN)

@@ -21,6 +21,7 @@ PORT_KEYS = {
     "imap": "imap_port",
     "imaps": "imaps_port",
     "newemail": "newemail_port",
+    "http": "http_port",
 }
 # ini keys holding the filter path's UNIX sockets (a port would be open to every
 # local user), also listed in Relay.ports; below Layout.local's queue directory

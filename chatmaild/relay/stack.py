@@ -185,6 +185,8 @@ class Relay(PortHolding, Supervision, Readiness):
             "turn_socket_path": s / "run/turn.socket",
             "dkim_key_path": s / "dkim/dkim.private",
             "tls_external_cert_and_key": f"{s}/tls/cert.pem {s}/tls/key.pem",
+            # self-signed (a certificate from a CA only when a test names its CA)
+            "acme_directory": "",
             **{key: s / path for key, path in LOCAL_SOCKETS.items()},
             "disable_ipv6": True,
             # several relays and test runs share two cores: do not refuse accounts under load
@@ -383,6 +385,29 @@ class Relay(PortHolding, Supervision, Readiness):
         name = f"{self.config.dkim_selector}._domainkey.{self.mail_domain.strip('[]')}"
         return name, txt_record(public_value(pem))
 
+    @property
+    def acme_dir(self) -> Path:
+        """chatmail-acme's state of this relay (its /var/lib/chatmail/acme)."""
+        return self.state_dir / "acme"
+
+    def acme_command(self, *args: str, ca_bundle: str | None = None) -> list[str]:
+        """chatmail-acme for this relay: its files, and reloads of its own servers
+        (SIGHUP to each master and the web process, what the units' reloads do)."""
+        cert = Path(self.config.tls_external_cert_and_key[0]) if (
+            self.config.tls_external_cert_and_key) else self.state_dir / "tls/cert.pem"  # fmt: skip
+        cmd = [
+            self.layout.program("chatmail-acme"), "--config", str(self.ini_path),
+            "--state-dir", str(self.acme_dir), "--challenges", str(self.acme_dir / "challenges"),
+            "--tls-dir", str(cert.parent),
+        ]  # fmt: skip
+        for name in ("postfix", "dovecot", "newemail"):
+            if name in self.components:
+                pidfile = self.run_dir / f"{name}.relay-pid"
+                cmd += ["--reload", f'sh -c "kill -HUP $(cat {pidfile})"']
+        if ca_bundle:
+            cmd += ["--ca-bundle", ca_bundle]
+        return [*cmd, *args]
+
     def _commands(self) -> dict[str, list[str]]:
         """Every process of this relay (name -> argv), all staying in the foreground."""
         ini = str(self.ini_path)
@@ -396,8 +421,12 @@ class Relay(PortHolding, Supervision, Readiness):
             cmds["filtermail"] = [program("filtermail"), "--config", ini, *FILTER_ROLES]
         if "newemail" in c:
             # loopback only, unlike an installed relay's every interface
-            listen = f"127.0.0.1:{self.config.newemail_port}"
-            cmds["newemail"] = [program("chatmail-newemail"), "--config", ini, "--listen", listen]
+            cmds["newemail"] = [
+                program("chatmail-newemail"), "--config", ini,
+                "--listen", f"chatmail-newemail=127.0.0.1:{self.config.newemail_port}",
+                "--listen", f"chatmail-http=127.0.0.1:{self.config.http_port}",
+                "--acme-challenges", str(self.acme_dir / "challenges"),
+            ]  # fmt: skip
         # the servers start once our sockets are asked for (Dovecot connects lazily anyway)
         if "postfix" in c:
             # the master itself, no postfix-script shell between: our child is the master

@@ -81,12 +81,14 @@ import string
 import urllib.parse
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
+from pathlib import Path
 
-from chatmaild.common.config import Config
+from chatmaild.common.config import ACME_CHALLENGE_DIR, Config
 from chatmaild.common.ratelimit import RateLimiter
-from chatmaild.common.service import Daemon, Endpoint, run_daemon
+from chatmaild.common.service import Daemon, Endpoint, run_daemons
 from chatmaild.web import pages, static
 from chatmaild.web.limits import Admission, RefusalLog, source_of
+from chatmaild.web.plain import PlainHttp
 from chatmaild.web.qr import QRCodes
 from chatmaild.web.server import HttpsServer, Request, Response, Settings
 
@@ -469,10 +471,7 @@ class NewEmailDaemon(Daemon):
 
     def __init__(self, config: Config, args: argparse.Namespace | None = None) -> None:
         super().__init__(config, args)
-        cert, key = config.tls_external_cert_and_key or DEFAULT_TLS
-        self.tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-        self.tls.minimum_version = ssl.TLSVersion.TLSv1_2
-        self.tls.load_cert_chain(cert, key)
+        self.tls = tls_context(config)
         arg = functools.partial(getattr, args)
         self.settings = Settings(
             first_byte_timeout=arg("first_byte_timeout", FIRST_BYTE_TIMEOUT),
@@ -533,10 +532,60 @@ class NewEmailDaemon(Daemon):
         assert self.server is not None
         return self.server.protocol
 
+    def reload(self) -> None:
+        """A renewed certificate (chatmail-acme sends SIGHUP): new connections get it,
+        open ones keep theirs."""
+        self.tls = tls_context(self.config)
+        if self.server is not None:
+            self.server.tls = self.tls
+
     async def stop(self) -> None:
         if self.server is not None:
             # requests in flight finish (bounded), idle keep-alive connections close
             await self.server.shutdown(self.stop_timeout)
+
+
+class PlainHttpDaemon(Daemon):
+    """Port 80 (http_port): ACME challenges and redirects, in the web process."""
+
+    name = "chatmail-http"
+    fast_loop = False
+
+    def __init__(self, config: Config, args: argparse.Namespace | None = None) -> None:
+        super().__init__(config, args)
+        challenges = getattr(args, "acme_challenges", None) or ACME_CHALLENGE_DIR
+        self.app = PlainHttp(config, Path(challenges))
+        self.stop_timeout = getattr(args, "stop_timeout", 30.0)
+        self.server: HttpsServer | None = None
+
+    def endpoint(self) -> Endpoint:
+        return Endpoint.tcp("0.0.0.0" if self.config.disable_ipv6 else "::", self.config.http_port)
+
+    async def start(self) -> None:
+        c = self.config
+        # its own budget: a crowd on port 80 cannot take the HTTPS port's connections
+        admission = Admission(
+            max_connections=max(1, min(256, c.web_max_connections // 4)),
+            max_per_source=c.web_max_connections_per_ip,
+        )
+        self.server = HttpsServer(self.app.handle, None, self.log, Settings(), admission,
+                                  COMMON_HEADERS)  # fmt: skip
+
+    def protocol_factory(self) -> Callable[[], asyncio.Protocol]:
+        assert self.server is not None
+        return self.server.protocol
+
+    async def stop(self) -> None:
+        if self.server is not None:
+            await self.server.shutdown(self.stop_timeout)
+
+
+def tls_context(config: Config) -> ssl.SSLContext:
+    cert, key = config.tls_external_cert_and_key or DEFAULT_TLS
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(cert, key)
+    return context
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -552,10 +601,30 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         parser.add_argument(
             flag, type=kind, default=default, metavar=metavar, help=f"{text} (default: %(default)s)"
         )
+    parser.add_argument(
+        "--acme-challenges",
+        default=str(ACME_CHALLENGE_DIR),
+        metavar="DIR",
+        help="where chatmail-acme puts the answers to HTTP-01 challenges (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--no-http",
+        action="store_true",
+        help="serve HTTPS only, not http_port (ACME challenges and redirects)",
+    )
+
+
+def _roles(args: argparse.Namespace) -> list[type[Daemon]]:
+    """HTTPS, and port 80 unless --no-http, or --listen names only the HTTPS socket
+    (``--listen HOST:PORT`` alone, as before port 80 was served)."""
+    named_http = any(v.startswith(f"{PlainHttpDaemon.name}=") for v in args.listen)
+    if args.no_http or (args.listen and not named_http):
+        return [NewEmailDaemon]
+    return [NewEmailDaemon, PlainHttpDaemon]
 
 
 def main(argv: list[str] | None = None) -> int:
-    return run_daemon(NewEmailDaemon, __doc__, argv, add_arguments)
+    return run_daemons(NewEmailDaemon.name, _roles, __doc__, argv, add_arguments)
 
 
 if __name__ == "__main__":

@@ -94,12 +94,14 @@ def _date() -> str:
 
 
 class HttpsServer:
-    """Serves ``app`` over HTTPS with the limits of ``settings`` and ``admission``."""
+    """Serves ``app`` over HTTPS with the limits of ``settings`` and ``admission``;
+    plain HTTP when ``tls`` is None (port 80).  ``tls`` may be replaced while serving
+    (a renewed certificate): connections made later use the new one."""
 
     def __init__(
         self,
         app: App,
-        tls: ssl.SSLContext,
+        tls: ssl.SSLContext | None,
         log: logging.Logger,
         settings: Settings | None = None,
         admission: Admission | None = None,
@@ -274,6 +276,11 @@ class Connection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.transport is None:
             return
+        if self.server.tls is None:  # plain HTTP
+            if self.http is None and not self.lingering:
+                self._wait_for_request()  # the first byte: now the header's time
+            self._http_data(data)
+            return
         if self.tls is None and not self._start_tls():
             return
         assert self.bio_in is not None and self.tls is not None
@@ -302,6 +309,7 @@ class Connection(asyncio.Protocol):
             self.server.refusals.note(refused, self.source)
             self.abort(refused)
             return False
+        assert self.server.tls is not None
         self.handshaking = True
         self.bio_in, self.bio_out = ssl.MemoryBIO(), ssl.MemoryBIO()
         self.tls = self.server.tls.wrap_bio(self.bio_in, self.bio_out, server_side=True)
@@ -331,9 +339,13 @@ class Connection(asyncio.Protocol):
         self._flush()
 
     def _send(self, data: bytes | None) -> None:
-        if data and self.tls is not None and self.transport is not None:
+        if not data or self.transport is None:
+            return
+        if self.tls is not None:
             self.tls.write(data)
             self._flush()
+        elif self.server.tls is None:
+            self.transport.write(data)
 
     # ------------------------------------------------------------ HTTP
 

@@ -1,0 +1,174 @@
+"""Debian's pebble (Let's Encrypt's test CA) for tests: a real ACME server on loopback.
+
+Its directory is served over HTTPS with a certificate of a throwaway CA made
+here (``directory_ca``: what an ACME client must trust to talk to it); the
+certificates it issues chain to a root it makes at every start (``root_pem()``:
+what a client of the relay must trust).  It validates HTTP-01 challenges on
+``http_port`` of the address the names resolve to through ``dns`` (host:port).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import ssl
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+
+PEBBLE = "/usr/bin/pebble"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Pebble:
+    def __init__(
+        self,
+        workdir: Path,
+        dns: str,
+        http_port: int,
+        validity_seconds: int | None = None,
+    ) -> None:
+        self.workdir = workdir
+        self.dns = dns
+        self.http_port = http_port
+        self.validity_seconds = validity_seconds
+        self.port = _free_port()
+        self.management_port = _free_port()
+        self.proc: subprocess.Popen | None = None
+        self.directory_ca = workdir / "directory-ca.pem"
+        self.log = workdir / "pebble.log"
+
+    @property
+    def directory(self) -> str:
+        return f"https://127.0.0.1:{self.port}/dir"
+
+    def _make_directory_cert(self) -> tuple[Path, Path]:
+        w = self.workdir
+        if not (w / "wfe-cert.pem").exists():
+            run = lambda *a: subprocess.run(a, check=True, capture_output=True)  # noqa: E731
+            run(
+                "openssl",
+                "req",
+                "-x509",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:P-256",
+                "-nodes",
+                "-days",
+                "2",
+                "-subj",
+                "/CN=pebble test directory CA",
+                "-keyout",
+                str(w / "directory-ca.key"),
+                "-out",
+                str(self.directory_ca),
+            )
+            run(
+                "openssl",
+                "req",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:P-256",
+                "-nodes",
+                "-subj",
+                "/CN=127.0.0.1",
+                "-keyout",
+                str(w / "wfe-key.pem"),
+                "-out",
+                str(w / "wfe.csr"),
+            )
+            (w / "wfe.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
+            run("openssl", "x509", "-req", "-in", str(w / "wfe.csr"), "-CA", str(self.directory_ca),
+                "-CAkey", str(w / "directory-ca.key"), "-CAcreateserial", "-days", "2",
+                "-extfile", str(w / "wfe.ext"), "-out", str(w / "wfe-cert.pem"))  # fmt: skip
+        return w / "wfe-cert.pem", w / "wfe-key.pem"
+
+    def start(self) -> Pebble:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        cert, key = self._make_directory_cert()
+        settings: dict[str, object] = {
+            "listenAddress": f"127.0.0.1:{self.port}",
+            "managementListenAddress": f"127.0.0.1:{self.management_port}",
+            "certificate": str(cert),
+            "privateKey": str(key),
+            "httpPort": self.http_port,
+            "tlsPort": _free_port(),
+            "ocspResponderURL": "",
+            "externalAccountBindingRequired": False,
+        }
+        if self.validity_seconds:
+            settings["certificateValidityPeriod"] = self.validity_seconds
+        config = self.workdir / "pebble-config.json"
+        config.write_text(json.dumps({"pebble": settings}, indent=1))
+        env = {
+            "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+            "PEBBLE_VA_NOSLEEP": "1",  # answer at once, not after 0-15 s
+            "PEBBLE_WFE_NONCEREJECT": "0",  # no random badNonce retries
+            "PEBBLE_AUTHZREUSE": "0",  # every order validated again
+        }
+        with open(self.log, "ab") as out:
+            self.proc = subprocess.Popen(
+                [PEBBLE, "-config", str(config), "-dnsserver", self.dns],
+                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+                start_new_session=True,
+            )  # fmt: skip
+        try:
+            self._wait_ready()
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def _context(self) -> ssl.SSLContext:
+        return ssl.create_default_context(cafile=str(self.directory_ca))
+
+    def _wait_ready(self, timeout: float = 30.0) -> None:
+        until = time.monotonic() + timeout
+        while True:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"pebble exited: {self.log.read_text(errors='replace')[-2000:]}")
+            try:
+                with urllib.request.urlopen(self.directory, context=self._context(), timeout=2):
+                    return
+            except OSError:
+                if time.monotonic() > until:
+                    raise
+                time.sleep(0.1)
+
+    def root_pem(self) -> bytes:
+        """The root every certificate pebble issues (since its start) chains to."""
+        url = f"https://127.0.0.1:{self.management_port}/roots/0"
+        with urllib.request.urlopen(url, context=self._context(), timeout=10) as r:
+            return r.read()
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(10)
+        self.proc = None
+
+    def __enter__(self) -> Pebble:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def available() -> bool:
+    return shutil.which(PEBBLE) is not None

@@ -1,0 +1,180 @@
+"""A certificate from an ACME CA (issue 20): Debian's pebble issues it to a make-run relay.
+
+pebble (Let's Encrypt's test CA) runs on loopback and resolves the relay's names
+through a DNS server of the test; it validates HTTP-01 on the relay's plain-HTTP
+port, where the web process serves what chatmail-acme (through dehydrated) put
+in the challenge directory.  Clients that trust only pebble's root then verify
+every TLS port of the relay: implicit TLS and STARTTLS alike.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import imaplib
+import smtplib
+import socket
+import ssl
+import subprocess
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from chatmaild.acme.certificate import parse_pem
+from chatmaild.relay.dns import LoopbackDNS
+from testing import mails
+from testing.pebble import Pebble
+from tests.sandbox import world_readable_tempdir
+
+pytestmark = [pytest.mark.relay, pytest.mark.timeout(600)]
+DOMAIN = "chat.acme.test"
+NAMES = (DOMAIN, f"mta-sts.{DOMAIN}")
+COMPONENTS = ("postfix", "dovecot", "doveauth", "filtermail", "newemail")
+UNLIMITED = {"max_user_send_per_minute": 10**6, "max_user_send_burst_size": 10**6}
+
+
+@pytest.fixture(scope="module")
+def dns():
+    with LoopbackDNS() as server:
+        for name in NAMES:
+            server.set_a(name, "127.0.0.1")
+        yield server
+
+
+@pytest.fixture(scope="module")
+def relay(dns):
+    from tests.fixtures.relay import RelayPool
+
+    pool = RelayPool()
+    try:
+        # the CA comes per test (its URL is passed to chatmail-acme by the test)
+        overrides = {"mail_domain": DOMAIN, "dns_resolver": dns.address, **UNLIMITED}
+        yield pool(overrides, components=COMPONENTS)
+    finally:
+        pool.close()
+
+
+@pytest.fixture
+def workdir():
+    d = world_readable_tempdir("pebble-")
+    yield d
+    subprocess.run(["rm", "-rf", str(d)])
+
+
+def acme(relay, pebble: Pebble, *args: str) -> subprocess.CompletedProcess:
+    """chatmail-acme of this relay, asking ``pebble`` (the ini's acme_directory)."""
+    ini = relay.ini_path.read_text()
+    lines = [line for line in ini.splitlines() if not line.startswith("acme_directory")]
+    relay.ini_path.write_text("\n".join([*lines, f"acme_directory = {pebble.directory}", ""]))
+    cmd = relay.acme_command(*args, ca_bundle=str(pebble.directory_ca))
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+
+
+def verified(relay, root: Path, port_name: str) -> str:
+    """sha256 of the certificate a client trusting only ``root`` verifies on a port."""
+    ctx = ssl.create_default_context(cafile=str(root))
+    port = int(relay.ports[port_name])
+    if port_name in ("smtp", "submission"):
+        with smtplib.SMTP("127.0.0.1", port, timeout=10) as smtp:
+            smtp._host = DOMAIN  # the name the certificate is checked against
+            smtp.starttls(context=ctx)
+            der = smtp.sock.getpeercert(binary_form=True)
+    elif port_name == "imap":
+        imap = imaplib.IMAP4("127.0.0.1", port, timeout=10)
+        imap.host = DOMAIN
+        imap.starttls(ssl_context=ctx)
+        der = imap.sock.getpeercert(binary_form=True)
+        imap.logout()
+    else:
+        raw = socket.create_connection(("127.0.0.1", port), timeout=10)
+        with ctx.wrap_socket(raw, server_hostname=DOMAIN) as tls:
+            der = tls.getpeercert(binary_form=True)
+    return hashlib.sha256(der).hexdigest()
+
+
+TLS_PORTS = ("newemail", "submissions", "imaps", "smtp", "submission", "imap")
+
+
+def served_fingerprint(relay) -> str:
+    return parse_pem((relay.state_dir / "tls/cert.pem").read_bytes()).fingerprint
+
+
+def test_port_80_answers_challenges_and_redirects_the_rest(relay):
+    challenges = relay.acme_dir / "challenges"
+    challenges.mkdir(parents=True, exist_ok=True)
+    (challenges / "tok-en_1").write_text("tok-en_1.thumbprint")
+    base = f"http://127.0.0.1:{relay.ports['http']}"
+    with urllib.request.urlopen(f"{base}/.well-known/acme-challenge/tok-en_1") as r:
+        assert r.status == 200 and r.read() == b"tok-en_1.thumbprint"
+    for bad in ("../etc/passwd", "nope", "a%2Fb", ""):
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(f"{base}/.well-known/acme-challenge/{bad}")
+        assert e.value.code == 404
+
+    class NoRedirect(urllib.request.HTTPRedirectHandler):
+        def redirect_request(self, *a, **kw):
+            return None
+
+    opener = urllib.request.build_opener(NoRedirect)
+    request = urllib.request.Request(f"{base}/new?x=1", headers={"Host": "evil.example"})
+    with pytest.raises(urllib.error.HTTPError) as e:
+        opener.open(request)
+    # to the relay's own name and HTTPS port, whatever the Host said
+    assert e.value.code == 301
+    assert e.value.headers["Location"] == f"https://{DOMAIN}:{relay.ports['newemail']}/new"
+
+
+def test_certificate_from_the_ca_on_every_port_while_mail_flows(relay, workdir):
+    self_signed = served_fingerprint(relay)
+    with Pebble(workdir, relay.config.dns_resolver, int(relay.ports["http"])) as pebble:
+        root = workdir / "root.pem"
+        root.write_bytes(pebble.root_pem())
+        with pytest.raises(ssl.SSLCertVerificationError):
+            verified(relay, root, "imaps")  # self-signed: not trusted yet
+
+        # mail submitted all along: not one refused or lost by the switch
+        sender, recipient = relay.new_credentials(), relay.new_credentials()
+        relay.imap(*recipient).logout()
+        stop, sent, failures = threading.Event(), [], []
+
+        def submit():
+            with relay.smtp(*sender) as smtp:
+                while not stop.is_set():
+                    message = mails.encrypted_message(sender[0], [recipient[0]])
+                    try:
+                        smtp.sendmail(sender[0], [recipient[0]], message)
+                        sent.append(1)
+                    except Exception as e:  # noqa: BLE001
+                        failures.append(repr(e))
+                        return
+                    time.sleep(0.02)
+
+        worker = threading.Thread(target=submit)
+        worker.start()
+        try:
+            res = acme(relay, pebble)
+        finally:
+            time.sleep(0.5)
+            stop.set()
+            worker.join(30)
+        assert res.returncode == 0, res.stderr
+        assert "ACME: serving the new certificate for " + " ".join(NAMES) in res.stderr
+        info = parse_pem((relay.state_dir / "tls/cert.pem").read_bytes())
+        assert info.fingerprint != self_signed and set(NAMES) <= info.names
+        assert not info.self_signed
+        for port_name in TLS_PORTS:
+            assert verified(relay, root, port_name) == info.fingerprint, port_name
+        assert failures == [] and sent
+        deadline = time.monotonic() + 30
+        inbox = Path(relay.config.mailboxes_dir) / recipient[0]
+        while sum(len(list((inbox / d).iterdir())) for d in ("new", "cur")
+                  if (inbox / d).is_dir()) < len(sent):  # fmt: skip
+            assert time.monotonic() < deadline, "mail lost in the switch"
+            time.sleep(0.1)
+
+        # not due: the CA is not asked again (a rerun of setup or the timer)
+        again = acme(relay, pebble)
+        assert again.returncode == 0 and "valid until" in again.stderr
+        assert "asking" not in again.stderr and served_fingerprint(relay) == info.fingerprint
