@@ -135,30 +135,8 @@ def test_certificate_from_the_ca_on_every_port_while_mail_flows(relay, workdir):
             verified(relay, root, "imaps")  # self-signed: not trusted yet
 
         # mail submitted all along: not one refused or lost by the switch
-        sender, recipient = relay.new_credentials(), relay.new_credentials()
-        relay.imap(*recipient).logout()
-        stop, sent, failures = threading.Event(), [], []
-
-        def submit():
-            with relay.smtp(*sender) as smtp:
-                while not stop.is_set():
-                    message = mails.encrypted_message(sender[0], [recipient[0]])
-                    try:
-                        smtp.sendmail(sender[0], [recipient[0]], message)
-                        sent.append(1)
-                    except Exception as e:  # noqa: BLE001
-                        failures.append(repr(e))
-                        return
-                    time.sleep(0.02)
-
-        worker = threading.Thread(target=submit)
-        worker.start()
-        try:
+        with MailFlow(relay) as flow:
             res = acme(relay, pebble)
-        finally:
-            time.sleep(0.5)
-            stop.set()
-            worker.join(30)
         assert res.returncode == 0, res.stderr
         assert "ACME: serving the new certificate for " + " ".join(NAMES) in res.stderr
         info = parse_pem((relay.state_dir / "tls/cert.pem").read_bytes())
@@ -166,15 +144,124 @@ def test_certificate_from_the_ca_on_every_port_while_mail_flows(relay, workdir):
         assert not info.self_signed
         for port_name in TLS_PORTS:
             assert verified(relay, root, port_name) == info.fingerprint, port_name
-        assert failures == [] and sent
-        deadline = time.monotonic() + 30
-        inbox = Path(relay.config.mailboxes_dir) / recipient[0]
-        while sum(len(list((inbox / d).iterdir())) for d in ("new", "cur")
-                  if (inbox / d).is_dir()) < len(sent):  # fmt: skip
-            assert time.monotonic() < deadline, "mail lost in the switch"
-            time.sleep(0.1)
+        flow.check()
 
         # not due: the CA is not asked again (a rerun of setup or the timer)
         again = acme(relay, pebble)
         assert again.returncode == 0 and "valid until" in again.stderr
-        assert "asking" not in again.stderr and served_fingerprint(relay) == info.fingerprint
+        assert "ACME: asking" not in again.stderr and served_fingerprint(relay) == info.fingerprint
+
+
+def test_short_lived_certificate_is_renewed_while_mail_flows(relay, workdir):
+    # 30 s certificates: due 20 s after issuance (a third of the lifetime left)
+    with Pebble(workdir, relay.config.dns_resolver, int(relay.ports["http"]),
+                validity_seconds=30) as pebble:  # fmt: skip
+        root = workdir / "root.pem"
+        root.write_bytes(pebble.root_pem())
+        first = acme(relay, pebble)
+        assert first.returncode == 0, first.stderr
+        issued = parse_pem((relay.state_dir / "tls/cert.pem").read_bytes())
+        assert issued.lifetime.total_seconds() <= 31
+        not_yet = acme(relay, pebble)
+        assert "valid until" in not_yet.stderr and "ACME: asking" not in not_yet.stderr
+        time.sleep(max(0.0, (issued.renew_at() - _now()).total_seconds()) + 1)
+        with MailFlow(relay) as flow:
+            renewed = acme(relay, pebble)
+        assert renewed.returncode == 0, renewed.stderr
+        assert "the certificate expires on" in renewed.stderr  # why it asked
+        fresh = served_fingerprint(relay)
+        assert fresh != issued.fingerprint
+        for port_name in TLS_PORTS:
+            assert verified(relay, root, port_name) == fresh, port_name
+        flow.check()
+
+
+def test_ca_down_or_refusing_keeps_serving_and_later_switches(relay, workdir, dns):
+    before = served_fingerprint(relay)
+    pebble = Pebble(workdir, relay.config.dns_resolver, int(relay.ports["http"]))
+    # the CA unreachable (nothing listens on its port yet)
+    down = acme(relay, pebble, "--force")
+    assert down.returncode == 1
+    lines = [line for line in down.stderr.splitlines() if "ACME: no certificate" in line]
+    assert len(lines) == 1, down.stderr
+    assert pebble.directory in lines[0] and "next attempt after" in lines[0]
+    assert "Problem connecting" in lines[0] or "curl" in lines[0], lines[0]
+    assert served_fingerprint(relay) == before
+    with socket.create_connection(("127.0.0.1", int(relay.ports["imaps"])), timeout=10) as raw:
+        ctx = ssl._create_unverified_context()
+        with ctx.wrap_socket(raw) as tls:  # still served, the certificate unchanged
+            assert hashlib.sha256(tls.getpeercert(binary_form=True)).hexdigest() == before
+    # within the back-off: the CA is not asked again
+    waiting = acme(relay, pebble)
+    if "valid until" not in waiting.stderr:  # a certificate that is not due needs no CA
+        assert "waiting until" in waiting.stderr and "ACME: asking" not in waiting.stderr
+    with pebble:
+        root = workdir / "root.pem"
+        root.write_bytes(pebble.root_pem())
+        # the CA refuses: a name of the certificate does not resolve
+        dns.remove(NAMES[1])
+        try:
+            refused = acme(relay, pebble, "--force")
+        finally:
+            dns.set_a(NAMES[1], "127.0.0.1")
+        assert refused.returncode == 1
+        line = next(x for x in refused.stderr.splitlines() if "ACME: no certificate" in x)
+        assert NAMES[1] in line, line  # the CA's own reason, naming the name
+        assert served_fingerprint(relay) == before
+        # the next attempt (the timer's, after the back-off) succeeds: served at once
+        ok = acme(relay, pebble, "--ignore-backoff", "--force")
+        assert ok.returncode == 0, ok.stderr
+        after = served_fingerprint(relay)
+        assert after != before and verified(relay, root, "submissions") == after
+
+
+def _now():
+    import datetime
+
+    return datetime.datetime.now(datetime.UTC)
+
+
+class MailFlow:
+    """Submits mail while the block runs; ``check()``: none refused, all delivered."""
+
+    def __init__(self, relay) -> None:
+        self.relay = relay
+        self.sender, self.recipient = relay.new_credentials(), relay.new_credentials()
+        relay.imap(*self.recipient).logout()
+        self.stop, self.sent, self.failures = threading.Event(), 0, []
+        self.thread = threading.Thread(target=self._run)
+
+    def _run(self) -> None:
+        addr, rcpt = self.sender[0], self.recipient[0]
+        with self.relay.smtp(*self.sender) as smtp:
+            while not self.stop.is_set():
+                message = mails.encrypted_message(addr, [rcpt])
+                try:
+                    smtp.sendmail(addr, [rcpt], message)
+                    self.sent += 1
+                except Exception as e:  # noqa: BLE001
+                    self.failures.append(repr(e))
+                    return
+                time.sleep(0.02)
+
+    def __enter__(self) -> MailFlow:
+        self.thread.start()
+        time.sleep(0.3)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        time.sleep(0.5)
+        self.stop.set()
+        self.thread.join(30)
+
+    def check(self) -> None:
+        assert self.failures == [] and self.sent > 0
+        inbox = Path(self.relay.config.mailboxes_dir) / self.recipient[0]
+        deadline = time.monotonic() + 30
+        while True:
+            dirs = [inbox / d for d in ("new", "cur") if (inbox / d).is_dir()]
+            got = sum(len(list(d.iterdir())) for d in dirs)
+            if got >= self.sent:
+                break
+            assert time.monotonic() < deadline, f"{got} of {self.sent} delivered"
+            time.sleep(0.1)
