@@ -10,8 +10,6 @@ every TLS port of the relay: implicit TLS and STARTTLS alike.
 from __future__ import annotations
 
 import hashlib
-import imaplib
-import smtplib
 import socket
 import ssl
 import subprocess
@@ -24,7 +22,7 @@ import pytest
 
 from chatmaild.acme.certificate import parse_pem
 from chatmaild.relay.dns import LoopbackDNS
-from testing import mails
+from testing import mails, tlsprobe
 from testing.pebble import Pebble
 from tests.sandbox import world_readable_tempdir
 
@@ -74,24 +72,8 @@ def acme(relay, pebble: Pebble, *args: str) -> subprocess.CompletedProcess:
 
 def verified(relay, root: Path, port_name: str) -> str:
     """sha256 of the certificate a client trusting only ``root`` verifies on a port."""
-    ctx = ssl.create_default_context(cafile=str(root))
-    port = int(relay.ports[port_name])
-    if port_name in ("smtp", "submission"):
-        with smtplib.SMTP("127.0.0.1", port, timeout=10) as smtp:
-            smtp._host = DOMAIN  # the name the certificate is checked against
-            smtp.starttls(context=ctx)
-            der = smtp.sock.getpeercert(binary_form=True)
-    elif port_name == "imap":
-        imap = imaplib.IMAP4("127.0.0.1", port, timeout=10)
-        imap.host = DOMAIN
-        imap.starttls(ssl_context=ctx)
-        der = imap.sock.getpeercert(binary_form=True)
-        imap.logout()
-    else:
-        raw = socket.create_connection(("127.0.0.1", port), timeout=10)
-        with ctx.wrap_socket(raw, server_hostname=DOMAIN) as tls:
-            der = tls.getpeercert(binary_form=True)
-    return hashlib.sha256(der).hexdigest()
+    kind = {"smtp": "smtp", "submission": "smtp", "imap": "imap"}.get(port_name, "tls")
+    return tlsprobe.fingerprint(kind, "127.0.0.1", int(relay.ports[port_name]), DOMAIN, str(root))
 
 
 TLS_PORTS = ("newemail", "submissions", "imaps", "smtp", "submission", "imap")

@@ -47,7 +47,7 @@ DAEMONS = [
     "filtermail.service",  # outgoing, incoming, milter
     "chatmail-newemail.service",  # the web front door, on its own
 ]
-TIMERS = ["chatmail-expire.timer", "chatmail-fsreport.timer"]
+TIMERS = ["chatmail-expire.timer", "chatmail-fsreport.timer", "chatmail-acme.timer"]
 # the unit that runs Postfix's master: an instance of postfix@ on Debian 12,
 # postfix.service itself (Type=forking) on Debian 13
 SERVERS = {

@@ -89,9 +89,11 @@ def obtain(
     timeout: float = TIMEOUT,
 ) -> Outcome:
     """Ask the CA for one certificate covering ``names`` (the first is its directory)."""
+    # the web process (vmail) reads the answers: their way open, the rest private
+    for d in (paths.challenges.parent, paths.challenges):
+        d.mkdir(parents=True, exist_ok=True)
+        d.chmod(0o755)
     paths.state.mkdir(parents=True, exist_ok=True, mode=0o700)
-    paths.challenges.mkdir(parents=True, exist_ok=True)
-    paths.challenges.chmod(0o755)  # the web process (vmail) reads the answers
     tmp = paths.config_file.with_suffix(".tmp")
     tmp.write_text(config_text(directory, paths, contact, ca_bundle))
     tmp.replace(paths.config_file)
