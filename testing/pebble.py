@@ -18,9 +18,12 @@ import ssl
 import subprocess
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 PEBBLE = "/usr/bin/pebble"
+CHALLTESTSRV = "/usr/bin/pebble-challtestsrv"
+Wrap = Callable[[list[str]], list[str]]
 
 
 def _free_port() -> int:
@@ -36,13 +39,18 @@ class Pebble:
         dns: str,
         http_port: int,
         validity_seconds: int | None = None,
+        wrap: Wrap | None = None,
+        port: int | None = None,
     ) -> None:
+        """``wrap``: runs pebble elsewhere (a machine's network namespace), with ``port``."""
+        self.wrap = wrap or (lambda argv: argv)
+        self.in_netns = wrap is not None
         self.workdir = workdir
         self.dns = dns
         self.http_port = http_port
         self.validity_seconds = validity_seconds
-        self.port = _free_port()
-        self.management_port = _free_port()
+        self.port = port or _free_port()
+        self.management_port = self.port + 1 if port else _free_port()
         self.proc: subprocess.Popen | None = None
         self.directory_ca = workdir / "directory-ca.pem"
         self.log = workdir / "pebble.log"
@@ -103,7 +111,7 @@ class Pebble:
             "certificate": str(cert),
             "privateKey": str(key),
             "httpPort": self.http_port,
-            "tlsPort": _free_port(),
+            "tlsPort": self.port + 2 if self.in_netns else _free_port(),
             "ocspResponderURL": "",
             "externalAccountBindingRequired": False,
         }
@@ -119,7 +127,7 @@ class Pebble:
         }
         with open(self.log, "ab") as out:
             self.proc = subprocess.Popen(
-                [PEBBLE, "-config", str(config), "-dnsserver", self.dns],
+                self.wrap([PEBBLE, "-config", str(config), "-dnsserver", self.dns]),
                 stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
                 start_new_session=True,
             )  # fmt: skip
@@ -130,8 +138,21 @@ class Pebble:
             raise
         return self
 
-    def _context(self) -> ssl.SSLContext:
-        return ssl.create_default_context(cafile=str(self.directory_ca))
+    def _fetch(self, url: str) -> bytes:
+        """GET ``url`` from where pebble runs (its network namespace)."""
+        if not self.in_netns:
+            ctx = ssl.create_default_context(cafile=str(self.directory_ca))
+            with urllib.request.urlopen(url, context=ctx, timeout=5) as r:
+                return r.read()
+        code = (
+            "import ssl, sys, urllib.request as u;"
+            f"c = ssl.create_default_context(cafile={str(self.directory_ca)!r});"
+            f"sys.stdout.buffer.write(u.urlopen({url!r}, context=c, timeout=5).read())"
+        )
+        res = subprocess.run(self.wrap(["python3", "-c", code]), capture_output=True, timeout=30)
+        if res.returncode != 0:
+            raise OSError(res.stderr.decode(errors="replace")[-500:])
+        return res.stdout
 
     def _wait_ready(self, timeout: float = 30.0) -> None:
         until = time.monotonic() + timeout
@@ -140,18 +161,16 @@ class Pebble:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"pebble exited: {self.log.read_text(errors='replace')[-2000:]}")
             try:
-                with urllib.request.urlopen(self.directory, context=self._context(), timeout=2):
-                    return
+                self._fetch(self.directory)
+                return
             except OSError:
                 if time.monotonic() > until:
                     raise
-                time.sleep(0.1)
+                time.sleep(0.2)
 
     def root_pem(self) -> bytes:
         """The root every certificate pebble issues (since its start) chains to."""
-        url = f"https://127.0.0.1:{self.management_port}/roots/0"
-        with urllib.request.urlopen(url, context=self._context(), timeout=10) as r:
-            return r.read()
+        return self._fetch(f"https://127.0.0.1:{self.management_port}/roots/0")
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
@@ -172,3 +191,32 @@ class Pebble:
 
 def available() -> bool:
     return shutil.which(PEBBLE) is not None
+
+
+class MockDNS:
+    """pebble-challtestsrv (from Debian's pebble) as the DNS server of a network
+    namespace: every A query is answered with 127.0.0.1, AAAA with nothing."""
+
+    def __init__(self, workdir: Path, wrap: Wrap, port: int = 8053) -> None:
+        self.wrap, self.port, self.log = wrap, port, workdir / "challtestsrv.log"
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def __enter__(self) -> MockDNS:
+        argv = [CHALLTESTSRV, "-dns01", self.address, "-http01", "", "-https01", "",
+                "-tlsalpn01", "", "-management", f"127.0.0.1:{self.port + 2}",
+                "-defaultIPv4", "127.0.0.1", "-defaultIPv6", ""]  # fmt: skip
+        with open(self.log, "ab") as out:
+            self.proc = subprocess.Popen(
+                self.wrap(argv), stdout=out, stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL, start_new_session=True,
+            )  # fmt: skip
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            self.proc.wait(10)

@@ -26,6 +26,7 @@ relay installed, Debian's packages in apt's cache and no network at all) gets
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -36,6 +37,7 @@ import pytest
 
 from testing import webattack
 from testing.machine import Machine
+from testing.pebble import MockDNS, Pebble
 
 # "machines": the host covers both releases; a run inside a container leaves it out
 pytestmark = [pytest.mark.relay, pytest.mark.machines, pytest.mark.timeout(1500)]
@@ -324,3 +326,102 @@ def test_package_on_a_fresh_machine(debs, suite, tmp_path):
             m.sh(f"cd {ROOT} && make uninstall 2>&1")
             assert not m.ok("dpkg -s chatmaild 2>/dev/null | grep -q '^Status: install ok'")
             assert not m.ok("systemctl is-active --quiet chatmail-dict.service")
+
+
+@pytest.mark.parametrize("suite", ["bookworm", "trixie"])
+def test_package_gets_its_certificate_from_the_ca(debs, suite, tmp_path):
+    """Issue 20: a fresh install gets its certificate from Debian's pebble (Let's Encrypt's
+    test CA) in the machine's network namespace, which resolves every name to the
+    machine (pebble-challtestsrv) and validates HTTP-01 on its port 80; a client that
+    trusts only pebble's root then verifies every TLS port."""
+    deb, _ = debs[suite]
+    m = Machine(suite, binds={str(deb.parent): DEBS})
+    with m, MockDNS(tmp_path, m.netns_argv) as dns:
+        pebble = Pebble(tmp_path, dns.address, 80, wrap=m.netns_argv, port=14000)
+        with pebble:
+            _certificate_from_pebble(m, deb, pebble, tmp_path)
+
+
+def _certificate_from_pebble(m: Machine, deb: Path, pebble: Pebble, tmp_path: Path) -> None:
+    # the operator's CA (here pebble) and its directory's certificate authority
+    trust = "/usr/local/share/ca-certificates/pebble-directory.crt"
+    pem = pebble.directory_ca.read_text()
+    m.sh(f"cat > {trust} <<'EOF'\n{pem}EOF\nupdate-ca-certificates >/dev/null")
+    m.sh(
+        "mkdir -p /etc/chatmail && printf '%s\\n' '[params]' "
+        f"'mail_domain = {DOMAIN}' 'acme_directory = {pebble.directory}' "
+        "'acme_email = admin@example.org' 'max_load_1m = 1000' "
+        "> /etc/chatmail/chatmail.ini"
+    )
+    m.sh(
+        f"DEBIAN_FRONTEND=noninteractive apt-get install -y -q {DEBS}/{deb.name} 2>&1", timeout=900
+    )
+    _units_active(m)
+    m.wait_for(
+        "journalctl -o cat -t chatmail-acme | grep -q 'ACME: serving the new'",
+        180,
+        "the certificate from pebble",
+    )
+    acme = _show(m, "chatmail-acme.service", "Result", "ProtectSystem", "User")
+    assert acme["Result"] == "success" and acme["ProtectSystem"] == "strict", acme
+    served = m.sh("openssl x509 -in /etc/chatmail/tls/cert.pem -outform DER | sha256sum").split()[0]
+    assert "pebble" in m.sh("openssl x509 -in /etc/chatmail/tls/cert.pem -noout -issuer")
+    root = tmp_path / "pebble-root.pem"
+    root.write_bytes(pebble.root_pem())
+    ports = [
+        "tls=127.0.0.1:443",
+        "tls=127.0.0.1:465",
+        "tls=127.0.0.1:993",
+        "smtp=127.0.0.1:25",
+        "smtp=127.0.0.1:587",
+        "imap=127.0.0.1:143",
+    ]
+    res = subprocess.run(
+        m.netns_argv(
+            [
+                sys.executable,
+                "-m",
+                "testing.tlsprobe",
+                "--name",
+                DOMAIN,
+                "--cafile",
+                str(root),
+                *ports,
+            ]
+        ),
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    seen = json.loads(res.stdout or "{}")
+    assert seen and set(seen.values()) == {served}, (seen, served, res.stderr)
+    # setup again (a reinstall, dpkg-reconfigure): the CA is not asked again
+    asked = m.sh("journalctl -o cat -t chatmail-acme | grep -c 'ACME: asking'").strip()
+    m.sh("chatmaild setup >/dev/null 2>&1")
+    m.wait_for(
+        "systemctl show -p ActiveState --value chatmail-acme.service | grep -qx inactive", 60
+    )
+    m.wait_for("journalctl -o cat -t chatmail-acme | grep -q 'valid until'", 60)
+    again = m.sh("journalctl -o cat -t chatmail-acme | grep -c 'ACME: asking'").strip()
+    assert again == asked
+    # port 80 redirects to the relay's https name, the Host header is ignored
+    redirect = subprocess.run(
+        m.netns_argv(
+            [
+                "curl",
+                "-s",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{redirect_url}",
+                "-H",
+                "Host: evil.example",
+                "http://127.0.0.1/new",
+            ]
+        ),
+        capture_output=True,
+        text=True,
+        timeout=30,
+    ).stdout
+    assert redirect == f"https://{DOMAIN}/new", redirect

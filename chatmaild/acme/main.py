@@ -18,7 +18,7 @@ tls_external_cert_and_key, or an empty acme_directory.
 FILES
     /etc/chatmail/chatmail.ini    mail_domain, acme_directory, acme_email
     /etc/chatmail/tls/            cert.pem and key.pem, links into current/
-    /var/lib/chatmail/acme/       account, certificates, back-off state
+    /var/lib/chatmaild/acme/       account, certificates, back-off state
 
 EXIT STATUS
     0 nothing to do, waiting, or a new certificate served; 1 the CA gave none;

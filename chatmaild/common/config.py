@@ -83,7 +83,7 @@ def _int_in(lo: int, hi: int | None = None) -> Callable[[str], int]:
 LETSENCRYPT_DIRECTORY = "https://acme-v02.api.letsencrypt.org/directory"
 # chatmail-acme's state (account, certificates, back-off) and the HTTP-01 answers
 # the web process serves on port 80
-ACME_STATE_DIR = Path("/var/lib/chatmail/acme")
+ACME_STATE_DIR = Path("/var/lib/chatmaild/acme")
 ACME_CHALLENGE_DIR = ACME_STATE_DIR / "challenges"
 
 

@@ -387,7 +387,7 @@ class Relay(PortHolding, Supervision, Readiness):
 
     @property
     def acme_dir(self) -> Path:
-        """chatmail-acme's state of this relay (its /var/lib/chatmail/acme)."""
+        """chatmail-acme's state of this relay (its /var/lib/chatmaild/acme)."""
         return self.state_dir / "acme"
 
     def acme_command(self, *args: str, ca_bundle: str | None = None) -> list[str]:
