@@ -127,6 +127,15 @@ def test_certificate_from_the_ca_on_every_port_while_mail_flows(relay, workdir):
         for port_name in TLS_PORTS:
             assert verified(relay, root, port_name) == info.fingerprint, port_name
         flow.check()
+        # the MTA-STS policy, on the name the certificate covers for it
+        ctx = ssl.create_default_context(cafile=str(root))
+        raw = socket.create_connection(("127.0.0.1", int(relay.ports["newemail"])), timeout=10)
+        with ctx.wrap_socket(raw, server_hostname=NAMES[1]) as tls:
+            tls.sendall(f"GET /.well-known/mta-sts.txt HTTP/1.1\r\nHost: {NAMES[1]}\r\n"
+                        "Connection: close\r\n\r\n".encode())  # fmt: skip
+            answer = b"".join(iter(lambda: tls.recv(4096), b"")).decode()
+        assert answer.startswith("HTTP/1.1 200")
+        assert f"mode: enforce\r\nmx: {DOMAIN}\r\n" in answer
 
         # not due: the CA is not asked again (a rerun of setup or the timer)
         again = acme(relay, pebble)

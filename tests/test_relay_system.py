@@ -5,6 +5,7 @@ The setup itself runs in booted Debian 12 and 13 machines: tests/test_deb.py.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import subprocess
 from pathlib import Path
@@ -109,6 +110,13 @@ def test_dns_records_name_the_domain_and_dkim():
     assert "chat.example.org. 3600 IN MX 10 chat.example.org." in text
     assert "_dmarc.chat.example.org." in text and "opendkim._domainkey" in text
     assert "_submissions._tcp.chat.example.org. 3600 IN SRV 0 1 465 chat.example.org." in text
+    # MTA-STS: the policy host and the policy's id, which changes when the policy does
+    assert "mta-sts.chat.example.org. 3600 IN CNAME chat.example.org." in text
+    sts = next(line for line in text.splitlines() if line.startswith("_mta-sts."))
+    assert '"v=STSv1; id=' in sts
+    other = dataclasses.replace(_config(), mail_domain="other.example.org")
+    assert sts.split("id=")[1] not in dns_records(other, "")
+    assert 'chat.example.org. 3600 IN CAA 0 issue "letsencrypt.org"' in text
 
 
 def _control_depends() -> str:

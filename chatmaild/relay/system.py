@@ -30,7 +30,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from chatmaild.common.config import Config, ConfigError
+from chatmaild.common import mtasts
+from chatmaild.common.config import LETSENCRYPT_DIRECTORY, Config, ConfigError
 from chatmaild.relay.postconf import (
     conflicting_services,
     main_changes,
@@ -145,19 +146,29 @@ def unit_dropins(config: Config) -> dict[str, str]:
 def dns_records(config: Config, dkim_line: str) -> str:
     """The zone-file lines an operator publishes for this relay."""
     bare = config.mail_domain.strip("[]")
-    return "\n".join(
-        [
-            f"DNS records to publish for {bare}:",
-            f"{bare}. 3600 IN MX 10 {bare}.",
-            f'{bare}. 3600 IN TXT "v=spf1 a ~all"',
-            f'_dmarc.{bare}. 3600 IN TXT "v=DMARC1;p=reject;adkim=s;aspf=s"',
-            dkim_line,
-            f"_submission._tcp.{bare}. 3600 IN SRV 0 1 {config.submission_port} {bare}.",
-            f"_submissions._tcp.{bare}. 3600 IN SRV 0 1 {config.submissions_port} {bare}.",
-            f"_imap._tcp.{bare}. 3600 IN SRV 0 1 {config.imap_port} {bare}.",
-            f"_imaps._tcp.{bare}. 3600 IN SRV 0 1 {config.imaps_port} {bare}.",
+    lines = [
+        f"DNS records to publish for {bare}:",
+        f"; {bare}. 3600 IN A <this server's IPv4 address>  (and AAAA for IPv6)",
+        f"{bare}. 3600 IN MX 10 {bare}.",
+        f'{bare}. 3600 IN TXT "v=spf1 a ~all"',
+        f'_dmarc.{bare}. 3600 IN TXT "v=DMARC1;p=reject;adkim=s;aspf=s"',
+        dkim_line,
+        f"_submission._tcp.{bare}. 3600 IN SRV 0 1 {config.submission_port} {bare}.",
+        f"_submissions._tcp.{bare}. 3600 IN SRV 0 1 {config.submissions_port} {bare}.",
+        f"_imap._tcp.{bare}. 3600 IN SRV 0 1 {config.imap_port} {bare}.",
+        f"_imaps._tcp.{bare}. 3600 IN SRV 0 1 {config.imaps_port} {bare}.",
+    ]
+    if mtasts.applies(config):
+        # the policy host: the same machine, covered by the relay's certificate
+        lines += [
+            f"mta-sts.{bare}. 3600 IN CNAME {bare}.",
+            f'_mta-sts.{bare}. 3600 IN TXT "{mtasts.txt_record(config)}"',
         ]
-    )
+    if config.acme_email:
+        lines.append(f'_smtp._tls.{bare}. 3600 IN TXT "v=TLSRPTv1; rua=mailto:{config.acme_email}"')
+    if config.acme_directory == LETSENCRYPT_DIRECTORY and not config.tls_external_cert_and_key:
+        lines.append(f'{bare}. 3600 IN CAA 0 issue "letsencrypt.org"')
+    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------- steps

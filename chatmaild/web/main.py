@@ -83,6 +83,7 @@ from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from chatmaild.common import mtasts
 from chatmaild.common.config import ACME_CHALLENGE_DIR, Config
 from chatmaild.common.ratelimit import RateLimiter
 from chatmaild.common.service import Daemon, Endpoint, run_daemons
@@ -317,6 +318,9 @@ class FrontDoor:
             "/cgi-bin/newemail.py": {"POST": self.new_post},
             "/invite.svg": {"GET": self.invite_svg},
         }
+        if mtasts.applies(self.config):
+            # what https://mta-sts.<mail_domain>/ serves (the certificate covers that name)
+            routes[mtasts.PATH] = {"GET": self.mta_sts_policy}
         if not self.www_folder:
             home = self.page_handler(self.home, self.home_by_ip)
             routes["/"] = routes["/index.html"] = {"GET": home}
@@ -422,6 +426,11 @@ class FrontDoor:
                 return Response(304, headers)
         headers["Content-Type"] = f"{page.content_type}; charset=utf-8"
         return Response(200, headers, page.body)
+
+    async def mta_sts_policy(self, request: Request) -> Response:
+        return text_response(
+            200, mtasts.policy_text(self.config), **{"Cache-Control": "public, max-age=3600"}
+        )
 
     async def invite_svg(self, request: Request) -> Response:
         document = (await self.codes.get(dcaccount_url(self._who(request).host)))[1]
