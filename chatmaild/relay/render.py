@@ -18,6 +18,7 @@ or ``dovecot/dovecot-2.4.conf`` + ``auth.lua`` (2.4, doveauth over HTTP).
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import pwd
 import re
@@ -108,6 +109,15 @@ def render_file(src: Path, dest: Path, variables: Mapping[str, object], mode: in
     tmp.write_text(text, encoding="utf-8")
     os.chmod(tmp, mode)
     os.replace(tmp, dest)
+
+
+def host_name(config: Config) -> str:
+    """Postfix's myhostname (banner, HELO): the domain, or for an IP-only relay its
+    address's reverse-pointer name (Postfix wants a name there, not an address)."""
+    bare = config.mail_domain.strip("[]")
+    if config.is_ip_domain:
+        return ipaddress.ip_address(bare).reverse_pointer
+    return bare
 
 
 @dataclass(frozen=True)
@@ -288,6 +298,7 @@ def template_variables(config: Config, layout: Layout) -> dict[str, object]:
         # identity and limits
         "mail_domain": config.mail_domain,
         "mail_domain_bare": config.mail_domain.strip("[]"),
+        "myhostname": host_name(config),
         "max_message_size": config.max_message_size,
         "max_mailbox_size_mb": config.max_mailbox_size_mb,
         "quota_expire_target_mb": config.max_mailbox_size_mb * 70 // 100,
