@@ -210,8 +210,20 @@ def test_dict_unit_serves_the_three_dicts_with_their_socket_directories():
     assert "SupplementaryGroups" not in svc and svc["CapabilityBoundingSet"] == ""
 
 
-@pytest.mark.parametrize("name", ["chatmail-expire", "chatmail-fsreport"])
+@pytest.mark.parametrize("name", ["chatmail-expire", "chatmail-fsreport", "chatmail-acme"])
 def test_timers(name):
     timer = _unit(SYSTEMD / f"{name}.timer")
     assert timer["Timer"]["OnCalendar"]
     assert _unit(SYSTEMD / f"{name}.service")["Service"]["Type"] == "oneshot"
+
+
+def test_acme_unit_writes_only_the_certificate_and_its_state():
+    from chatmaild.common.config import ACME_STATE_DIR
+
+    svc = _unit(SYSTEMD / "chatmail-acme.service")["Service"]
+    assert svc["ExecStart"].split()[0] == "/usr/bin/chatmail-acme"
+    assert svc["ProtectSystem"] == "strict" and svc["NoNewPrivileges"] == "yes"
+    assert svc["ReadWritePaths"].split() == ["-/etc/chatmail/tls", f"-{ACME_STATE_DIR.parent}"]
+    # the web process reloads its certificate on SIGHUP, as chatmail-acme asks systemd to
+    web = _unit(SYSTEMD / "chatmail-newemail.service")["Service"]
+    assert web["ExecReload"] == "/bin/kill -HUP $MAINPID"
