@@ -357,11 +357,11 @@ def _certificate_from_pebble(m: Machine, deb: Path, pebble: Pebble, tmp_path: Pa
         f"DEBIAN_FRONTEND=noninteractive apt-get install -y -q {DEBS}/{deb.name} 2>&1", timeout=900
     )
     _units_active(m)
-    m.wait_for(
-        "journalctl -o cat -t chatmail-acme | grep -q 'ACME: serving the new'",
-        180,
-        "the certificate from pebble",
-    )
+    try:
+        m.wait_for("journalctl -o cat -t chatmail-acme | grep -q 'ACME: serving the new'", 180)
+    except Exception as e:
+        journal = m.sh("journalctl --no-pager -u chatmail-acme -n 60 2>&1", check=False)
+        raise AssertionError(f"no certificate from pebble: {e}\n{journal}") from None
     acme = _show(m, "chatmail-acme.service", "Result", "ProtectSystem", "User")
     assert acme["Result"] == "success" and acme["ProtectSystem"] == "strict", acme
     served = m.sh("openssl x509 -in /etc/chatmail/tls/cert.pem -outform DER | sha256sum").split()[0]
