@@ -25,9 +25,10 @@ esac
 # python3-venv: the test venv; gcc: the no-delay IDLE shim (the package recommends it);
 # python3-aiosmtpd: the mail corpus capture and the aiosmtpd front end of make bench;
 # python3-aiohttp: the test push service (testing/httpsink.py) and the browser driver;
-# pebble: Let's Encrypt's test CA (testing/pebble.py)
+# pebble: Let's Encrypt's test CA (testing/pebble.py); dnsmasq-base: an authoritative DNS
+# server for `chatmaild dns --check` (testing/dnsmasq.py; no service of its own)
 TEST_PACKAGES=(gnupg sq zstd iproute2 util-linux procps git make python3-nacl chromium zbar-tools
-    python3-venv gcc libc6-dev python3-aiosmtpd python3-aiohttp pebble)
+    python3-venv gcc libc6-dev python3-aiosmtpd python3-aiohttp pebble dnsmasq-base curl)
 
 # what the package recommends (the no-delay shim's compiler): --bare roots of
 # scripts/debian-root.sh download these too

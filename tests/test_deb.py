@@ -365,7 +365,7 @@ def _certificate_from_pebble(m: Machine, deb: Path, pebble: Pebble, tmp_path: Pa
     acme = _show(m, "chatmail-acme.service", "Result", "ProtectSystem", "User")
     assert acme["Result"] == "success" and acme["ProtectSystem"] == "strict", acme
     served = m.sh("openssl x509 -in /etc/chatmail/tls/cert.pem -outform DER | sha256sum").split()[0]
-    assert "pebble" in m.sh("openssl x509 -in /etc/chatmail/tls/cert.pem -noout -issuer")
+    assert "Pebble" in m.sh("openssl x509 -in /etc/chatmail/tls/cert.pem -noout -issuer")
     root = tmp_path / "pebble-root.pem"
     root.write_bytes(pebble.root_pem())
     ports = [

@@ -61,6 +61,7 @@ PROG = "chatmaild"
 EXTRA_COMMANDS: list[str] = [
     "chatmaild.relay.cli:add_cli",
     "chatmaild.relay.system:add_cli",
+    "chatmaild.relay.system:add_dns_cli",
     "chatmaild.filtermail.cli:add_cli",
 ]
 

@@ -30,8 +30,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from chatmaild.common import mtasts
-from chatmaild.common.config import LETSENCRYPT_DIRECTORY, Config, ConfigError
+from chatmaild.common.config import Config, ConfigError
+from chatmaild.relay import dnsrecords
 from chatmaild.relay.postconf import (
     conflicting_services,
     main_changes,
@@ -143,32 +143,9 @@ def unit_dropins(config: Config) -> dict[str, str]:
     return dropins
 
 
-def dns_records(config: Config, dkim_line: str) -> str:
-    """The zone-file lines an operator publishes for this relay."""
-    bare = config.mail_domain.strip("[]")
-    lines = [
-        f"DNS records to publish for {bare}:",
-        f"; {bare}. 3600 IN A <this server's IPv4 address>  (and AAAA for IPv6)",
-        f"{bare}. 3600 IN MX 10 {bare}.",
-        f'{bare}. 3600 IN TXT "v=spf1 a ~all"',
-        f'_dmarc.{bare}. 3600 IN TXT "v=DMARC1;p=reject;adkim=s;aspf=s"',
-        dkim_line,
-        f"_submission._tcp.{bare}. 3600 IN SRV 0 1 {config.submission_port} {bare}.",
-        f"_submissions._tcp.{bare}. 3600 IN SRV 0 1 {config.submissions_port} {bare}.",
-        f"_imap._tcp.{bare}. 3600 IN SRV 0 1 {config.imap_port} {bare}.",
-        f"_imaps._tcp.{bare}. 3600 IN SRV 0 1 {config.imaps_port} {bare}.",
-    ]
-    if mtasts.applies(config):
-        # the policy host: the same machine, covered by the relay's certificate
-        lines += [
-            f"mta-sts.{bare}. 3600 IN CNAME {bare}.",
-            f'_mta-sts.{bare}. 3600 IN TXT "{mtasts.txt_record(config)}"',
-        ]
-    if config.acme_email:
-        lines.append(f'_smtp._tls.{bare}. 3600 IN TXT "v=TLSRPTv1; rua=mailto:{config.acme_email}"')
-    if config.acme_directory == LETSENCRYPT_DIRECTORY and not config.tls_external_cert_and_key:
-        lines.append(f'{bare}. 3600 IN CAA 0 issue "letsencrypt.org"')
-    return "\n".join(lines)
+def dns_records(config: Config, dkim_txt: str | None) -> str:
+    """The zone-file lines an operator publishes for this relay (chatmaild dns)."""
+    return dnsrecords.zone_text(config, dkim_txt)
 
 
 # ---------------------------------------------------------------- steps
@@ -239,9 +216,8 @@ def ensure_tls(config: Config) -> None:
 
 
 def ensure_dkim(config: Config) -> str:
-    """The DKIM key (made once, group vmail, 0640); returns its zone-file line."""
+    """The DKIM key (made once, group vmail, 0640); returns its TXT record's value."""
     from chatmaild.common.accounts import atomic_write
-    from chatmaild.filtermail.cli import zone_line
     from chatmaild.filtermail.dkim import DKIMError, Signer, generate_key, public_value, txt_record
 
     path = Path(config.dkim_key_path)
@@ -261,7 +237,7 @@ def ensure_dkim(config: Config) -> str:
         value = public_value(pem)
     except (DKIMError, ValueError, TypeError) as e:
         raise SetupError(f"{path}: not a usable DKIM key: {e}") from None
-    return zone_line(f"{config.dkim_selector}._domainkey.{domain}", txt_record(value))
+    return txt_record(value)
 
 
 def ensure_nodelay() -> Path | None:
@@ -405,7 +381,7 @@ def setup(config: Config, *, restart: bool) -> str:
         ) from None
     ensure_directories(config)
     ensure_tls(config)
-    dkim_line = ensure_dkim(config)
+    dkim_txt = ensure_dkim(config)
     nodelay = ensure_nodelay()
     layout = Layout.production(config).with_(nodelay_so=nodelay)
     render_all(config, layout)
@@ -419,7 +395,7 @@ def setup(config: Config, *, restart: bool) -> str:
         say("restarted chatmail's daemons, Dovecot and Postfix")
     elif dropins_changed and systemd_running():
         run(["systemctl", "daemon-reload"], "systemctl daemon-reload")
-    return dns_records(config, dkim_line)
+    return dns_records(config, dkim_txt)
 
 
 SETUP_DOC = """configure Postfix, Dovecot and the units from chatmail.ini
@@ -465,3 +441,51 @@ def add_cli(subparsers) -> None:
         help="change files only; restart nothing (the package's postinst restarts itself)",
     )
     p.set_defaults(func=cmd_setup)
+
+
+DNS_DOC = """print the DNS records to publish, or check what DNS answers for them
+Prints a BIND zone fragment: A/AAAA (a reminder), MX, SPF, DMARC, DKIM (from
+dkim_key_path), SRV for IMAP and submission, MTA-STS, TLS-RPT (with acme_email)
+and CAA (with Let's Encrypt).  With --check, asks DNS for every record and prints
+ok, missing or wrong (what it found, what it expected); exits 1 on any problem."""
+
+
+def _dkim_txt(config: Config) -> str | None:
+    from chatmaild.filtermail.dkim import public_value, txt_record
+
+    try:
+        return txt_record(public_value(Path(config.dkim_key_path).read_bytes()))
+    except (OSError, ValueError):
+        return None
+
+
+def cmd_dns(args: argparse.Namespace) -> int:
+    from chatmaild.admin.main import config_from_args
+
+    config = config_from_args(args)
+    dkim = _dkim_txt(config)
+    if not args.check:
+        print(dns_records(config, dkim))
+        if dkim is None:
+            print(f"; no DKIM key readable at {config.dkim_key_path}: run as root after setup")
+        return 0
+    findings = dnsrecords.check(dnsrecords.records(config, dkim), args.resolver)
+    print(dnsrecords.report(findings))
+    if dkim is None:
+        print(f"missing DKIM: no key readable at {config.dkim_key_path}")
+        return 1
+    return 0 if all(f.status == "ok" for f in findings) else 1
+
+
+def add_dns_cli(subparsers) -> None:
+    summary, _, body = DNS_DOC.partition("\n")
+    p = subparsers.add_parser(
+        "dns",
+        help=summary,
+        description=summary + "\n\n" + body,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--check", action="store_true", help="ask DNS and compare")
+    p.add_argument("--resolver", metavar="HOST[:PORT]",
+                   help="the DNS server to ask (default: the system's)")  # fmt: skip
+    p.set_defaults(func=cmd_dns)
