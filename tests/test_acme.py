@@ -256,3 +256,51 @@ class MailFlow:
                 break
             assert time.monotonic() < deadline, f"{got} of {self.sent} delivered"
             time.sleep(0.1)
+
+
+def test_federation_under_verify(relay, dns, workdir):
+    """A second relay that delivers only to peers whose certificate verifies (what every
+    chatmail relay does), trusting only pebble's root, delivers to ours; ours to it."""
+    from tests.fixtures.relay import RelayPool
+
+    with Pebble(workdir, relay.config.dns_resolver, int(relay.ports["http"])) as pebble:
+        root = workdir / "root.pem"
+        root.write_bytes(pebble.root_pem())
+        res = acme(relay, pebble, "--force")
+        assert res.returncode == 0, res.stderr
+        pool = RelayPool()
+        try:
+            peer = pool({"mail_domain": "peer.acme.test", "dns_resolver": dns.address,
+                         **UNLIMITED}, components=COMPONENTS)  # fmt: skip
+            for r in (relay, peer):
+                dns.set_txt(*r.dkim_record())
+            peer.add_peer(relay)
+            relay.add_peer(peer)
+            conf = str(peer.layout.postfix_config_dir)
+            port = relay.ports["smtp"]
+            policy = peer.layout.postfix_config_dir / "tls_policy"
+            # its nexthop is an address on loopback: the name to verify is ours
+            policy.write_text(f"/^\\[127\\.0\\.0\\.1\\]:{port}$/ verify match={DOMAIN}\n"
+                              + policy.read_text())  # fmt: skip
+            subprocess.run(["postconf", "-c", conf, f"smtp_tls_CAfile = {root}",
+                            "smtp_tls_CApath =", "smtp_tls_security_level = verify"],
+                           check=True)  # fmt: skip
+            subprocess.run(["postfix", "-c", conf, "reload"], check=True, capture_output=True)
+            ours, theirs = relay.new_credentials(), peer.new_credentials()
+            relay.imap(*ours).logout()
+            peer.imap(*theirs).logout()
+            with peer.smtp(*theirs) as smtp:
+                smtp.sendmail(theirs[0], [ours[0]], mails.encrypted_message(theirs[0], [ours[0]]))
+            with relay.smtp(*ours) as smtp:
+                smtp.sendmail(ours[0], [theirs[0]], mails.encrypted_message(ours[0], [theirs[0]]))
+            for r, addr in ((relay, ours[0]), (peer, theirs[0])):
+                inbox = Path(r.config.mailboxes_dir) / addr / "new"
+                deadline = time.monotonic() + 30
+                while not (inbox.is_dir() and any(inbox.iterdir())):
+                    log = (peer.log_dir / "postfix.log").read_text(errors="replace")
+                    assert time.monotonic() < deadline, f"not delivered to {addr}:\n{log[-3000:]}"
+                    time.sleep(0.2)
+            log = (peer.log_dir / "postfix.log").read_text(errors="replace")
+            assert f"Verified TLS connection established to 127.0.0.1[127.0.0.1]:{port}" in log
+        finally:
+            pool.close()
