@@ -395,7 +395,13 @@ def _certificate_from_pebble(m: Machine, deb: Path, pebble: Pebble, tmp_path: Pa
         timeout=120,
     )
     seen = json.loads(res.stdout or "{}")
-    assert seen and set(seen.values()) == {served}, (seen, served, res.stderr)
+    if not seen or set(seen.values()) != {served}:
+        logs = m.sh(
+            "journalctl --no-pager -o short -t chatmail-acme -t chatmail-newemail "
+            "-t chatmail-http -u chatmail-acme -u chatmail-newemail -n 80",
+            check=False,
+        )
+        raise AssertionError(f"{seen}\nserved {served}\n{res.stderr}\n{logs}")
     # setup again (a reinstall, dpkg-reconfigure): the CA is not asked again
     asked = m.sh("journalctl -o cat -t chatmail-acme | grep -c 'ACME: asking'").strip()
     m.sh("chatmaild setup >/dev/null 2>&1")

@@ -226,4 +226,4 @@ def test_acme_unit_writes_only_the_certificate_and_its_state():
     assert svc["ReadWritePaths"].split() == ["-/etc/chatmail/tls", f"-{ACME_STATE_DIR.parent}"]
     # the web process reloads its certificate on SIGHUP, as chatmail-acme asks systemd to
     web = _unit(SYSTEMD / "chatmail-newemail.service")["Service"]
-    assert web["ExecReload"] == "/bin/kill -HUP $MAINPID"
+    assert web["ExecReload"] == '/bin/sh -c "kill -HUP ${MAINPID}"'
