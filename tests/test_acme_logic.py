@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime
+import os
 import subprocess
 from pathlib import Path
 
@@ -80,12 +81,19 @@ def test_install_swaps_certificate_and_key_together(tmp_path):
     cert0, key0 = make_cert(tmp_path, "self", 3650, "DNS:c.example")
     (tls / "cert.pem").write_bytes(cert0)
     (tls / "key.pem").write_bytes(key0)
-    for n in range(4):
-        cert, key = make_cert(tmp_path, f"ca{n}", 90, "DNS:c.example")
-        tlsdir.install(tls, cert, key, None)
-        assert (tls / "cert.pem").read_bytes() == cert and (tls / "key.pem").read_bytes() == key
-        assert (tls / "cert.pem").is_symlink() and (tls / "key.pem").is_symlink()
-        assert oct((tls / "key.pem").stat().st_mode & 0o777) == "0o640"
+    old_umask = os.umask(0o077)  # chatmail-acme's unit: UMask=0077
+    try:
+        for n in range(4):
+            cert, key = make_cert(tmp_path, f"ca{n}", 90, "DNS:c.example")
+            tlsdir.install(tls, cert, key, None)
+            assert oct(tlsdir.served(tls).stat().st_mode & 0o777) == "0o755"
+            assert (tls / "cert.pem").read_bytes() == cert
+            assert (tls / "key.pem").read_bytes() == key
+            assert (tls / "cert.pem").is_symlink() and (tls / "key.pem").is_symlink()
+            assert oct((tls / "key.pem").stat().st_mode & 0o777) == "0o640"
+            assert oct((tls / "cert.pem").stat().st_mode & 0o777) == "0o644"
+    finally:
+        os.umask(old_umask)
     assert (tls / "self-signed/cert.pem").read_bytes() == cert0  # kept as the fallback
     # the served pair and the one before it; older ones removed
     assert len(list(tls.glob("acme-*"))) == 2

@@ -33,7 +33,8 @@ def _adopt(tls_dir: Path) -> None:
     if all((tls_dir / name).is_symlink() for name in FILES):
         return
     keep = tls_dir / SELF_SIGNED
-    keep.mkdir(mode=0o755, exist_ok=True)
+    keep.mkdir(exist_ok=True)
+    os.chmod(keep, 0o755)
     for name in FILES:
         src = tls_dir / name
         if src.exists() and not src.is_symlink():
@@ -56,14 +57,18 @@ def install(tls_dir: Path, fullchain: bytes, key: bytes, key_gid: int | None) ->
     tls_dir.mkdir(parents=True, exist_ok=True)
     stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%dT%H%M%S%f")
     new = tls_dir / f"acme-{stamp}"
-    new.mkdir(mode=0o755)
-    (new / "cert.pem").write_bytes(fullchain)
-    os.chmod(new / "cert.pem", 0o644)
-    fd = os.open(new / "key.pem", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+    new.mkdir()
+    # modes set explicitly: the unit's umask (0077) would hide them from the web
+    # process, which reads the pair as vmail
+    os.chmod(new, 0o755)
+    fd = os.open(new / "key.pem", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    if key_gid is not None:
+        os.fchown(fd, 0, key_gid)
+    os.fchmod(fd, 0o640)
     with os.fdopen(fd, "wb") as f:
         f.write(key)
-    if key_gid is not None:
-        os.chown(new / "key.pem", 0, key_gid)  # the web process reads it as vmail
+    (new / "cert.pem").write_bytes(fullchain)
+    os.chmod(new / "cert.pem", 0o644)
     for path in (new / "cert.pem", new / "key.pem", new):
         _fsync(path)
     _adopt(tls_dir)
