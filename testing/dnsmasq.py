@@ -8,14 +8,13 @@ record (A via --host-record, MX, TXT, SRV, CNAME, CAA via --dns-rr) and
 
 from __future__ import annotations
 
-import os
 import shlex
-import signal
 import socket
 import subprocess
 import time
 
 from chatmaild.relay.dnsrecords import Record
+from testing.processes import stop_group
 
 DNSMASQ = "/usr/sbin/dnsmasq"
 
@@ -98,9 +97,7 @@ class Zone:
                 time.sleep(0.05)
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            self.proc.wait(10)
+        stop_group(self.proc)
         self.proc = None
 
     def __enter__(self) -> Zone:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import socket
 import ssl
 import subprocess
@@ -20,6 +19,8 @@ import time
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
+
+from testing.processes import stop_group
 
 PEBBLE = "/usr/bin/pebble"
 CHALLTESTSRV = "/usr/bin/pebble-challtestsrv"
@@ -173,13 +174,7 @@ class Pebble:
         return self._fetch(f"https://127.0.0.1:{self.management_port}/roots/0")
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(10)
+        stop_group(self.proc)
         self.proc = None
 
     def __enter__(self) -> Pebble:
@@ -217,6 +212,4 @@ class MockDNS:
         return self
 
     def __exit__(self, *exc) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            self.proc.wait(10)
+        stop_group(self.proc)

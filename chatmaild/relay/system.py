@@ -427,14 +427,19 @@ def cmd_setup(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_cli(subparsers) -> None:
-    summary, _, body = SETUP_DOC.partition("\n")
-    p = subparsers.add_parser(
-        "setup",
+def _subcommand(subparsers, name: str, doc: str):
+    """A subcommand whose help is ``doc``'s first line, its description the rest."""
+    summary, _, body = doc.partition("\n")
+    return subparsers.add_parser(
+        name,
         help=summary,
         description=summary + "\n\n" + body,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+
+
+def add_cli(subparsers) -> None:
+    p = _subcommand(subparsers, "setup", SETUP_DOC)
     p.add_argument(
         "--no-restart",
         action="store_true",
@@ -478,13 +483,7 @@ def cmd_dns(args: argparse.Namespace) -> int:
 
 
 def add_dns_cli(subparsers) -> None:
-    summary, _, body = DNS_DOC.partition("\n")
-    p = subparsers.add_parser(
-        "dns",
-        help=summary,
-        description=summary + "\n\n" + body,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    p = _subcommand(subparsers, "dns", DNS_DOC)
     p.add_argument("--check", action="store_true", help="ask DNS and compare")
     p.add_argument("--resolver", metavar="HOST[:PORT]",
                    help="the DNS server to ask (default: the system's)")  # fmt: skip
