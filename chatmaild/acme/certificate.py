@@ -7,6 +7,7 @@ import hashlib
 from dataclasses import dataclass
 
 from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509.oid import ExtensionOID, NameOID
 
 # renew when a third of the lifetime is left: 30 days of Let's Encrypt's 90, 2 of
@@ -53,14 +54,8 @@ def parse_pem(pem: bytes) -> CertInfo:
         not_after=_utc(cert, "not_valid_after"),
         self_signed=cert.issuer == cert.subject,
         issuer=issuer,
-        fingerprint=hashlib.sha256(cert.public_bytes(_der())).hexdigest(),
+        fingerprint=hashlib.sha256(cert.public_bytes(Encoding.DER)).hexdigest(),
     )
-
-
-def _der():
-    from cryptography.hazmat.primitives.serialization import Encoding
-
-    return Encoding.DER
 
 
 def _utc(cert: x509.Certificate, field: str) -> datetime.datetime:

@@ -8,6 +8,7 @@ in one directory, and needs only bash, curl and openssl.
 
 from __future__ import annotations
 
+import os
 import re
 import shlex
 import subprocess
@@ -119,8 +120,6 @@ def obtain(
 
 
 def _environment() -> dict[str, str]:
-    import os
-
     # the umask makes the keys dehydrated writes private; the answers are made readable
     # for the web process by their directory's mode and dehydrated's own 0644 files
     keep = ("PATH", "LANG", "LC_ALL", "TMPDIR")

@@ -28,10 +28,10 @@ EXIT STATUS
 from __future__ import annotations
 
 import datetime
-import grp
 import hashlib
 import json
 import logging
+import pwd
 import shlex
 import subprocess
 from pathlib import Path
@@ -128,9 +128,7 @@ class Acme:
 
     # -- the run
 
-    def why_renew(self, now: datetime.datetime) -> str | None:
-        served = self.served()
-        state = self._state()
+    def why_renew(self, now: datetime.datetime, served: CertInfo | None, state: dict) -> str | None:
         reason = renewal_reason(served, self.names, now)
         origin = state.get("served", {}).get(served.fingerprint) if served else None
         if reason is None and origin != self.config.acme_directory:
@@ -139,8 +137,8 @@ class Acme:
 
     def run(self, now: datetime.datetime, force: bool = False, ignore_backoff: bool = False) -> int:
         names = " ".join(self.names)
-        reason = "renewal forced" if force else self.why_renew(now)
-        served = self.served()
+        served, state = self.served(), self._state()
+        reason = "renewal forced" if force else self.why_renew(now, served, state)
         if reason is None:
             assert served is not None
             self.log.info(
@@ -148,7 +146,6 @@ class Acme:
                 names, _when(served.not_after), _when(served.renew_at()),
             )  # fmt: skip
             return 0
-        state = self._state()
         # obtained before but not served (an interrupted run): no need to ask again
         issued = self._issued()
         if (
@@ -230,15 +227,11 @@ def _when(t: datetime.datetime) -> str:
 
 
 def _vmail_gid(config: Config) -> int | None:
+    """The group that may read the key (the web process runs as vmail_user)."""
     try:
-        import pwd
-
         return pwd.getpwnam(config.vmail_user).pw_gid
     except KeyError:
-        try:
-            return grp.getgrnam(config.vmail_user).gr_gid
-        except KeyError:
-            return None
+        return None
 
 
 def main(argv: list[str] | None = None) -> int:
