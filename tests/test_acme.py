@@ -153,8 +153,7 @@ def test_short_lived_certificate_is_renewed_while_mail_flows(relay, workdir):
         assert first.returncode == 0, first.stderr
         issued = parse_pem((relay.state_dir / "tls/cert.pem").read_bytes())
         assert issued.lifetime.total_seconds() <= 31
-        not_yet = acme(relay, pebble)
-        assert "valid until" in not_yet.stderr and "ACME: asking" not in not_yet.stderr
+        # (that a certificate not yet due is left alone: the test above)
         time.sleep(max(0.0, (issued.renew_at() - _now()).total_seconds()) + 1)
         with MailFlow(relay) as flow:
             renewed = acme(relay, pebble)
