@@ -64,40 +64,22 @@ class Pebble:
         w = self.workdir
         if not (w / "wfe-cert.pem").exists():
             run = lambda *a: subprocess.run(a, check=True, capture_output=True)  # noqa: E731
-            run(
-                "openssl",
-                "req",
-                "-x509",
-                "-newkey",
-                "ec",
-                "-pkeyopt",
-                "ec_paramgen_curve:P-256",
-                "-nodes",
-                "-days",
-                "2",
-                "-subj",
-                "/CN=pebble test directory CA",
-                "-keyout",
-                str(w / "directory-ca.key"),
-                "-out",
-                str(self.directory_ca),
+            ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"]
+            run("openssl", "req", "-x509", *ec, "-days", "2",
+                "-subj", "/CN=pebble test directory CA",
+                "-addext", "keyUsage=critical,keyCertSign,cRLSign",
+                "-keyout", str(w / "directory-ca.key"), "-out", str(self.directory_ca))  # fmt: skip
+            run("openssl", "req", *ec, "-subj", "/CN=127.0.0.1",
+                "-keyout", str(w / "wfe-key.pem"), "-out", str(w / "wfe.csr"))  # fmt: skip
+            # what Python 3.13's default context (VERIFY_X509_STRICT) wants of a server
+            (w / "wfe.ext").write_text(
+                "subjectAltName=IP:127.0.0.1,DNS:localhost\n"
+                "basicConstraints=critical,CA:FALSE\n"
+                "keyUsage=critical,digitalSignature\n"
+                "extendedKeyUsage=serverAuth\n"
+                "subjectKeyIdentifier=hash\n"
+                "authorityKeyIdentifier=keyid,issuer\n"
             )
-            run(
-                "openssl",
-                "req",
-                "-newkey",
-                "ec",
-                "-pkeyopt",
-                "ec_paramgen_curve:P-256",
-                "-nodes",
-                "-subj",
-                "/CN=127.0.0.1",
-                "-keyout",
-                str(w / "wfe-key.pem"),
-                "-out",
-                str(w / "wfe.csr"),
-            )
-            (w / "wfe.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\n")
             run("openssl", "x509", "-req", "-in", str(w / "wfe.csr"), "-CA", str(self.directory_ca),
                 "-CAkey", str(w / "directory-ca.key"), "-CAcreateserial", "-days", "2",
                 "-extfile", str(w / "wfe.ext"), "-out", str(w / "wfe-cert.pem"))  # fmt: skip
