@@ -19,10 +19,6 @@ from testing.processes import stop_group
 DNSMASQ = "/usr/sbin/dnsmasq"
 
 
-def _strings(value: str) -> list[str]:
-    return shlex.split(value)
-
-
 def _caa_hex(value: str) -> str:
     flags, tag, text = value.split(" ", 2)
     tag_bytes, text_bytes = tag.encode(), text.strip('"').encode()
@@ -38,7 +34,7 @@ def options(records: list[Record], address: str = "127.0.0.1") -> list[str]:
             pref, target = r.value.split()
             out.append(f"--mx-host={r.name},{target.rstrip('.')},{pref}")
         elif r.rtype == "TXT":
-            out.append(f"--txt-record={r.name}," + ",".join(_strings(r.value)))
+            out.append(f"--txt-record={r.name}," + ",".join(shlex.split(r.value)))
         elif r.rtype == "SRV":
             priority, weight, port, target = r.value.split()
             out.append(f"--srv-host={r.name},{target.rstrip('.')},{port},{priority},{weight}")

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import socket
 import ssl
 import subprocess
@@ -164,10 +163,6 @@ class Pebble:
 
     def __exit__(self, *exc) -> None:
         self.stop()
-
-
-def available() -> bool:
-    return shutil.which(PEBBLE) is not None
 
 
 class MockDNS:

@@ -7,6 +7,7 @@ for each record and says ok, missing or wrong (found / expected).
 
 from __future__ import annotations
 
+import shlex
 from dataclasses import dataclass
 
 from chatmaild.common import mtasts
@@ -80,8 +81,6 @@ def zone_text(config: Config, dkim_txt: str | None) -> str:
 def _normal(rtype: str, text: str) -> str:
     if rtype == "TXT":
         # the strings of one record joined, as receivers read them
-        import shlex
-
         return "".join(shlex.split(text))
     return " ".join(text.lower().split())
 

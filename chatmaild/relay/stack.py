@@ -393,12 +393,10 @@ class Relay(PortHolding, Supervision, Readiness):
     def acme_command(self, *args: str, ca_bundle: str | None = None) -> list[str]:
         """chatmail-acme for this relay: its files, and reloads of its own servers
         (SIGHUP to each master and the web process, what the units' reloads do)."""
-        cert = Path(self.config.tls_external_cert_and_key[0]) if (
-            self.config.tls_external_cert_and_key) else self.state_dir / "tls/cert.pem"  # fmt: skip
         cmd = [
             self.layout.program("chatmail-acme"), "--config", str(self.ini_path),
             "--state-dir", str(self.acme_dir), "--challenges", str(self.acme_dir / "challenges"),
-            "--tls-dir", str(cert.parent),
+            "--tls-dir", str(self.layout.tls_cert.parent),
         ]  # fmt: skip
         for name in ("postfix", "dovecot", "newemail"):
             if name in self.components:
