@@ -10,6 +10,7 @@ every TLS port of the relay: implicit TLS and STARTTLS alike.
 from __future__ import annotations
 
 import hashlib
+import json
 import socket
 import ssl
 import subprocess
@@ -306,3 +307,47 @@ def test_federation_under_verify(relay, dns, workdir):
             assert f"Verified TLS connection established to 127.0.0.1[127.0.0.1]:{port}" in log
         finally:
             pool.close()
+
+
+def test_dcaccount_link_under_certificate_checks(relay, workdir, tmp_path):
+    """What an app does with the home page's ``DCACCOUNT:https://<domain>/new``: POST to
+    it with certificate checks on (here: trusting only pebble's root), then log in.
+
+    The real Delta Chat core cannot be the verifying client here: its strict TLS
+    checks against webpki-roots compiled into the binary (chatmail/core
+    src/net/tls.rs, ``wrap_rustls``: ``RootCertStore::from_iter(webpki_roots::
+    TLS_SERVER_ROOTS...)``; no environment variable or file adds a root), so no
+    test CA can be trusted by it.  The core does the rest: it logs in with the
+    credentials the verified request handed out and is configured.
+    """
+    from testing.dcclient import DCClients
+
+    with Pebble(workdir, relay.config.dns_resolver, int(relay.ports["http"])) as pebble:
+        root = workdir / "root.pem"
+        root.write_bytes(pebble.root_pem())
+        res = acme(relay, pebble, "--force")
+        assert res.returncode == 0, res.stderr
+    ctx = ssl.create_default_context(cafile=str(root))
+    port = int(relay.ports["newemail"])
+
+    def https(method: str, path: str) -> tuple[str, bytes]:
+        raw = socket.create_connection(("127.0.0.1", port), timeout=10)
+        with ctx.wrap_socket(raw, server_hostname=DOMAIN) as tls:  # verified, or it raises
+            tls.sendall(f"{method} {path} HTTP/1.1\r\nHost: {DOMAIN}\r\nContent-Length: 0\r\n"
+                        "Connection: close\r\n\r\n".encode())  # fmt: skip
+            answer = b"".join(iter(lambda: tls.recv(65536), b""))
+        head, _, body = answer.partition(b"\r\n\r\n")
+        return head.decode(), body
+
+    head, page = https("GET", "/")
+    assert head.startswith("HTTP/1.1 200") and f"DCACCOUNT:https://{DOMAIN}/new".encode() in page
+    head, body = https("POST", "/new")
+    assert head.startswith("HTTP/1.1 200"), head
+    creds = json.loads(body)
+    assert creds["email"].endswith(f"@{DOMAIN}")
+    clients = DCClients(tmp_path / "dc")
+    try:
+        acc = clients.account(relay, (creds["email"], creds["password"]))
+        assert acc.list_transports()[0]["addr"] == creds["email"]
+    finally:
+        clients.close()

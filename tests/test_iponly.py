@@ -4,16 +4,28 @@ Addresses are ``user@[a.b.c.d]``, Postfix names itself by the address's
 reverse-pointer name (``myhostname`` must be a name), the certificate is
 self-signed (no CA certifies a bare address here) and no ACME is tried.  The
 real Delta Chat core onboards through the relay's dclogin link and exchanges
-encrypted mail.
+encrypted mail; two IP-only ``make run`` relays onboard it through their
+home pages' links and exchange encrypted mail with each other.
 """
 
 from __future__ import annotations
 
+import html
+import json
+import re
+import shutil
+import signal
 import subprocess
+import time
+import urllib.parse
+import urllib.request
 
 import pytest
 
+from chatmaild.relay import client_tls_context
 from testing.dcclient import DCClients, securejoin, wait_incoming_text
+from tests.sandbox import world_readable_tempdir
+from tests.test_relay_run import start_dev
 
 pytestmark = [pytest.mark.relay, pytest.mark.timeout(300)]
 FULL = ("postfix", "dovecot", "doveauth", "lastlogin", "metadata", "filtermail", "newemail")
@@ -66,3 +78,67 @@ def test_core_onboards_and_exchanges_encrypted_mail(relay, clients):
     assert wait_incoming_text(bob, "hello over an address").show_padlock
     bob.create_chat(alice).send_text("and back")
     assert wait_incoming_text(alice, "and back").show_padlock
+
+
+# ---------------------------------------------------------------- two IP-only relays
+
+
+def home_page_link(host: str, port: int) -> str:
+    """The ``dclogin:`` account the relay's home page offers: its code and its button."""
+    ctx = client_tls_context()  # self-signed: what the link's ic=3 tells the app to accept
+    with urllib.request.urlopen(f"https://{host}:{port}/", context=ctx, timeout=30) as resp:
+        assert resp.headers["Cache-Control"] == "no-store"  # credentials of this visit
+        page = resp.read().decode()
+    hrefs = {html.unescape(h) for h in re.findall(r'href="(dclogin:[^"]+)"', page)}
+    [link] = hrefs  # the code's link and the button's are one account
+    assert f"<title>QR code: {html.escape(link)}</title>" in page  # the code holds it too
+    return link
+
+
+@pytest.fixture(scope="module")
+def two_relays(tmp_path_factory):
+    """Two `make run` relays, ``mail_domain`` 127.0.0.2 and 127.0.0.3, each peered
+    with the other (like ``make run CONFIG=... PEERS=...``)."""
+    base = world_readable_tempdir("iponly-")
+    procs = []
+    try:
+        for n in (2, 3):
+            ini = base / f"{n}.ini"
+            ini.write_text(f"[params]\nmail_domain = 127.0.0.{n}\n")
+            peers = ["--peer", str(base / "state2")] if n == 3 else []
+            procs.append(start_dev(base / f"state{n}", "--config", str(ini), *peers)[0])
+        facts = [json.loads((base / f"state{n}/relay.json").read_text()) for n in (2, 3)]
+        deadline = time.monotonic() + 30
+        while not json.loads((base / "state2/relay.json").read_text())["peers"]:
+            assert time.monotonic() < deadline, "the first relay did not peer back"
+            time.sleep(0.2)
+        yield facts
+    finally:
+        for proc in procs:
+            proc.send_signal(signal.SIGTERM)
+        for proc in procs:
+            out, _ = proc.communicate(timeout=60)
+            assert "no process of this relay is left" in out, out
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def test_two_ip_only_relays_onboard_from_the_home_page_and_exchange_mail(two_relays, clients):
+    accounts = []
+    for facts, name in zip(two_relays, ("alice", "bob"), strict=True):
+        host = facts["host"]
+        assert facts["mail_domain"] == f"[{host}]"
+        link = home_page_link(host, facts["ports"]["newemail"])
+        query = urllib.parse.parse_qs(link.partition("?")[2])
+        assert query["ih"] == [host] and query["ic"] == ["3"]
+        acc = clients.dc.add_account()
+        acc.set_config("displayname", name)
+        acc.add_transport_from_qr(link)
+        acc.bring_online()
+        assert acc.list_transports()[0]["addr"].endswith(f"@[{host}]")
+        accounts.append(acc)
+    alice, bob = accounts
+    securejoin(alice, bob)
+    alice.create_chat(bob).send_text("from one address to another")
+    assert wait_incoming_text(bob, "from one address to another").show_padlock
+    bob.create_chat(alice).send_text("and back across")
+    assert wait_incoming_text(alice, "and back across").show_padlock

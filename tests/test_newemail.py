@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import html
 import http.client
 import json
 import logging
+import re
 import string
 import urllib.parse
 
@@ -144,6 +146,29 @@ def test_home_by_ip_issues_accounts_at_a_bounded_rate(config, caplog):
     assert limited == ["rate limited: 10.0.0.1"]
     door.refusals.flush()
     assert "rate limited: 2 more from 1 client(s) in the last 60 s" in caplog.text
+
+
+def test_ip_only_home_page_code_and_button_are_a_fresh_account():
+    """No CA certifies a bare address, and the apps open a DCACCOUNT: link only with a
+    trusted certificate: the code itself is the dclogin: account (ic=3), new each visit."""
+    config = parse_params({"mail_domain": "[192.0.2.5]", "newemail_port": "443"})
+    door = FrontDoor(config)
+    door.limiter = RateLimiter(1, 2)
+    links = []
+    for _ in range(2):
+        status, headers, body = ask(config, "GET", "/", "evil.example", door=door)
+        assert status == 200 and headers["Cache-Control"] == "no-store"
+        page = body.decode()
+        [link] = {html.unescape(h) for h in re.findall(r'href="(dclogin:[^"]+)"', page)}
+        assert f"<title>QR code: {html.escape(link)}</title>" in page
+        assert "DCACCOUNT:" not in page
+        query = urllib.parse.parse_qs(link.split("?", 1)[1])
+        assert query["ih"] == ["192.0.2.5"] and query["ic"] == ["3"]
+        links.append(link)
+    assert links[0] != links[1]
+    # past the client's rate: no account and no code, a clear answer to come back
+    status, headers, body = ask(config, "GET", "/", door=door)
+    assert status == 429 and headers["Retry-After"] == "1" and b"dclogin:" not in body
 
 
 def test_pages_are_drawn_once_whatever_the_host(config, monkeypatch):

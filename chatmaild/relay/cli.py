@@ -106,7 +106,8 @@ def ready_text(relay: Relay, seconds: float) -> str:
     if "newemail" in relay.components:
         web = f"{host}:{p['newemail']}"
         lines.append(f"  home page https://{web}/   onboarding https://{web}/new")
-        lines.append(f"  {dcaccount_url(web)}")
+        if not relay.config.is_ip_domain:  # the apps open it only with a trusted certificate
+            lines.append(f"  {dcaccount_url(web)}")
     lines.append(f"  new account: {link}")
     lines.append(f"  facts for scripts: {relay.json_path}    Ctrl-C stops the relay")
     return "\n".join(lines)

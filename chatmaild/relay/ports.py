@@ -174,7 +174,7 @@ class PortHolding:
         if self._reserved:
             return
         for name in PORT_KEYS:
-            held = reserve_port(int(self.ports[name]))
+            held = reserve_port(int(self.ports[name]), self.host)
             if held is not None:
                 self._reserved.append(held)
 
@@ -182,7 +182,7 @@ class PortHolding:
         """Refuse to run when another process listens on one of our ports too."""
         ports = {int(self.ports[name]): name for name in PORT_KEYS}
         shared = {
-            port: count for port, count in _listeners_per_port().items()
+            port: count for port, count in _listeners_per_port(self.host).items()
             if port in ports and count > 1
         }  # fmt: skip
         if shared:

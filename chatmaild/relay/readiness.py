@@ -36,15 +36,15 @@ class Readiness:
             checks.append(("filtermail milter", cfg.filtermail_milter_socket,
                            logs / "filtermail.log"))  # fmt: skip
         if "newemail" in c:
-            checks.append(("newemail", ("127.0.0.1", cfg.newemail_port), logs / "newemail.log"))
+            checks.append(("newemail", (self.host, cfg.newemail_port), logs / "newemail.log"))
         if "postfix" in c:
             # the unix services (re-injection) are bound before `postfix start` returns
             for name in ("smtp", "submission", "submissions"):
-                checks.append((f"postfix {name}", ("127.0.0.1", int(self.ports[name])),
+                checks.append((f"postfix {name}", (self.host, int(self.ports[name])),
                                logs / "postfix.log"))  # fmt: skip
         if "dovecot" in c:
             for name in ("imap", "imaps"):
-                checks.append((f"dovecot {name}", ("127.0.0.1", int(self.ports[name])),
+                checks.append((f"dovecot {name}", (self.host, int(self.ports[name])),
                                logs / "dovecot.log"))  # fmt: skip
             if "postfix" in c:
                 checks.append(("dovecot lmtp", str(self.ports["lmtp"]), logs / "dovecot.log"))

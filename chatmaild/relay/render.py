@@ -266,7 +266,10 @@ def template_variables(config: Config, layout: Layout) -> dict[str, object]:
 
     if host:
         listen_addresses = host
-        interfaces, protocols = host, "ipv4"
+        # every inet service binds host:port (master.cf); inet_interfaces must name an
+        # interface's own address, which 127.0.0.2 (an IP-only local relay) is not
+        interfaces = "127.0.0.1" if host.startswith("127.") else host
+        protocols = "ipv4"
         mynetworks = "127.0.0.0/8"
     else:
         listen_addresses = "*" if config.disable_ipv6 else "*, ::"

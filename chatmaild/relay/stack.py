@@ -24,6 +24,7 @@ import contextlib
 import functools
 import grp
 import importlib.util
+import ipaddress
 import json
 import logging
 import os
@@ -110,6 +111,16 @@ def client_tls_context() -> ssl.SSLContext:
     return ctx
 
 
+def listen_host(mail_domain: str) -> str:
+    """The loopback address a local relay listens on: an IP-only relay's own
+    (``127.0.0.2``: two of them are two hosts), else 127.0.0.1."""
+    try:
+        addr = ipaddress.IPv4Address(mail_domain.strip("[]"))
+    except ValueError:
+        return "127.0.0.1"
+    return str(addr) if addr.is_loopback else "127.0.0.1"
+
+
 class Relay(PortHolding, Supervision, Readiness):
     """One relay (Postfix, Dovecot, chatmaild daemons) living in ``state_dir``.
 
@@ -152,6 +163,7 @@ class Relay(PortHolding, Supervision, Readiness):
         self._started = False
         # our TCP ports, bound until stop() so no other relay picks them meanwhile
         self._reserved: list[socket.socket] = []
+        self.host = listen_host(self.overrides.get("mail_domain", DEFAULT_DOMAIN))
         # a killed earlier run may still hold this directory's ports and pid files
         self._reap_stale()
         self.config: Config = self._write_ini()
@@ -161,6 +173,7 @@ class Relay(PortHolding, Supervision, Readiness):
             components=self.components,
             nodelay_so=None,
             ini_path=self.ini_path,
+            listen_host=self.host,
         )
         self.ports: dict[str, int | str] = {
             name: getattr(self.config, key) for name, key in {**PORT_KEYS, **SOCKET_KEYS}.items()
@@ -200,12 +213,13 @@ class Relay(PortHolding, Supervision, Readiness):
             previous = _previous_ports(self.ini_path)
             for key in list(missing):
                 port = previous.get(key)
-                held = reserve_port(port) if port and port not in params.values() else None
+                fits = port and port not in params.values()
+                held = reserve_port(port, self.host) if fits else None
                 if held is not None:
                     self._reserved.append(held)
                     params[key] = port
                     missing.remove(key)
-        fresh = reserve_ports(len(missing))
+        fresh = reserve_ports(len(missing), self.host)
         self._reserved += fresh
         params.update(zip(missing, (s.getsockname()[1] for s in fresh), strict=True))
         params.update(self.overrides)
@@ -216,10 +230,6 @@ class Relay(PortHolding, Supervision, Readiness):
     @property
     def mail_domain(self) -> str:
         return self.config.mail_domain
-
-    @property
-    def host(self) -> str:
-        return "127.0.0.1"
 
     @property
     def python(self) -> str:
@@ -350,7 +360,7 @@ class Relay(PortHolding, Supervision, Readiness):
         subprocess.run(
             ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
              "-nodes", "-days", "3650", "-subj", f"/CN={name}",
-             "-addext", f"subjectAltName=DNS:{name},IP:127.0.0.1",
+             "-addext", f"subjectAltName=DNS:{name},IP:{self.host}",
              "-keyout", str(key), "-out", str(cert)],
             check=True, capture_output=True,
         )  # fmt: skip
@@ -421,8 +431,8 @@ class Relay(PortHolding, Supervision, Readiness):
             # loopback only, unlike an installed relay's every interface
             cmds["newemail"] = [
                 program("chatmail-newemail"), "--config", ini,
-                "--listen", f"chatmail-newemail=127.0.0.1:{self.config.newemail_port}",
-                "--listen", f"chatmail-http=127.0.0.1:{self.config.http_port}",
+                "--listen", f"chatmail-newemail={self.host}:{self.config.newemail_port}",
+                "--listen", f"chatmail-http={self.host}:{self.config.http_port}",
                 "--acme-challenges", str(self.acme_dir / "challenges"),
             ]  # fmt: skip
         # the servers start once our sockets are asked for (Dovecot connects lazily anyway)
@@ -479,19 +489,21 @@ class Relay(PortHolding, Supervision, Readiness):
 
     # ------------------------------------------------------------ peers
 
-    def add_peer(self, other: Relay | str, port: int | None = None) -> None:
+    def add_peer(
+        self, other: Relay | str, port: int | None = None, host: str = "127.0.0.1"
+    ) -> None:
         """Route mail for another relay's domain to its port 25 on loopback.
 
         Every other destination stays refused; ``other`` may be a Relay or a
-        domain with its SMTP ``port``.
+        domain with its SMTP ``port`` on loopback address ``host``.
         """
         if isinstance(other, Relay):
-            domain, port = other.mail_domain, other.config.smtp_port
+            domain, port, host = other.mail_domain, other.config.smtp_port, other.host
         else:
             domain = other
         if port is None:
             raise ValueError("add_peer(domain, port): port is required for a domain")
-        self.peers[domain] = f"smtp:[127.0.0.1]:{port}"
+        self.peers[domain] = f"smtp:[{host}]:{port}"
         transport = self.layout.postfix_config_dir / "transport"
         if transport.parent.exists():
             tmp = transport.with_suffix(".tmp")

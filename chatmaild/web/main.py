@@ -371,12 +371,14 @@ class FrontDoor:
 
     # -- pages
 
-    async def home_by_ip(self, request: Request) -> pages.Page | None:
+    async def home_by_ip(self, request: Request) -> pages.Page | Response | None:
         """The home page for a client that reached us by IP: a fresh ready account each
         time, while the client's credentials rate allows (None when it used a name)."""
         who = self._who(request)
         if who.ip is None:
             return None
+        if self.config.is_ip_domain:
+            return self._ip_only_home(request, who)
         invite = dcaccount_url(who.host)
         qr = (await self.codes.get(invite))[0]
         if not self._credentials_allowed(request):
@@ -386,6 +388,22 @@ class FrontDoor:
         self.log.debug("issued credentials for %s to %s", addr, request.remote)
         link = account_link(self.config, addr, password, who.ip)
         return pages.home_page(self.config, invite, link, qr, by_ip=True)
+
+    def _ip_only_home(self, request: Request, who: Audience) -> pages.Page | Response:
+        """An IP-only relay's home page: code, link and button are one fresh ``dclogin:``
+        account that accepts the self-signed certificate (the apps open a ``DCACCOUNT:``
+        link only with a certificate they trust: no CA certifies a bare address here)."""
+        if not self._credentials_allowed(request):
+            return text_response(
+                429, "Too many new accounts for your address just now: reload in a few seconds.\n",
+                **{"Retry-After": "1"},
+            )  # fmt: skip
+        from chatmaild.web.qr import page_svg  # drawn here: a new code on every visit
+
+        addr, password = generate_credentials(self.config)
+        self.log.debug("issued credentials for %s to %s", addr, request.remote)
+        link = account_link(self.config, addr, password, who.ip)
+        return pages.home_page(self.config, link, link, page_svg(link), by_ip=True)
 
     def _invite_only(self, invite: str, qr: str) -> pages.Page:
         """The by-IP home page without an account: made once per address."""
@@ -401,12 +419,15 @@ class FrontDoor:
     def page_handler(
         self,
         fixed: pages.Page,
-        per_request: Callable[[Request], Awaitable[pages.Page | None]] | None = None,
+        per_request: Callable[[Request], Awaitable[pages.Page | Response | None]] | None = None,
     ) -> Handler:
-        """Serve ``fixed``, unless ``per_request`` makes a page for this request."""
+        """Serve ``fixed``, unless ``per_request`` makes a page (or an answer) for this
+        request."""
 
         async def handler(request: Request) -> Response:
             page = await per_request(request) if per_request else None
+            if isinstance(page, Response):
+                return page
             if page is not None:
                 # holds credentials made for this visit: never cached, never revalidated
                 return self._page_response(request, page, "no-store")

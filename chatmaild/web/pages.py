@@ -115,13 +115,15 @@ def home_page(config: Config, invite: str, tap_link: str, qr: str, *, by_ip: boo
     ``dclogin:`` account (an app cannot look such a relay up by name).
     """
     name = public_name(config)
+    carrier = "the code and the button above carry" if invite == tap_link else (
+        "the button above carries")  # fmt: skip
     main = render(
         "home.html",
         domain=name,
         invite=invite,
         tap_link=tap_link,
         qr=Markup(qr),
-        ip_note=render("ip_note.html") if by_ip else Markup(""),
+        ip_note=render("ip_note.html", carrier=carrier) if by_ip else Markup(""),
     )
     return page(config, "home", f"{name}: chatmail relay for Delta Chat", main)
 

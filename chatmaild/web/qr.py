@@ -5,6 +5,10 @@ of the relay) but would keep what segno imports for good: segno pulls in
 urllib.request, http.client, the email parser and OpenSSL's hash table, 3 to
 4 MB of RSS on Debian 13 (README, "Memory").  So ``python3 -m chatmaild.web.qr
 TEXT ...`` draws them and exits, and :class:`QRCodes` keeps only the SVG text.
+
+An IP-only relay is the exception: its code is a ``dclogin:`` account, new on
+every visit, so its web process draws in place (:func:`page_svg`, about 5 ms)
+and carries segno for good.
 """
 
 from __future__ import annotations
@@ -52,11 +56,15 @@ def qr_svg_document(text: str, title: str, scale: int = 8) -> bytes:
     return out.getvalue()
 
 
+def page_svg(text: str) -> str:
+    """The inline ``<svg>`` of ``text`` for a page, announced as an image."""
+    inline = qr_svg_inline(text, title=f"QR code: {text}")
+    return inline.replace("<svg ", '<svg role="img" ', 1)
+
+
 def drawn(text: str) -> tuple[str, str]:
     """(inline ``<svg>`` for a page, standalone SVG document) of an invite."""
-    inline = qr_svg_inline(text, title=f"QR code: {text}")
-    inline = inline.replace("<svg ", '<svg role="img" ', 1)
-    return inline, qr_svg_document(text, title=text).decode()
+    return page_svg(text), qr_svg_document(text, title=text).decode()
 
 
 def _command(texts: list[str]) -> list[str]:
