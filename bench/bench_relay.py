@@ -104,13 +104,14 @@ def bench_idle() -> None:
         print(f"submit -> IDLE EXISTS p90, {label} Dovecot: {pct(lat, 90):.1f} ms")
 
 
-def dc_latencies(relay: Relay, count: int, gap: float) -> list[float]:
+def dc_latencies(relay: Relay, count: int, gap: float, port443: bool = False) -> list[float]:
     from testing.dcclient import DCClients, securejoin, wait_event
 
     work = state_dir()
     clients = DCClients(work / "dc")
     try:
-        a, b = clients.account(relay), clients.account(relay)
+        a = clients.account(relay, port443=port443)
+        b = clients.account(relay, port443=port443)
         securejoin(a, b)
         chat = a.create_chat(b)
         out = []
@@ -149,6 +150,27 @@ def bench_dc() -> None:
         )
 
 
+def bench_port443() -> None:
+    """Send -> receive through the web port by ALPN (IMAP and SMTP tunnelled to Dovecot
+    and Postfix) next to the direct ports, one relay, alternating runs."""
+    d = state_dir()
+    direct: list[float] = []
+    tunnelled: list[float] = []
+    try:
+        with Relay(d, {"max_user_send_per_minute": 6000}, nodelay=True) as relay:
+            for _ in range(2):
+                direct += dc_latencies(relay, DC_MESSAGES // 2, DC_GAP)
+                tunnelled += dc_latencies(relay, DC_MESSAGES // 2, DC_GAP, port443=True)
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+    for p in (50, 90):
+        print(
+            f"Delta Chat send -> IncomingMsg p{p}, {len(direct)} msgs each: direct ports "
+            f"{pct(direct, p):.1f} ms, through port 443 (ALPN) {pct(tunnelled, p):.1f} ms"
+            + (" (target: within 5 ms of direct)" if p == 50 else "")
+        )
+
+
 def main() -> None:
     if os.geteuid() != 0:
         print("bench_relay: needs root (starts Postfix and Dovecot)")
@@ -156,6 +178,7 @@ def main() -> None:
     bench_make_run()
     bench_idle()
     bench_dc()
+    bench_port443()
 
 
 if __name__ == "__main__":

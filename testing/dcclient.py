@@ -24,14 +24,18 @@ def rpc_server_path() -> str:
     return str(Path(sys.executable).parent / "deltachat-rpc-server")
 
 
-def relay_dclogin(relay: Any, addr: str, password: str) -> str:
+def relay_dclogin(relay: Any, addr: str, password: str, port443: bool = False) -> str:
+    """``port443``: IMAP and SMTP both through the web port (the relay's 443), as for
+    a client whose network lets only 443 out; the core asks for ALPN imap / smtp
+    there (on any port but 993 / 465)."""
+    web = int(relay.ports["newemail"])
     return dclogin_url(
         addr,
         password,
         imap_host=relay.host,
-        imap_port=int(relay.ports["imaps"]),
+        imap_port=web if port443 else int(relay.ports["imaps"]),
         smtp_host=relay.host,
-        smtp_port=int(relay.ports["submissions"]),
+        smtp_port=web if port443 else int(relay.ports["submissions"]),
     )
 
 
@@ -49,13 +53,20 @@ class DCClients:
         self.rpc.start()
         self.dc = DeltaChat(self.rpc)
 
-    def account(self, relay: Any, creds: tuple[str, str] | None = None, name: str = "") -> Account:
-        """A configured, online account on ``relay`` (fresh credentials unless given)."""
+    def account(
+        self,
+        relay: Any,
+        creds: tuple[str, str] | None = None,
+        name: str = "",
+        port443: bool = False,
+    ) -> Account:
+        """A configured, online account on ``relay`` (fresh credentials unless given);
+        ``port443``: reaching IMAP and SMTP through the web port only."""
         addr, password = creds or relay.new_credentials()
         acc = self.dc.add_account()
         if name:
             acc.set_config("displayname", name)
-        acc.add_transport_from_qr(relay_dclogin(relay, addr, password))
+        acc.add_transport_from_qr(relay_dclogin(relay, addr, password, port443))
         acc.bring_online()
         acc.addr = addr  # type: ignore[attr-defined]  # transport accounts have no "addr" config
         return acc

@@ -216,3 +216,24 @@ def test_new_over_https_creates_working_account(relay_factory):
         statuses = [status for status, _ in pool.map(lambda _: _post(relay), range(12))]
     assert 429 in statuses
     assert "rate limited: 127.0.0.1" in (relay.log_dir / "newemail.log").read_text()
+
+
+def test_autoconfig_names_every_port_with_443_last(config):
+    import xml.etree.ElementTree as ET
+
+    status, headers, body = ask(config, "GET", "/.well-known/autoconfig/mail/config-v1.1.xml")
+    assert status == 200 and headers["Content-Type"].startswith("application/xml")
+    provider = ET.fromstring(body).find("emailProvider")
+    assert provider is not None and provider.findtext("domain") == config.mail_domain
+
+    def servers(tag):
+        return [(s.findtext("hostname"), int(s.findtext("port") or 0), s.findtext("socketType"))
+                for s in provider.findall(tag)]  # fmt: skip
+
+    h, web = config.mail_domain, config.newemail_port
+    imap = [(h, config.imaps_port, "SSL"), (h, config.imap_port, "STARTTLS"), (h, web, "SSL")]
+    smtp = [(h, config.submissions_port, "SSL"), (h, config.submission_port, "STARTTLS"),
+            (h, web, "SSL")]  # fmt: skip
+    assert servers("incomingServer") == imap and servers("outgoingServer") == smtp
+    assert all(s.findtext("username") == "%EMAILADDRESS%" for s in provider.iter()
+               if s.tag.endswith("Server"))  # fmt: skip

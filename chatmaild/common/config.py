@@ -387,6 +387,18 @@ class Config:
     http_port: int = _key(
         parse_port, "plain HTTP port: ACME challenges, everything else redirected to HTTPS", 80
     )
+    imaps_tunnel_port: int = _key(
+        parse_port,
+        "loopback port of Dovecot's implicit-TLS IMAP for clients reaching it through"
+        " newemail_port (ALPN imap; PROXY protocol)",
+        10993,
+    )
+    submissions_tunnel_port: int = _key(
+        parse_port,
+        "loopback port of Postfix's implicit-TLS submission for clients reaching it"
+        " through newemail_port (ALPN smtp; PROXY protocol)",
+        10465,
+    )
     web_max_connections: int = _key(
         _int_in(1, 1_000_000), "connections the web port holds open at once, in all", 1024
     )

@@ -39,11 +39,11 @@ class Readiness:
             checks.append(("newemail", (self.host, cfg.newemail_port), logs / "newemail.log"))
         if "postfix" in c:
             # the unix services (re-injection) are bound before `postfix start` returns
-            for name in ("smtp", "submission", "submissions"):
+            for name in ("smtp", "submission", "submissions", "submissions_tunnel"):
                 checks.append((f"postfix {name}", (self.host, int(self.ports[name])),
                                logs / "postfix.log"))  # fmt: skip
         if "dovecot" in c:
-            for name in ("imap", "imaps"):
+            for name in ("imap", "imaps", "imaps_tunnel"):
                 checks.append((f"dovecot {name}", (self.host, int(self.ports[name])),
                                logs / "dovecot.log"))  # fmt: skip
             if "postfix" in c:

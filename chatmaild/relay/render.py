@@ -254,6 +254,12 @@ def _vmail_uid_range(user: str) -> str:
     return f"first_valid_uid = {uid}\nlast_valid_uid = {uid}"
 
 
+def tunnel_host(layout: Layout) -> str:
+    """Where Dovecot and Postfix take port 443's mail tunnels: loopback (the local
+    relay's own address, 127.0.0.1 in production)."""
+    return layout.listen_host or "127.0.0.1"
+
+
 def template_variables(config: Config, layout: Layout) -> dict[str, object]:
     """Every value the templates may use (in the syntax of the layout's Dovecot series)."""
     series = layout.dovecot_series or installed_series()
@@ -326,6 +332,10 @@ def template_variables(config: Config, layout: Layout) -> dict[str, object]:
         "submissions_listen": listen(config.submissions_port),
         "imap_port": config.imap_port,
         "imaps_port": config.imaps_port,
+        # port 443's mail tunnels from the web process: loopback only
+        "tunnel_host": tunnel_host(layout),
+        "imaps_tunnel_port": config.imaps_tunnel_port,
+        "submissions_tunnel_listen": f"{tunnel_host(layout)}:{config.submissions_tunnel_port}",
         # Postfix's re-injection smtpd services (public/<name>, see postfix_service)
         "reinject_service": postfix_service(config, "postfix_reinject_socket", queue),
         "reinject_incoming_service": postfix_service(

@@ -434,6 +434,7 @@ class Relay(PortHolding, Supervision, Readiness):
                 "--listen", f"chatmail-newemail={self.host}:{self.config.newemail_port}",
                 "--listen", f"chatmail-http={self.host}:{self.config.http_port}",
                 "--acme-challenges", str(self.acme_dir / "challenges"),
+                "--tunnel-host", self.host,
             ]  # fmt: skip
         # the servers start once our sockets are asked for (Dovecot connects lazily anyway)
         if "postfix" in c:

@@ -90,6 +90,11 @@ class Admission:
     per_source: Counter[str] = field(default_factory=Counter)
     handshaking: int = 0
     handshakes: RateLimiter = field(init=False)
+    # port 443's mail tunnels (IMAP IDLE lasts hours): their own budget, not the pages'
+    max_tunnels: int = 4096
+    max_tunnels_per_source: int = 256
+    tunnels: int = 0
+    tunnels_per_source: Counter[str] = field(default_factory=Counter)
 
     def __post_init__(self) -> None:
         self.handshakes = RateLimiter(self.handshakes_per_minute, self.handshake_burst)
@@ -120,3 +125,19 @@ class Admission:
 
     def end_handshake(self) -> None:
         self.handshaking -= 1
+
+    def open_tunnel(self, source: str) -> str | None:
+        """Count a connection that became a mail tunnel; or why it is refused."""
+        if self.tunnels >= self.max_tunnels:
+            return "mail tunnel limit reached"
+        if self.tunnels_per_source[source] >= self.max_tunnels_per_source:
+            return "too many mail tunnels"
+        self.tunnels += 1
+        self.tunnels_per_source[source] += 1
+        return None
+
+    def close_tunnel(self, source: str) -> None:
+        self.tunnels -= 1
+        self.tunnels_per_source[source] -= 1
+        if self.tunnels_per_source[source] <= 0:
+            del self.tunnels_per_source[source]

@@ -87,7 +87,7 @@ from chatmaild.common import mtasts
 from chatmaild.common.config import ACME_CHALLENGE_DIR, Config
 from chatmaild.common.ratelimit import RateLimiter
 from chatmaild.common.service import Daemon, Endpoint, run_daemons
-from chatmaild.web import pages, static
+from chatmaild.web import autoconfig, pages, static
 from chatmaild.web.limits import Admission, RefusalLog, source_of
 from chatmaild.web.plain import PlainHttp
 from chatmaild.web.qr import QRCodes
@@ -105,6 +105,10 @@ JSON_TYPE = "application/json"
 # credentials per client: 2 a second, 5 at once (/new and the home page reached by IP)
 CREDENTIALS_PER_MINUTE = 120
 CREDENTIALS_BURST = 5
+# IMAP/SMTP clients on port 443 (ALPN), each an IDLE connection for hours: in all,
+# and from one address (a school or company network behind one NAT)
+MAX_MAIL_TUNNELS = 4096
+MAIL_TUNNELS_PER_SOURCE = 256
 
 
 # ---------------------------------------------------------------- pure logic
@@ -289,6 +293,7 @@ class FrontDoor:
         self.csp = pages.content_security_policy()
         self.info = pages.info_page(config)
         self.privacy = pages.privacy_page(config)
+        self.autoconfig_body = autoconfig.autoconfig_xml(config)
         self.codes = QRCodes()
         own = dcaccount_url(pages.public_name(config))
         # an IP-only relay's links name its port too
@@ -318,6 +323,7 @@ class FrontDoor:
             "/cgi-bin/newemail.py": {"POST": self.new_post},
             "/invite.svg": {"GET": self.invite_svg},
         }
+        routes[autoconfig.PATH] = {"GET": self.autoconfig}
         if mtasts.applies(self.config):
             # what https://mta-sts.<mail_domain>/ serves (the certificate covers that name)
             routes[mtasts.PATH] = {"GET": self.mta_sts_policy}
@@ -453,6 +459,11 @@ class FrontDoor:
             200, mtasts.policy_text(self.config), **{"Cache-Control": "public, max-age=3600"}
         )
 
+    async def autoconfig(self, request: Request) -> Response:
+        headers = {"Content-Type": f"{autoconfig.XML_TYPE}; charset=utf-8",
+                   "Cache-Control": "public, max-age=3600"}  # fmt: skip
+        return Response(200, headers, self.autoconfig_body)
+
     async def invite_svg(self, request: Request) -> Response:
         document = (await self.codes.get(dcaccount_url(self._who(request).host)))[1]
         return Response(
@@ -518,12 +529,16 @@ class NewEmailDaemon(Daemon):
             "0.0.0.0" if self.config.disable_ipv6 else "::", self.config.newemail_port
         )
 
-    def _connection_budget(self) -> int:
-        """web_max_connections, lowered when the open-files limit could not hold it (each
-        connection may hold a socket and a file of www_folder)."""
+    def _connection_budget(self) -> tuple[int, int]:
+        """(web_max_connections, mail tunnels of port 443), lowered when the open-files
+        limit could not hold them: a page's connection may hold a socket and a file of
+        www_folder, a tunnel two sockets."""
         import resource
 
-        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft < hard:  # asyncio does not use select(): every descriptor it may have
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
         fit = (soft - 64) // 2
         wanted = self.config.web_max_connections
         if fit < wanted:
@@ -532,8 +547,15 @@ class NewEmailDaemon(Daemon):
                 "serving at most %d (raise LimitNOFILE= to serve more)",
                 soft, fit, wanted, max(fit, 1),
             )  # fmt: skip
-            return max(fit, 1)
-        return wanted
+            return max(fit, 1), 0
+        tunnels = min(MAX_MAIL_TUNNELS, (soft - 64 - 2 * wanted) // 2)
+        if tunnels < MAX_MAIL_TUNNELS:
+            self.log.warning(
+                "open files limit %d holds %d IMAP/SMTP connections on port %d, not %d "
+                "(raise LimitNOFILE= to serve more)",
+                soft, tunnels, self.config.newemail_port, MAX_MAIL_TUNNELS,
+            )  # fmt: skip
+        return wanted, max(tunnels, 0)
 
     async def start(self) -> None:
         # a relay reached by one address (make run's 127.0.0.1, an IP-only relay): its
@@ -545,17 +567,22 @@ class NewEmailDaemon(Daemon):
             local.append(dcaccount_url(host_port(ip, endpoint.port or 443)))
         self.front = FrontDoor(self.config, self.log, also_draw=local)
         c = self.config
+        pages, tunnels = self._connection_budget()
         admission = Admission(
-            max_connections=self._connection_budget(),
+            max_connections=pages,
+            max_tunnels=tunnels,
+            max_tunnels_per_source=MAIL_TUNNELS_PER_SOURCE,
             max_per_source=c.web_max_connections_per_ip,
             max_handshakes=c.web_max_handshakes,
             handshakes_per_minute=60 * c.web_handshake_rate,
             handshake_burst=2 * c.web_handshake_rate,
         )
         # one summary of refusals for the server's limits and the front door's
+        host = getattr(self.args, "tunnel_host", None) or "127.0.0.1"
+        routes = {"imap": (host, c.imaps_tunnel_port), "smtp": (host, c.submissions_tunnel_port)}
         self.server = HttpsServer(
             self.front.handle, self.tls, self.log, self.settings, admission, COMMON_HEADERS,
-            refusals=self.front.refusals,
+            refusals=self.front.refusals, mail_routes=routes,
         )  # fmt: skip
 
     def protocol_factory(self) -> Callable[[], asyncio.Protocol]:
@@ -636,6 +663,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=str(ACME_CHALLENGE_DIR),
         metavar="DIR",
         help="where chatmail-acme puts the answers to HTTP-01 challenges (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--tunnel-host",
+        default="127.0.0.1",
+        metavar="ADDR",
+        help="loopback address of Dovecot's and Postfix's listeners for IMAP and SMTP "
+        "clients on this port (imaps_tunnel_port, submissions_tunnel_port; "
+        "default: %(default)s)",
     )
     parser.add_argument(
         "--no-http",

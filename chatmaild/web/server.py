@@ -38,7 +38,9 @@ from typing import BinaryIO
 
 import h11
 
+from chatmaild.web import clienthello
 from chatmaild.web.limits import Admission, RefusalLog, source_of
+from chatmaild.web.tunnel import Backend, proxy_v1
 
 READ_CHUNK = 16 * 1024
 WRITE_CHUNK = 64 * 1024
@@ -107,8 +109,12 @@ class HttpsServer:
         admission: Admission | None = None,
         common_headers: dict[str, str] | None = None,
         refusals: RefusalLog | None = None,
+        mail_routes: dict[str, tuple[str, int]] | None = None,
     ) -> None:
+        """``mail_routes``: ALPN name -> (host, port) of the mail server that takes a
+        connection asking for it (port 443's IMAP and SMTP), tunnelled unchanged."""
         self.app = app
+        self.mail_routes = mail_routes or {}
         self.tls = tls
         self.log = log
         self.settings = settings or Settings()
@@ -192,6 +198,9 @@ class Connection(asyncio.Protocol):
         "timer",
         "life_timer",
         "pending",
+        "hello",
+        "backend",
+        "tunnel_source",
     )
 
     def __init__(self, server: HttpsServer) -> None:
@@ -212,6 +221,9 @@ class Connection(asyncio.Protocol):
         self.timer: asyncio.TimerHandle | None = None
         self.life_timer: asyncio.TimerHandle | None = None
         self.pending: Request | None = None
+        self.hello: bytes | None = None  # a ClientHello so far, while its ALPN decides
+        self.backend: Backend | None = None  # a mail tunnel's server end
+        self.tunnel_source = ""  # counted as a tunnel of this source
 
     # ------------------------------------------------------------ asyncio callbacks
 
@@ -242,6 +254,12 @@ class Connection(asyncio.Protocol):
         if self.handshaking:
             self.handshaking = False
             self.server.admission.end_handshake()
+        if self.backend is not None and self.backend.transport is not None:
+            self.backend.transport.close()
+        self.backend = None
+        if self.tunnel_source:
+            self.server.admission.close_tunnel(self.tunnel_source)
+            self.tunnel_source = ""
         if self.source:
             self.server.admission.disconnect(self.source)
             self.source = ""
@@ -255,15 +273,23 @@ class Connection(asyncio.Protocol):
         self.http = None
 
     def pause_writing(self) -> None:
+        if self.backend is not None:
+            self.backend_paused_reading(True)
+            return
         if self.writable is None:
             self.writable = asyncio.Event()
         self.writable.clear()
 
     def resume_writing(self) -> None:
+        if self.backend is not None:
+            self.backend_paused_reading(False)
+            return
         if self.writable is not None:
             self.writable.set()
 
     def eof_received(self) -> bool:
+        if self.tunnel_source:
+            return False  # the client is done: so is its tunnel (connection_lost)
         if self.http is not None and not self.lingering:
             with contextlib.suppress(h11.RemoteProtocolError):
                 self.http.receive_data(b"")
@@ -276,11 +302,20 @@ class Connection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.transport is None:
             return
+        if self.tunnel_source:
+            if self.backend is not None and self.backend.transport is not None:
+                self.backend.transport.write(data)
+            return
         if self.server.tls is None:  # plain HTTP
             if self.http is None and not self.lingering:
                 self._wait_for_request()  # the first byte: now the header's time
             self._http_data(data)
             return
+        if self.tls is None and self.server.mail_routes:
+            decided = self._route_by_alpn(data)
+            if decided is None:
+                return
+            data = decided
         if self.tls is None and not self._start_tls():
             return
         assert self.bio_in is not None and self.tls is not None
@@ -300,6 +335,89 @@ class Connection(asyncio.Protocol):
             self.server.admission.end_handshake()
             self._wait_for_request()
         self._read_tls()
+
+    # ------------------------------------------------------------ port 443's mail
+
+    def _route_by_alpn(self, data: bytes) -> bytes | None:
+        """Gather the ClientHello; a mail protocol's goes into a tunnel (None), any other
+        is returned whole for our own TLS."""
+        if self.hello is None:
+            self.hello = b""
+            self._set_timer(self.server.settings.handshake_timeout, "ClientHello not in time")
+        self.hello += data
+        offered = clienthello.offered_alpn(self.hello)
+        if offered is None:
+            return None  # more to come
+        first, self.hello = self.hello, b""
+        route = next((self.server.mail_routes[p] for p in offered
+                      if p in self.server.mail_routes), None)  # fmt: skip
+        if route is None:
+            return first
+        self._open_tunnel(route, first)
+        return None
+
+    def _open_tunnel(self, route: tuple[str, int], first: bytes) -> None:
+        refused = self.server.admission.open_tunnel(self.source)
+        if refused is not None:
+            self.server.refusals.note(refused, self.source)
+            self.abort(refused)
+            return
+        # a mail client's connection from now on: not one of the pages' budget, no
+        # page timers (an IDLE lasts hours; the mail server keeps its own timeouts)
+        self.tunnel_source = self.source
+        self.server.admission.disconnect(self.source)
+        self.source = ""
+        self._cancel_timer()
+        if self.life_timer is not None:
+            self.life_timer.cancel()
+            self.life_timer = None
+        assert self.transport is not None
+        self.transport.pause_reading()
+        self.task = asyncio.get_running_loop().create_task(self._connect(route, first))
+
+    async def _connect(self, route: tuple[str, int], first: bytes) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            transport, backend = await asyncio.wait_for(
+                loop.create_connection(lambda: Backend(self), *route), timeout=10
+            )
+        except (OSError, TimeoutError) as e:
+            self.server.refusals.note(f"mail server {route[0]}:{route[1]} unreachable ({e})",
+                                      self.remote)  # fmt: skip
+            self.abort("mail server unreachable")
+            return
+        finally:
+            self.task = None
+        if self.transport is None or self.transport.is_closing():
+            transport.close()
+            return
+        self.backend = backend
+        transport.write(proxy_v1((self.remote, self._remote_port()), self.local) + first)
+        self.transport.resume_reading()
+
+    def _remote_port(self) -> int:
+        peer = self.transport.get_extra_info("peername") if self.transport else None
+        return int(peer[1]) if isinstance(peer, tuple) else 0
+
+    def backend_data(self, data: bytes) -> None:
+        if self.transport is not None:
+            self.transport.write(data)
+
+    def backend_lost(self) -> None:
+        self.backend = None
+        if self.transport is not None:
+            self.transport.close()  # after what the server sent last
+
+    def backend_paused(self, paused: bool) -> None:
+        """The mail server reads slowly: stop reading from the client meanwhile."""
+        if self.transport is not None and not self.transport.is_closing():
+            (self.transport.pause_reading if paused else self.transport.resume_reading)()
+
+    def backend_paused_reading(self, paused: bool) -> None:
+        """The client reads slowly: stop reading from the mail server meanwhile."""
+        t = self.backend.transport if self.backend is not None else None
+        if t is not None and not t.is_closing():
+            (t.pause_reading if paused else t.resume_reading)()
 
     # ------------------------------------------------------------ TLS
 

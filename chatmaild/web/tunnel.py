@@ -1,0 +1,62 @@
+"""Port 443's mail side: a connection whose ClientHello asks for ``imap`` or ``smtp``
+is passed on, bytes unchanged, to Dovecot's or Postfix's implicit-TLS listener for
+port 443 (their TLS, certificate, limits and logs), after a PROXY protocol v1 line
+that tells them the client's address (README, "Port 443").
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+from typing import Protocol
+
+
+def _plain(ip: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    addr = ipaddress.ip_address(ip.split("%", 1)[0])
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        return addr.ipv4_mapped
+    return addr
+
+
+def proxy_v1(client: tuple[str, int], server: tuple[str, int]) -> bytes:
+    """The PROXY v1 line naming ``client`` and the address it connected to."""
+    src, dst = _plain(client[0]), _plain(server[0])
+    if src.version != dst.version:  # an IPv4 client on an IPv6 socket, unmapped above
+        dst = ipaddress.ip_address("127.0.0.1" if src.version == 4 else "::1")
+    family = "TCP4" if src.version == 4 else "TCP6"
+    return f"PROXY {family} {src} {dst} {client[1]} {server[1]}\r\n".encode()
+
+
+class ClientSide(Protocol):
+    """What the backend needs of the client's connection."""
+
+    def backend_data(self, data: bytes) -> None: ...
+    def backend_lost(self) -> None: ...
+    def backend_paused(self, paused: bool) -> None: ...
+
+
+class Backend(asyncio.Protocol):
+    """The mail server's end of a tunnel: what it sends goes to the client as it is."""
+
+    def __init__(self, client: ClientSide) -> None:
+        self.client = client
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        self.client.backend_data(data)
+
+    def eof_received(self) -> bool:
+        return False  # close: the client's end follows in connection_lost
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.transport = None
+        self.client.backend_lost()
+
+    def pause_writing(self) -> None:
+        self.client.backend_paused(True)  # the server is slow to read: so is the client
+
+    def resume_writing(self) -> None:
+        self.client.backend_paused(False)

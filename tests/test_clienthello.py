@@ -1,0 +1,112 @@
+"""Port 443's routing logic alone: ALPN from raw ClientHello bytes, the PROXY line."""
+
+from __future__ import annotations
+
+import random
+import ssl
+
+import pytest
+
+from chatmaild.web.clienthello import MAX_HELLO, offered_alpn
+from chatmaild.web.limits import Admission
+from chatmaild.web.tunnel import proxy_v1
+
+
+def client_hello(alpn: list[str] | None, sni: str = "chat.example") -> bytes:
+    """The first flight of Python's (OpenSSL's) TLS client: a real ClientHello."""
+    ctx = ssl.create_default_context()
+    if alpn:
+        ctx.set_alpn_protocols(alpn)
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = ctx.wrap_bio(incoming, outgoing, server_hostname=sni)
+    with pytest.raises(ssl.SSLWantReadError):
+        tls.do_handshake()
+    return outgoing.read()
+
+
+@pytest.mark.parametrize("alpn", [["imap"], ["smtp"], ["h2", "http/1.1"], ["x", "imap"], None])
+def test_offered_alpn_of_real_client_hellos(alpn):
+    hello = client_hello(alpn)
+    assert offered_alpn(hello) == tuple(alpn or ())
+    # what follows the hello does not matter; what is missing of it is waited for
+    assert offered_alpn(hello + b"\x17\x03\x03") == tuple(alpn or ())
+    for cut in (0, 1, 4, 5, 6, 9, len(hello) // 2, len(hello) - 1):
+        assert offered_alpn(hello[:cut]) is None, cut
+
+
+def test_hello_split_over_records():
+    hello = client_hello(["imap"])
+    body = hello[5:]
+    records = b""
+    for i in range(0, len(body), 100):  # legal: a handshake message over many records
+        chunk = body[i : i + 100]
+        records += b"\x16\x03\x01" + len(chunk).to_bytes(2, "big") + chunk
+    assert offered_alpn(records) == ("imap",)
+    assert offered_alpn(records[:-1]) is None
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"GET / HTTP/1.1\r\nHost: x\r\n\r\n",  # plain HTTP on the TLS port
+        b"\x16\x03\x01\x00\x00",  # empty record
+        b"\x16\x03\x01\x00\x05\x02\x00\x00\x01\x00",  # a ServerHello
+        b"\x15\x03\x03\x00\x02\x02\x28",  # an alert
+        b"\x16\x03\x01\xff\xff",  # a record longer than any hello we read
+    ],
+)
+def test_not_a_client_hello_offers_nothing(data):
+    assert offered_alpn(data) == ()
+
+
+def test_malformed_alpn_offers_nothing():
+    hello = bytearray(client_hello(["imap"]))
+    at = hello.find(b"\x04imap")
+    hello[at] = 0x09  # a name longer than its list
+    assert offered_alpn(bytes(hello)) == ()
+
+
+def test_endless_hello_is_given_up():
+    # record headers promising more, 16 KB at a time: no more than MAX_HELLO is read
+    record = b"\x16\x03\x01\x40\x00" + b"\x01\xff\xff\xff" + b"\x00" * (0x4000 - 4)
+    data = record * (MAX_HELLO // len(record) + 2)
+    assert offered_alpn(data) == ()
+
+
+def test_random_bytes_never_raise():
+    rng = random.Random(443)
+    hello = client_hello(["imap", "smtp"])
+    for _ in range(3000):
+        data = bytearray(hello)
+        for _ in range(rng.randint(1, 8)):
+            data[rng.randrange(len(data))] = rng.randrange(256)
+        result = offered_alpn(bytes(data[: rng.randint(0, len(data))]))
+        assert result is None or isinstance(result, tuple)
+        offered_alpn(bytes(rng.randbytes(rng.randint(0, 64))))
+
+
+def test_proxy_line():
+    assert proxy_v1(("192.0.2.7", 51000), ("198.51.100.1", 443)) == (
+        b"PROXY TCP4 192.0.2.7 198.51.100.1 51000 443\r\n"
+    )
+    # an IPv4 client of a dual-stack socket is named as IPv4
+    assert proxy_v1(("::ffff:192.0.2.7", 5), ("::ffff:198.51.100.1", 443)) == (
+        b"PROXY TCP4 192.0.2.7 198.51.100.1 5 443\r\n"
+    )
+    assert proxy_v1(("2001:db8::7", 5), ("2001:db8::1", 443)) == (
+        b"PROXY TCP6 2001:db8::7 2001:db8::1 5 443\r\n"
+    )
+
+
+def test_tunnels_have_their_own_budget():
+    a = Admission(max_connections=1, max_per_source=1, max_tunnels=3, max_tunnels_per_source=2)
+    assert a.connect("192.0.2.1") is None
+    assert a.open_tunnel("192.0.2.1") is None
+    a.disconnect("192.0.2.1")  # a tunnel leaves the pages' budget
+    assert a.connect("192.0.2.1") is None
+    assert a.open_tunnel("192.0.2.1") is None
+    assert a.open_tunnel("192.0.2.1") == "too many mail tunnels"
+    assert a.open_tunnel("192.0.2.2") is None
+    assert a.open_tunnel("192.0.2.3") == "mail tunnel limit reached"
+    a.close_tunnel("192.0.2.1")
+    assert a.open_tunnel("192.0.2.3") is None
