@@ -4,8 +4,9 @@
 
 Run by tests/test_deb.py in a booted machine's network namespace (the host's
 Python and Delta Chat core): two accounts from ``/new`` on port 443, each logged
-in over IMAP 993 (which creates it), a Secure-Join, then a message each way
-through 465 -> filtermail -> delivery; both arrive encrypted.  Prints
+in (which creates it), alice on IMAP 993 and SMTP 465, bob on port 443 alone
+(ALPN imap/smtp, passed on to Dovecot and Postfix), a Secure-Join, then a
+message each way through filtermail -> delivery; both arrive encrypted.  Prints
 ``exchange ok ADDR1 ADDR2``.
 """
 
@@ -26,7 +27,7 @@ class InstalledRelay:
     """What DCClients needs of a relay: where it listens and fresh credentials."""
 
     host = HOST
-    ports = {"imaps": 993, "submissions": 465}
+    ports = {"imaps": 993, "submissions": 465, "newemail": 443}
 
     def __init__(self, mail_domain: str) -> None:
         self.mail_domain = mail_domain
@@ -53,7 +54,7 @@ def main(workdir: str, mail_domain: str) -> int:
     clients = DCClients(Path(workdir))
     try:
         alice = clients.account(relay, name="alice")
-        bob = clients.account(relay, name="bob")
+        bob = clients.account(relay, name="bob", port443=True)
         securejoin(alice, bob, timeout=90)
         for sender, receiver, text in ((alice, bob, "hello bob"), (bob, alice, "hi alice")):
             sender.create_chat(receiver).send_text(text)
