@@ -24,22 +24,17 @@ import pytest
 
 from chatmaild.relay import client_tls_context
 from testing.dcclient import DCClients, securejoin, wait_incoming_text
+from tests.fixtures.relay import full_relay
 from tests.sandbox import world_readable_tempdir
 from tests.test_relay_run import start_dev
 
 pytestmark = [pytest.mark.relay, pytest.mark.timeout(300)]
-FULL = ("postfix", "dovecot", "doveauth", "lastlogin", "metadata", "filtermail", "newemail")
 
 
 @pytest.fixture(scope="module")
 def relay():
-    from tests.fixtures.relay import RelayPool
-
-    pool = RelayPool()
-    try:
-        yield pool({"mail_domain": "127.0.0.1"}, FULL)
-    finally:
-        pool.close()
+    with full_relay({"mail_domain": "127.0.0.1"}) as r:
+        yield r
 
 
 @pytest.fixture(scope="module")

@@ -20,20 +20,15 @@ import pytest
 
 from chatmaild.relay import client_tls_context
 from testing.dcclient import DCClients, securejoin, wait_incoming_text
+from tests.fixtures.relay import full_relay
 
 pytestmark = [pytest.mark.relay, pytest.mark.timeout(300)]
-FULL = ("postfix", "dovecot", "doveauth", "lastlogin", "metadata", "filtermail", "newemail")
 
 
 @pytest.fixture(scope="module")
 def relay():
-    from tests.fixtures.relay import RelayPool
-
-    pool = RelayPool()
-    try:
-        yield pool({"max_user_send_per_minute": 6000}, FULL)
-    finally:
-        pool.close()
+    with full_relay({"max_user_send_per_minute": 6000}) as r:
+        yield r
 
 
 @pytest.fixture(scope="module")
