@@ -34,7 +34,7 @@ BIG_FILE_BYTES = 32 * 2**20
 class NewEmail:
     """One chatmail-newemail process with its own ini, certificate and log."""
 
-    def __init__(self, base: Path, **params: object) -> None:
+    def __init__(self, base: Path, extra_args: list[str] | None = None, **params: object) -> None:
         base.mkdir(parents=True, exist_ok=True)
         cert, key = base / "cert.pem", base / "key.pem"
         subprocess.run(
@@ -56,7 +56,7 @@ class NewEmail:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "chatmaild.web.main", "--config", str(ini),
                  "--listen", f"127.0.0.1:{self.port}", "--request-timeout", "1",
-                 "--connection-timeout", "4", "--verbose"],
+                 "--connection-timeout", "4", "--verbose", *(extra_args or [])],
                 cwd=ROOT, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
             )  # fmt: skip
         deadline = time.monotonic() + 30

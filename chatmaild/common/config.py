@@ -393,6 +393,12 @@ class Config:
         " newemail_port (ALPN imap; PROXY protocol)",
         10993,
     )
+    smtp_tunnel_port: int = _key(
+        parse_port,
+        "loopback port of Postfix's port-25 service for mail other relays deliver over"
+        " HTTPS (POST /mxdeliv on newemail_port; PROXY protocol)",
+        10025,
+    )
     submissions_tunnel_port: int = _key(
         parse_port,
         "loopback port of Postfix's implicit-TLS submission for clients reaching it"

@@ -24,6 +24,7 @@ PORT_KEYS = {
     "http": "http_port",
     "imaps_tunnel": "imaps_tunnel_port",
     "submissions_tunnel": "submissions_tunnel_port",
+    "smtp_tunnel": "smtp_tunnel_port",
 }
 # ini keys holding the filter path's UNIX sockets (a port would be open to every
 # local user), also listed in Relay.ports; below Layout.local's queue directory

@@ -39,7 +39,7 @@ class Readiness:
             checks.append(("newemail", (self.host, cfg.newemail_port), logs / "newemail.log"))
         if "postfix" in c:
             # the unix services (re-injection) are bound before `postfix start` returns
-            for name in ("smtp", "submission", "submissions", "submissions_tunnel"):
+            for name in ("smtp", "submission", "submissions", "submissions_tunnel", "smtp_tunnel"):
                 checks.append((f"postfix {name}", (self.host, int(self.ports[name])),
                                logs / "postfix.log"))  # fmt: skip
         if "dovecot" in c:

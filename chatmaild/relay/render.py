@@ -336,6 +336,7 @@ def template_variables(config: Config, layout: Layout) -> dict[str, object]:
         "tunnel_host": tunnel_host(layout),
         "imaps_tunnel_port": config.imaps_tunnel_port,
         "submissions_tunnel_listen": f"{tunnel_host(layout)}:{config.submissions_tunnel_port}",
+        "smtp_tunnel_listen": f"{tunnel_host(layout)}:{config.smtp_tunnel_port}",
         # Postfix's re-injection smtpd services (public/<name>, see postfix_service)
         "reinject_service": postfix_service(config, "postfix_reinject_socket", queue),
         "reinject_incoming_service": postfix_service(

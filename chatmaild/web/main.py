@@ -87,7 +87,7 @@ from chatmaild.common import mtasts
 from chatmaild.common.config import ACME_CHALLENGE_DIR, Config
 from chatmaild.common.ratelimit import RateLimiter
 from chatmaild.common.service import Daemon, Endpoint, run_daemons
-from chatmaild.web import autoconfig, pages, static
+from chatmaild.web import autoconfig, mxdeliv, pages, static
 from chatmaild.web.limits import Admission, RefusalLog, source_of
 from chatmaild.web.plain import PlainHttp
 from chatmaild.web.qr import QRCodes
@@ -100,6 +100,7 @@ NEW_PATHS = ("/new", "/cgi-bin/newemail.py")
 REQUEST_TIMEOUT = 10.0
 CONNECTION_TIMEOUT = 300.0
 FIRST_BYTE_TIMEOUT = 5.0
+UPLOAD_GRACE = 30.0
 PAGE_MAX_AGE = 600
 JSON_TYPE = "application/json"
 # credentials per client: 2 a second, 5 at once (/new and the home page reached by IP)
@@ -324,6 +325,8 @@ class FrontDoor:
             "/invite.svg": {"GET": self.invite_svg},
         }
         routes[autoconfig.PATH] = {"GET": self.autoconfig}
+        # POST is the server's (an upload, web.mxdeliv); here only the other methods' 405
+        routes[mxdeliv.PATH] = {"POST": self.mxdeliv_not_here}
         if mtasts.applies(self.config):
             # what https://mta-sts.<mail_domain>/ serves (the certificate covers that name)
             routes[mtasts.PATH] = {"GET": self.mta_sts_policy}
@@ -459,6 +462,11 @@ class FrontDoor:
             200, mtasts.policy_text(self.config), **{"Cache-Control": "public, max-age=3600"}
         )
 
+    async def mxdeliv_not_here(self, request: Request) -> Response:
+        """Reached only where uploads are not streamed (a test's bare FrontDoor)."""
+        return mxdeliv.answer(503, "temporary", "HTTPS delivery is not served here",
+                              **{"Retry-After": mxdeliv.RETRY_AFTER})  # fmt: skip
+
     async def autoconfig(self, request: Request) -> Response:
         headers = {"Content-Type": f"{autoconfig.XML_TYPE}; charset=utf-8",
                    "Cache-Control": "public, max-age=3600"}  # fmt: skip
@@ -518,6 +526,7 @@ class NewEmailDaemon(Daemon):
             first_byte_timeout=arg("first_byte_timeout", FIRST_BYTE_TIMEOUT),
             request_timeout=arg("request_timeout", REQUEST_TIMEOUT),
             lifetime=arg("connection_timeout", CONNECTION_TIMEOUT),
+            upload_grace=arg("upload_grace", UPLOAD_GRACE),
         )
         self.stop_timeout = arg("stop_timeout", 30.0)
         self.front: FrontDoor | None = None
@@ -580,9 +589,10 @@ class NewEmailDaemon(Daemon):
         # one summary of refusals for the server's limits and the front door's
         host = getattr(self.args, "tunnel_host", None) or "127.0.0.1"
         routes = {"imap": (host, c.imaps_tunnel_port), "smtp": (host, c.submissions_tunnel_port)}
+        uploads = {mxdeliv.PATH: mxdeliv.MxDeliv(c, self.log, (host, c.smtp_tunnel_port))}
         self.server = HttpsServer(
             self.front.handle, self.tls, self.log, self.settings, admission, COMMON_HEADERS,
-            refusals=self.front.refusals, mail_routes=routes,
+            refusals=self.front.refusals, mail_routes=routes, uploads=uploads,
         )  # fmt: skip
 
     def protocol_factory(self) -> Callable[[], asyncio.Protocol]:
@@ -653,6 +663,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
          "longest time a connection stays open"),
         ("--first-byte-timeout", float, FIRST_BYTE_TIMEOUT, "SECONDS",
          "time a new connection may stay silent before its TLS handshake"),
+        ("--upload-grace", float, UPLOAD_GRACE, "SECONDS",
+         "time an upload (POST /mxdeliv) may take beyond its size at 32 KiB/s"),
     ]  # fmt: skip
     for flag, kind, default, metavar, text in limits:
         parser.add_argument(

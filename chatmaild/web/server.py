@@ -34,7 +34,7 @@ import time
 import urllib.parse
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import BinaryIO
+from typing import BinaryIO, Protocol
 
 import h11
 
@@ -61,6 +61,7 @@ class Settings:
     max_body_bytes: int = 64 * 1024
     max_request_bytes: int = 80 * 1024
     linger: float = 2.0
+    upload_grace: float = 30.0  # an upload's time beyond its size at UPLOAD_MIN_RATE
 
 
 @dataclass
@@ -72,6 +73,8 @@ class Request:
     remote: str  # the client's IP address
     local: tuple[str, int]  # the address and port the client connected to
     content_length: int = 0
+    # every header field as it came, in order (lower-case names): repeats stay apart
+    fields: tuple[tuple[str, str], ...] = ()
 
     @property
     def host(self) -> str | None:
@@ -89,6 +92,33 @@ class Response:
 
 
 App = Callable[[Request], Awaitable[Response]]
+
+
+class UploadSink(Protocol):
+    """Where the body of one upload goes, piece by piece."""
+
+    def feed(self, data: bytes) -> Response | None:
+        """Take a piece; an answer refuses the request (the rest is not read)."""
+
+    async def finish(self) -> Response:
+        """The body is complete: the answer."""
+
+    def discard(self) -> None:
+        """The request ends without an answer (connection lost, too slow, refused)."""
+
+
+class Upload(Protocol):
+    """A POST route whose body is streamed to a sink instead of dropped (``/mxdeliv``)."""
+
+    max_body: int  # bytes; Content-Length is required and at most this
+    max_header_fields: int
+
+    def begin(self, request: Request) -> UploadSink | Response:
+        """A sink for the body of ``request``, or the answer refusing it from its head."""
+
+
+# an upload must keep this pace (bytes a second) after a grace time, or gets 408
+UPLOAD_MIN_RATE = 32 * 1024
 
 
 def _date() -> str:
@@ -110,11 +140,13 @@ class HttpsServer:
         common_headers: dict[str, str] | None = None,
         refusals: RefusalLog | None = None,
         mail_routes: dict[str, tuple[str, int]] | None = None,
+        uploads: dict[str, Upload] | None = None,
     ) -> None:
         """``mail_routes``: ALPN name -> (host, port) of the mail server that takes a
         connection asking for it (port 443's IMAP and SMTP), tunnelled unchanged."""
         self.app = app
         self.mail_routes = mail_routes or {}
+        self.uploads = uploads or {}
         self.tls = tls
         self.log = log
         self.settings = settings or Settings()
@@ -201,6 +233,8 @@ class Connection(asyncio.Protocol):
         "hello",
         "backend",
         "tunnel_source",
+        "sink",
+        "request_limit",
     )
 
     def __init__(self, server: HttpsServer) -> None:
@@ -224,6 +258,8 @@ class Connection(asyncio.Protocol):
         self.hello: bytes | None = None  # a ClientHello so far, while its ALPN decides
         self.backend: Backend | None = None  # a mail tunnel's server end
         self.tunnel_source = ""  # counted as a tunnel of this source
+        self.sink: UploadSink | None = None  # an upload's body goes here
+        self.request_limit = server.settings.max_request_bytes  # an upload's is larger
 
     # ------------------------------------------------------------ asyncio callbacks
 
@@ -264,6 +300,7 @@ class Connection(asyncio.Protocol):
             self.server.admission.disconnect(self.source)
             self.source = ""
         self.server.closed(self)
+        self._drop_sink()
         if self.task is not None:
             self.task.cancel()
         if self.writable is not None:
@@ -477,7 +514,7 @@ class Connection(asyncio.Protocol):
                 h11.SERVER, max_incomplete_event_size=self.server.settings.max_request_bytes
             )
         self.received += len(data)
-        if self.received > self.server.settings.max_request_bytes:
+        if self.received > self.request_limit:
             self.abort("request too large")
             return
         self.http.receive_data(data)
@@ -502,24 +539,74 @@ class Connection(asyncio.Protocol):
                     self._refuse(400, f"bad request: {problem}")
                     return
                 self.pending = self._request(event)
-                if self.pending.content_length > s.max_body_bytes:
+                upload = self._upload_of(self.pending)
+                if upload is not None:
+                    if not self._begin_upload(upload, self.pending, event):
+                        return
+                elif self.pending.content_length > s.max_body_bytes:
                     self._refuse(413, "request body too large")
+                    return
+            elif isinstance(event, h11.Data) and self.sink is not None:
+                refused = self.sink.feed(event.data)
+                if refused is not None:
+                    self._drop_sink()
+                    self._refuse(refused.status, "upload refused", refused)
                     return
             elif isinstance(event, h11.EndOfMessage):
                 request, self.pending = self.pending, None
+                sink, self.sink = self.sink, None
                 if request is not None:
-                    self.task = asyncio.get_running_loop().create_task(self._respond(request))
+                    self._cancel_timer()
+                    self.task = asyncio.get_running_loop().create_task(self._respond(request, sink))
                 return
             elif isinstance(event, h11.ConnectionClosed):
                 self.close()
                 return
             # h11.Data: a body nobody reads (its size is bounded above)
 
+    def _upload_of(self, request: Request) -> Upload | None:
+        return self.server.uploads.get(request.path) if request.method == "POST" else None
+
+    def _begin_upload(self, upload: Upload, request: Request, event: h11.Request) -> bool:
+        """Start streaming the body to the upload's sink; False: refused (answered)."""
+        if not any(name == b"content-length" for name, _ in event.headers):
+            self._refuse(411, "upload without Content-Length")
+            return False
+        if request.content_length > upload.max_body:
+            self._refuse(413, "upload too large")
+            return False
+        started = upload.begin(request)
+        if isinstance(started, Response):
+            self._refuse(started.status, "upload refused", started)
+            return False
+        self.sink = started
+        self.request_limit = self.server.settings.max_request_bytes + request.content_length
+        # a page's timers do not fit an upload of megabytes: a pace does
+        if self.life_timer is not None:
+            self.life_timer.cancel()
+            self.life_timer = None
+        seconds = self.server.settings.upload_grace + request.content_length / UPLOAD_MIN_RATE
+        self.timer = asyncio.get_running_loop().call_later(seconds, self._too_slow)
+        return True
+
+    def _too_slow(self) -> None:
+        self.timer = None
+        self._drop_sink()
+        self._refuse(408, "upload too slow")
+
+    def _drop_sink(self) -> None:
+        if self.sink is not None:
+            sink, self.sink = self.sink, None
+            sink.discard()
+
     def _check_head(self, event: h11.Request) -> str | None:
         s = self.server.settings
         if len(event.target) + len(event.method) + 10 > s.max_line_bytes:
             return "request line too long"
-        if len(event.headers) > s.max_header_fields:
+        path = event.target.split(b"?", 1)[0].decode("latin-1")
+        upload = self.server.uploads.get(path) if event.method == b"POST" else None
+        fields = upload.max_header_fields if upload is not None else s.max_header_fields
+        if len(event.headers) > fields:
             return "too many header fields"
         for name, value in event.headers:
             if len(name) + len(value) + 2 > s.max_line_bytes:
@@ -528,9 +615,11 @@ class Connection(asyncio.Protocol):
 
     def _request(self, event: h11.Request) -> Request:
         headers: dict[str, str] = {}
+        fields = []
         for name, value in event.headers:
             key, text = name.decode("latin-1"), value.decode("latin-1")
             headers[key] = f"{headers[key]}, {text}" if key in headers else text
+            fields.append((key, text))
         target = event.target.decode("latin-1")
         raw_path, _, query = target.partition("?")
         length = headers.get("content-length", "0")
@@ -542,6 +631,7 @@ class Connection(asyncio.Protocol):
             remote=self.remote,
             local=self.local,
             content_length=int(length) if length.isdigit() else 0,
+            fields=tuple(fields),
         )
 
     def _head(self, response: Response, close: bool) -> h11.Response:
@@ -561,14 +651,15 @@ class Connection(asyncio.Protocol):
             status_code=response.status, headers=list(headers.items()), reason=reason
         )
 
-    def _refuse(self, status: int, why: str) -> None:
+    def _refuse(self, status: int, why: str, response: Response | None = None) -> None:
         """Answer a request we will not serve, then close (after draining what follows)."""
         self.server.log.debug("%s from %s", why, self.remote)
         self._cancel_timer()
-        text = f"{status}: {http.HTTPStatus(status).phrase}\n".encode()
-        head = self._head(
-            Response(status, {"Content-Type": "text/plain; charset=utf-8"}, text), close=True
-        )
+        if response is None:
+            text = f"{status}: {http.HTTPStatus(status).phrase}\n".encode()
+            response = Response(status, {"Content-Type": "text/plain; charset=utf-8"}, text)
+        text = response.body
+        head = self._head(response, close=True)
         raw = b"HTTP/1.1 %d %s\r\n" % (status, head.reason) + b"".join(
             b"%s: %s\r\n" % (n, v) for n, v in head.headers.raw_items()
         )
@@ -591,13 +682,13 @@ class Connection(asyncio.Protocol):
                     self.transport.write_eof()
             self._set_timer(self.server.settings.linger, None)
 
-    async def _respond(self, request: Request) -> None:
+    async def _respond(self, request: Request, sink: UploadSink | None = None) -> None:
         conn = self.http
         response: Response | None = None
         close = True
         try:
             try:
-                response = await self.server.app(request)
+                response = await (sink.finish() if sink else self.server.app(request))
             except Exception:
                 self.server.log.exception("request %s %s failed", request.method, request.path)
                 response = Response(500, {"Content-Type": "text/plain"}, b"500: internal error\n")
@@ -631,6 +722,7 @@ class Connection(asyncio.Protocol):
             return
         conn.start_next_cycle()
         self.received = 0
+        self.request_limit = self.server.settings.max_request_bytes
         self._wait_for_request()
         self._process()
 
