@@ -425,6 +425,12 @@ class Config:
     disable_ipv6: bool = _key(parse_bool, "IPv4 only", False)
     imap_rawlog: bool = _key(parse_bool, "keep raw IMAP logs per user", False)
     imap_compress: bool = _key(parse_bool, "enable IMAP COMPRESS (disables hibernation)", False)
+    imap_hibernate_timeout: int = _key(
+        _int_in(0, 3600),
+        "seconds an IMAP client in IDLE stays awake before Dovecot hibernates it (its imap"
+        " process ends until mail or a command wakes it); 0: never",
+        10,
+    )
     tls_external_cert_and_key: tuple[str, str] | None = _key(
         parse_cert_and_key, "CERTFILE KEYFILE of an externally managed certificate", None
     )

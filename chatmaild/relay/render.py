@@ -283,6 +283,7 @@ def template_variables(config: Config, layout: Layout) -> dict[str, object]:
         protocols = "ipv4" if config.disable_ipv6 else "all"
         mynetworks = "127.0.0.0/8" if config.disable_ipv6 else "127.0.0.0/8 [::1]/128"
     queue = layout.postfix_queue_dir
+    hibernate_after = 0 if config.imap_compress else config.imap_hibernate_timeout
 
     def filter_socket(path: str) -> str:
         return f"unix:{postfix_path(path, queue)}" if filtering else ""
@@ -330,6 +331,8 @@ def template_variables(config: Config, layout: Layout) -> dict[str, object]:
         "smtp_listen": listen(config.smtp_port),
         "submission_listen": listen(config.submission_port),
         "submissions_listen": listen(config.submissions_port),
+        # COMPRESS keeps a client awake anyway
+        "imap_hibernate_timeout": f"{hibernate_after}s",
         "imap_port": config.imap_port,
         "imaps_port": config.imaps_port,
         # port 443's mail tunnels from the web process: loopback only
