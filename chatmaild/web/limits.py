@@ -77,6 +77,34 @@ class RefusalLog:
 
 
 @dataclass
+class SourceBudget:
+    """Things held at once, in all and per source (connections, tunnels, uploads):
+    ``take`` counts one or says why not, ``give`` hands it back."""
+
+    limit: int
+    per_source_limit: int
+    full: str  # the refusal when ``limit`` is reached
+    crowded: str  # the refusal when the source's share is
+    held: int = 0
+    per_source: Counter[str] = field(default_factory=Counter)
+
+    def take(self, source: str) -> str | None:
+        if self.held >= self.limit:
+            return self.full
+        if self.per_source[source] >= self.per_source_limit:
+            return self.crowded
+        self.held += 1
+        self.per_source[source] += 1
+        return None
+
+    def give(self, source: str) -> None:
+        self.held -= 1
+        self.per_source[source] -= 1
+        if self.per_source[source] <= 0:
+            del self.per_source[source]
+
+
+@dataclass
 class Admission:
     """Connections open in total and per source; TLS handshakes in progress and their
     rate per source.  The server asks before each step and reports each end."""
@@ -86,34 +114,35 @@ class Admission:
     max_handshakes: int = 64
     handshakes_per_minute: int = 600
     handshake_burst: int = 20
-    open: int = 0
-    per_source: Counter[str] = field(default_factory=Counter)
-    handshaking: int = 0
-    handshakes: RateLimiter = field(init=False)
     # port 443's mail tunnels (IMAP IDLE lasts hours): their own budget, not the pages'
     max_tunnels: int = 4096
     max_tunnels_per_source: int = 256
-    tunnels: int = 0
-    tunnels_per_source: Counter[str] = field(default_factory=Counter)
+    handshaking: int = 0
+    connections: SourceBudget = field(init=False)
+    tunnels: SourceBudget = field(init=False)
+    handshakes: RateLimiter = field(init=False)
 
     def __post_init__(self) -> None:
+        self.connections = SourceBudget(
+            self.max_connections,
+            self.max_per_source,
+            "connection limit reached",
+            "too many connections",
+        )
+        self.tunnels = SourceBudget(
+            self.max_tunnels,
+            self.max_tunnels_per_source,
+            "mail tunnel limit reached",
+            "too many mail tunnels",
+        )
         self.handshakes = RateLimiter(self.handshakes_per_minute, self.handshake_burst)
 
     def connect(self, source: str) -> str | None:
         """Count a new connection; or why it is refused."""
-        if self.open >= self.max_connections:
-            return "connection limit reached"
-        if self.per_source[source] >= self.max_per_source:
-            return "too many connections"
-        self.open += 1
-        self.per_source[source] += 1
-        return None
+        return self.connections.take(source)
 
     def disconnect(self, source: str) -> None:
-        self.open -= 1
-        self.per_source[source] -= 1
-        if self.per_source[source] <= 0:
-            del self.per_source[source]
+        self.connections.give(source)
 
     def start_handshake(self, source: str) -> str | None:
         if self.handshaking >= self.max_handshakes:
@@ -128,16 +157,7 @@ class Admission:
 
     def open_tunnel(self, source: str) -> str | None:
         """Count a connection that became a mail tunnel; or why it is refused."""
-        if self.tunnels >= self.max_tunnels:
-            return "mail tunnel limit reached"
-        if self.tunnels_per_source[source] >= self.max_tunnels_per_source:
-            return "too many mail tunnels"
-        self.tunnels += 1
-        self.tunnels_per_source[source] += 1
-        return None
+        return self.tunnels.take(source)
 
     def close_tunnel(self, source: str) -> None:
-        self.tunnels -= 1
-        self.tunnels_per_source[source] -= 1
-        if self.tunnels_per_source[source] <= 0:
-            del self.tunnels_per_source[source]
+        self.tunnels.give(source)

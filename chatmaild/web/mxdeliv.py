@@ -33,12 +33,11 @@ import asyncio
 import logging
 import re
 import tempfile
-from collections import Counter
 from dataclasses import dataclass
 
 from chatmaild.common.addr import valid_addr_spec
 from chatmaild.common.config import Config
-from chatmaild.web.limits import source_of
+from chatmaild.web.limits import SourceBudget, source_of
 from chatmaild.web.server import Request, Response
 from chatmaild.web.tunnel import proxy_v1
 
@@ -170,11 +169,11 @@ async def _reply(reader: asyncio.StreamReader, timeout: float) -> tuple[int, str
 class Upload:
     """One message being received: its envelope, its body spooled and checked."""
 
-    def __init__(self, route: MxDeliv, request: Request, envelope: Envelope) -> None:
+    def __init__(self, route: MxDeliv, request: Request, envelope: Envelope, source: str) -> None:
         self.route = route
         self.request = request
         self.envelope = envelope
-        self.source = source_of(request.remote)
+        self.source = source  # counted under it in the route's budget
         self.form = DataForm()
         self.spool = tempfile.SpooledTemporaryFile(max_size=SPOOL_IN_MEMORY)  # noqa: SIM115
         self.open = True
@@ -212,8 +211,8 @@ class MxDeliv:
         self.backend = backend
         self.max_body = config.max_message_size
         self.max_header_fields = 32 + MAX_RECIPIENTS
-        self.in_flight = 0
-        self.per_source: Counter[str] = Counter()
+        busy = "too many uploads at once"
+        self.uploads = SourceBudget(MAX_IN_FLIGHT, MAX_PER_SOURCE, busy, busy)
 
     def begin(self, request: Request) -> Upload | Response:
         envelope = parse_envelope(request.fields)
@@ -221,18 +220,14 @@ class MxDeliv:
             self.log.info("mxdeliv: 400 from %s: %s", request.remote, envelope)
             return answer(400, "permanent", envelope)
         source = source_of(request.remote)
-        if self.in_flight >= MAX_IN_FLIGHT or self.per_source[source] >= MAX_PER_SOURCE:
-            self.log.info("mxdeliv: 429 from %s: too many uploads at once", request.remote)
-            return answer(429, "temporary", "too many uploads at once", **{"Retry-After": "10"})
-        self.in_flight += 1
-        self.per_source[source] += 1
-        return Upload(self, request, envelope)
+        refused = self.uploads.take(source)
+        if refused is not None:
+            self.log.info("mxdeliv: 429 from %s: %s", request.remote, refused)
+            return answer(429, "temporary", refused, **{"Retry-After": "10"})
+        return Upload(self, request, envelope, source)
 
     def ended(self, upload: Upload) -> None:
-        self.in_flight -= 1
-        self.per_source[upload.source] -= 1
-        if self.per_source[upload.source] <= 0:
-            del self.per_source[upload.source]
+        self.uploads.give(upload.source)
 
     def refused(self, upload: Upload, response: Response) -> Response:
         why = response.body.decode().strip()
