@@ -534,12 +534,13 @@ class Connection(asyncio.Protocol):
                 return
             if isinstance(event, h11.Request):
                 self._cancel_timer()
-                problem = self._check_head(event)
+                request = self._request(event)
+                upload = self._upload_of(request)
+                problem = self._check_head(event, upload)
                 if problem is not None:
                     self._refuse(400, f"bad request: {problem}")
                     return
-                self.pending = self._request(event)
-                upload = self._upload_of(self.pending)
+                self.pending = request
                 if upload is not None:
                     if not self._begin_upload(upload, self.pending, event):
                         return
@@ -599,12 +600,10 @@ class Connection(asyncio.Protocol):
             sink, self.sink = self.sink, None
             sink.discard()
 
-    def _check_head(self, event: h11.Request) -> str | None:
+    def _check_head(self, event: h11.Request, upload: Upload | None) -> str | None:
         s = self.server.settings
         if len(event.target) + len(event.method) + 10 > s.max_line_bytes:
             return "request line too long"
-        path = event.target.split(b"?", 1)[0].decode("latin-1")
-        upload = self.server.uploads.get(path) if event.method == b"POST" else None
         fields = upload.max_header_fields if upload is not None else s.max_header_fields
         if len(event.headers) > fields:
             return "too many header fields"
