@@ -284,6 +284,7 @@ def template_variables(config: Config, layout: Layout) -> dict[str, object]:
         mynetworks = "127.0.0.0/8" if config.disable_ipv6 else "127.0.0.0/8 [::1]/128"
     queue = layout.postfix_queue_dir
     hibernate_after = 0 if config.imap_compress else config.imap_hibernate_timeout
+    tunnel = tunnel_host(layout)
 
     def filter_socket(path: str) -> str:
         return f"unix:{postfix_path(path, queue)}" if filtering else ""
@@ -336,10 +337,10 @@ def template_variables(config: Config, layout: Layout) -> dict[str, object]:
         "imap_port": config.imap_port,
         "imaps_port": config.imaps_port,
         # port 443's mail tunnels from the web process: loopback only
-        "tunnel_host": tunnel_host(layout),
+        "tunnel_host": tunnel,
         "imaps_tunnel_port": config.imaps_tunnel_port,
-        "submissions_tunnel_listen": f"{tunnel_host(layout)}:{config.submissions_tunnel_port}",
-        "smtp_tunnel_listen": f"{tunnel_host(layout)}:{config.smtp_tunnel_port}",
+        "submissions_tunnel_listen": f"{tunnel}:{config.submissions_tunnel_port}",
+        "smtp_tunnel_listen": f"{tunnel}:{config.smtp_tunnel_port}",
         # Postfix's re-injection smtpd services (public/<name>, see postfix_service)
         "reinject_service": postfix_service(config, "postfix_reinject_socket", queue),
         "reinject_incoming_service": postfix_service(

@@ -392,11 +392,15 @@ class FrontDoor:
         qr = (await self.codes.get(invite))[0]
         if not self._credentials_allowed(request):
             return self._invite_only(invite, qr)
+        link = self._page_account(request, who)
+        return pages.home_page(self.config, invite, link, qr, by_ip=True)
+
+    def _page_account(self, request: Request, who: Audience) -> str:
+        """The ``dclogin:`` link of fresh credentials for a page view."""
         addr, password = generate_credentials(self.config)
         # a page view, not worth a line each: the account exists only once it logs in
         self.log.debug("issued credentials for %s to %s", addr, request.remote)
-        link = account_link(self.config, addr, password, who.ip)
-        return pages.home_page(self.config, invite, link, qr, by_ip=True)
+        return account_link(self.config, addr, password, who.ip)
 
     def _ip_only_home(self, request: Request, who: Audience) -> pages.Page | Response:
         """An IP-only relay's home page: code, link and button are one fresh ``dclogin:``
@@ -409,9 +413,7 @@ class FrontDoor:
             )  # fmt: skip
         from chatmaild.web.qr import page_svg  # drawn here: a new code on every visit
 
-        addr, password = generate_credentials(self.config)
-        self.log.debug("issued credentials for %s to %s", addr, request.remote)
-        link = account_link(self.config, addr, password, who.ip)
+        link = self._page_account(request, who)
         return pages.home_page(self.config, link, link, page_svg(link), by_ip=True)
 
     def _invite_only(self, invite: str, qr: str) -> pages.Page:
