@@ -21,7 +21,6 @@ import pytest
 from chatmaild.relay import Relay
 from chatmaild.relay.dns import LoopbackDNS
 from testing.dcclient import (
-    DCClients,
     relay_dclogin,
     securejoin,
     wait_event,
@@ -75,13 +74,6 @@ def relays(dns, push_sink):
 @pytest.fixture(scope="module")
 def relay_a(relays) -> Relay:
     return relays[0]
-
-
-@pytest.fixture(scope="module")
-def clients(tmp_path_factory):
-    c = DCClients(tmp_path_factory.mktemp("dc"))
-    yield c
-    c.close()
 
 
 def test_accounts_from_dclogin_and_new_securejoin_both_ways(relay_a, clients):

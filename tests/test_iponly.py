@@ -23,7 +23,7 @@ import urllib.request
 import pytest
 
 from chatmaild.relay import client_tls_context
-from testing.dcclient import DCClients, securejoin, wait_incoming_text
+from testing.dcclient import securejoin, wait_incoming_text
 from tests.fixtures.relay import full_relay
 from tests.sandbox import world_readable_tempdir
 from tests.test_relay_run import start_dev
@@ -35,13 +35,6 @@ pytestmark = [pytest.mark.relay, pytest.mark.timeout(300)]
 def relay():
     with full_relay({"mail_domain": "127.0.0.1"}) as r:
         yield r
-
-
-@pytest.fixture(scope="module")
-def clients(tmp_path_factory):
-    c = DCClients(tmp_path_factory.mktemp("dc"))
-    yield c
-    c.close()
 
 
 def test_postfix_names_itself_by_the_reverse_pointer(relay):

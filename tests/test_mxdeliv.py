@@ -11,17 +11,16 @@ from __future__ import annotations
 import http.client
 import shutil
 import socket
-import time
 from pathlib import Path
 
 import pytest
 
-from chatmaild.filtermail.dkim import Signer, split_message
 from chatmaild.relay import client_tls_context
 from chatmaild.relay.dns import LoopbackDNS
 from testing import mails
 from testing.maildirs import stored_message
 from tests.sandbox import world_readable_tempdir
+from tests.test_filtermail_postfix import account, signed, wait_for_mail
 from tests.test_web_http import NewEmail
 
 pytestmark = [pytest.mark.relay, pytest.mark.timeout(300)]
@@ -41,12 +40,6 @@ def relay(dkim_keys):
             yield pool({"dns_resolver": dns.address, "max_message_size": 200_000}, COMPONENTS)
         finally:
             pool.close()
-
-
-def signed(msg: bytes, dkim_keys) -> bytes:
-    signer = Signer.from_file("other.example", "dkim", str(dkim_keys["other.example"][0]))
-    header_block, start = split_message(msg)
-    return signer.sign(header_block, msg, start) + msg
 
 
 def data_form(msg: bytes) -> bytes:
@@ -74,43 +67,27 @@ def post(relay, body: bytes, fields: list[tuple[str, str]], method: str = "POST"
         conn.close()
 
 
-def account(relay) -> str:
-    addr, password = relay.new_credentials()
-    relay.imap(addr, password).logout()
-    return addr
-
-
 def inbox(relay, addr: str) -> list[bytes]:
     home = Path(relay.config.mailboxes_dir) / addr
     return [stored_message(p) for p in home.rglob("*") if p.is_file()
             and p.parent.name in ("new", "cur")]  # fmt: skip
 
 
-def wait_for(relay, addr: str, marker: bytes, timeout: float = 30) -> bytes:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        for data in inbox(relay, addr):
-            if marker in data:
-                return data
-        time.sleep(0.1)
-    raise AssertionError(f"no mail {marker!r} for {addr}")
-
-
 def test_signed_encrypted_mail_is_delivered_with_the_senders_address(relay, dkim_keys):
-    bob = account(relay)
+    bob, _ = account(relay)
     msg = signed(mails.encrypted_message(SENDER, [bob], subject="over https"), dkim_keys)
     status, headers, text = post(relay, data_form(msg),
                                  [("X-MAIL-FROM", SENDER), ("X-MAIL-TO", bob)],
                                  source="127.0.0.9")  # fmt: skip
     assert (status, headers["X-Mxdeliv"]) == (200, "delivered"), text
     assert text.startswith("250 ")
-    assert b"over https" in wait_for(relay, bob, b"over https")
+    assert b"over https" in wait_for_mail(relay, bob, b"over https", timeout=30)
     log = (relay.log_dir / "postfix.log").read_text(errors="replace")
     assert "postfix/mxdeliv/smtpd" in log and "connect from unknown[127.0.0.9]" in log
 
 
 def test_what_port_25_refuses_is_refused_for_good(relay, dkim_keys):
-    bob = account(relay)
+    bob, _ = account(relay)
     unsigned = mails.encrypted_message(SENDER, [bob], subject="unsigned")
     status, headers, text = post(relay, data_form(unsigned),
                                  [("X-MAIL-FROM", SENDER), ("X-MAIL-TO", bob)])  # fmt: skip
@@ -145,7 +122,7 @@ def test_what_port_25_refuses_is_refused_for_good(relay, dkim_keys):
     ],
 )
 def test_hostile_requests_deliver_nothing(relay, fields, body, status):
-    bob = account(relay)
+    bob, _ = account(relay)
     fields = [(k, v.replace("BOB", bob)) for k, v in fields]
     data = b"Subject: fine\r\n\r\nfine\r\n" if body is None else body
     got, headers, text = post(relay, data, fields)

@@ -19,7 +19,7 @@ import time
 import pytest
 
 from chatmaild.relay import client_tls_context
-from testing.dcclient import DCClients, securejoin, wait_incoming_text
+from testing.dcclient import securejoin, wait_incoming_text
 from tests.fixtures.relay import full_relay
 
 pytestmark = [pytest.mark.relay, pytest.mark.timeout(300)]
@@ -29,13 +29,6 @@ pytestmark = [pytest.mark.relay, pytest.mark.timeout(300)]
 def relay():
     with full_relay({"max_user_send_per_minute": 6000}) as r:
         yield r
-
-
-@pytest.fixture(scope="module")
-def clients(tmp_path_factory):
-    c = DCClients(tmp_path_factory.mktemp("dc443"))
-    yield c
-    c.close()
 
 
 def tls_to_443(relay, alpn: list[str], source: str = "127.0.0.1") -> ssl.SSLSocket:
