@@ -99,8 +99,8 @@ def test_what_port_25_refuses_is_refused_for_good(relay, dkim_keys):
                            ("X-MAIL-TO", bob), ("X-MAIL-TO", "x@third.example")])  # fmt: skip
     assert status == 422 and text.startswith("554 5.7.1") and "Relay access denied" in text
     big = signed(mails.encrypted_message(SENDER, [bob], size=150_000), dkim_keys)
-    status, _, text = post(relay, data_form(big) * 2, [("X-MAIL-TO", bob)])
-    assert status == 413
+    status, headers, text = post(relay, data_form(big) * 2, [("X-MAIL-TO", bob)])
+    assert (status, headers["X-Mxdeliv"]) == (413, "permanent")
     assert inbox(relay, bob) == []
 
 
@@ -138,7 +138,8 @@ def test_other_methods_and_no_length(relay):
     sock = socket.create_connection((relay.host, int(relay.ports["newemail"])), timeout=30)
     with client_tls_context().wrap_socket(sock) as tls:
         tls.sendall(raw)
-        assert tls.recv(4096).startswith(b"HTTP/1.1 411 ")
+        answer = tls.recv(4096)
+        assert answer.startswith(b"HTTP/1.1 411 ") and b"X-Mxdeliv: permanent\r\n" in answer
 
 
 def test_slow_upload_gets_408(tmp_path):
@@ -150,6 +151,7 @@ def test_slow_upload_gets_408(tmp_path):
                         b"Content-Length: 1000\r\n\r\nSubject: slow\r\n")  # fmt: skip
             answer = tls.recv(4096)  # the rest never comes
         assert answer.startswith(b"HTTP/1.1 408 "), answer
+        assert b"X-Mxdeliv: temporary\r\n" in answer and b"Retry-After: " in answer
     finally:
         server.stop()
         shutil.rmtree(base, ignore_errors=True)

@@ -226,6 +226,12 @@ class MxDeliv:
             return answer(429, "temporary", refused, **{"Retry-After": "10"})
         return Upload(self, request, envelope, source)
 
+    def refusal(self, status: int, why: str) -> Response:
+        """411 and 413 are the sender's to fix, 408 (too slow) may pass another time."""
+        if status == 408:
+            return answer(status, "temporary", why, **{"Retry-After": RETRY_AFTER})
+        return answer(status, "permanent", why)
+
     def ended(self, upload: Upload) -> None:
         self.uploads.give(upload.source)
 

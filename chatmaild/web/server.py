@@ -116,6 +116,9 @@ class Upload(Protocol):
     def begin(self, request: Request) -> UploadSink | Response:
         """A sink for the body of ``request``, or the answer refusing it from its head."""
 
+    def refusal(self, status: int, why: str) -> Response:
+        """The route's own answer to what the server refuses (411, 413, 408)."""
+
 
 # an upload must keep this pace (bytes a second) after a grace time, or gets 408
 UPLOAD_MIN_RATE = 32 * 1024
@@ -571,10 +574,12 @@ class Connection(asyncio.Protocol):
     def _begin_upload(self, upload: Upload, request: Request, event: h11.Request) -> bool:
         """Start streaming the body to the upload's sink; False: refused (answered)."""
         if not any(name == b"content-length" for name, _ in event.headers):
-            self._refuse(411, "upload without Content-Length")
+            self._refuse(411, "upload without Content-Length",
+                         upload.refusal(411, "Content-Length required"))  # fmt: skip
             return False
         if request.content_length > upload.max_body:
-            self._refuse(413, "upload too large")
+            why = f"larger than {upload.max_body} bytes"
+            self._refuse(413, "upload too large", upload.refusal(413, why))
             return False
         started = upload.begin(request)
         if isinstance(started, Response):
@@ -587,13 +592,14 @@ class Connection(asyncio.Protocol):
             self.life_timer.cancel()
             self.life_timer = None
         seconds = self.server.settings.upload_grace + request.content_length / UPLOAD_MIN_RATE
-        self.timer = asyncio.get_running_loop().call_later(seconds, self._too_slow)
+        too_slow = upload.refusal(408, "upload too slow")
+        self.timer = asyncio.get_running_loop().call_later(seconds, self._too_slow, too_slow)
         return True
 
-    def _too_slow(self) -> None:
+    def _too_slow(self, response: Response) -> None:
         self.timer = None
         self._drop_sink()
-        self._refuse(408, "upload too slow")
+        self._refuse(408, "upload too slow", response)
 
     def _drop_sink(self) -> None:
         if self.sink is not None:
