@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from chatmaild.dictd.httppost import MAX_HEAD, HTTPError, PostClient
+from chatmaild.common.httppost import MAX_HEAD, HTTPError, PostClient
 
 
 class Server:

@@ -45,12 +45,14 @@ def test_postfix_accepts_rendered_config(rendered):
     main = dict(line.split(" = ", 1) for line in res.stdout.splitlines() if " = " in line)
     assert main["mydestination"] == "chat.example.org"
     assert main["queue_directory"] == "/var/spool/postfix"
-    assert main["default_transport"] == "smtp"  # production delivers to the world
+    # production delivers to the world through filtermail transport (HTTPS, then SMTP)
+    assert main["default_transport"] == "mxdeliv:unix:filtermail/transport.sock"
+    assert main["mxdeliv_destination_concurrency_limit"] == "64"
     assert main["inet_interfaces"] == "all"
     res = subprocess.run(["postconf", "-c", str(pdir), "-M"], capture_output=True, text=True)
     assert res.returncode == 0 and "warning" not in res.stderr, res.stderr
     services = [line.split()[0] for line in res.stdout.splitlines()]
-    for svc in ("25", "587", "465", "reinject", "reinject_incoming", "authclean"):
+    for svc in ("25", "587", "465", "reinject", "reinject_incoming", "authclean", "mxdeliv"):
         assert svc in services
     # the filter path has no TCP port: every hop is a UNIX socket (public/ for re-injection)
     reinject = [line.split()[:3] for line in res.stdout.splitlines() if "reinject" in line]
@@ -59,6 +61,17 @@ def test_postfix_accepts_rendered_config(rendered):
     assert "smtpd_proxy_filter=unix:filtermail/outgoing.sock" in master
     assert "smtpd_proxy_filter=unix:filtermail/incoming.sock" in master
     assert main["non_smtpd_milters"] == "unix:filtermail/milter.sock"
+
+
+def test_sending_over_https_off_leaves_remote_mail_to_postfix(tmp_path):
+    ini = tmp_path / "chatmail.ini"
+    ini.write_text("[params]\nmail_domain = chat.example.org\nmxdeliv_send = no\n")
+    root = tmp_path / "root"
+    assert chatmaild_main(["--config", str(ini), "render", "--root", str(root)]) == 0
+    res = subprocess.run(["postconf", "-c", str(root / "etc/chatmail/postfix"), "-h",
+                          "default_transport", "relay_transport"],
+                         capture_output=True, text=True, check=True)  # fmt: skip
+    assert res.stdout.split() == ["smtp", "smtp"]
 
 
 def test_reinjection_socket_must_be_where_postfix_creates_it(tmp_path, capsys):
@@ -175,8 +188,8 @@ def test_filtermail_unit_writes_only_its_socket_directory():
     svc = _unit(SYSTEMD / "filtermail.service")["Service"]
     assert svc.get("SupplementaryGroups") == "postdrop"  # enters public/ to re-inject
     assert svc["ReadWritePaths"] == FILTERMAIL_SOCKET_DIR
-    # one process serves the three filter roles, each on its own socket
-    assert svc["ExecStart"].split()[-3:] == ["outgoing", "incoming", "milter"]
+    # one process serves the four roles, each on its own socket
+    assert svc["ExecStart"].split()[-4:] == ["outgoing", "incoming", "milter", "transport"]
     # no capability at all: the web port is chatmail-newemail's
     assert "AmbientCapabilities" not in svc and svc["CapabilityBoundingSet"] == ""
     assert svc["ProtectHome"] == "yes"  # no mail store

@@ -307,6 +307,11 @@ class Config:
     filtermail_milter_socket: str = _key(
         parse_abspath, "DKIM signing milter socket", f"{FILTERMAIL_SOCKET_DIR}/milter.sock"
     )
+    filtermail_transport_socket: str = _key(
+        parse_abspath,
+        "remote delivery socket (LMTP from Postfix's default_transport: HTTPS /mxdeliv, then SMTP)",
+        f"{FILTERMAIL_SOCKET_DIR}/transport.sock",
+    )
     postfix_reinject_socket: str = _key(
         parse_abspath,
         "Postfix outgoing re-injection socket: <queue_directory>/public/<service name>",
@@ -392,6 +397,21 @@ class Config:
         "loopback port of Dovecot's implicit-TLS IMAP for clients reaching it through"
         " newemail_port (ALPN imap; PROXY protocol)",
         10993,
+    )
+    mxdeliv_send: bool = _key(
+        parse_bool,
+        "deliver to other relays over HTTPS (POST https://<mx>/mxdeliv) first, then over"
+        " SMTP port 25; no: SMTP only, by Postfix itself",
+        True,
+    )
+    mxdeliv_receive: bool = _key(
+        parse_bool,
+        "take mail from other relays over HTTPS (POST /mxdeliv on newemail_port); no: the"
+        " route answers 404 and they use port 25",
+        True,
+    )
+    mxdeliv_timeout: float = _key(
+        parse_float, "seconds one delivery to another relay may take, over HTTPS or SMTP", 60.0
     )
     smtp_tunnel_port: int = _key(
         parse_port,

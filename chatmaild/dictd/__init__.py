@@ -6,5 +6,5 @@
   2.4's Lua);
 - ``lastlogin``: the last-login dict;
 - ``metadata``: IMAP METADATA (``tokens``: push device tokens; ``appversions``),
-  with the persistent push notifier (``push``, over ``httppost``).
+  with the persistent push notifier (``push``, over ``chatmaild.common.httppost``).
 """

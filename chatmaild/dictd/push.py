@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from chatmaild.common.config import Config
-from chatmaild.dictd.httppost import PostClient
+from chatmaild.common.httppost import PostClient
 from chatmaild.dictd.tokens import TokenStore
 
 RETRY_FACTOR = 8

@@ -231,22 +231,28 @@ def parse_resolver(spec: str) -> tuple[str, int] | None:
     return spec, 53
 
 
+def make_resolver(spec: str, timeout: float) -> dns.asyncresolver.Resolver:
+    """A resolver asking the ``dns_resolver`` server ``spec`` (empty: the system's)."""
+    server = parse_resolver(spec)
+    if server is None:
+        resolver = dns.asyncresolver.Resolver()
+    else:
+        resolver = dns.asyncresolver.Resolver(configure=False)
+        resolver.nameservers = [server[0]]
+        resolver.port = server[1]
+    resolver.timeout = min(timeout, 5.0)
+    resolver.lifetime = timeout
+    resolver.cache = None  # no negative caching; callers cache what they need
+    return resolver
+
+
 class KeyFetcher:
     """Async TXT lookups of DKIM keys with a small TTL-bound positive cache."""
 
     def __init__(
         self, resolver_spec: str = "", timeout: float = 10.0, cache_size: int = 1000
     ) -> None:
-        server = parse_resolver(resolver_spec)
-        if server is None:
-            self.resolver = dns.asyncresolver.Resolver()
-        else:
-            self.resolver = dns.asyncresolver.Resolver(configure=False)
-            self.resolver.nameservers = [server[0]]
-            self.resolver.port = server[1]
-        self.resolver.timeout = min(timeout, 5.0)
-        self.resolver.lifetime = timeout
-        self.resolver.cache = None  # ours is below; no negative caching
+        self.resolver = make_resolver(resolver_spec, timeout)
         self.cache_size = cache_size
         self._cache: OrderedDict[str, tuple[float, bytes]] = OrderedDict()
 

@@ -1,11 +1,12 @@
 """OpenPGP-only before-queue SMTP filter and DKIM signer for a chatmail relay.
 
-Usage: filtermail [--config INI] ROLE [ROLE ...]
-       (ROLE: outgoing, incoming, milter)
+Usage: filtermail [--config INI] [--routes FILE] ROLE [ROLE ...]
+       (ROLE: outgoing, incoming, milter, transport)
 
 One process serves every role named (the installed unit runs all three),
 each on its own socket with its own config keys; its log lines are tagged
-with the role (filtermail, filtermail-incoming, filtermail-milter).  A
+with the role (filtermail, filtermail-incoming, filtermail-milter,
+filtermail-transport).  A
 failing request closes that connection only; the other roles keep serving.
 The web front door is chatmail-newemail(1), a process of its own: nothing a
 client of the public web port does can take time from the filters' event
@@ -23,6 +24,14 @@ incoming  listens on filtermail_smtp_socket_incoming for the port-25 proxy
           postfix_reinject_socket_incoming.
 milter    listens on filtermail_milter_socket for Postfix non_smtpd_milters and
           DKIM-signs mail Postfix generates itself (bounces).
+transport listens on filtermail_transport_socket for LMTP from Postfix's
+          default_transport (mxdeliv) and delivers mail for other domains:
+          POST https://<mx host>/mxdeliv first (unless mxdeliv_send = no),
+          then SMTP to port 25, STARTTLS required, certificates checked
+          against the MX name; each recipient's reply tells Postfix whether
+          the message was delivered, bounces, or stays in its queue.
+          --routes FILE (make run): lines "domain address smtp_port
+          https_port" are the only destinations.
 
 SOCKETS
   Every endpoint is a UNIX socket, so that its permissions decide who may
@@ -49,6 +58,7 @@ import os
 import socket
 import stat
 import sys
+from pathlib import Path
 
 from chatmaild.common.service import EXIT_CONFIG, Daemon, Endpoint, run_daemons
 from chatmaild.filtermail.dkim import DKIMError, KeyFetcher, Signer, Verifier
@@ -57,11 +67,12 @@ from chatmaild.filtermail.milter import MilterSession
 from chatmaild.filtermail.outgoing import OutgoingHandler
 from chatmaild.filtermail.reinject import ReinjectClient
 from chatmaild.filtermail.smtp import ServerSettings, SMTPServer
+from chatmaild.filtermail.transport import Routes, TransportHandler
 
 # owner vmail (filtermail) and the directory's group postfix; nobody else
 POSTFIX_CLIENT_MODE = 0o660
 
-MODES = ("outgoing", "incoming", "milter")
+MODES = ("outgoing", "incoming", "milter", "transport")
 
 
 def postfix_access_problem(path: str, postfix_gid: int) -> str | None:
@@ -179,15 +190,57 @@ class MilterDaemon(Daemon):
         await session.serve(reader, writer)
 
 
+class TransportDaemon(Daemon):
+    name = "filtermail-transport"
+
+    def endpoint(self) -> Endpoint:
+        # group postfix (the setgid directory's): Postfix's lmtp client is the one client
+        return Endpoint.unix(self.config.filtermail_transport_socket, mode=POSTFIX_CLIENT_MODE)
+
+    async def start(self) -> None:
+        c = self.config
+        routes_file = getattr(self.args, "routes", None)
+        routes = Routes(Path(routes_file)) if routes_file else None
+        self.handler = TransportHandler(c, routes)
+        self.server = SMTPServer(
+            self.handler,
+            ServerSettings(
+                hostname=c.mail_domain.strip("[]"),
+                max_message_size=c.max_message_size,
+                idle_timeout=c.filtermail_idle_timeout,
+                total_timeout=c.filtermail_session_timeout,
+                lmtp=True,
+            ),
+            busy=self.request,
+        )
+        warn_unless_postfix_can_connect(self)
+        self.log.info("entering serving loop (transport)")
+
+    async def stop(self) -> None:
+        await self.handler.close()
+
+    async def handle_connection(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        await self.server.serve(reader, writer)
+
+
 DAEMONS: dict[str, type[Daemon]] = {
     "outgoing": OutgoingDaemon,
     "incoming": IncomingDaemon,
     "milter": MilterDaemon,
+    "transport": TransportDaemon,
 }
 
 
 def _add_mode(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("mode", nargs="*", metavar="ROLE", help="roles: " + ", ".join(MODES))
+    parser.add_argument(
+        "--routes",
+        metavar="FILE",
+        help="transport: the only destinations, lines 'domain address smtp_port https_port'"
+        " (make run's peers)",
+    )
 
 
 def roles_of(args: argparse.Namespace) -> list[type[Daemon]]:

@@ -60,8 +60,11 @@ class Handler(Protocol):
     async def handle_rcpt(self, session: Session, env: Envelope, address: str) -> str | None:
         """Return an error reply, or None to accept (``250 OK``)."""
 
-    async def handle_data(self, session: Session, env: Envelope, content: bytearray) -> str:
-        """``content`` is the unstuffed message with CRLF line ends; return the reply."""
+    async def handle_data(
+        self, session: Session, env: Envelope, content: bytearray
+    ) -> str | list[str]:
+        """``content`` is the unstuffed message with CRLF line ends; return the reply
+        (LMTP: one reply for all recipients, or one per recipient in their order)."""
 
 
 def dot_unstuff(data: bytearray) -> bytearray:
@@ -244,6 +247,7 @@ class ServerSettings:
     max_message_size: int
     idle_timeout: float = 300.0
     total_timeout: float = 1800.0
+    lmtp: bool = False  # RFC 2033: LHLO, and a reply per recipient after DATA
 
 
 class SMTPServer:
@@ -266,7 +270,7 @@ class SMTPServer:
         conn = Connection(reader, writer, s.idle_timeout, s.total_timeout)
         session = Session(peer=peer)
         env = Envelope()
-        await conn.reply(f"220 {s.hostname} ESMTP filtermail")
+        await conn.reply(f"220 {s.hostname} {'LMTP' if s.lmtp else 'ESMTP'} filtermail")
         try:
             while True:
                 raw, too_long = await conn.read_line()
@@ -300,9 +304,9 @@ class SMTPServer:
         self, conn: Connection, session: Session, env: Envelope, verb: str, arg: str
     ) -> Envelope:
         s = self.settings
-        if verb == "EHLO" or verb == "LHLO":
+        if verb == "LHLO" or (verb == "EHLO" and not s.lmtp):
             if not arg.strip():
-                await conn.reply("501 5.5.4 Syntax: EHLO hostname")
+                await conn.reply(f"501 5.5.4 Syntax: {verb} hostname")
                 return env
             session.helo = arg.strip()
             await conn.reply(
@@ -310,6 +314,9 @@ class SMTPServer:
                 "250-8BITMIME\r\n250-SMTPUTF8\r\n250 DSN"
             )
             return Envelope()
+        if verb in ("HELO", "EHLO") and s.lmtp:
+            await conn.reply("500 5.5.1 Error: this is LMTP: LHLO")
+            return env
         if verb == "HELO":
             if not arg.strip():
                 await conn.reply("501 5.5.4 Syntax: HELO hostname")
@@ -433,7 +440,15 @@ class SMTPServer:
         except Exception:
             log.exception("%s: handler failed", session.peer)
             result = "451 4.3.0 Local error in processing"
-        await conn.reply(result)
+        if self.settings.lmtp:
+            replies = [result] * len(env.rcpt_tos) if isinstance(result, str) else result
+            if len(replies) != len(env.rcpt_tos):
+                log.error("%s: %d replies for %d recipients", session.peer, len(replies),
+                          len(env.rcpt_tos))  # fmt: skip
+                replies = ["451 4.3.0 Local error in processing"] * len(env.rcpt_tos)
+            await conn.reply("\r\n".join(replies))
+        else:
+            await conn.reply(result if isinstance(result, str) else result[0])
         return Envelope()
 
 

@@ -79,7 +79,8 @@ class PeerLinks:
                 continue
             if domain == self.relay.mail_domain:
                 raise PeerError(f"peer {peer} has this relay's own mail_domain {domain}")
-            self.relay.add_peer(domain, port, facts.get("host", "127.0.0.1"))
+            https_port = int(facts["ports"].get("newemail", 443))
+            self.relay.add_peer(domain, port, facts.get("host", "127.0.0.1"), https_port)
             if dkim is not None:
                 self.dns.set_txt(*dkim)
             self._linked[peer] = (domain, port, dkim)  # type: ignore[assignment]

@@ -34,6 +34,7 @@ SOCKET_KEYS = {
     "filtermail": "filtermail_smtp_socket",
     "filtermail_incoming": "filtermail_smtp_socket_incoming",
     "filtermail_milter": "filtermail_milter_socket",
+    "filtermail_transport": "filtermail_transport_socket",
 }
 LOCAL_SOCKETS = {
     "postfix_reinject_socket": "postfix/spool/public/reinject",
@@ -41,6 +42,7 @@ LOCAL_SOCKETS = {
     "filtermail_smtp_socket": "postfix/spool/filtermail/outgoing.sock",
     "filtermail_smtp_socket_incoming": "postfix/spool/filtermail/incoming.sock",
     "filtermail_milter_socket": "postfix/spool/filtermail/milter.sock",
+    "filtermail_transport_socket": "postfix/spool/filtermail/transport.sock",
 }
 
 

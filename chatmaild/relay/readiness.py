@@ -35,6 +35,8 @@ class Readiness:
                            logs / "filtermail.log"))  # fmt: skip
             checks.append(("filtermail milter", cfg.filtermail_milter_socket,
                            logs / "filtermail.log"))  # fmt: skip
+            checks.append(("filtermail transport", cfg.filtermail_transport_socket,
+                           logs / "filtermail.log"))  # fmt: skip
         if "newemail" in c:
             checks.append(("newemail", (self.host, cfg.newemail_port), logs / "newemail.log"))
         if "postfix" in c:

@@ -26,6 +26,7 @@ import shutil
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import NamedTuple
 
 from chatmaild.common.config import DEFAULT_CONFIG_PATH, Config, ConfigError
 from chatmaild.relay.dovecotversion import dovecot_version, installed_series
@@ -120,6 +121,20 @@ def host_name(config: Config) -> str:
     return bare
 
 
+class Peer(NamedTuple):
+    """Another local relay: where its port 25 and its web port (/mxdeliv) are."""
+
+    domain: str
+    host: str
+    smtp_port: int
+    https_port: int
+
+
+MXDELIV_ROUTES = "mxdeliv_routes"
+# Postfix's lmtp clients to filtermail transport: deliveries to other relays at once
+MXDELIV_MAXPROC = 64  # make run's peers for filtermail transport (--routes)
+
+
 @dataclass(frozen=True)
 class Layout:
     """Where a relay's files live and what it listens on."""
@@ -141,7 +156,8 @@ class Layout:
     imap_login_min_avail: int = 10
     nodelay_so: Path | None = None
     components: frozenset[str] = frozenset(ALL_COMPONENTS)
-    peers: tuple[tuple[str, str], ...] = field(default=())  # (domain, postfix nexthop)
+    # local relays this one delivers to: (domain, address, smtp port, https port)
+    peers: tuple[Peer, ...] = field(default=())
     # "2.3" or "2.4"; None: the installed Dovecot's
     dovecot_series: str | None = None
     ini_path: Path | None = None  # chatmail.ini quota-expire reads; None: the default
@@ -376,17 +392,53 @@ def template_variables(config: Config, layout: Layout) -> dict[str, object]:
         ),
         "tls_cert": layout.tls_cert,
         "tls_key": layout.tls_key,
-        # remote delivery
-        "default_transport": layout.default_transport,
-        "relay_transport": layout.default_transport,
+        # remote delivery: filtermail's transport role (HTTPS first), else the layout's
+        "default_transport": remote_transport(config, layout) or layout.default_transport,
+        "relay_transport": remote_transport(config, layout) or layout.default_transport,
+        "mxdeliv_maxproc": MXDELIV_MAXPROC,
         "smtp_tls_security_level": layout.smtp_tls_security_level,
     }
 
 
-def transport_map(peers: Iterable[tuple[str, str]]) -> str:
+def remote_transport(config: Config, layout: Layout) -> str | None:
+    """Postfix's transport for other domains when filtermail's transport role
+    delivers them (HTTPS /mxdeliv, then SMTP), else None (Postfix's smtp)."""
+    if not (config.mxdeliv_send and "filtermail" in layout.components):
+        return None
+    socket = postfix_path(config.filtermail_transport_socket, layout.postfix_queue_dir)
+    return f"mxdeliv:unix:{socket}"
+
+
+def transport_map(peers: Iterable[Peer], via_filtermail: bool) -> str:
+    """Postfix's explicit routes: the peers' port 25, unless filtermail's transport
+    delivers to them (its routes file, :func:`routes_file`)."""
     lines = ["# explicit routes (texthash: no postmap needed); rewritten by the relay code"]
-    lines += [f"{domain}\t{nexthop}" for domain, nexthop in peers]
+    if not via_filtermail:
+        lines += [f"{p.domain}\tsmtp:[{p.host}]:{p.smtp_port}" for p in peers]
     return "\n".join(lines) + "\n"
+
+
+def routes_file(peers: Iterable[Peer]) -> str:
+    """filtermail transport's --routes: the only destinations of a local relay."""
+    lines = ["# domain address smtp_port https_port; rewritten by the relay code"]
+    lines += [f"{p.domain} {p.host} {p.smtp_port} {p.https_port}" for p in peers]
+    return "\n".join(lines) + "\n"
+
+
+def write_routes(config: Config, layout: Layout, prefix: Path = Path("/")) -> list[Path]:
+    """Write the transport map and the routes file of ``layout.peers`` (atomically)."""
+    via_filtermail = remote_transport(config, layout) is not None
+    files = [("transport", transport_map(layout.peers, via_filtermail))]
+    if layout.root != Path("/"):  # a local relay's (make run): its peers, nothing else
+        files.append((MXDELIV_ROUTES, routes_file(layout.peers)))
+    written = []
+    for name, text in files:
+        target = prefix / (layout.postfix_config_dir / name).relative_to("/")
+        tmp = target.with_name(f".{name}.tmp")
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, target)
+        written.append(target)
+    return written
 
 
 def render_all(
@@ -411,9 +463,7 @@ def render_all(
         target = dest(layout.postfix_config_dir / name)
         render_file(source_root / "postfix" / name, target, variables)
         written.append(target)
-    transport = dest(layout.postfix_config_dir / "transport")
-    transport.write_text(transport_map(layout.peers), encoding="utf-8")
-    written.append(transport)
+    written += write_routes(config, layout, prefix)
     series = layout.dovecot_series or installed_series()
     for template, name in DOVECOT_TEMPLATES[series]:
         target = dest(layout.dovecot_config_dir / name)

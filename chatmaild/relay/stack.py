@@ -68,9 +68,11 @@ from chatmaild.relay.readiness import Readiness
 from chatmaild.relay.render import (
     ALL_COMPONENTS,
     DAEMON_MODULES,
+    MXDELIV_ROUTES,
     Layout,
+    Peer,
     render_all,
-    transport_map,
+    write_routes,
 )
 from chatmaild.relay.staging import stage
 
@@ -81,7 +83,7 @@ DEFAULT_DOMAIN = "chat.example"
 # memory instead of one per role), as the units in systemd/ do: "dict" the
 # dict daemons, "filtermail" the filters; the web front door ("newemail") is a
 # process of its own, so that its public port cannot take time from the filters
-FILTER_ROLES = ("outgoing", "incoming", "milter")
+FILTER_ROLES = ("outgoing", "incoming", "milter", "transport")
 
 
 def available_components() -> tuple[str, ...]:
@@ -153,7 +155,7 @@ class Relay(PortHolding, Supervision, Readiness):
         self.log_dir = self.state_dir / "log"
         self.run_dir = self.state_dir / "run"
         self.json_path = self.state_dir / "relay.json"
-        self.peers: dict[str, str] = {}
+        self.peers: dict[str, Peer] = {}
         self._procs: dict[str, subprocess.Popen] = {}
         self._started_at: dict[str, float] = {}
         self._lock = threading.Lock()  # _procs: the supervisor restarts, stop() ends
@@ -248,7 +250,7 @@ class Relay(PortHolding, Supervision, Readiness):
             "log_dir": str(self.log_dir),
             "components": sorted(self.components),
             "nodelay": self.layout.nodelay_so is not None,
-            "peers": self.peers,
+            "peers": {domain: f"{p.host}:{p.smtp_port}" for domain, p in self.peers.items()},
             # (DNS name, TXT value) other local relays publish to verify our signatures
             "dkim": list(self.dkim_record()) if self.dkim_available() else None,
         }
@@ -334,7 +336,7 @@ class Relay(PortHolding, Supervision, Readiness):
             self._make_dkim_key(vmail)
             # filtermail's sockets inherit group postfix from their setgid directory
             for key in ("filtermail_smtp_socket", "filtermail_smtp_socket_incoming",
-                        "filtermail_milter_socket"):  # fmt: skip
+                        "filtermail_milter_socket", "filtermail_transport_socket"):  # fmt: skip
                 d = Path(getattr(self.config, key)).parent
                 d.mkdir(parents=True, exist_ok=True)
                 os.chown(d, vmail.pw_uid, postfix_user.pw_gid)
@@ -344,7 +346,7 @@ class Relay(PortHolding, Supervision, Readiness):
 
             so = prepare_nodelay(self.state_dir / "nodelay", required=bool(self.nodelay_requested))
             self.layout = self.layout.with_(nodelay_so=so)
-        self.layout = self.layout.with_(peers=tuple(self.peers.items()))
+        self.layout = self.layout.with_(peers=tuple(self.peers.values()))
         # Dovecot runs quota-expire as vmail, the daemons run as vmail: a copy they can reach
         stage(self.state_dir)
         render_all(self.config, self.layout)
@@ -426,7 +428,10 @@ class Relay(PortHolding, Supervision, Readiness):
         if dict_roles:
             cmds["dict"] = [program("chatmail-dict"), "--config", ini, *dict_roles]
         if "filtermail" in c:
-            cmds["filtermail"] = [program("filtermail"), "--config", ini, *FILTER_ROLES]
+            # a local relay delivers to its peers only (filtermail transport's routes)
+            routes = str(self.layout.postfix_config_dir / MXDELIV_ROUTES)
+            cmds["filtermail"] = [program("filtermail"), "--config", ini, "--routes", routes,
+                                  *FILTER_ROLES]  # fmt: skip
         if "newemail" in c:
             # loopback only, unlike an installed relay's every interface
             cmds["newemail"] = [
@@ -491,25 +496,29 @@ class Relay(PortHolding, Supervision, Readiness):
     # ------------------------------------------------------------ peers
 
     def add_peer(
-        self, other: Relay | str, port: int | None = None, host: str = "127.0.0.1"
+        self,
+        other: Relay | str,
+        port: int | None = None,
+        host: str = "127.0.0.1",
+        https_port: int | None = None,
     ) -> None:
-        """Route mail for another relay's domain to its port 25 on loopback.
+        """Deliver mail for another relay's domain to it on loopback: over HTTPS
+        (its web port's /mxdeliv) first, then its port 25 (filtermail transport).
 
         Every other destination stays refused; ``other`` may be a Relay or a
-        domain with its SMTP ``port`` on loopback address ``host``.
+        domain with its SMTP ``port`` and ``https_port`` on loopback address ``host``.
         """
         if isinstance(other, Relay):
             domain, port, host = other.mail_domain, other.config.smtp_port, other.host
+            https_port = other.config.newemail_port
         else:
             domain = other
         if port is None:
             raise ValueError("add_peer(domain, port): port is required for a domain")
-        self.peers[domain] = f"smtp:[{host}]:{port}"
-        transport = self.layout.postfix_config_dir / "transport"
-        if transport.parent.exists():
-            tmp = transport.with_suffix(".tmp")
-            tmp.write_text(transport_map(self.peers.items()), encoding="utf-8")
-            os.replace(tmp, transport)
+        self.peers[domain] = Peer(domain, host, port, https_port or 443)
+        self.layout = self.layout.with_(peers=tuple(self.peers.values()))
+        if self.layout.postfix_config_dir.exists():
+            write_routes(self.config, self.layout)
         if self._postfix_pid() is not None:
             subprocess.run(
                 ["postfix", "-c", str(self.layout.postfix_config_dir), "reload"],

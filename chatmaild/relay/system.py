@@ -107,6 +107,7 @@ def unit_needs(config: Config) -> dict[str, list[str]]:
             config.filtermail_smtp_socket,
             config.filtermail_smtp_socket_incoming,
             config.filtermail_milter_socket,
+            config.filtermail_transport_socket,
         ],
     }
     needs = {}
@@ -182,6 +183,7 @@ def ensure_directories(config: Config) -> None:
         config.filtermail_smtp_socket,
         config.filtermail_smtp_socket_incoming,
         config.filtermail_milter_socket,
+        config.filtermail_transport_socket,
     ):
         d = Path(path).parent
         d.mkdir(parents=True, exist_ok=True)

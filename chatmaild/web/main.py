@@ -325,8 +325,9 @@ class FrontDoor:
             "/invite.svg": {"GET": self.invite_svg},
         }
         routes[autoconfig.PATH] = {"GET": self.autoconfig}
-        # POST is the server's (an upload, web.mxdeliv); here only the other methods' 405
-        routes[mxdeliv.PATH] = {"POST": self.mxdeliv_not_here}
+        if self.config.mxdeliv_receive:
+            # POST is the server's (an upload, web.mxdeliv); here only the other methods' 405
+            routes[mxdeliv.PATH] = {"POST": self.mxdeliv_not_here}
         if mtasts.applies(self.config):
             # what https://mta-sts.<mail_domain>/ serves (the certificate covers that name)
             routes[mtasts.PATH] = {"GET": self.mta_sts_policy}
@@ -591,7 +592,9 @@ class NewEmailDaemon(Daemon):
         # one summary of refusals for the server's limits and the front door's
         host = getattr(self.args, "tunnel_host", None) or "127.0.0.1"
         routes = {"imap": (host, c.imaps_tunnel_port), "smtp": (host, c.submissions_tunnel_port)}
-        uploads = {mxdeliv.PATH: mxdeliv.MxDeliv(c, self.log, (host, c.smtp_tunnel_port))}
+        uploads = {}
+        if c.mxdeliv_receive:  # else: 404, as where the route does not exist (port 25 then)
+            uploads[mxdeliv.PATH] = mxdeliv.MxDeliv(c, self.log, (host, c.smtp_tunnel_port))
         self.server = HttpsServer(
             self.front.handle, self.tls, self.log, self.settings, admission, COMMON_HEADERS,
             refusals=self.front.refusals, mail_routes=routes, uploads=uploads,
