@@ -26,9 +26,10 @@ esac
 # python3-aiosmtpd: the mail corpus capture and the aiosmtpd front end of make bench;
 # python3-aiohttp: the test push service (testing/httpsink.py) and the browser driver;
 # pebble: Let's Encrypt's test CA (testing/pebble.py); dnsmasq-base: an authoritative DNS
-# server for `chatmaild dns --check` (testing/dnsmasq.py; no service of its own)
+# server for `chatmaild dns --check` (testing/dnsmasq.py; no service of its own); nftables:
+# a firewall in a test's own network namespace (port 25 blocked, tests/test_mxdeliv_send.py)
 TEST_PACKAGES=(gnupg sq zstd iproute2 util-linux procps git make python3-nacl chromium zbar-tools
-    python3-venv gcc libc6-dev python3-aiosmtpd python3-aiohttp pebble dnsmasq-base curl)
+    python3-venv gcc libc6-dev python3-aiosmtpd python3-aiohttp pebble dnsmasq-base curl nftables)
 
 # what the package recommends (the no-delay shim's compiler): --bare roots of
 # scripts/debian-root.sh download these too

@@ -186,7 +186,7 @@ def test_two_make_run_relays_exchange_mail(base):
         for sender, recipient in ((first, second), (second, first)):
             message = send_and_receive(sender, recipient)
             assert b"multipart/encrypted" in message
-            # it came over port 25 and its DKIM signature was verified, not skipped
+            # it came over HTTPS (filtermail transport) and its DKIM signature was verified
             log = (recipient.state / "log/filtermail.log").read_text()
             assert "Incoming: Filtering encrypted mail." in log
         # a restart of the first relay (new ports are possible) is picked up again

@@ -23,13 +23,15 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import ipaddress
 import logging
 import os
 import smtplib
+import socket
 import ssl
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import dns.asyncresolver
@@ -112,6 +114,16 @@ def tls_context(policy: TLSPolicy) -> ssl.SSLContext:
     return ctx
 
 
+def is_public(address: str) -> bool:
+    """Whether ``address`` is on the Internet: not loopback, private, link-local,
+    shared (CGNAT), reserved, multicast or unspecified."""
+    try:
+        ip = ipaddress.ip_address(address.split("%", 1)[0])
+    except ValueError:
+        return False
+    return ip.is_global and not ip.is_multicast
+
+
 class Unreachable(Exception):
     """This host took no part of the message over this way: try the next one."""
 
@@ -129,8 +141,13 @@ def smtp_session(
     recipient.  ``ctx`` None: TLS only if offered.  Raises Unreachable."""
     need_utf8 = not (sender.isascii() and all(r.isascii() for r in rcpts))
     try:
-        # connecting in the constructor: smtplib names the TLS server after this host
-        with smtplib.SMTP(host.connect, host.smtp_port, helo, timeout) as s:
+        with smtplib.SMTP(local_hostname=helo, timeout=timeout) as s:
+            # the TLS server name (SNI, the certificate check) is the MX name, whatever
+            # address is connected to; smtplib takes it from _host (3.11 to 3.13)
+            s._host = host.name
+            code, msg = s.connect(host.connect, host.smtp_port)
+            if code != 220:
+                raise Unreachable(f"greeting {code} {clean_text(msg)}")
             s.ehlo()
             if s.has_extn("starttls"):
                 s.starttls(context=ctx or tls_context(TLSPolicy.MAY))
@@ -255,6 +272,8 @@ class TransportHandler:
         # make run's peers have self-signed certificates, as their port 25 has
         policy = TLSPolicy.ENCRYPT if self.routes is not None else tls_policy(domain)
         problems: list[str] = []
+        if self.routes is None:
+            hosts = await self._public(hosts, problems)
         https_failed: list[str] = []
         if self.send_https:
             body = bytes(dot_stuff(message))
@@ -303,6 +322,26 @@ class TransportHandler:
         if result.error:
             return [], result.error
         return [Host(name, name) for name in result.hosts], None
+
+    async def _public(self, hosts: list[Host], problems: list[str]) -> list[Host]:
+        """``hosts`` with the public address each is to be reached at.  A name that
+        resolves to loopback, a private network or the like is skipped: DNS of
+        another domain must not point this relay at the machine's own services."""
+        loop = asyncio.get_running_loop()
+        found = []
+        for host in hosts:
+            try:
+                infos = await loop.getaddrinfo(host.connect, None, type=socket.SOCK_STREAM)
+            except (OSError, UnicodeError) as e:
+                problems.append(f"{host.name}: {clean_text(str(e))}")
+                continue
+            addresses = [info[4][0] for info in infos]
+            public = [a for a in addresses if is_public(a)]
+            if not public:
+                problems.append(f"{host.name}: not a public address ({', '.join(addresses)})")
+                continue
+            found.append(replace(host, connect=public[0]))
+        return found
 
     async def _mx(self, domain: str) -> MXResult:
         try:

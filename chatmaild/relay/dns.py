@@ -1,6 +1,6 @@
 """A tiny authoritative DNS server on loopback: DKIM keys of local relays.
 
-It answers TXT (and A) queries from an in-memory table, so filtermail's DKIM
+It answers TXT (and A and MX) queries from an in-memory table, so filtermail's DKIM
 key lookups can be pointed at it with ``dns_resolver = 127.0.0.1:PORT``.
 Names can be made to fail: ``"timeout"`` (the query is silently dropped) or
 ``"servfail"``.  Unknown names get NXDOMAIN.  UDP only; runs in a thread.
@@ -32,6 +32,7 @@ class LoopbackDNS:
         self.host, self.port = self.sock.getsockname()
         self.txt: dict[dns.name.Name, list[str]] = {}
         self.a: dict[dns.name.Name, list[str]] = {}
+        self.mx: dict[dns.name.Name, list[tuple[int, str]]] = {}
         self.failures: dict[dns.name.Name, str] = {}
         self.queries: list[str] = []
         self._stop = threading.Event()
@@ -50,8 +51,13 @@ class LoopbackDNS:
         """``name`` resolves to these IPv4 addresses (and has no AAAA: an empty answer)."""
         self.a[_name(name)] = list(addresses)
 
+    def set_mx(self, name: str, *records: tuple[int, str]) -> None:
+        """``name`` has these MX records (preference, exchange; exchange "." is a null MX)."""
+        self.mx[_name(name)] = list(records)
+
     def remove(self, name: str) -> None:
         self.a.pop(_name(name), None)
+        self.mx.pop(_name(name), None)
         self.txt.pop(_name(name), None)
         self.failures.pop(_name(name), None)
 
@@ -108,6 +114,13 @@ class LoopbackDNS:
         if failure == "servfail":
             response.set_rcode(dns.rcode.SERVFAIL)
             return response
+        records = self.mx.get(question.name)
+        if records is not None:
+            if question.rdtype == dns.rdatatype.MX:
+                texts = [f"{pref} {_name(host) if host != '.' else '.'}" for pref, host in records]
+                rrset = dns.rrset.from_text_list(question.name, 300, "IN", "MX", texts)
+                response.answer.append(rrset)
+            return response  # other types: the name exists, no records of them
         addresses = self.a.get(question.name)
         if addresses is not None and question.rdtype != dns.rdatatype.TXT:
             if question.rdtype == dns.rdatatype.A:
