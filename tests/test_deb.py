@@ -69,6 +69,7 @@ bad = []
 for path in ["/var/spool/postfix/filtermail/outgoing.sock",
              "/var/spool/postfix/filtermail/incoming.sock",
              "/var/spool/postfix/filtermail/milter.sock",
+             "/var/spool/postfix/filtermail/transport.sock",
              "/var/spool/postfix/public/reinject", "/var/spool/postfix/public/reinject_incoming",
              "/run/doveauth/doveauth.socket", "/run/doveauth/doveauth-http.socket",
              "/run/chatmail-metadata/metadata.socket",
@@ -221,6 +222,13 @@ def test_package_on_a_fresh_machine(debs, suite, tmp_path):
         assert "Created address: " in m.sh("journalctl --no-pager -o cat -t doveauth")
         milter = m.sh("journalctl --no-pager -o cat -t filtermail-milter")
         assert "listening on /var/spool/postfix/filtermail/milter.sock" in milter, milter
+        # remote mail goes through filtermail transport (HTTPS /mxdeliv, then SMTP)
+        transport = m.sh("journalctl --no-pager -o cat -t filtermail-transport")
+        assert "listening on /var/spool/postfix/filtermail/transport.sock" in transport
+        assert m.sh("postconf -h default_transport").strip() == (
+            "mxdeliv:unix:filtermail/transport.sock"
+        )
+        assert "lmtp" in m.sh("postconf -M mxdeliv/unix")
         assert m.sh(PROBE.join(["python3 - <<'EOF'\n", "EOF\n"])).strip() == "access ok"
         users = m.sh("doveadm user '*'").split()
         assert set(first.split()) <= set(users), users

@@ -1,10 +1,10 @@
 """Who may connect to the mail path's local endpoints: each only by its one client.
 
-filtermail's three sockets (the submission and port-25 proxy filters, the
-bounce-signing milter) are there for Postfix; Postfix's two re-injection
-smtpd services are there for filtermail; Dovecot's userdb socket is there for
-its LMTP service, its default LMTP socket for nobody but root, and doveauth's
-dict socket for Dovecot's auth-worker.  Anybody else who reached one could
+filtermail's four sockets (the submission and port-25 proxy filters, the
+bounce-signing milter, the remote-delivery transport) are there for Postfix;
+Postfix's two re-injection smtpd services are there for filtermail; Dovecot's
+userdb socket is there for its LMTP service, its default LMTP socket for nobody
+but root, and doveauth's dict socket for Dovecot's auth-worker.  Anybody else who reached one could
 submit mail as any sender, have it DKIM-signed with the relay's key, get
 unencrypted mail with a forged From past filtermail into a mailbox, create
 accounts and try passwords unthrottled, or list every account.  So another local user
@@ -63,6 +63,7 @@ ENDPOINTS = {
     "filtermail": (POSTFIX, True),
     "filtermail_incoming": (POSTFIX, True),
     "filtermail_milter": (POSTFIX, False),
+    "filtermail_transport": (POSTFIX, True),  # LMTP: greets with 220
     "reinject": (FILTERMAIL, True),
     "reinject_incoming": (FILTERMAIL, True),
     "dovecot/auth-userdb": (VMAIL_ONLY, False),
