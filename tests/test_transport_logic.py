@@ -194,3 +194,9 @@ def test_mx_pointing_at_the_machine_itself_is_skipped():
     )
     assert found == [Host("x", "1.1.1.1")]
     assert problems[0].startswith("localhost: not a public address (127.0.0.1")
+
+
+def test_an_ip_only_peer_is_named_by_its_bare_address(tmp_path):
+    path = tmp_path / "routes"
+    path.write_text("[127.0.0.3] 127.0.0.3 2525 8443\n")
+    assert Routes(path).lookup("[127.0.0.3]") == Host("127.0.0.3", "127.0.0.3", 8443, 2525)

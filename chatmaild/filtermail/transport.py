@@ -99,9 +99,11 @@ class Routes:
         for line in self.path.read_text(encoding="utf-8").splitlines():
             parts = line.split()
             if len(parts) == 4 and not line.startswith("#"):
-                domain, address, smtp_port, https_port = parts
-                routes[domain.lower()] = Host(domain.lower(), address, int(https_port),
-                                              int(smtp_port))  # fmt: skip
+                domain, address, smtp_port, https_port = parts.copy()
+                domain = domain.lower()
+                # an IP-only relay's name (TLS, URL) is its bare address
+                name = literal_host(domain) or domain
+                routes[domain] = Host(name, address, int(https_port), int(smtp_port))
         return routes
 
 
