@@ -61,7 +61,9 @@ from chatmaild.filtermail.smtp import Envelope, Session, dot_stuff
 log = logging.getLogger("filtermail-transport")
 
 MXDELIV_BATCH = 100  # recipients per POST: what our /mxdeliv takes at most
-HTTPS_PER_HOST = 16  # POSTs in flight to one host
+# POSTs in flight to one host: what our /mxdeliv takes from one source at once (more
+# get 429 and wait in the queue for Postfix's next retry)
+HTTPS_PER_HOST = 8
 HTTPS_CLIENTS = 512  # hosts with a kept-alive client at once
 SMTP_THREADS = 32  # SMTP sessions at once (smtplib blocks: one thread each)
 
