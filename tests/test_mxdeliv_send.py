@@ -17,6 +17,7 @@ blocks, as a provider's does:
 
 from __future__ import annotations
 
+import asyncio
 import imaplib
 import subprocess
 import time
@@ -47,7 +48,8 @@ def relays(firewall):
     base = world_readable_tempdir("mxsend-")
     started: list[DevRelay] = []
     try:
-        for name, extra in (("b", ""), ("c", "mxdeliv_receive = no\n")):
+        # other.example takes less than chat.example sends: its 413 must bounce
+        for name, extra in (("b", "max_message_size = 60000\n"), ("c", "mxdeliv_receive = no\n")):
             domain = {"b": "other.example", "c": "third.example"}[name]
             (base / f"{name}.ini").write_text(
                 f"[params]\nmail_domain = {domain}\nmxdeliv_timeout = 10\n{extra}"
@@ -87,7 +89,7 @@ def count(inbox: imaplib.IMAP4_SSL) -> int:
     return len(inbox.search(None, "ALL")[1][0].split())
 
 
-def send(sender: DevRelay, recipient: DevRelay) -> tuple[imaplib.IMAP4_SSL, int]:
+def send(sender: DevRelay, recipient: DevRelay, size: int = 4096) -> tuple[imaplib.IMAP4_SSL, int]:
     """Encrypted mail from the sender's printed account to the recipient's; the
     recipient's open inbox and its message count before."""
     from_addr, from_pw = sender.printed_account()
@@ -95,7 +97,7 @@ def send(sender: DevRelay, recipient: DevRelay) -> tuple[imaplib.IMAP4_SSL, int]
     inbox = recipient.imap(to_addr, to_pw)  # creates the account
     before = count(inbox)
     with sender.smtp(from_addr, from_pw) as smtp:
-        smtp.sendmail(from_addr, [to_addr], encrypted_message(from_addr, [to_addr]))
+        smtp.sendmail(from_addr, [to_addr], encrypted_message(from_addr, [to_addr], size))
     return inbox, before
 
 
@@ -134,6 +136,49 @@ def test_port_25_blocked_both_ways_mail_goes_over_https(relays, firewall):
         received_log = log(recipient, "filtermail.log")
         assert "Incoming: Filtering encrypted mail." in received_log
         assert "DKIM verification failed" not in received_log
+
+
+def test_the_peers_refusal_bounces_with_its_reason(relays, firewall):
+    a, b, _ = relays
+    firewall.block(b.facts["ports"]["smtp"])  # over HTTPS, as in the first test
+    sender_inbox = a.imap(*a.printed_account())
+    try:
+        before = count(sender_inbox)
+        inbox, _ = send(a, b, size=100_000)
+        inbox.logout()
+        bounce = received(sender_inbox, before)
+    finally:
+        sender_inbox.logout()
+    # Postfix's bounce to the sender quotes the peer's answer to the POST
+    reason = b"552 5.3.4 other.example answered 413 to /mxdeliv: larger than 60000 bytes"
+    assert reason in bounce.replace(b"\r\n    ", b" ")
+    assert "bounced to other.example" in log(a, "filtermail.log")
+
+
+def test_https_is_verified_against_the_mx_name(relays):
+    """Where the domain's policy is "verify", a certificate no CA signed for the
+    MX name is no HTTPS delivery: the self-signed one of a make-run relay fails."""
+    from chatmaild.common.config import read_config
+    from chatmaild.filtermail.delivery import TLSPolicy
+    from chatmaild.filtermail.transport import Host, TransportHandler
+
+    a, b, _ = relays
+    config = read_config(a.state / "etc/chatmail.ini")
+    host = Host("other.example", "127.0.0.1", b.facts["ports"]["newemail"])
+    to = b.printed_account()[0]
+
+    async def post(policy):
+        handler = TransportHandler(config)
+        try:
+            return await handler._post(host, policy, "", [to], b"Subject: x\r\n\r\nx\r\n")
+        finally:
+            await handler.close()
+
+    assert asyncio.run(post(TLSPolicy.VERIFY)) == (None, [])  # no answer: not trusted
+    # the same request without the check reaches the route (and is refused: no From)
+    first, replies = asyncio.run(post(TLSPolicy.ENCRYPT))
+    assert first is not None and first.kind.value == "permanent"
+    assert replies[0].startswith("500 5.0.0 other.example said: Invalid FROM header")
 
 
 def test_without_the_route_at_the_peer_mail_takes_port_25(relays):

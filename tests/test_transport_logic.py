@@ -34,6 +34,8 @@ def test_our_answers_are_read_by_their_marker():
     # a permanent answer without an SMTP reply in its body still bounces
     bad = mxdeliv_outcome("mx.b", 400, "permanent", b"X-MAIL-TO is not an address")
     assert bad.reply.startswith("554 5.0.0 mx.b answered 400") and bad.kind is Kind.PERMANENT
+    big = mxdeliv_outcome("mx.b", 413, "permanent", b"larger than 100 bytes")
+    assert big.reply == "552 5.3.4 mx.b answered 413 to /mxdeliv: larger than 100 bytes"
     busy = mxdeliv_outcome("mx.b", 429, "temporary", b"too many uploads")
     assert busy.kind is Kind.TEMPORARY and busy.reply.startswith("451 4.0.0 mx.b answered 429")
     down = mxdeliv_outcome("mx.b", 503, "temporary", b"421 4.3.2 Service shutting down")

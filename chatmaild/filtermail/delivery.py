@@ -94,16 +94,16 @@ def clean_text(raw: bytes | str) -> str:
     return text[:MAX_REPLY_TEXT]
 
 
-def _with_code(text: str, default_class: str, host: str, what: str) -> str:
+def _with_code(text: str, default_class: str, host: str, what: str, generic: str = "") -> str:
     """An LMTP reply carrying the SMTP code of ``text`` when it has one of the
-    expected class, else a generic code of ``default_class`` ("4" or "5")."""
+    expected class, else ``generic`` or a generic code of ``default_class`` ("4", "5")."""
     m = _SMTP_REPLY.fullmatch(text)
     if m and m.group(1) == default_class:
         code = text[:3]
         enhanced = m.group(2) or f"{default_class}.0.0"
         rest = m.group(3) or ""
         return f"{code} {enhanced} {host} said: {rest}".rstrip()
-    generic = "554 5.0.0" if default_class == "5" else "451 4.0.0"
+    generic = generic or ("554 5.0.0" if default_class == "5" else "451 4.0.0")
     return f"{generic} {host} {what}: {text}".rstrip()
 
 
@@ -122,7 +122,8 @@ def mxdeliv_outcome(host: str, status: int, marker: str, body: bytes) -> Outcome
     if 200 <= status < 300:
         return Outcome(Kind.DELIVERED, f"250 2.0.0 delivered over HTTPS to {host}")
     if marker == "permanent":
-        return Outcome(Kind.PERMANENT, _with_code(text, "5", host, what))
+        too_big = "552 5.3.4" if status == 413 else ""
+        return Outcome(Kind.PERMANENT, _with_code(text, "5", host, what, too_big))
     if marker == "temporary":
         return Outcome(Kind.TEMPORARY, _with_code(text, "4", host, what))
     if marker:
