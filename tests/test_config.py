@@ -33,16 +33,17 @@ def test_iroh_relay_and_appversions_unset_empty_and_set(tmp_path):
     from chatmaild.dictd.appversions import PACKAGED_PATH
 
     unset = read_config(ini(tmp_path, "[params]\nmail_domain = chat.example.org\n"))
-    assert unset.iroh_relay == "https://chat.example.org"  # the reference's default
+    assert unset.iroh_relay == ""  # none: no iroh relay of ours runs behind the domain
     assert unset.appversions_path == str(PACKAGED_PATH)
     assert PACKAGED_PATH.is_file()
     empty = read_config(
         ini(tmp_path, "[params]\nmail_domain = 1.2.3.4\niroh_relay =\nappversions_path =\n")
     )
     assert empty.iroh_relay == "" and empty.appversions_path == ""
-    assert read_config(ini(tmp_path, "[params]\nmail_domain = 1.2.3.4\n")).iroh_relay == (
-        "https://1.2.3.4"
+    named = read_config(
+        ini(tmp_path, "[params]\nmail_domain = x.org\niroh_relay = https://i.x.org\n")
     )
+    assert named.iroh_relay == "https://i.x.org"
     with pytest.raises(ConfigError, match="appversions_path = 'rel/a.json' is invalid"):
         read_config(ini(tmp_path, "[params]\nmail_domain = x.org\nappversions_path = rel/a.json\n"))
 

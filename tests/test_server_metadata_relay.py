@@ -1,8 +1,8 @@
 """Server METADATA keys the Delta Chat core reads, through real Dovecot IMAP GETMETADATA.
 
 ``/shared/vendor/deltachat/appversions`` (the packaged file or appversions_path)
-and ``/shared/vendor/deltachat/irohrelay`` (iroh_relay, by default
-``https://<mail_domain>`` as in the reference).
+and ``/shared/vendor/deltachat/irohrelay`` (iroh_relay; NIL by default: no iroh
+relay of ours serves the domain, so none is advertised).
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ def test_appversions_and_default_iroh_relay(relay):
     data = json.loads(served)
     check_appversions(data)
     assert data == json.loads(PACKAGED_PATH.read_text(encoding="utf-8"))
-    assert server_metadata(relay, IROHRELAY) == f"https://{relay.mail_domain}"
+    assert server_metadata(relay, IROHRELAY) is None
 
 
 @pytest.fixture

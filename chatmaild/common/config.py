@@ -359,8 +359,9 @@ class Config:
     notification_dir: str = _key(parse_abspath, "queue of pending push notifications", "")
     iroh_relay: str = _key(
         parse_url,
-        "iroh relay URL advertised to clients; unset: https://<mail_domain>, empty: none",
-        None,
+        "iroh relay URL advertised to clients (realtime apps); empty: none, the apps use"
+        " their defaults (this relay serves no iroh relay of its own yet)",
+        "",
     )
     appversions_path: str = _key(
         parse_optional_abspath,
@@ -368,8 +369,34 @@ class Config:
         " chatmaild/data/appversions.json, empty: not served",
         None,
     )
+    turn_port: int = _key(parse_port, "TURN server port (coturn, UDP and TCP)", 3478)
+    turn_secret_path: str = _key(
+        parse_abspath,
+        "secret shared with coturn for TURN credentials (created by chatmaild setup, root"
+        " only; chatmail-dict gets a copy from systemd)",
+        "/etc/chatmail/turn.secret",
+    )
+    turn_credentials_ttl: int = _key(
+        _int_in(13 * 3600, 30 * 86400),
+        "seconds TURN credentials stay valid (the apps ask again 12 hours before)",
+        86400,
+    )
+    turn_relay_ip: str = _key(
+        parse_str,
+        "address coturn relays calls from (relay-ip); empty: every address of the machine"
+        " (make run: its loopback address)",
+        "",
+    )
+    turn_max_allocations: int = _key(
+        _int_in(1, 1_000_000), "TURN relay allocations at once, in all", 2000
+    )
+    turn_max_bps: int = _key(
+        _int_in(8000, 10**9), "bytes a second one TURN allocation may relay", 500_000
+    )
     turn_socket_path: str = _key(
-        parse_abspath, "TURN credentials socket", "/run/chatmail-turn/turn.socket"
+        parse_abspath,
+        "chatmail-turn's credentials socket: asked when coturn does not serve TURN here",
+        "/run/chatmail-turn/turn.socket",
     )
     notification_concurrency: int = _key(
         _int_in(1, 1024), "push notification requests in flight at once", 32
@@ -486,9 +513,7 @@ class Config:
             object.__setattr__(
                 self, "notification_dir", str(Path(self.mailboxes_dir) / "pending_notifications")
             )
-        # unset and empty differ for these two (as in the reference): empty turns it off
-        if self.iroh_relay is None:
-            object.__setattr__(self, "iroh_relay", f"https://{bare}")
+        # unset and empty differ (as in the reference): empty turns it off
         if self.appversions_path is None:
             object.__setattr__(self, "appversions_path", str(APPVERSIONS_PACKAGED))
         if self.username_min_length > self.username_max_length:

@@ -6,9 +6,11 @@ Dovecot's ``mail_attribute_dict`` points here.  Keys on the wire:
                                        LOOKUP answers every valid token, space-separated
     priv/<mailbox-guid>/messagenew     SET (from the LMTP Lua push hook) queues one push
                                        notification per device token of the account
-    .../vendor/deltachat/irohrelay     iroh_relay (default https://<mail_domain>; N when empty)
-    .../vendor/deltachat/turn          <host>:3478:<user>:<password>, the credentials read
-                                       from turn_socket_path (N when it does not answer)
+    .../vendor/deltachat/irohrelay     iroh_relay; N when empty (the default)
+    .../vendor/deltachat/turn          <host>:<turn_port>:<user>:<password>: credentials
+                                       for coturn made with the shared turn secret, when
+                                       coturn answers on turn_port; else read from
+                                       chatmail-turn's turn_socket_path; else N
     .../vendor/deltachat/maxsmtprecipients
                                        1000, Postfix's smtpd_recipient_limit
     .../vendor/deltachat/appversions   the file appversions_path, on one line (default: the
@@ -40,17 +42,19 @@ SIGNALS
 from __future__ import annotations
 
 import asyncio
+import time
 
 from chatmaild.common.addr import AddressError
 from chatmaild.common.config import Config
 from chatmaild.common.service import Endpoint, run_daemon
+from chatmaild.common.turn import credentials, metadata_value, read_secret
 from chatmaild.dictd.appversions import AppVersionsFile
 from chatmaild.dictd.proxy import DictDaemon, Transaction
 from chatmaild.dictd.push import Notifier
 from chatmaild.dictd.tokens import TokenError, TokenStore
 
-TURN_PORT = 3478
 TURN_TIMEOUT = 5.0
+TURN_PROBE_EVERY = 10.0  # seconds a "coturn answers" finding is reused
 MAX_SMTP_RECIPIENTS = 1000  # Postfix's default smtpd_recipient_limit; clients chunk by it
 VENDOR = "/vendor/deltachat/"
 
@@ -73,14 +77,30 @@ def server_key_name(key: str) -> str | None:
     return name
 
 
-def turn_answer(host: str, credentials: str) -> str | None:
-    """``host:3478:user:password`` from one credentials line; None if the line is not user:pw."""
-    credentials = credentials.strip()
-    user, sep, password = credentials.partition(":")
-    if not sep or not user or not password or any(c.isspace() for c in credentials):
+def turn_answer(host: str, port: int, line: str) -> str | None:
+    """``host:port:user:password`` from chatmail-turn's credentials line; None if the
+    line is not user:password."""
+    line = line.strip()
+    user, sep, password = line.partition(":")
+    if not sep or not user or not password or any(c.isspace() for c in line):
         return None
     # core splits on ":", so an IP relay's host goes out bare, never "[1.2.3.4]"
-    return f"{host.strip('[]')}:{TURN_PORT}:{user}:{password}"
+    return metadata_value(host, port, user, password)
+
+
+def turn_probe_host(mail_domain: str) -> str:
+    """Where coturn is asked whether it runs: loopback, or an IP-only relay's address."""
+    bare = mail_domain.strip("[]")
+    return bare if bare[:1].isdigit() or ":" in bare else "127.0.0.1"
+
+
+async def tcp_answers(host: str, port: int, timeout: float = 2.0) -> bool:
+    try:
+        _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
+    except (OSError, TimeoutError):
+        return False
+    writer.close()
+    return True
 
 
 async def read_turn_credentials(path: str, timeout: float = TURN_TIMEOUT) -> str | None:
@@ -108,6 +128,7 @@ class MetadataDaemon(DictDaemon):
         self.tokens = TokenStore(config)
         self.notifier = Notifier(config, self.tokens)
         self.appversions = AppVersionsFile(config.appversions_path, self.log)
+        self._turn_checked = (0.0, False)  # (when, whether coturn answered)
 
     def endpoint(self) -> Endpoint:
         return Endpoint.unix(self.config.metadata_socket)
@@ -146,19 +167,36 @@ class MetadataDaemon(DictDaemon):
         return None
 
     async def server_value(self, name: str) -> str | None:
+        c = self.config
         if name == "irohrelay":
-            return self.config.iroh_relay or None
+            return c.iroh_relay or None
         if name == "turn":
-            line = await read_turn_credentials(self.config.turn_socket_path)
+            secret = read_secret(c.turn_secret_path)
+            if secret is not None and await self.coturn_answers():
+                user, password = credentials(secret, time.time(), c.turn_credentials_ttl)
+                return metadata_value(c.mail_domain, c.turn_port, user, password)
+            line = await read_turn_credentials(c.turn_socket_path)
             if line is None:
-                self.log.warning("no TURN credentials from %s", self.config.turn_socket_path)
+                why = "coturn does not answer on port %d, nor chatmail-turn on %s"
+                self.log.warning("no TURN server: " + why, c.turn_port, c.turn_socket_path)
                 return None
-            return turn_answer(self.config.mail_domain, line)
+            return turn_answer(c.mail_domain, c.turn_port, line)
         if name == "maxsmtprecipients":
             return str(MAX_SMTP_RECIPIENTS)
         if name == "appversions":
             return self.appversions.value()
         return None
+
+    async def coturn_answers(self) -> bool:
+        """Whether coturn listens on turn_port (advertise only what exists); a finding
+        is reused for a few seconds."""
+        when, answered = self._turn_checked
+        now = time.monotonic()
+        if now - when > TURN_PROBE_EVERY:
+            host = turn_probe_host(self.config.mail_domain)
+            answered = await tcp_answers(host, self.config.turn_port)
+            self._turn_checked = (now, answered)
+        return answered
 
     async def commit(self, txn: Transaction) -> bool:
         if not txn.user:

@@ -25,6 +25,7 @@ PORT_KEYS = {
     "imaps_tunnel": "imaps_tunnel_port",
     "submissions_tunnel": "submissions_tunnel_port",
     "smtp_tunnel": "smtp_tunnel_port",
+    "turn": "turn_port",
 }
 # ini keys holding the filter path's UNIX sockets (a port would be open to every
 # local user), also listed in Relay.ports; below Layout.local's queue directory
@@ -185,7 +186,8 @@ class PortHolding:
 
     def _check_ports_unshared(self) -> None:
         """Refuse to run when another process listens on one of our ports too."""
-        ports = {int(self.ports[name]): name for name in PORT_KEYS}
+        # coturn listens with a socket per thread itself (SO_REUSEPORT): not counted
+        ports = {int(self.ports[name]): name for name in PORT_KEYS if name != "turn"}
         shared = {
             port: count for port, count in _listeners_per_port(self.host).items()
             if port in ports and count > 1

@@ -39,6 +39,8 @@ class Readiness:
                            logs / "filtermail.log"))  # fmt: skip
         if "newemail" in c:
             checks.append(("newemail", (self.host, cfg.newemail_port), logs / "newemail.log"))
+        if "turn" in c:  # coturn's TCP listener (its UDP one opens with it)
+            checks.append(("coturn", (self.host, cfg.turn_port), logs / "turn.log"))
         if "postfix" in c:
             # the unix services (re-injection) are bound before `postfix start` returns
             for name in ("smtp", "submission", "submissions", "submissions_tunnel", "smtp_tunnel"):

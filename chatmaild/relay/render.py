@@ -18,17 +18,21 @@ or ``dovecot/dovecot-2.4.conf`` + ``auth.lua`` (2.4, doveauth over HTTP).
 
 from __future__ import annotations
 
+import grp
 import ipaddress
+import json
 import os
 import pwd
 import re
 import shutil
+import subprocess
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import NamedTuple
 
 from chatmaild.common.config import DEFAULT_CONFIG_PATH, Config, ConfigError
+from chatmaild.common.turn import ensure_secret
 from chatmaild.relay.dovecotversion import dovecot_version, installed_series
 
 PLACEHOLDER = re.compile(r"\{\{\s*([A-Za-z_][A-Za-z0-9_]*)\s*\}\}")
@@ -79,7 +83,8 @@ DAEMON_MODULES = {
     "filtermail": "chatmaild.filtermail",
     "newemail": "chatmaild.web.main",
 }
-ALL_COMPONENTS = ("postfix", "dovecot", *DAEMON_MODULES)
+# coturn (Debian's turnserver): TURN for calls
+ALL_COMPONENTS = ("postfix", "dovecot", "turn", *DAEMON_MODULES)
 
 
 def production_nodelay() -> Path | None:
@@ -163,6 +168,7 @@ class Layout:
     ini_path: Path | None = None  # chatmail.ini quota-expire reads; None: the default
     # where our programs are (Dovecot runs quota-expire from here)
     bin_dir: Path = PACKAGE_BIN
+    turn_config: Path = GENERATED_DIR / "turnserver.conf"  # coturn's (render_turn)
 
     def program(self, name: str) -> str:
         """Absolute path of one of our console scripts in this layout."""
@@ -220,6 +226,7 @@ class Layout:
             smtp_tls_security_level="encrypt",
             imap_login_min_avail=1,
             bin_dir=state_dir / "bin",
+            turn_config=state_dir / "etc/turnserver.conf",
         )
         values.update(kw)
         return cls(**values)  # type: ignore[arg-type]
@@ -441,6 +448,74 @@ def write_routes(config: Config, layout: Layout, prefix: Path = Path("/")) -> li
     return written
 
 
+def machine_addresses() -> list[str]:
+    """Every address of this machine's interfaces (``ip``, iproute2), loopback too."""
+    try:
+        out = subprocess.run(["ip", "-j", "addr"], capture_output=True, text=True, check=True)
+        links = json.loads(out.stdout)
+    except (OSError, subprocess.CalledProcessError, ValueError):
+        return []
+    found = []
+    for link in links:
+        for info in link.get("addr_info", []):
+            address = info.get("local")
+            if address and address not in found:
+                found.append(address.split("%", 1)[0])
+    return found
+
+
+def turn_variables(config: Config, layout: Layout, secret: str) -> dict[str, object]:
+    """coturn's turnserver.conf of this relay (coturn/turnserver.conf)."""
+    lines = []
+    if layout.listen_host:  # a local relay: its own address only
+        lines.append(f"listening-ip={layout.listen_host}")
+        lines.append(f"relay-ip={config.turn_relay_ip or layout.listen_host}")
+    elif config.turn_relay_ip:
+        lines.append(f"relay-ip={config.turn_relay_ip}")
+    own = [f"denied-peer-ip={a}" for a in machine_addresses()]
+    return {
+        "turn_port": config.turn_port,
+        "turn_listening": "\n".join(lines),
+        "turn_realm": config.mail_domain.strip("[]"),
+        "turn_secret": secret,
+        "turn_min_port": 49152,
+        "turn_max_port": 65535,
+        "turn_max_allocations": config.turn_max_allocations,
+        "turn_max_bps": config.turn_max_bps,
+        "turn_own_addresses": "\n".join(["# the machine's own addresses", *own]),
+    }
+
+
+def render_turn(config: Config, layout: Layout, prefix: Path = Path("/")) -> Path | None:
+    """Write coturn's configuration (with the shared secret, made when missing):
+    root:turnserver 0640.  None where coturn is not installed."""
+    try:
+        group = grp.getgrnam("turnserver").gr_gid
+    except KeyError:
+        return None
+    secret_path = prefix / Path(config.turn_secret_path).relative_to("/")
+    # production: root's alone (systemd hands chatmail-dict a copy); a local relay's
+    # metadata role runs as vmail_user and reads it itself
+    owner = -1
+    if layout.root != Path("/") and os.geteuid() == 0:
+        owner = pwd.getpwnam(config.vmail_user).pw_uid
+    secret = ensure_secret(secret_path, uid=owner)
+    target = prefix / layout.turn_config.relative_to("/")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    text = render_text(
+        (SOURCE_ROOT / "coturn/turnserver.conf").read_text(),
+        turn_variables(config, layout, secret),
+    )
+    tmp = target.with_name(f".{target.name}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o640)
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(text)
+    if os.geteuid() == 0:
+        os.chown(tmp, 0, group)
+    os.replace(tmp, target)
+    return target
+
+
 def render_all(
     config: Config,
     layout: Layout,
@@ -464,6 +539,10 @@ def render_all(
         render_file(source_root / "postfix" / name, target, variables)
         written.append(target)
     written += write_routes(config, layout, prefix)
+    if "turn" in layout.components:
+        turn = render_turn(config, layout, prefix)
+        if turn is not None:
+            written.append(turn)
     series = layout.dovecot_series or installed_series()
     for template, name in DOVECOT_TEMPLATES[series]:
         target = dest(layout.dovecot_config_dir / name)

@@ -89,6 +89,8 @@ FILTER_ROLES = ("outgoing", "incoming", "milter", "transport")
 def available_components() -> tuple[str, ...]:
     """Every component whose code exists in this checkout."""
     have = ["postfix", "dovecot"]
+    if shutil.which("turnserver"):  # Debian's coturn
+        have.append("turn")
     for name, module in DAEMON_MODULES.items():
         if importlib.util.find_spec(module) is not None:
             have.append(name)
@@ -198,6 +200,7 @@ class Relay(PortHolding, Supervision, Readiness):
             "metadata_socket": s / "run/metadata.socket",
             "lastlogin_socket": s / "run/lastlogin.socket",
             "turn_socket_path": s / "run/turn.socket",
+            "turn_secret_path": s / "etc/turn.secret",
             "dkim_key_path": s / "dkim/dkim.private",
             "tls_external_cert_and_key": f"{s}/tls/cert.pem {s}/tls/key.pem",
             # self-signed (a certificate from a CA only when a test names its CA)
@@ -450,6 +453,9 @@ class Relay(PortHolding, Supervision, Readiness):
         if "dovecot" in c:
             conf = self.layout.dovecot_config_dir / "dovecot.conf"
             cmds["dovecot"] = ["dovecot", "-F", "-c", str(conf)]
+        if "turn" in c:
+            # in the foreground, no pid file: as Debian's coturn.service runs it
+            cmds["turn"] = ["turnserver", "-c", str(self.layout.turn_config), "--pidfile="]
         return cmds
 
     def daemon_command(self, name: str) -> list[str]:
@@ -457,7 +463,8 @@ class Relay(PortHolding, Supervision, Readiness):
         cmd = self._commands()[name]
         if name in SERVERS:
             return cmd  # the masters start as root and drop privileges themselves
-        user = pwd.getpwnam(self.config.vmail_user)
+        # coturn runs as Debian's turnserver user (coturn.service's User=)
+        user = pwd.getpwnam("turnserver" if name == "turn" else self.config.vmail_user)
         # the user's own groups (User= in the units), plus the unit's SupplementaryGroups=
         groups = set(os.getgrouplist(user.pw_name, user.pw_gid))
         if name == "filtermail" and "filtermail" in self.components:
