@@ -7,7 +7,7 @@
 # shellcheck disable=SC1091
 . /etc/os-release
 RUNTIME_PACKAGES=(
-    postfix dovecot-core dovecot-imapd dovecot-lmtpd openssl dehydrated
+    postfix dovecot-core dovecot-imapd dovecot-lmtpd openssl dehydrated coturn
     python3
     python3-cryptography python3-dkim python3-dnspython python3-filelock python3-h11
     python3-systemd python3-uvloop python3-segno
@@ -27,9 +27,11 @@ esac
 # python3-aiohttp: the test push service (testing/httpsink.py) and the browser driver;
 # pebble: Let's Encrypt's test CA (testing/pebble.py); dnsmasq-base: an authoritative DNS
 # server for `chatmaild dns --check` (testing/dnsmasq.py; no service of its own); nftables:
-# a firewall in a test's own network namespace (port 25 blocked, tests/test_mxdeliv_send.py)
+# a firewall in a test's own network namespace (port 25 blocked, tests/test_mxdeliv_send.py);
+# python3-aioice: a TURN client (tests/test_turn.py)
 TEST_PACKAGES=(gnupg sq zstd iproute2 util-linux procps git make python3-nacl chromium zbar-tools
-    python3-venv gcc libc6-dev python3-aiosmtpd python3-aiohttp pebble dnsmasq-base curl nftables)
+    python3-venv gcc libc6-dev python3-aiosmtpd python3-aiohttp pebble dnsmasq-base curl nftables
+    python3-aioice)
 
 # what the package recommends (the no-delay shim's compiler): --bare roots of
 # scripts/debian-root.sh download these too

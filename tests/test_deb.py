@@ -58,6 +58,20 @@ SERVERS = {
 }
 HOST_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
 
+# the TURN METADATA key as the apps read it: a fresh account from /new, GETMETADATA
+TURN_KEY = r"""
+import imaplib, json, ssl, urllib.request
+ctx = ssl._create_unverified_context()
+req = urllib.request.Request("https://127.0.0.1/new", method="POST")
+creds = json.load(urllib.request.urlopen(req, context=ctx, timeout=30))
+imaplib.Commands.setdefault("GETMETADATA", ("AUTH", "SELECTED"))
+conn = imaplib.IMAP4_SSL("127.0.0.1", 993, ssl_context=ctx)
+conn.login(creds["email"], creds["password"])
+typ, data = conn._simple_command("GETMETADATA", '""', "(/shared/vendor/deltachat/turn)")
+_, found = conn._untagged_response(typ, data, "METADATA")
+print(found[0][1].decode() if isinstance(found[0], tuple) else found[0].decode())
+"""
+
 # another local user must reach none of these (SECURITY.md), nor sendmail or the queue
 PROBE = r"""
 import errno, os, socket, subprocess, sys
@@ -229,6 +243,18 @@ def test_package_on_a_fresh_machine(debs, suite, tmp_path):
             "mxdeliv:unix:filtermail/transport.sock"
         )
         assert "lmtp" in m.sh("postconf -M mxdeliv/unix")
+        # TURN: Debian's coturn with our configuration; the secret is root's, coturn's
+        # copy root:turnserver; the metadata role answers credentials for it
+        assert m.sh("systemctl is-active coturn").strip() == "active"
+        secret = m.sh("stat -c '%U %G %a' /etc/chatmail/turn.secret").split()
+        assert secret == ["root", "root", "600"]
+        assert m.sh("stat -c '%U %G %a' /etc/chatmail/turnserver.conf").split() == [
+            "root", "turnserver", "640"
+        ]  # fmt: skip
+        assert "-c /etc/chatmail/turnserver.conf" in m.sh("systemctl show -p ExecStart coturn")
+        turn = m.sh(TURN_KEY.join(["python3 - <<'EOF'\n", "EOF\n"])).strip()
+        host, port, user, password = turn.split(":")
+        assert (host, port) == (DOMAIN, "3478") and user.isdigit() and password, turn
         assert m.sh(PROBE.join(["python3 - <<'EOF'\n", "EOF\n"])).strip() == "access ok"
         users = m.sh("doveadm user '*'").split()
         assert set(first.split()) <= set(users), users

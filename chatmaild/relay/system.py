@@ -31,6 +31,7 @@ import sys
 from pathlib import Path
 
 from chatmaild.common.config import Config, ConfigError
+from chatmaild.common.turn import ensure_secret
 from chatmaild.relay import dnsrecords
 from chatmaild.relay.postconf import (
     conflicting_services,
@@ -63,6 +64,8 @@ RETIRED_UNITS = (
 )
 TIMER_UNITS = ("chatmail-expire.timer", "chatmail-fsreport.timer", "chatmail-acme.timer")
 SERVER_UNITS = ("dovecot.service", "postfix.service")
+# Debian's coturn with our drop-in (systemd/coturn.service.d): TURN for calls
+TURN_UNITS = ("coturn.service",)
 
 # what the units allow by default (systemd/*.service): paths below these need no drop-in
 DEFAULT_WRITABLE = {
@@ -367,6 +370,8 @@ def restart_everything() -> None:
     run(["systemctl", "enable", "--quiet", *DAEMON_UNITS, *TIMER_UNITS], "systemctl enable")
     run(["systemctl", "restart", *DAEMON_UNITS], "restarting chatmail's daemons")
     run(["systemctl", "restart", *SERVER_UNITS], "restarting Dovecot and Postfix")
+    run(["systemctl", "enable", "--quiet", *TURN_UNITS], "enabling coturn")
+    run(["systemctl", "restart", *TURN_UNITS], "restarting coturn")
     run(["systemctl", "start", *TIMER_UNITS], "starting the timers")
     # the first certificate from the CA now, not at the timer's first hour; it asks the
     # CA only when the served certificate needs it, so a rerun costs the CA nothing
@@ -382,6 +387,9 @@ def setup(config: Config, *, restart: bool) -> str:
             f"no user {config.vmail_user} (vmail_user): the package's postinst creates it"
         ) from None
     ensure_directories(config)
+    # root's alone: systemd hands chatmail-dict a copy (LoadCredential), coturn's
+    # configuration (root:turnserver) has it too
+    ensure_secret(Path(config.turn_secret_path))
     ensure_tls(config)
     dkim_txt = ensure_dkim(config)
     nodelay = ensure_nodelay()
