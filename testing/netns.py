@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+import socket
 import subprocess
 import threading
 from collections.abc import Iterator
@@ -77,3 +78,55 @@ class Firewall:
 
     def close(self) -> None:
         self._nft(f"delete table inet {self.TABLE}")
+
+
+@contextlib.contextmanager
+def far_network(name: str, here: str, there: tuple[str, ...]) -> Iterator[str]:
+    """A second namespace ``name`` joined to the current one by a veth pair: this
+    side gets ``here``/24, the far side every address of ``there`` (the first /24,
+    the others /32).  Yields the name (``/run/netns/<name>``, for :func:`far_socket`)."""
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    try:
+        first, *others = there
+        commands = [
+            "ip link add vhere type veth peer name vthere",
+            f"ip link set vthere netns {name}",
+            f"ip addr add {here}/24 dev vhere",
+            "ip link set vhere up",
+            f"ip -n {name} addr add {first}/24 dev vthere",
+            *(f"ip -n {name} addr add {a}/32 dev vthere" for a in others),
+            f"ip -n {name} link set vthere up",
+            f"ip -n {name} link set lo up",
+        ]
+        for command in commands:
+            subprocess.run(command.split(), check=True)
+        yield name
+    finally:
+        subprocess.run(["ip", "netns", "delete", name])
+
+
+def far_socket(netns: str, address: str, kind: int = socket.SOCK_DGRAM) -> socket.socket:
+    """A socket bound to ``address`` in namespace ``netns`` (made by a thread that
+    enters it; a socket keeps the namespace it was made in)."""
+    made: list[socket.socket] = []
+    failed: list[BaseException] = []
+
+    def make() -> None:
+        try:
+            fd = os.open(f"/run/netns/{netns}", os.O_RDONLY)
+            try:
+                _check(_libc.setns(fd, CLONE_NEWNET), "setns")
+            finally:
+                os.close(fd)
+            sock = socket.socket(socket.AF_INET, kind)
+            sock.bind((address, 0))
+            made.append(sock)
+        except BaseException as e:  # reported in the caller's thread
+            failed.append(e)
+
+    thread = threading.Thread(target=make)  # the thread, in the other namespace, then ends
+    thread.start()
+    thread.join()
+    if failed:
+        raise failed[0]
+    return made[0]

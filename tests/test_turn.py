@@ -17,8 +17,6 @@ import asyncio
 import contextlib
 import os
 import socket
-import subprocess
-import threading
 import time
 
 import pytest
@@ -26,7 +24,7 @@ from aioice import stun
 from aioice.turn import TurnClientUdpProtocol
 
 from chatmaild.common.turn import credentials
-from testing.netns import CLONE_NEWNET, _check, _libc, private_network
+from testing.netns import far_network, far_socket, private_network
 from tests.fixtures.relay import RelayPool
 
 pytestmark = [pytest.mark.relay, pytest.mark.timeout(300)]
@@ -39,25 +37,9 @@ PRIVATE_PEER = "10.9.9.9"
 @pytest.fixture(scope="module")
 def peers_netns():
     """This module's network, and the name of the peers' namespace."""
-    name = f"chatmaild-peers-{os.getpid()}"
-    with private_network():
-        subprocess.run(["ip", "netns", "add", name], check=True)
-        try:
-            for cmd in (
-                "ip link add vrelay type veth peer name vpeer",
-                f"ip link set vpeer netns {name}",
-                f"ip addr add {RELAY_SIDE}/24 dev vrelay",
-                "ip link set vrelay up",
-                f"ip -n {name} addr add {PEER_SIDE}/24 dev vpeer",
-                f"ip -n {name} addr add {PRIVATE_PEER}/32 dev vpeer",
-                f"ip -n {name} link set vpeer up",
-                f"ip -n {name} link set lo up",
-                f"ip -n {name} route add 127.0.0.0/8 via {RELAY_SIDE}",
-            ):
-                subprocess.run(cmd.split(), check=True)
-            yield name
-        finally:
-            subprocess.run(["ip", "netns", "delete", name])
+    with private_network(), far_network(f"chatmaild-peers-{os.getpid()}", RELAY_SIDE,
+                     (PEER_SIDE, PRIVATE_PEER)) as name:  # fmt: skip
+        yield name
 
 
 @pytest.fixture(scope="module")
@@ -83,24 +65,9 @@ def dc(relay):
 
 
 def peer_socket(netns: str, address: str) -> socket.socket:
-    """A UDP socket bound in the peers' namespace (a socket keeps its namespace)."""
-    made: list[socket.socket] = []
-
-    def make() -> None:
-        fd = os.open(f"/run/netns/{netns}", os.O_RDONLY)
-        try:
-            _check(_libc.setns(fd, CLONE_NEWNET), "setns")
-        finally:
-            os.close(fd)
-        sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        sock.bind((address, 0))
-        sock.settimeout(10)
-        made.append(sock)
-
-    thread = threading.Thread(target=make)  # the thread's namespace goes with it
-    thread.start()
-    thread.join()
-    return made[0]
+    sock = far_socket(netns, address)
+    sock.settimeout(10)
+    return sock
 
 
 class Received:
