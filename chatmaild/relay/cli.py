@@ -101,7 +101,8 @@ def ready_text(relay: Relay, seconds: float) -> str:
         f"(state {relay.state_dir}, logs {relay.log_dir})",
         f"  IMAP {host}:{p['imaps']} (TLS) {host}:{p['imap']} (STARTTLS)   "
         f"submission {host}:{p['submissions']} (TLS) {host}:{p['submission']} (STARTTLS)   "
-        f"MTA {host}:{p['smtp']}",
+        f"MTA {host}:{p['smtp']}"
+        + (f"   TURN {host}:{p['turn']} (UDP, TCP)" if "turn" in relay.components else ""),
     ]
     if "newemail" in relay.components:
         web = f"{host}:{p['newemail']}"
