@@ -8,6 +8,7 @@
 . /etc/os-release
 RUNTIME_PACKAGES=(
     postfix dovecot-core dovecot-imapd dovecot-lmtpd openssl dehydrated coturn
+    iproute2
     python3
     python3-cryptography python3-dkim python3-dnspython python3-filelock python3-h11
     python3-systemd python3-uvloop python3-segno
@@ -29,7 +30,7 @@ esac
 # server for `chatmaild dns --check` (testing/dnsmasq.py; no service of its own); nftables:
 # a firewall in a test's own network namespace (port 25 blocked, tests/test_mxdeliv_send.py);
 # python3-aioice: a TURN client (tests/test_turn.py)
-TEST_PACKAGES=(gnupg sq zstd iproute2 util-linux procps git make python3-nacl chromium zbar-tools
+TEST_PACKAGES=(gnupg sq zstd util-linux procps git make python3-nacl chromium zbar-tools
     python3-venv gcc libc6-dev python3-aiosmtpd python3-aiohttp pebble dnsmasq-base curl nftables
     python3-aioice)
 

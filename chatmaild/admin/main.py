@@ -14,6 +14,8 @@ COMMANDS
     registration block|unblock|status
                                  stop or allow creation of new accounts on
                                  first login (the nocreate file)
+    status [--json]              whether the relay is healthy: units, certificate,
+                                 queue, disk, expiry, push backlog (exit 1 if not)
     doveauth lookup ADDR         ask the running doveauth what Dovecot would get
                                  (also: doveauth-lookup ADDR)
 
@@ -63,6 +65,7 @@ EXTRA_COMMANDS: list[str] = [
     "chatmaild.relay.system:add_cli",
     "chatmaild.relay.system:add_dns_cli",
     "chatmaild.filtermail.cli:add_cli",
+    "chatmaild.admin.status:add_cli",
 ]
 
 log = logging.getLogger(PROG)

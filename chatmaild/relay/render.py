@@ -464,15 +464,26 @@ def machine_addresses() -> list[str]:
     return found
 
 
+def _host_only(ip: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    """Loopback or link-local: no address a call's far end could reach."""
+    return ip.is_loopback or ip.is_link_local
+
+
 def turn_variables(config: Config, layout: Layout, secret: str) -> dict[str, object]:
     """coturn's turnserver.conf of this relay (coturn/turnserver.conf)."""
     lines = []
+    addresses = machine_addresses()
+    reachable = [a for a in addresses if not _host_only(ipaddress.ip_address(a))]
     if layout.listen_host:  # a local relay: its own address only
         lines.append(f"listening-ip={layout.listen_host}")
         lines.append(f"relay-ip={config.turn_relay_ip or layout.listen_host}")
     elif config.turn_relay_ip:
         lines.append(f"relay-ip={config.turn_relay_ip}")
-    own = [f"denied-peer-ip={a}" for a in machine_addresses()]
+    elif not reachable:
+        # only loopback here (a container): coturn finds no address of its own to
+        # relay from and would not start; it serves loopback, where nothing calls
+        lines += ["listening-ip=127.0.0.1", "relay-ip=127.0.0.1"]
+    own = [f"denied-peer-ip={a}" for a in addresses]
     return {
         "turn_port": config.turn_port,
         "turn_listening": "\n".join(lines),
