@@ -255,6 +255,15 @@ def test_package_on_a_fresh_machine(debs, suite, tmp_path):
         turn = m.sh(TURN_KEY.join(["python3 - <<'EOF'\n", "EOF\n"])).strip()
         host, port, user, password = turn.split(":")
         assert (host, port) == (DOMAIN, "3478") and user.isdigit() and password, turn
+        # chatmaild status: healthy; a stopped unit is named and the exit status says so
+        assert m.run_rc("chatmaild status") == 0, m.sh("chatmaild status", check=False)
+        m.sh("systemctl stop coturn.service")
+        report = json.loads(m.sh("chatmaild status --json", check=False))
+        units = {c["name"]: c for c in report["checks"]}["units"]
+        assert not report["healthy"] and "coturn.service inactive" in units["detail"], report
+        assert m.run_rc("chatmaild status") == 1
+        m.sh("systemctl start coturn.service")
+        assert m.run_rc("chatmaild status") == 0, m.sh("chatmaild status", check=False)
         assert m.sh(PROBE.join(["python3 - <<'EOF'\n", "EOF\n"])).strip() == "access ok"
         users = m.sh("doveadm user '*'").split()
         assert set(first.split()) <= set(users), users
