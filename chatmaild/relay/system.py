@@ -389,7 +389,10 @@ def setup(config: Config, *, restart: bool) -> str:
     ensure_directories(config)
     # root's alone: systemd hands chatmail-dict a copy (LoadCredential), coturn's
     # configuration (root:turnserver) has it too
-    ensure_secret(Path(config.turn_secret_path))
+    secret = Path(config.turn_secret_path)
+    if not secret.exists():
+        ensure_secret(secret)
+        record_created(secret)  # purge removes it
     ensure_tls(config)
     dkim_txt = ensure_dkim(config)
     nodelay = ensure_nodelay()
