@@ -1,0 +1,171 @@
+"""Idle devices (issue 27): what 1,000 / 5,000 / 10,000 of them cost a relay.
+
+A `make run` relay (every component) and fleets of idle devices
+(testing.idlefleet: TLS IMAP, logged in, IDLE on INBOX; one process per
+core).  At each level, once the devices had time to hibernate: PSS and RSS of
+the relay's processes in total, per device above the empty relay and per
+process kind, their file descriptors, and submit -> EXISTS to hibernated
+devices while the others idle.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+
+from bench.bench_relay import pct, state_dir
+from chatmaild.relay import Relay
+from chatmaild.relay.processes import process_tree
+from testing.imapidle import IdleClient
+from testing.mails import encrypted_message
+
+ROOT = Path(__file__).resolve().parents[1]
+LEVELS = (1000, 5000, 10000)
+FLEETS = 2  # processes of the load generator: one per core
+SAMPLES = 10  # hibernated devices that get a message at each level
+SETTLE = 5.0  # seconds past imap_hibernate_timeout before measuring
+
+
+def relay_pids(relay: Relay) -> set[int]:
+    pids: set[int] = set()
+    for pidfile in relay.run_dir.glob("*.relay-pid"):
+        try:
+            pids |= process_tree(int(pidfile.read_text()))
+        except (OSError, ValueError):
+            continue
+    return pids
+
+
+def kind_of(pid: int) -> str:
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return "?"
+    first = argv[0].decode(errors="replace")
+    if first.startswith("dovecot/"):
+        return first.split()[0]
+    for arg in argv:
+        text = arg.decode(errors="replace")
+        if "/bin/" in text and not text.endswith("python3"):
+            return Path(text).name
+    return Path(first).name
+
+
+def memory(pids: set[int]) -> dict[str, list[int]]:
+    """kind -> [pss kB, rss kB, processes, fds]"""
+    out: dict[str, list[int]] = defaultdict(lambda: [0, 0, 0, 0])
+    for pid in pids:
+        try:
+            rollup = Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines()
+            pss = next(int(x.split()[1]) for x in rollup if x.startswith("Pss:"))
+            rss = next(int(x.split()[1]) for x in rollup if x.startswith("Rss:"))
+            fds = len(os.listdir(f"/proc/{pid}/fd"))
+        except (OSError, StopIteration):
+            continue
+        entry = out[kind_of(pid)]
+        entry[0] += pss
+        entry[1] += rss
+        entry[2] += 1
+        entry[3] += fds
+    return out
+
+
+def totals(mem: dict[str, list[int]]) -> tuple[int, int, int]:
+    return (sum(v[0] for v in mem.values()), sum(v[1] for v in mem.values()),
+            sum(v[3] for v in mem.values()))  # fmt: skip
+
+
+def start_fleet(relay: Relay, accounts: list[tuple[str, str]], workdir: Path):
+    path = workdir / f"fleet-{len(list(workdir.iterdir()))}.txt"
+    path.write_text("".join(f"{a} {p}\n" for a, p in accounts))
+    return subprocess.Popen(
+        [sys.executable, "-m", "testing.idlefleet", relay.host, str(relay.ports["imaps"]),
+         str(path)],
+        cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+
+
+def hibernated_latencies(relay: Relay, hibernate_after: float) -> list[float]:
+    sender, spw = relay.new_credentials()
+    clients = []
+    for _ in range(SAMPLES):
+        addr, pw = relay.new_credentials()
+        clients.append((addr, IdleClient(relay.host, int(relay.ports["imaps"]), addr, pw)))
+    for _, client in clients:
+        client.idle()
+    time.sleep(hibernate_after + 2)
+    out = []
+    try:
+        with relay.smtp(sender, spw) as smtp:
+            for addr, client in clients:
+                t0 = time.monotonic()
+                smtp.sendmail(sender, [addr], encrypted_message(sender, [addr], size=3000))
+                client.wait_exists(timeout=30)
+                out.append((time.monotonic() - t0) * 1000)
+    finally:
+        for _, client in clients:
+            client.close()
+    return out
+
+
+def main() -> None:
+    if os.geteuid() != 0:
+        print("bench_devices: needs root (starts Postfix and Dovecot)")
+        return
+    d = state_dir()
+    work = Path(tempfile.mkdtemp(prefix="bench-fleet-"))
+    fleets: list[subprocess.Popen] = []
+    overrides = {"max_user_send_per_minute": 6000, "max_user_send_burst_size": 6000}
+    try:
+        with Relay(d, overrides) as relay:
+            hibernate_after = float(relay.config.imap_hibernate_timeout)
+            time.sleep(2)
+            base_pss, base_rss, base_fds = totals(memory(relay_pids(relay)))
+            print(f"idle devices 0: relay PSS {base_pss / 1024:.1f} MB, RSS {base_rss / 1024:.1f}"
+                  f" MB, {base_fds} fds")  # fmt: skip
+            connected = 0
+            for level in LEVELS:
+                new = level - connected
+                accounts = [relay.new_credentials() for _ in range(new)]
+                share = -(-new // FLEETS)
+                started = [start_fleet(relay, accounts[i : i + share], work)
+                           for i in range(0, new, share)]  # fmt: skip
+                fleets += started
+                failed, took = 0, 0.0
+                for proc in started:
+                    assert proc.stdout is not None
+                    _, ok, bad, secs, *why = proc.stdout.readline().split(" ", 4)
+                    connected += int(ok)
+                    failed += int(bad)
+                    took = max(took, float(secs))
+                    if int(bad):
+                        print(f"  failures: {' '.join(why).strip()}")
+                time.sleep(hibernate_after + SETTLE)
+                mem = memory(relay_pids(relay))
+                pss, rss, fds = totals(mem)
+                per = (pss - base_pss) / max(connected, 1)
+                print(f"idle devices {level}: {connected} connected, {failed} failed, in"
+                      f" {took:.0f} s; relay PSS {pss / 1024:.1f} MB ({per:.1f} KB per device"
+                      f" above the empty relay; target <= 50), RSS {rss / 1024:.1f} MB,"
+                      f" {fds} fds")  # fmt: skip
+                top = sorted(mem.items(), key=lambda kv: -kv[1][0])[:6]
+                print("  by kind: " + ", ".join(
+                    f"{k} {v[0] / 1024:.1f} MB PSS in {v[2]}" for k, v in top))  # fmt: skip
+                lat = hibernated_latencies(relay, hibernate_after)
+                p50, p99 = pct(lat, 50), pct(lat, 99)
+                print(f"  submit -> EXISTS to a hibernated device ({SAMPLES}): p50 {p50:.1f} ms,"
+                      f" p99 {p99:.1f} ms (targets 50 / 250)")  # fmt: skip
+    finally:
+        for proc in fleets:
+            try:
+                proc.communicate(timeout=120)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        shutil.rmtree(d, ignore_errors=True)
+        shutil.rmtree(work, ignore_errors=True)

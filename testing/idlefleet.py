@@ -1,0 +1,97 @@
+"""A fleet of idle devices: TLS IMAP connections logged in and in IDLE on INBOX.
+
+``python -m testing.idlefleet HOST PORT ACCOUNTS_FILE`` opens one connection per
+``addr password`` line of the file (loopback only, a bounded number at once),
+logs in (the first login creates the account), SELECTs INBOX and enters IDLE.
+It prints ``ready CONNECTED FAILED SECONDS`` once every connection is idle or
+failed, holds them until its standard input closes, then ends IDLE, logs out
+and prints ``done``.  One fleet is one process: a bench starts one per core.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import ssl
+import sys
+import time
+
+CONNECT_AT_ONCE = 200  # handshakes and logins in flight (a reconnect storm is larger)
+STEP_TIMEOUT = 120.0
+
+
+class Device:
+    def __init__(self, addr: str, password: str) -> None:
+        self.addr, self.password = addr, password
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+
+    async def _expect(self, tag: bytes) -> bytes:
+        assert self.reader is not None
+        while True:
+            line = await self.reader.readline()
+            if not line:
+                raise ConnectionError("closed by the server")
+            if line.startswith(tag):
+                if not line.startswith(tag + b" OK") and not line.startswith(b"+"):
+                    raise ConnectionError(line.decode(errors="replace").strip())
+                return line
+
+    async def connect(self, host: str, port: int, ctx: ssl.SSLContext) -> None:
+        self.reader, self.writer = await asyncio.open_connection(host, port, ssl=ctx)
+        await self._expect(b"* OK")
+        quoted = self.password.replace("\\", "\\\\").replace('"', '\\"')
+        self.writer.write(f'a LOGIN {self.addr} "{quoted}"\r\nb SELECT INBOX\r\n'.encode())
+        await self._expect(b"a")
+        await self._expect(b"b")
+        self.writer.write(b"c IDLE\r\n")
+        await self._expect(b"+")
+
+    async def close(self) -> None:
+        if self.writer is None:
+            return
+        try:
+            self.writer.write(b"DONE\r\nd LOGOUT\r\n")
+            await asyncio.wait_for(self.writer.drain(), 10)
+        except (OSError, TimeoutError):
+            pass
+        self.writer.close()
+
+
+async def run(host: str, port: int, accounts: list[tuple[str, str]]) -> None:
+    if not ipaddress.ip_address(host).is_loopback:
+        raise SystemExit("idlefleet: loopback addresses only")
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    slots = asyncio.Semaphore(CONNECT_AT_ONCE)
+    devices = [Device(a, p) for a, p in accounts]
+    failures: list[str] = []
+
+    async def start(device: Device) -> None:
+        async with slots:
+            try:
+                await asyncio.wait_for(device.connect(host, port, ctx), STEP_TIMEOUT)
+            except (OSError, TimeoutError, ConnectionError, ssl.SSLError) as e:
+                failures.append(str(e) or type(e).__name__)
+                device.writer = None
+
+    t0 = time.monotonic()
+    await asyncio.gather(*(start(d) for d in devices))
+    ok = len(devices) - len(failures)
+    reasons = sorted(set(failures))[:3]
+    print(f"ready {ok} {len(failures)} {time.monotonic() - t0:.1f} {reasons}", flush=True)
+    await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
+    await asyncio.gather(*(d.close() for d in devices))
+    print("done", flush=True)
+
+
+def main() -> None:
+    host, port, path = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+    with open(path, encoding="utf-8") as f:
+        accounts = [tuple(line.split(None, 1)) for line in f if line.strip()]
+    asyncio.run(run(host, port, [(a, p.strip()) for a, p in accounts]))
+
+
+if __name__ == "__main__":
+    main()
