@@ -26,10 +26,17 @@ CHALLTESTSRV = "/usr/bin/pebble-challtestsrv"
 Wrap = Callable[[list[str]], list[str]]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _free_ports(count: int) -> list[int]:
+    """``count`` distinct free ports: all held while picking (two picks one after
+    the other may get the same port, and pebble's two listeners then clash)."""
+    socks = [socket.socket() for _ in range(count)]
+    try:
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
 
 
 class Pebble:
@@ -49,8 +56,10 @@ class Pebble:
         self.dns = dns
         self.http_port = http_port
         self.validity_seconds = validity_seconds
-        self.port = port or _free_port()
-        self.management_port = self.port + 1 if port else _free_port()
+        if port:
+            self.port, self.management_port = port, port + 1
+        else:
+            self.port, self.management_port = _free_ports(2)
         self.proc: subprocess.Popen | None = None
         self.directory_ca = workdir / "directory-ca.pem"
         self.log = workdir / "pebble.log"
