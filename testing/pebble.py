@@ -57,9 +57,9 @@ class Pebble:
         self.http_port = http_port
         self.validity_seconds = validity_seconds
         if port:
-            self.port, self.management_port = port, port + 1
+            self.port, self.management_port, self.tls_port = port, port + 1, port + 2
         else:
-            self.port, self.management_port = _free_ports(2)
+            self.port, self.management_port, self.tls_port = _free_ports(3)
         self.proc: subprocess.Popen | None = None
         self.directory_ca = workdir / "directory-ca.pem"
         self.log = workdir / "pebble.log"
@@ -102,7 +102,7 @@ class Pebble:
             "certificate": str(cert),
             "privateKey": str(key),
             "httpPort": self.http_port,
-            "tlsPort": self.port + 2 if self.in_netns else _free_port(),
+            "tlsPort": self.tls_port,
             "ocspResponderURL": "",
             "externalAccountBindingRequired": False,
         }
