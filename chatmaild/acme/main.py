@@ -34,6 +34,7 @@ import logging
 import pwd
 import shlex
 import subprocess
+import time
 from pathlib import Path
 
 from chatmaild.acme import dehydrated, tlsdir
@@ -51,6 +52,11 @@ BACKOFF_MAX = datetime.timedelta(hours=24)
 RELOAD = [
     "systemctl try-reload-or-restart postfix.service dovecot.service chatmail-newemail.service"
 ]
+# then, once the reloaded servers settled, Postfix retries what it deferred meanwhile: a
+# Dovecot lmtp process that was ending answers a new delivery "421 4.3.2 Shutting
+# down", and Postfix would otherwise wait minimal_backoff_time (5 minutes)
+FLUSH = ["postqueue -f"]
+FLUSH_AFTER = 3.0  # seconds
 
 
 def skip_reason(config: Config, tls_dir: Path | None = None) -> str | None:
@@ -84,10 +90,12 @@ class Acme:
         log: logging.Logger,
         ca_bundle: str | None = None,
         challenges: Path | None = None,
+        flush: list[str] | None = None,
     ) -> None:
         self.config = config
         self.tls_dir = tls_dir
         self.reload_commands = reload
+        self.flush_commands = FLUSH if flush is None else flush
         self.log = log
         self.ca_bundle = ca_bundle
         self.state_file = state_dir / STATE_FILE
@@ -211,15 +219,20 @@ class Acme:
 
     def _reload(self) -> int:
         for command in self.reload_commands:
-            res = subprocess.run(shlex.split(command), capture_output=True, text=True)
-            if res.returncode != 0:
-                # the certificate is in place; a server that was not reloaded reads it
-                # at its next start
-                self.log.warning(
-                    "reloading after the new certificate: %s failed: %s",
-                    command, (res.stderr or res.stdout).strip(),
-                )  # fmt: skip
+            # the certificate is in place; a server that was not reloaded reads it at
+            # its next start
+            self._run(command, "reloading after the new certificate")
+        if self.flush_commands:
+            time.sleep(FLUSH_AFTER)
+            for command in self.flush_commands:
+                self._run(command, "retrying deferred mail")
         return 0
+
+    def _run(self, command: str, what: str) -> None:
+        res = subprocess.run(shlex.split(command), capture_output=True, text=True)
+        if res.returncode != 0:
+            self.log.warning("%s: %s failed: %s", what, command,
+                             (res.stderr or res.stdout).strip())  # fmt: skip
 
 
 def _when(t: datetime.datetime) -> str:
@@ -264,6 +277,13 @@ def main(argv: list[str] | None = None) -> int:
         "Postfix, Dovecot and chatmail-newemail through systemd)",
     )
     parser.add_argument(
+        "--flush",
+        action="append",
+        metavar="COMMAND",
+        help="run a few seconds after the reloads: Postfix retries what they deferred"
+        " (repeatable; default: postqueue -f)",
+    )
+    parser.add_argument(
         "--ca-bundle",
         metavar="FILE",
         help="CA certificates that verify the ACME directory's HTTPS "
@@ -287,7 +307,7 @@ def main(argv: list[str] | None = None) -> int:
     acme = Acme(
         config, args.state_dir, args.tls_dir or TLS_DIR,
         RELOAD if args.reload is None else args.reload, log,
-        ca_bundle=args.ca_bundle, challenges=args.challenges,
+        ca_bundle=args.ca_bundle, challenges=args.challenges, flush=args.flush,
     )  # fmt: skip
     now = datetime.datetime.now(datetime.UTC)
     return acme.run(now, force=args.force, ignore_backoff=args.ignore_backoff)

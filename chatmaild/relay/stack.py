@@ -417,6 +417,8 @@ class Relay(PortHolding, Supervision, Readiness):
             if name in self.components:
                 pidfile = self.run_dir / f"{name}.relay-pid"
                 cmd += ["--reload", f'sh -c "kill -HUP $(cat {pidfile})"']
+        if "postfix" in self.components:
+            cmd += ["--flush", f"postqueue -c {self.layout.postfix_config_dir} -f"]
         if ca_bundle:
             cmd += ["--ca-bundle", ca_bundle]
         return [*cmd, *args]
