@@ -26,7 +26,7 @@ from testing.imapidle import IdleClient
 from testing.mails import encrypted_message
 
 ROOT = Path(__file__).resolve().parents[1]
-LEVELS = (1000, 5000, 10000)
+LEVELS = tuple(int(n) for n in os.environ.get("BENCH_DEVICES", "1000 5000 10000").split())
 FLEETS = 2  # processes of the load generator: one per core
 SAMPLES = 10  # hibernated devices that get a message at each level
 SETTLE = 5.0  # seconds past imap_hibernate_timeout before measuring

@@ -26,23 +26,35 @@ class Device:
         self.reader: asyncio.StreamReader | None = None
         self.writer: asyncio.StreamWriter | None = None
 
-    async def _expect(self, tag: bytes) -> bytes:
+    async def _line(self) -> bytes:
         assert self.reader is not None
+        line = await self.reader.readline()
+        if not line:
+            raise ConnectionError("closed by the server")
+        return line
+
+    async def _expect(self, tag: bytes) -> bytes:
+        """The tagged answer ``tag`` (it must be OK), or a continuation for b"+"."""
         while True:
-            line = await self.reader.readline()
-            if not line:
-                raise ConnectionError("closed by the server")
-            if line.startswith(tag):
-                if not line.startswith(tag + b" OK") and not line.startswith(b"+"):
+            line = await self._line()
+            if tag == b"+" and line.startswith(b"+"):
+                return line
+            if line.startswith(tag + b" "):
+                if not line.startswith(tag + b" OK"):
                     raise ConnectionError(line.decode(errors="replace").strip())
                 return line
 
     async def connect(self, host: str, port: int, ctx: ssl.SSLContext) -> None:
         self.reader, self.writer = await asyncio.open_connection(host, port, ssl=ctx)
-        await self._expect(b"* OK")
+        greeting = await self._line()
+        if not greeting.startswith(b"* OK"):
+            raise ConnectionError(greeting.decode(errors="replace").strip())
         quoted = self.password.replace("\\", "\\\\").replace('"', '\\"')
-        self.writer.write(f'a LOGIN {self.addr} "{quoted}"\r\nb SELECT INBOX\r\n'.encode())
+        # one command at a time, as the apps do (a pipelined SELECT would be read by
+        # imap-login and handed over with the connection)
+        self.writer.write(f'a LOGIN {self.addr} "{quoted}"\r\n'.encode())
         await self._expect(b"a")
+        self.writer.write(b"b SELECT INBOX\r\n")
         await self._expect(b"b")
         self.writer.write(b"c IDLE\r\n")
         await self._expect(b"+")

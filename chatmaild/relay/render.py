@@ -448,6 +448,23 @@ def write_routes(config: Config, layout: Layout, prefix: Path = Path("/")) -> li
     return written
 
 
+def raise_kernel_limits(log) -> None:
+    """Raise the kernel settings of sysctl/60-chatmaild.conf where they are lower
+    (root only; a container's read-only /proc/sys is said, not fatal)."""
+    path = SOURCE_ROOT / "sysctl" / "60-chatmaild.conf"
+    for line in path.read_text().splitlines():
+        key, sep, value = line.partition("=")
+        if not sep or line.startswith("#"):
+            continue
+        proc = Path("/proc/sys") / key.strip().replace(".", "/")
+        try:
+            if int(proc.read_text()) < int(value):
+                proc.write_text(value.strip() + "\n")
+        except (OSError, ValueError) as e:
+            why = "%s: cannot raise it to %s: %s (IDLE clients past it wait for polling)"
+            log.warning(why, key.strip(), value.strip(), e)
+
+
 def machine_addresses() -> list[str]:
     """Every address of this machine's interfaces (``ip``, iproute2), loopback too."""
     try:

@@ -71,6 +71,7 @@ from chatmaild.relay.render import (
     MXDELIV_ROUTES,
     Layout,
     Peer,
+    raise_kernel_limits,
     render_all,
     write_routes,
 )
@@ -350,6 +351,8 @@ class Relay(PortHolding, Supervision, Readiness):
             so = prepare_nodelay(self.state_dir / "nodelay", required=bool(self.nodelay_requested))
             self.layout = self.layout.with_(nodelay_so=so)
         self.layout = self.layout.with_(peers=tuple(self.peers.values()))
+        if "dovecot" in self.components:
+            raise_kernel_limits(log)  # inotify per IDLE client (sysctl/60-chatmaild.conf)
         # Dovecot runs quota-expire as vmail, the daemons run as vmail: a copy they can reach
         stage(self.state_dir)
         render_all(self.config, self.layout)

@@ -40,7 +40,13 @@ from chatmaild.relay.postconf import (
     parse_main,
     parse_master,
 )
-from chatmaild.relay.render import GENERATED_DIR, PACKAGE_STATE, Layout, render_all
+from chatmaild.relay.render import (
+    GENERATED_DIR,
+    PACKAGE_STATE,
+    Layout,
+    raise_kernel_limits,
+    render_all,
+)
 
 PROG = "chatmaild"
 POSTFIX_DIR = Path("/etc/postfix")
@@ -86,6 +92,17 @@ class SetupError(Exception):
 
 def say(text: str) -> None:
     print(f"{PROG} setup: {text}", flush=True)
+
+
+class _Say:
+    """A logger's warning() for helpers shared with make run: said like the rest."""
+
+    @staticmethod
+    def warning(fmt: str, *args: object) -> None:
+        say(fmt % args)
+
+
+_SAY_LOG = _Say()
 
 
 # ---------------------------------------------------------------- pure parts
@@ -396,6 +413,8 @@ def setup(config: Config, *, restart: bool) -> str:
     ensure_tls(config)
     dkim_txt = ensure_dkim(config)
     nodelay = ensure_nodelay()
+    # the package's /usr/lib/sysctl.d/60-chatmaild.conf, applied now, not at the next boot
+    raise_kernel_limits(_SAY_LOG)
     layout = Layout.production(config).with_(nodelay_so=nodelay)
     render_all(config, layout)
     say(f"rendered {layout.postfix_config_dir} and {layout.dovecot_config_dir}")
