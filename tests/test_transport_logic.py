@@ -117,6 +117,18 @@ def test_mx_rules():
     assert mx_hosts("b.org", None, True).error.startswith("550 5.1.2")
 
 
+def handled(handler: TransportHandler, method: str, *args):
+    """``handler.method(*args)`` run to its end, the handler closed after."""
+
+    async def run():
+        try:
+            return await getattr(handler, method)(*args)
+        finally:
+            await handler.close()
+
+    return asyncio.run(run())
+
+
 @pytest.fixture(scope="module")
 def dns_server():
     with LoopbackDNS() as server:
@@ -131,22 +143,18 @@ def dns_server():
 def test_mx_lookups_through_a_dns_server(dns_server, tmp_path):
     config = parse_params({"mail_domain": "chat.example", "dns_resolver": dns_server.address})
 
-    async def hosts(domain):
-        handler = TransportHandler(config)
-        try:
-            return await handler._hosts(domain)
-        finally:
-            await handler.close()
+    def hosts(domain):
+        return handled(TransportHandler(config), "_hosts", domain)
 
-    assert asyncio.run(hosts("two.test")) == (
+    assert hosts("two.test") == (
         [Host("mx1.two.test", "mx1.two.test"), Host("mx2.two.test", "mx2.two.test")],
         None,
     )
-    assert asyncio.run(hosts("nomx.test")) == ([Host("nomx.test", "nomx.test")], None)
-    assert asyncio.run(hosts("nullmx.test"))[1].startswith("556 5.1.10")
-    assert asyncio.run(hosts("nowhere.test"))[1].startswith("550 5.1.2")
-    assert asyncio.run(hosts("broken.test"))[1].startswith("451 4.4.3")
-    assert asyncio.run(hosts("[127.0.0.5]")) == ([Host("127.0.0.5", "127.0.0.5")], None)
+    assert hosts("nomx.test") == ([Host("nomx.test", "nomx.test")], None)
+    assert hosts("nullmx.test")[1].startswith("556 5.1.10")
+    assert hosts("nowhere.test")[1].startswith("550 5.1.2")
+    assert hosts("broken.test")[1].startswith("451 4.4.3")
+    assert hosts("[127.0.0.5]") == ([Host("127.0.0.5", "127.0.0.5")], None)
 
 
 def test_routes_are_the_only_destinations_of_a_local_relay(tmp_path):
@@ -159,14 +167,8 @@ def test_routes_are_the_only_destinations_of_a_local_relay(tmp_path):
     assert routes.lookup("b.test") is None and routes.lookup("c.test").connect == "127.0.0.3"
     config = parse_params({"mail_domain": "chat.example"})
 
-    async def hosts(domain):
-        handler = TransportHandler(config, routes)
-        try:
-            return await handler._hosts(domain)
-        finally:
-            await handler.close()
-
-    assert asyncio.run(hosts("gmail.com"))[1].startswith("550 5.7.1 delivery outside")
+    outside = handled(TransportHandler(config, routes), "_hosts", "gmail.com")
+    assert outside[1].startswith("550 5.7.1 delivery outside")
     assert TLSPolicy.ENCRYPT.value == "encrypt"
 
 
@@ -183,17 +185,12 @@ def test_only_public_addresses_are_delivered_to(address, public):
 def test_mx_pointing_at_the_machine_itself_is_skipped():
     config = parse_params({"mail_domain": "chat.example"})
 
-    async def public(hosts):
-        handler = TransportHandler(config)
-        problems: list[str] = []
-        try:
-            return await handler._public(hosts, problems), problems
-        finally:
-            await handler.close()
-
-    found, problems = asyncio.run(
-        public([Host("localhost", "localhost"), Host("mx.b", "10.0.0.1"), Host("x", "1.1.1.1")])
-    )
+    problems: list[str] = []
+    found = handled(
+        TransportHandler(config), "_public",
+        [Host("localhost", "localhost"), Host("mx.b", "10.0.0.1"), Host("x", "1.1.1.1")],
+        problems,
+    )  # fmt: skip
     assert found == [Host("x", "1.1.1.1")]
     assert problems[0].startswith("localhost: not a public address (")
     assert "127.0.0.1" in problems[0]  # and ::1 where /etc/hosts names both

@@ -197,13 +197,9 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def add_cli(subparsers) -> None:
-    summary, _, body = STATUS_DOC.partition("\n")
-    p = subparsers.add_parser(
-        "status",
-        help=summary,
-        description=STATUS_DOC,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    from chatmaild.admin.main import _subparser
+
+    p = _subparser(subparsers, "status", STATUS_DOC, cmd_status)
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--no-units", action="store_true", help="skip the systemd checks")
     p.add_argument("--postfix-config", metavar="DIR", help="Postfix's config directory")
@@ -212,4 +208,3 @@ def add_cli(subparsers) -> None:
     p.add_argument("--queue-max", type=int, default=1000, metavar="N")
     p.add_argument("--disk-max-percent", type=float, default=90.0, metavar="P")
     p.add_argument("--push-max", type=int, default=1000, metavar="N")
-    p.set_defaults(func=cmd_status)

@@ -88,12 +88,6 @@ def turn_answer(host: str, port: int, line: str) -> str | None:
     return metadata_value(host, port, user, password)
 
 
-def turn_probe_host(mail_domain: str) -> str:
-    """Where coturn is asked whether it runs: loopback, or an IP-only relay's address."""
-    bare = mail_domain.strip("[]")
-    return bare if bare[:1].isdigit() or ":" in bare else "127.0.0.1"
-
-
 async def tcp_answers(host: str, port: int, timeout: float = 2.0) -> bool:
     try:
         _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
@@ -193,7 +187,9 @@ class MetadataDaemon(DictDaemon):
         when, answered = self._turn_checked
         now = time.monotonic()
         if now - when > TURN_PROBE_EVERY:
-            host = turn_probe_host(self.config.mail_domain)
+            # loopback, or an IP-only relay's own address (make run listens there)
+            c = self.config
+            host = c.mail_domain.strip("[]") if c.is_ip_domain else "127.0.0.1"
             answered = await tcp_answers(host, self.config.turn_port)
             self._turn_checked = (now, answered)
         return answered

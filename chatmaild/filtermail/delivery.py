@@ -13,6 +13,8 @@ import re
 from dataclasses import dataclass
 from enum import Enum
 
+from chatmaild.common.addr import address_literal
+
 # a relay that answered "not here" (no /mxdeliv route) is asked again after this
 NO_HTTPS_TTL = 30 * 60.0
 MAX_REPLY_TEXT = 300  # of a peer's answer, in our reply (and so in a bounce)
@@ -37,17 +39,12 @@ def tls_policy(domain: str) -> TLSPolicy:
     return TLSPolicy.VERIFY
 
 
-_IPV4 = re.compile(r"\d{1,3}(\.\d{1,3}){3}")
-
-
 def literal_host(domain: str) -> str | None:
     """The address of an IP-literal domain (``[1.2.3.4]``, ``[IPv6:...]``), or None."""
-    if not (domain.startswith("[") and domain.endswith("]")):
+    literal = address_literal(domain)  # RFC 5321's forms, lower case
+    if literal is None:
         return None
-    inner = domain[1:-1]
-    if inner.lower().startswith("ipv6:"):
-        return inner[5:]
-    return inner if _IPV4.fullmatch(inner) else None
+    return literal[1:-1].removeprefix("ipv6:")
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import functools
 import ipaddress
 import logging
 import os
@@ -101,7 +102,7 @@ class Routes:
         for line in self.path.read_text(encoding="utf-8").splitlines():
             parts = line.split()
             if len(parts) == 4 and not line.startswith("#"):
-                domain, address, smtp_port, https_port = parts.copy()
+                domain, address, smtp_port, https_port = parts
                 domain = domain.lower()
                 # an IP-only relay's name (TLS, URL) is its bare address
                 name = literal_host(domain) or domain
@@ -109,7 +110,10 @@ class Routes:
         return routes
 
 
+@functools.cache
 def tls_context(policy: TLSPolicy) -> ssl.SSLContext:
+    """One context per policy, shared by every connection (loading the system's CA
+    certificates for each delivery would cost milliseconds and memory)."""
     ctx = ssl.create_default_context()
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     if policy is not TLSPolicy.VERIFY:
@@ -161,9 +165,8 @@ def smtp_session(
             options = []
             if need_utf8:
                 if not s.has_extn("smtputf8"):
-                    return [
-                        f"553 5.6.7 {host.name} does not take internationalized addresses"
-                    ] * len(rcpts)  # noqa: E501
+                    refusal = f"553 5.6.7 {host.name} does not take internationalized addresses"
+                    return [refusal] * len(rcpts)
                 options.append("SMTPUTF8")
                 s.command_encoding = "utf-8"
             if s.has_extn("8bitmime") and not content.isascii():
