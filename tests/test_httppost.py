@@ -143,3 +143,11 @@ def test_timeout_and_concurrency_limit():
 def test_only_http_urls():
     with pytest.raises(ValueError):
         PostClient("ftp://example.org/x", limit=1, timeout=1)
+
+
+def test_header_fields_with_cr_or_lf_are_refused():
+    """A field value that could end the field (and add one of its own) is not sent."""
+    client = PostClient("http://127.0.0.1:9/x", limit=1, timeout=5)
+    for value in ("a\r\nX-Evil: 1", "a\nb", "a\rb"):
+        with pytest.raises(ValueError, match="CR or LF"):
+            asyncio.run(client.exchange(b"", (("X-MAIL-TO", value),)))
