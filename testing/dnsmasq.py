@@ -47,16 +47,28 @@ def options(records: list[Record], address: str = "127.0.0.1") -> list[str]:
     return out
 
 
-def free_udp_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def free_port() -> int:
+    """A port free for UDP and TCP on 127.0.0.1: dnsmasq listens on both."""
+    while True:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+            udp.bind(("127.0.0.1", 0))
+            port = udp.getsockname()[1]
+            with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp:
+                try:
+                    tcp.bind(("127.0.0.1", port))
+                except OSError:
+                    continue
+                return port
+
+
+class PortTaken(RuntimeError):
+    pass
 
 
 class Zone:
     def __init__(self, domain: str, records: list[Record]) -> None:
         self.domain, self.records = domain, records
-        self.port = free_udp_port()
+        self.port = free_port()
         self.proc: subprocess.Popen | None = None
 
     @property
@@ -64,6 +76,15 @@ class Zone:
         return f"127.0.0.1:{self.port}"
 
     def start(self) -> Zone:
+        # Another test may take the port between our pick and dnsmasq's bind: pick again.
+        for _ in range(5):
+            try:
+                return self._start()
+            except PortTaken:
+                self.port = free_port()
+        return self._start()
+
+    def _start(self) -> Zone:
         argv = [DNSMASQ, "--no-daemon", "--conf-file=/dev/null", "--no-resolv", "--no-hosts",
                 "--no-poll", "--pid-file=", "--user=nobody", "--group=nogroup",
                 "--listen-address=127.0.0.1", "--bind-interfaces", f"--port={self.port}",
@@ -83,6 +104,8 @@ class Zone:
             assert self.proc is not None
             if self.proc.poll() is not None:
                 out = self.proc.stdout.read().decode(errors="replace") if self.proc.stdout else ""
+                if "Address already in use" in out:
+                    raise PortTaken(out)
                 raise RuntimeError(f"dnsmasq exited: {out}")
             try:
                 dns.query.udp(query, "127.0.0.1", port=self.port, timeout=0.5)
