@@ -359,9 +359,25 @@ class Config:
     notification_dir: str = _key(parse_abspath, "queue of pending push notifications", "")
     iroh_relay: str = _key(
         parse_url,
-        "iroh relay URL advertised to clients (realtime apps); empty: none, the apps use"
-        " their defaults (this relay serves no iroh relay of its own yet)",
+        "iroh relay URL advertised to clients (realtime apps); empty: this relay's own"
+        " (https://mail_domain, chatmail-iroh) when it runs and the certificate is a CA's,"
+        " else none (the apps use their defaults)",
         "",
+    )
+    iroh_relay_port: int = _key(
+        _int_in(0, 65535),
+        "loopback port of chatmail-iroh, this relay's own iroh relay (HTTPS /relay goes"
+        " there); 0: none",
+        3340,
+    )
+    iroh_relay_max_clients: int = _key(
+        _int_in(1, 1_000_000), "iroh relay connections at once, in all", 4096
+    )
+    iroh_relay_max_clients_per_ip: int = _key(
+        _int_in(1, 1_000_000), "iroh relay connections at once from one IPv4 address or /64", 32
+    )
+    iroh_relay_max_bps: int = _key(
+        _int_in(8000, 10**9), "bytes a second one iroh relay client may send", 1_000_000
     )
     appversions_path: str = _key(
         parse_optional_abspath,
