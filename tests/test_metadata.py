@@ -15,6 +15,7 @@ import pytest
 from chatmaild.common.config import read_config
 from chatmaild.dictd.metadata import read_turn_credentials, server_key_name, turn_answer
 from chatmaild.dictd.tokens import TOKEN_LIFETIME
+from chatmaild.relay.ports import free_ports
 from tests.fixtures.metadata import DOMAIN, wait_until
 
 USER = f"alice123x@{DOMAIN}"
@@ -121,15 +122,29 @@ def test_server_keys(metadata_daemon, metadata_ini):
 
 
 def test_iroh_relay_default_and_empty(metadata_daemon, metadata_ini):
+    port = free_ports(1)[0]
+    metadata_ini(iroh_relay_port=port)
     metadata_daemon.start()
     with metadata_daemon.client() as c:
-        # advertise only what exists: no iroh relay serves https://<mail_domain>
+        # advertise only what exists: chatmail-iroh does not listen on its port
         assert c.lookup(server_key("irohrelay"), USER) == "N"
     metadata_daemon.stop()
-    metadata_ini(iroh_relay="")  # set but empty: no iroh relay is advertised
-    metadata_daemon.start()
-    with metadata_daemon.client() as c:
-        assert c.lookup(server_key("irohrelay"), USER) == "N"
+    # our own relay answers, and the certificate is ACME's: https://<mail_domain>
+    with socket.create_server(("127.0.0.1", port)):
+        metadata_daemon.start()
+        with metadata_daemon.client() as c:
+            assert c.lookup(server_key("irohrelay"), USER) == f"Ohttps://{DOMAIN}"
+        metadata_daemon.stop()
+        # a self-signed certificate: the apps' iroh would not trust it
+        metadata_ini(iroh_relay_port=port, acme_directory="")
+        metadata_daemon.start()
+        with metadata_daemon.client() as c:
+            assert c.lookup(server_key("irohrelay"), USER) == "N"
+        metadata_daemon.stop()
+        metadata_ini(iroh_relay_port=0)  # no relay of our own wanted
+        metadata_daemon.start()
+        with metadata_daemon.client() as c:
+            assert c.lookup(server_key("irohrelay"), USER) == "N"
 
 
 class TurnServer:

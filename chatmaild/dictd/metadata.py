@@ -6,7 +6,9 @@ Dovecot's ``mail_attribute_dict`` points here.  Keys on the wire:
                                        LOOKUP answers every valid token, space-separated
     priv/<mailbox-guid>/messagenew     SET (from the LMTP Lua push hook) queues one push
                                        notification per device token of the account
-    .../vendor/deltachat/irohrelay     iroh_relay; N when empty (the default)
+    .../vendor/deltachat/irohrelay     iroh_relay; when empty (the default) our own
+                                       chatmail-iroh's https://mail_domain if it
+                                       answers and the certificate is ACME's, else N
     .../vendor/deltachat/turn          <host>:<turn_port>:<user>:<password>: credentials
                                        for coturn made with the shared turn secret, when
                                        coturn answers on turn_port; else read from
@@ -54,7 +56,7 @@ from chatmaild.dictd.push import Notifier
 from chatmaild.dictd.tokens import TokenError, TokenStore
 
 TURN_TIMEOUT = 5.0
-TURN_PROBE_EVERY = 10.0  # seconds a "coturn answers" finding is reused
+PROBE_EVERY = 10.0  # seconds a "coturn (chatmail-iroh) answers" finding is reused
 MAX_SMTP_RECIPIENTS = 1000  # Postfix's default smtpd_recipient_limit; clients chunk by it
 VENDOR = "/vendor/deltachat/"
 
@@ -86,6 +88,13 @@ def turn_answer(host: str, port: int, line: str) -> str | None:
         return None
     # core splits on ":", so an IP relay's host goes out bare, never "[1.2.3.4]"
     return metadata_value(host, port, user, password)
+
+
+def own_iroh_relay_serves_apps(c: Config) -> bool:
+    """Whether the apps can use our chatmail-iroh at https://mail_domain: the core's
+    iroh trusts only public CAs, so a certificate from ACME on a domain name (not
+    make run's self-signed one, nor an IP-only relay's)."""
+    return bool(c.iroh_relay_port) and bool(c.acme_directory) and not c.is_ip_domain
 
 
 async def tcp_answers(host: str, port: int, timeout: float = 2.0) -> bool:
@@ -122,7 +131,7 @@ class MetadataDaemon(DictDaemon):
         self.tokens = TokenStore(config)
         self.notifier = Notifier(config, self.tokens)
         self.appversions = AppVersionsFile(config.appversions_path, self.log)
-        self._turn_checked = (0.0, False)  # (when, whether coturn answered)
+        self._probed: dict[int, tuple[float, bool]] = {}  # port -> (when, answered)
 
     def endpoint(self) -> Endpoint:
         return Endpoint.unix(self.config.metadata_socket)
@@ -163,10 +172,14 @@ class MetadataDaemon(DictDaemon):
     async def server_value(self, name: str) -> str | None:
         c = self.config
         if name == "irohrelay":
-            return c.iroh_relay or None
+            if c.iroh_relay:
+                return c.iroh_relay
+            if own_iroh_relay_serves_apps(c) and await self.answers(c.iroh_relay_port):
+                return f"https://{c.mail_domain}"
+            return None
         if name == "turn":
             secret = read_secret(c.turn_secret_path)
-            if secret is not None and await self.coturn_answers():
+            if secret is not None and await self.answers(c.turn_port):
                 user, password = credentials(secret, time.time(), c.turn_credentials_ttl)
                 return metadata_value(c.mail_domain, c.turn_port, user, password)
             line = await read_turn_credentials(c.turn_socket_path)
@@ -181,17 +194,17 @@ class MetadataDaemon(DictDaemon):
             return self.appversions.value()
         return None
 
-    async def coturn_answers(self) -> bool:
-        """Whether coturn listens on turn_port (advertise only what exists); a finding
-        is reused for a few seconds."""
-        when, answered = self._turn_checked
+    async def answers(self, port: int) -> bool:
+        """Whether our coturn (chatmail-iroh) listens on ``port``: advertise only what
+        exists; a finding is reused for a few seconds."""
+        when, answered = self._probed.get(port, (0.0, False))
         now = time.monotonic()
-        if now - when > TURN_PROBE_EVERY:
+        if now - when > PROBE_EVERY:
             # loopback, or an IP-only relay's own address (make run listens there)
             c = self.config
             host = c.mail_domain.strip("[]") if c.is_ip_domain else "127.0.0.1"
-            answered = await tcp_answers(host, self.config.turn_port)
-            self._turn_checked = (now, answered)
+            answered = await tcp_answers(host, port)
+            self._probed[port] = (now, answered)
         return answered
 
     async def commit(self, txn: Transaction) -> bool:

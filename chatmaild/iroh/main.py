@@ -32,6 +32,7 @@ from chatmaild.common.service import Daemon, Endpoint, run_daemon
 from chatmaild.iroh import frames
 from chatmaild.iroh.frames import FrameError, FrameType
 from chatmaild.iroh.hub import Hub
+from chatmaild.iroh.probe import probe_204_headers
 from chatmaild.web.limits import RefusalLog, SourceBudget, source_of
 
 HANDSHAKE_TIMEOUT = 10.0  # HTTP head and ClientInfo (iroh's server waits 10 s too)
@@ -40,7 +41,6 @@ PING_EVERY = 15.0  # plus up to 5 s of jitter, as iroh's server
 MAX_HEAD = 8 * 1024
 MAX_QUEUE = 512 * 1024  # bytes waiting for a slow client before its packets drop
 STATS_EVERY = 60.0
-CHALLENGE_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.-_")
 
 
 def answer(status: int, headers: dict[str, str] | None = None, body: bytes = b"") -> bytes:
@@ -61,11 +61,7 @@ def probe_answer(method: str, path: str, headers: dict[str, str]) -> bytes:
     if method not in ("GET", "HEAD"):
         return answer(405, body=b"405: only GET\n")
     if path == "/generate_204":
-        extra = {}
-        challenge = headers.get("x-tailscale-challenge", "")
-        if 0 < len(challenge) < 64 and set(challenge) <= CHALLENGE_CHARS:
-            extra["X-Tailscale-Response"] = f"response {challenge}"
-        return answer(204, extra)
+        return answer(204, probe_204_headers(headers))
     if path == "/ping":
         return answer(200, {"Access-Control-Allow-Origin": "*"})
     if path == "/":

@@ -26,6 +26,7 @@ PORT_KEYS = {
     "submissions_tunnel": "submissions_tunnel_port",
     "smtp_tunnel": "smtp_tunnel_port",
     "turn": "turn_port",
+    "iroh": "iroh_relay_port",
 }
 # ini keys holding the filter path's UNIX sockets (a port would be open to every
 # local user), also listed in Relay.ports; below Layout.local's queue directory

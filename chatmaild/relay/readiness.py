@@ -39,6 +39,8 @@ class Readiness:
                            logs / "filtermail.log"))  # fmt: skip
         if "newemail" in c:
             checks.append(("newemail", (self.host, cfg.newemail_port), logs / "newemail.log"))
+        if "iroh" in c:
+            checks.append(("iroh", (self.host, cfg.iroh_relay_port), logs / "iroh.log"))
         if "turn" in c:  # coturn's TCP listener (its UDP one opens with it)
             checks.append(("coturn", (self.host, cfg.turn_port), logs / "turn.log"))
         if "postfix" in c:

@@ -82,6 +82,7 @@ DAEMON_MODULES = {
     "metadata": "chatmaild.dictd.metadata",
     "filtermail": "chatmaild.filtermail",
     "newemail": "chatmaild.web.main",
+    "iroh": "chatmaild.iroh.main",
 }
 # coturn (Debian's turnserver): TURN for calls
 ALL_COMPONENTS = ("postfix", "dovecot", "turn", *DAEMON_MODULES)

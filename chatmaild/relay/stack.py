@@ -447,8 +447,11 @@ class Relay(PortHolding, Supervision, Readiness):
                 "--listen", f"chatmail-newemail={self.host}:{self.config.newemail_port}",
                 "--listen", f"chatmail-http={self.host}:{self.config.http_port}",
                 "--acme-challenges", str(self.acme_dir / "challenges"),
-                "--tunnel-host", self.host,
+                "--tunnel-host", self.host, "--iroh-host", self.host,
             ]  # fmt: skip
+        if "iroh" in c:
+            cmds["iroh"] = [program("chatmail-iroh"), "--config", ini,
+                            "--listen", f"{self.host}:{self.config.iroh_relay_port}"]  # fmt: skip
         # the servers start once our sockets are asked for (Dovecot connects lazily anyway)
         if "postfix" in c:
             # the master itself, no postfix-script shell between: our child is the master

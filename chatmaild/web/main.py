@@ -87,6 +87,7 @@ from chatmaild.common import mtasts
 from chatmaild.common.config import ACME_CHALLENGE_DIR, Config
 from chatmaild.common.ratelimit import RateLimiter
 from chatmaild.common.service import Daemon, Endpoint, run_daemons
+from chatmaild.iroh.probe import probe_204_headers
 from chatmaild.web import autoconfig, mxdeliv, pages, static
 from chatmaild.web.limits import Admission, RefusalLog, source_of
 from chatmaild.web.plain import PlainHttp
@@ -325,6 +326,9 @@ class FrontDoor:
             "/invite.svg": {"GET": self.invite_svg},
         }
         routes[autoconfig.PATH] = {"GET": self.autoconfig}
+        # the apps' probes of an iroh relay (its /relay goes to chatmail-iroh)
+        routes["/generate_204"] = {"GET": self.generate_204}
+        routes["/ping"] = {"GET": self.ping}
         if self.config.mxdeliv_receive:
             # POST is the server's (an upload, web.mxdeliv); here only the other methods' 405
             routes[mxdeliv.PATH] = {"POST": self.mxdeliv_not_here}
@@ -470,6 +474,12 @@ class FrontDoor:
         return mxdeliv.answer(503, "temporary", "HTTPS delivery is not served here",
                               **{"Retry-After": mxdeliv.RETRY_AFTER})  # fmt: skip
 
+    async def generate_204(self, request: Request) -> Response:
+        return Response(204, probe_204_headers(request.headers), b"")
+
+    async def ping(self, request: Request) -> Response:
+        return Response(200, {"Access-Control-Allow-Origin": "*"}, b"")
+
     async def autoconfig(self, request: Request) -> Response:
         headers = {"Content-Type": f"{autoconfig.XML_TYPE}; charset=utf-8",
                    "Cache-Control": "public, max-age=3600"}  # fmt: skip
@@ -595,9 +605,14 @@ class NewEmailDaemon(Daemon):
         uploads = {}
         if c.mxdeliv_receive:  # else: 404, as where the route does not exist (port 25 then)
             uploads[mxdeliv.PATH] = mxdeliv.MxDeliv(c, self.log, (host, c.smtp_tunnel_port))
+        upgrades = {}
+        if c.iroh_relay_port:  # chatmail-iroh, our own iroh relay
+            iroh_host = getattr(self.args, "iroh_host", None) or "127.0.0.1"
+            upgrades["/relay"] = (iroh_host, c.iroh_relay_port)
         self.server = HttpsServer(
             self.front.handle, self.tls, self.log, self.settings, admission, COMMON_HEADERS,
             refusals=self.front.refusals, mail_routes=routes, uploads=uploads,
+            upgrades=upgrades,
         )  # fmt: skip
 
     def protocol_factory(self) -> Callable[[], asyncio.Protocol]:
@@ -688,6 +703,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="loopback address of Dovecot's and Postfix's listeners for IMAP and SMTP "
         "clients on this port (imaps_tunnel_port, submissions_tunnel_port; "
         "default: %(default)s)",
+    )
+    parser.add_argument(
+        "--iroh-host",
+        default="127.0.0.1",
+        metavar="ADDR",
+        help="loopback address of chatmail-iroh (iroh_relay_port), where HTTPS /relay"
+        " goes (default: %(default)s)",
     )
     parser.add_argument(
         "--no-http",

@@ -144,11 +144,16 @@ class HttpsServer:
         refusals: RefusalLog | None = None,
         mail_routes: dict[str, tuple[str, int]] | None = None,
         uploads: dict[str, Upload] | None = None,
+        upgrades: dict[str, tuple[str, int]] | None = None,
     ) -> None:
         """``mail_routes``: ALPN name -> (host, port) of the mail server that takes a
-        connection asking for it (port 443's IMAP and SMTP), tunnelled unchanged."""
+        connection asking for it (port 443's IMAP and SMTP), tunnelled unchanged.
+        ``upgrades``: path -> (host, port) of the plain HTTP server that takes a GET
+        with an ``Upgrade`` header there (the iroh relay's /relay): the request and
+        all that follows go there decrypted, after a PROXY line naming the client."""
         self.app = app
         self.mail_routes = mail_routes or {}
+        self.upgrades = upgrades or {}
         self.uploads = uploads or {}
         self.tls = tls
         self.log = log
@@ -238,6 +243,7 @@ class Connection(asyncio.Protocol):
         "tunnel_source",
         "sink",
         "request_limit",
+        "early",
     )
 
     def __init__(self, server: HttpsServer) -> None:
@@ -263,6 +269,7 @@ class Connection(asyncio.Protocol):
         self.tunnel_source = ""  # counted as a tunnel of this source
         self.sink: UploadSink | None = None  # an upload's body goes here
         self.request_limit = server.settings.max_request_bytes  # an upload's is larger
+        self.early = b""  # an upgrade's bytes that came before its backend answered
 
     # ------------------------------------------------------------ asyncio callbacks
 
@@ -343,7 +350,11 @@ class Connection(asyncio.Protocol):
         if self.transport is None:
             return
         if self.tunnel_source:
-            if self.backend is not None and self.backend.transport is not None:
+            if self.tls is not None:  # an upgraded request's: decrypted for its backend
+                assert self.bio_in is not None
+                self.bio_in.write(data)
+                self._read_tls()
+            elif self.backend is not None and self.backend.transport is not None:
                 self.backend.transport.write(data)
             return
         if self.server.tls is None:  # plain HTTP
@@ -396,11 +407,18 @@ class Connection(asyncio.Protocol):
         self._open_tunnel(route, first)
         return None
 
-    def _open_tunnel(self, route: tuple[str, int], first: bytes) -> None:
+    def _open_tunnel(
+        self, route: tuple[str, int], first: bytes, unreachable: bytes | None = None
+    ) -> None:
+        """From now on this connection is a tunnel to ``route`` (which gets ``first``
+        first); ``unreachable``: the answer to send when the backend is not there."""
         refused = self.server.admission.open_tunnel(self.source)
         if refused is not None:
             self.server.refusals.note(refused, self.source)
-            self.abort(refused)
+            if unreachable is not None:
+                self._refuse(503, refused)
+            else:
+                self.abort(refused)
             return
         # a mail client's connection from now on: not one of the pages' budget, no
         # page timers (an IDLE lasts hours; the mail server keeps its own timeouts)
@@ -413,18 +431,24 @@ class Connection(asyncio.Protocol):
             self.life_timer = None
         assert self.transport is not None
         self.transport.pause_reading()
-        self.task = asyncio.get_running_loop().create_task(self._connect(route, first))
+        self.task = asyncio.get_running_loop().create_task(self._connect(route, first, unreachable))
 
-    async def _connect(self, route: tuple[str, int], first: bytes) -> None:
+    async def _connect(
+        self, route: tuple[str, int], first: bytes, unreachable: bytes | None = None
+    ) -> None:
         loop = asyncio.get_running_loop()
         try:
             transport, backend = await asyncio.wait_for(
                 loop.create_connection(lambda: Backend(self), *route), timeout=10
             )
         except (OSError, TimeoutError) as e:
-            self.server.refusals.note(f"mail server {route[0]}:{route[1]} unreachable ({e})",
+            self.server.refusals.note(f"backend {route[0]}:{route[1]} unreachable ({e})",
                                       self.remote)  # fmt: skip
-            self.abort("mail server unreachable")
+            if unreachable is not None and self.tls is not None:
+                self._send(unreachable)
+                self.close()
+            else:
+                self.abort("backend unreachable")
             return
         finally:
             self.task = None
@@ -432,7 +456,9 @@ class Connection(asyncio.Protocol):
             transport.close()
             return
         self.backend = backend
-        transport.write(proxy_v1((self.remote, self._remote_port()), self.local) + first)
+        transport.write(proxy_v1((self.remote, self._remote_port()), self.local) + first
+                        + self.early)  # fmt: skip
+        self.early = b""
         self.transport.resume_reading()
 
     def _remote_port(self) -> int:
@@ -440,13 +466,14 @@ class Connection(asyncio.Protocol):
         return int(peer[1]) if isinstance(peer, tuple) else 0
 
     def backend_data(self, data: bytes) -> None:
-        if self.transport is not None:
+        if self.tls is not None:
+            self._send(data)
+        elif self.transport is not None:
             self.transport.write(data)
 
     def backend_lost(self) -> None:
         self.backend = None
-        if self.transport is not None:
-            self.transport.close()  # after what the server sent last
+        self.close()  # after what the server sent last
 
     def backend_paused(self, paused: bool) -> None:
         """The mail server reads slowly: stop reading from the client meanwhile."""
@@ -458,6 +485,27 @@ class Connection(asyncio.Protocol):
         t = self.backend.transport if self.backend is not None else None
         if t is not None and not t.is_closing():
             (t.pause_reading if paused else t.resume_reading)()
+
+    def _upgrade(self, route: tuple[str, int], event: h11.Request) -> None:
+        """A GET with an Upgrade header on one of ``upgrades``' paths: its request and
+        the rest of the connection go to that server, decrypted."""
+        assert self.http is not None
+        head = b"%s %s HTTP/1.1\r\n" % (event.method, event.target) + b"".join(
+            b"%s: %s\r\n" % (n, v) for n, v in event.headers.raw_items()
+        )
+        trailing = self.http.trailing_data[0]
+        self.http = None
+        unreachable = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n"
+                       b"Connection: close\r\n\r\n")  # fmt: skip
+        self._open_tunnel(route, head + b"\r\n" + trailing, unreachable)
+
+    def _to_backend(self, data: bytes) -> None:
+        if self.backend is not None and self.backend.transport is not None:
+            self.backend.transport.write(data)
+            return
+        self.early += data
+        if len(self.early) > self.server.settings.max_request_bytes:
+            self.abort("too much data before the backend answered")
 
     # ------------------------------------------------------------ TLS
 
@@ -485,7 +533,10 @@ class Connection(asyncio.Protocol):
             except ssl.SSLWantReadError:
                 break
             except ssl.SSLZeroReturnError:
-                self.eof_received()
+                if self.tunnel_source:
+                    self.close()
+                else:
+                    self.eof_received()
                 break
             except (ssl.SSLError, OSError) as e:
                 self.abort(f"TLS error: {e}")
@@ -493,7 +544,10 @@ class Connection(asyncio.Protocol):
             if not chunk:
                 self.eof_received()
                 break
-            self._http_data(chunk)
+            if self.tunnel_source:
+                self._to_backend(chunk)
+            else:
+                self._http_data(chunk)
         self._flush()
 
     def _send(self, data: bytes | None) -> None:
@@ -542,6 +596,10 @@ class Connection(asyncio.Protocol):
                 problem = self._check_head(event, upload)
                 if problem is not None:
                     self._refuse(400, f"bad request: {problem}")
+                    return
+                route = self.server.upgrades.get(request.path)
+                if route is not None and "upgrade" in request.headers and request.method == "GET":
+                    self._upgrade(route, event)
                     return
                 self.pending = request
                 if upload is not None:
