@@ -9,6 +9,7 @@ what the core would not (bad signatures, huge frames, floods).
 from __future__ import annotations
 
 import asyncio
+import collections
 import ssl
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -31,7 +32,7 @@ class IrohClient:
         self.reader, self.writer, self.secret = reader, writer, secret
         self.key = secret.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
         self.frames = frames.FrameReader(limit=16 * 2**20)
-        self.pending: list[tuple[int, bytes]] = []
+        self.pending: collections.deque[tuple[int, bytes]] = collections.deque()
 
     @classmethod
     async def connect(cls, host: str, port: int, *, tls: ssl.SSLContext | None = None,
@@ -68,8 +69,8 @@ class IrohClient:
             data = await asyncio.wait_for(self.reader.read(65536), timeout)
             if not data:
                 raise EOFError("relay closed the connection")
-            self.pending += self.frames.feed(data)
-        return self.pending.pop(0)
+            self.pending.extend(self.frames.feed(data))
+        return self.pending.popleft()
 
     async def packet(self, timeout: float = 10.0) -> tuple[bytes, bytes]:
         """The next RecvPacket's (source key, packet), answering Pings meanwhile."""

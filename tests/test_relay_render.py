@@ -168,6 +168,7 @@ def _unit(path: Path) -> configparser.ConfigParser:
     [
         "chatmail-dict.service",
         "filtermail.service",
+        "chatmail-iroh.service",
     ],
 )
 def test_daemon_units(unit):

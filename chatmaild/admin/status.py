@@ -34,6 +34,7 @@ UNITS = (
     "chatmail-dict.service",
     "filtermail.service",
     "chatmail-newemail.service",
+    "chatmail-iroh.service",
     "dovecot.service",
     "coturn.service",
 )
