@@ -73,6 +73,41 @@ _, found = conn._untagged_response(typ, data, "METADATA")
 print(found[0][1].decode() if isinstance(found[0], tuple) else found[0].decode())
 """
 
+# two iroh nodes through https://<domain>/relay (port 443 -> chatmail-iroh), and the probe
+IROH = r"""
+import socket, ssl
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+from chatmaild.iroh import frames
+ctx = ssl._create_unverified_context()
+def node():
+    s = ctx.wrap_socket(socket.create_connection(("127.0.0.1", 443), timeout=20),
+                        server_hostname="%s")
+    s.sendall(b"GET /relay HTTP/1.1\r\nHost: %s\r\nUpgrade: iroh derp http\r\n\r\n")
+    head = b""
+    while b"\r\n\r\n" not in head:
+        head += s.recv(1)
+    assert head.startswith(b"HTTP/1.1 101 "), head
+    secret = Ed25519PrivateKey.generate()
+    key = secret.public_key().public_bytes(Encoding.Raw, PublicFormat.Raw)
+    s.sendall(frames.encode(frames.FrameType.CLIENT_INFO,
+                            frames.MAGIC + key + secret.sign(b"\x03") + b"\x03"))
+    return s, key
+(a, ka), (b, kb) = node(), node()
+import time; time.sleep(0.5)
+a.sendall(frames.encode(frames.FrameType.SEND_PACKET, kb + b"realtime"))
+reader = frames.FrameReader()
+got = []
+while not any(kind == frames.FrameType.RECV_PACKET for kind, _ in got):
+    got += reader.feed(b.recv(65536))
+assert (frames.FrameType.RECV_PACKET, ka + b"realtime") in got, got
+s = ctx.wrap_socket(socket.create_connection(("127.0.0.1", 443), timeout=20),
+                    server_hostname="%s")
+s.sendall(b"GET /generate_204 HTTP/1.1\r\nHost: %s\r\nConnection: close\r\n\r\n")
+assert s.recv(100).startswith(b"HTTP/1.1 204 ")
+print("iroh ok")
+""".replace("%s", DOMAIN)
+
 # another local user must reach none of these (SECURITY.md), nor sendmail or the queue
 PROBE = r"""
 import errno, os, socket, subprocess, sys
@@ -266,6 +301,8 @@ def test_package_on_a_fresh_machine(debs, suite, tmp_path):
         m.sh("systemctl start coturn.service")
         assert m.run_rc("chatmaild status") == 0, m.sh("chatmaild status", check=False)
         assert m.sh(PROBE.join(["python3 - <<'EOF'\n", "EOF\n"])).strip() == "access ok"
+        # realtime apps: our iroh relay through port 443 (the front door passes /relay on)
+        assert m.sh(IROH.join(["python3 - <<'EOF'\n", "EOF\n"])).strip() == "iroh ok"
         users = m.sh("doveadm user '*'").split()
         assert set(first.split()) <= set(users), users
         shown = m.sh(f"doveadm user {first.split()[0]}")
