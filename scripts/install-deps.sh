@@ -13,7 +13,12 @@ PYTHON=/usr/bin/python3
 
 # shellcheck source=scripts/packages.sh
 . scripts/packages.sh
+had_prometheus=$(dpkg-query -W -f='${Status}' prometheus 2>/dev/null || true)
 apt_install_missing "${RUNTIME_PACKAGES[@]}" "${TEST_PACKAGES[@]}"
+# the tests start their own Prometheus: the service the package just started goes
+if [[ $had_prometheus != *"ok installed"* ]] && [ -d /run/systemd/system ]; then
+    systemctl disable --now prometheus.service >/dev/null 2>&1 || true
+fi
 
 if [ "$(id -u)" = 0 ] && ! id vmail >/dev/null 2>&1; then
     useradd --system --home-dir /home/vmail --shell /usr/sbin/nologin vmail

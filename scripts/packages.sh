@@ -11,7 +11,7 @@ RUNTIME_PACKAGES=(
     iproute2
     python3
     python3-cryptography python3-dkim python3-dnspython python3-filelock python3-h11
-    python3-systemd python3-uvloop python3-segno
+    python3-systemd python3-uvloop python3-segno python3-prometheus-client
 )
 case "${VERSION_CODENAME:-}" in
     bookworm) ;;
@@ -29,10 +29,12 @@ esac
 # pebble: Let's Encrypt's test CA (testing/pebble.py); dnsmasq-base: an authoritative DNS
 # server for `chatmaild dns --check` (testing/dnsmasq.py; no service of its own); nftables:
 # a firewall in a test's own network namespace (port 25 blocked, tests/test_mxdeliv_send.py);
-# python3-aioice: a TURN client (tests/test_turn.py)
+# python3-aioice: a TURN client (tests/test_turn.py); prometheus: the server that scrapes
+# chatmail-metrics in tests/test_metrics.py (started by the test; install-deps.sh stops
+# the service the package starts)
 TEST_PACKAGES=(gnupg sq zstd util-linux procps git make python3-nacl chromium zbar-tools
     python3-venv gcc libc6-dev python3-aiosmtpd python3-aiohttp pebble dnsmasq-base curl nftables
-    python3-aioice)
+    python3-aioice prometheus)
 
 # what the package recommends (the no-delay shim's compiler): --bare roots of
 # scripts/debian-root.sh download these too

@@ -87,6 +87,16 @@ ACME_STATE_DIR = Path("/var/lib/chatmaild/acme")
 ACME_CHALLENGE_DIR = ACME_STATE_DIR / "challenges"
 
 
+def parse_metrics_address(raw: str) -> str:
+    text = raw.strip()
+    if not text:
+        return ""
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError("expected HOST:PORT, as 127.0.0.1:9390 or [::1]:9390")
+    return text
+
+
 def parse_port(raw: str) -> int:
     return _int_in(1, 65535)(raw)
 
@@ -497,7 +507,19 @@ class Config:
     tls_external_cert_and_key: tuple[str, str] | None = _key(
         parse_cert_and_key, "CERTFILE KEYFILE of an externally managed certificate", None
     )
-    mtail_address: str = _key(parse_str, "metrics bind address; empty disables", "")
+    metrics_address: str = _key(
+        parse_metrics_address,
+        "HOST:PORT where chatmail-metrics serves Prometheus metrics (/metrics); empty: no"
+        " metrics at all (the default). A public address only if you mean it: the"
+        " figures say how busy the relay is (mtail_address is the old name)",
+        "",
+    )
+    metrics_dir: str = _key(
+        parse_abspath,
+        "where each chatmaild process keeps its counters for chatmail-metrics (they"
+        " survive restarts)",
+        "/var/lib/chatmaild/metrics",
+    )
     acme_email: str = _key(parse_str, "ACME contact", "")
     acme_directory: str = _key(
         parse_url,
@@ -603,6 +625,10 @@ DEPRECATED_KEYS = {
 }
 
 
+# old key -> its new name: the old one still works when the new one is not set
+RENAMED_KEYS = {"mtail_address": "metrics_address"}
+
+
 def deprecation_warning(keys: Iterable[str]) -> str:
     """One line naming each deprecated key and what replaced it."""
     names = [f"{k} (see {DEPRECATED_KEYS[k]})" if DEPRECATED_KEYS[k] else k for k in keys]
@@ -625,7 +651,17 @@ def parse_params(params: dict[str, str], source: str = "chatmail.ini") -> Config
             raise ConfigError(f"{source}: {f.name} = {raw!r} is invalid: {e}") from None
     if "mail_domain" not in values:
         raise ConfigError(f"{source}: required key mail_domain is missing from [{SECTION}]")
-    unknown = tuple(sorted(set(params) - KNOWN_KEYS - IGNORED_KEYS - set(DEPRECATED_KEYS)))
+    for old, new in RENAMED_KEYS.items():
+        if old in params and new not in params and new not in values:
+            try:
+                values[new] = next(f for f in config_fields() if f.name == new).metadata["parse"](
+                    params[old]
+                )
+            except ValueError as e:
+                raise ConfigError(f"{source}: {old} = {params[old]!r} is invalid: {e}") from None
+    unknown = tuple(
+        sorted(set(params) - KNOWN_KEYS - IGNORED_KEYS - set(DEPRECATED_KEYS) - set(RENAMED_KEYS))
+    )
     deprecated = tuple(k for k in DEPRECATED_KEYS if k in params)
     try:
         return Config(**values, unknown_keys=unknown, deprecated_keys=deprecated)

@@ -534,6 +534,9 @@ def run_daemons(
     register_roles(cls.name for cls in classes)
     raise_fd_limit(log)
     config = load_config_or_exit(args.config, prog)
+    from chatmaild.common import metrics
+
+    metrics.configure(config.metrics_address, config.metrics_dir, prog)
 
     async def main() -> int:
         daemons = [cls(config, args) for cls in classes]

@@ -14,6 +14,7 @@ import enum
 import logging
 from typing import Final, Literal
 
+from chatmaild.common import metrics
 from chatmaild.common.accounts import Account, AccountStore, hash_password
 from chatmaild.common.addr import AddressError
 from chatmaild.common.config import Config
@@ -84,6 +85,7 @@ class AuthService:
             account = self.store.account(user)
         except AddressError as e:
             log.warning("registration rejected: invalid address: %s: %r", e, user)
+            metrics.ACCOUNTS_REFUSED.labels("address").inc()
             return None
         stored = account.password_hash()
         if stored is None:
@@ -106,6 +108,7 @@ class AuthService:
             except AddressError:
                 addr = repr(user)
             log.warning("registration rejected: %s: %s", refusal, addr)
+            metrics.ACCOUNTS_REFUSED.labels(refusal_kind(refusal)).inc()
         return refusal is not None
 
     def create(self, user: str, stored_hash: str) -> dict[str, str] | None:
@@ -118,6 +121,7 @@ class AuthService:
         account = result.account
         if result.created:
             log.info("Created address: %s", account.addr)
+            metrics.ACCOUNTS_CREATED.inc()
         stored = account.password_hash()
         if stored is None:  # deleted between create and read; let the client retry
             return None
@@ -125,3 +129,13 @@ class AuthService:
             log.info("login refused for disabled account %s", account.addr)
             return None
         return self.pass_fields(account, stored, user)
+
+
+REFUSAL_KINDS = (("registration blocked", "blocked"), ("password", "password"),
+                 ("invalid address", "address"), ("load average", "load"),
+                 ("available memory", "memory"), ("free disk", "disk"))  # fmt: skip
+
+
+def refusal_kind(refusal: str) -> str:
+    """The metric label of a refusal's text (its figures would make labels without end)."""
+    return next((kind for start, kind in REFUSAL_KINDS if refusal.startswith(start)), "other")

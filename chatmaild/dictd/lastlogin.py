@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 
+from chatmaild.common import metrics
 from chatmaild.common.accounts import AccountStore
 from chatmaild.common.addr import AddressError
 from chatmaild.common.config import Config
@@ -65,6 +66,7 @@ class LastLoginDaemon(DictDaemon):
         if account.last_login() is None:
             self.log.error("last login for %s: no password file", account.addr)
             return False
+        metrics.LOGINS.inc()
         if account.set_last_login(ts):
             self.log.debug("last login of %s is now day %d", account.addr, ts // 86400)
         return True

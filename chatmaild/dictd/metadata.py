@@ -46,6 +46,7 @@ from __future__ import annotations
 import asyncio
 import time
 
+from chatmaild.common import metrics
 from chatmaild.common.addr import AddressError
 from chatmaild.common.config import Config
 from chatmaild.common.service import Endpoint, run_daemon
@@ -217,6 +218,7 @@ class MetadataDaemon(DictDaemon):
             try:
                 if name == "devicetoken" and change.op == "set":
                     await asyncio.to_thread(self.tokens.add, txn.user, str(change.value))
+                    metrics.PUSH_TOKENS.inc()
                 elif name == "messagenew" and change.op in ("set", "unset"):
                     await self.notifier.notify(txn.user)
                 else:

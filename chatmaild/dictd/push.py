@@ -37,6 +37,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from chatmaild.common import metrics
 from chatmaild.common.config import Config
 from chatmaild.common.httppost import PostClient
 from chatmaild.dictd.tokens import TokenStore
@@ -312,9 +313,11 @@ class Notifier:
         status, reason = await self._post(lane.token)
         if status is not None and 200 <= status < 300:
             self.sent += 1
+            metrics.PUSHES.labels("sent").inc()
             self._complete(lane, batch)
         elif status == 410:
             self.gone += 1
+            metrics.PUSHES.labels("gone").inc()
             try:
                 await asyncio.to_thread(self.tokens.remove, lane.addr, lane.token)
             except Exception as e:
@@ -323,6 +326,7 @@ class Notifier:
             self._complete(lane, batch)
         else:
             self.failed += 1
+            metrics.PUSHES.labels("failed").inc()
             self._after_failure(lane, batch, reason)
 
     async def _post(self, token: str) -> PostResult:
@@ -352,6 +356,7 @@ class Notifier:
             if is_expired(pending.retries, pending.start_ts, now, self.base_delay):
                 log.warning(LOG_DEADLINE)
                 self.dropped += 1
+                metrics.PUSHES.labels("dropped").inc()
                 self.queue.remove(pending)
             else:
                 keep.append(pending)

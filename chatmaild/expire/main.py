@@ -55,7 +55,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from chatmaild.common import accountlock
+from chatmaild.common import accountlock, metrics
 from chatmaild.common.config import Config
 from chatmaild.common.service import load_config_or_exit, make_parser, setup_logging
 from chatmaild.expire.maildir import (
@@ -506,6 +506,9 @@ def main(argv: list[str] | None = None) -> int:
     policy = Policy.from_config(config, now)
     totals = expire_tree(config.mailboxes_dir, policy, remove=args.remove, maxnum=args.maxnum)
     print(totals.summary(args.remove), flush=True)
+    if args.remove and metrics.configure(config.metrics_address, config.metrics_dir, PROG):
+        metrics.EXPIRE_REMOVED.labels("mailboxes").inc(sum(totals.removed_mailboxes.values()))
+        metrics.EXPIRE_REMOVED.labels("messages").inc(sum(totals.removed_messages.values()))
     if args.textfile and not totals.busy:  # the running one will write its figures
         try:
             write_textfile(

@@ -29,7 +29,9 @@ import logging
 import os
 import sys
 import time
+from pathlib import Path
 
+from chatmaild.common import metrics
 from chatmaild.common.addr import is_safe_dirname
 from chatmaild.common.config import ConfigError, read_config
 from chatmaild.common.service import make_parser, setup_logging
@@ -92,6 +94,12 @@ def run(argv: list[str] | None) -> None:
         return
     policy = Policy.from_config(config, time.time(), quota_target=args.target_mb * 1024 * 1024)
     removed = relieve(config.mailboxes_dir, name, policy)
+    if removed and metrics.configure(config.metrics_address, config.metrics_dir, PROG):
+        # Dovecot may run several at once: one at a time opens and adds to the file
+        from filelock import FileLock
+
+        with FileLock(str(Path(config.metrics_dir) / f".{PROG}.lock")):
+            metrics.EXPIRE_REMOVED.labels("quota_messages").inc(removed)
     if removed:
         print(
             f"quota-expire: removed {removed} message(s) from {name}", file=sys.stderr, flush=True

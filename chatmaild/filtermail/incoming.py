@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 
+from chatmaild.common import metrics
 from chatmaild.common.config import Config
 from chatmaild.filtermail.common import BaseHandler, domain_of
 from chatmaild.filtermail.dkim import Verifier
@@ -24,6 +25,7 @@ log = logging.getLogger("filtermail")
 
 class IncomingHandler(BaseHandler):
     outgoing = False
+    direction = "incoming"
 
     def __init__(self, config: Config, reinject: ReinjectClient, verifier: Verifier | None) -> None:
         super().__init__(config, reinject)
@@ -52,6 +54,8 @@ class IncomingHandler(BaseHandler):
         if not domain.startswith("[") and self.verifier is not None:
             header_block = bytes(content[: result.header_end])
             verdict = await self.verifier.verify(header_block, content, result.body_start, domain)
+            outcome = "pass" if verdict.ok else "temperror" if verdict.reply[:1] == "4" else "fail"
+            metrics.DKIM_VERIFY.labels(outcome).inc()
             if not verdict.ok:
                 log.info(
                     "DKIM verification failed for mail from %s: %s (%s)",

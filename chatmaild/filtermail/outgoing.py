@@ -42,6 +42,7 @@ def is_passthrough(
 
 class OutgoingHandler(BaseHandler):
     outgoing = True
+    direction = "outgoing"
 
     def __init__(self, config: Config, reinject: ReinjectClient, signer: Signer | None) -> None:
         super().__init__(config, reinject)

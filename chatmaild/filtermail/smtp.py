@@ -21,6 +21,8 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from chatmaild.common import metrics
+
 log = logging.getLogger("filtermail")
 
 MAX_LINE = 4096  # RFC 5321 says 512 for commands; params and SMTPUTF8 need some slack
@@ -263,6 +265,14 @@ class SMTPServer:
         self.settings = settings
         self.busy = busy  # marks message processing that a graceful stop waits for
 
+    @property
+    def direction(self) -> str:
+        return getattr(self.handler, "direction", "other")
+
+    def _count(self, stage: str, reply: str) -> None:
+        code = reply[:3] if reply[:3].isdigit() else "other"
+        metrics.FILTER_REPLIES.labels(self.direction, stage, code).inc()
+
     async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         s = self.settings
         peername = writer.get_extra_info("peername")
@@ -379,6 +389,7 @@ class SMTPServer:
         new = Envelope(mail_from=addr, mail_params=[p for p in params if _key(p) in MAIL_PARAMS])
         error = await self.handler.handle_mail(session, new, addr)
         if error:
+            self._count("mail", error)
             await conn.reply(error)
             return env
         await conn.reply("250 2.1.0 OK")
@@ -405,6 +416,7 @@ class SMTPServer:
             return env
         error = await self.handler.handle_rcpt(session, env, addr)
         if error:
+            self._count("rcpt", error)
             await conn.reply(error)
             return env
         env.rcpt_tos.append(addr)
@@ -435,11 +447,13 @@ class SMTPServer:
         content = dot_unstuff(data)
         del data
         try:
-            with self.busy():
+            with self.busy(), metrics.timed(metrics.FILTER_SECONDS, self.direction):
                 result = await self.handler.handle_data(session, env, content)
         except Exception:
             log.exception("%s: handler failed", session.peer)
             result = "451 4.3.0 Local error in processing"
+        for reply in [result] if isinstance(result, str) else result:
+            self._count("data", reply)
         if self.settings.lmtp:
             replies = [result] * len(env.rcpt_tos) if isinstance(result, str) else result
             if len(replies) != len(env.rcpt_tos):

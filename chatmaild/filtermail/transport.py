@@ -39,6 +39,7 @@ import dns.asyncresolver
 import dns.exception
 import dns.resolver
 
+from chatmaild.common import metrics
 from chatmaild.common.config import Config
 from chatmaild.common.httppost import HTTPError, PostClient
 from chatmaild.filtermail.common import domain_of
@@ -206,6 +207,8 @@ def smtp_session(
 class TransportHandler:
     """The LMTP handler: every recipient's reply after DATA."""
 
+    direction = "transport"
+
     def __init__(self, config: Config, routes: Routes | None = None) -> None:
         self.config = config
         self.routes = routes
@@ -262,6 +265,7 @@ class TransportHandler:
         for word in dict.fromkeys(reply_class(r) for r in replies):
             shown = next(r for r in replies if reply_class(r) == word)
             count = sum(reply_class(r) == word for r in replies)
+            metrics.REMOTE_DELIVERIES.labels(word, way.split(" ", 1)[0]).inc(count)
             log.info(
                 "%s to %s, %d recipient(s), %d bytes, via %s in %.0f ms: %s",
                 word, domain, count, len(message), way,

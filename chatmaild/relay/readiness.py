@@ -39,6 +39,9 @@ class Readiness:
                            logs / "filtermail.log"))  # fmt: skip
         if "newemail" in c:
             checks.append(("newemail", (self.host, cfg.newemail_port), logs / "newemail.log"))
+        if "metrics" in c and cfg.metrics_address:
+            host, _, port = cfg.metrics_address.rpartition(":")
+            checks.append(("metrics", (host.strip("[]"), int(port)), logs / "metrics.log"))
         if "iroh" in c:
             checks.append(("iroh", (self.host, cfg.iroh_relay_port), logs / "iroh.log"))
         if "turn" in c:  # coturn's TCP listener (its UDP one opens with it)

@@ -83,6 +83,7 @@ DAEMON_MODULES = {
     "filtermail": "chatmaild.filtermail",
     "newemail": "chatmaild.web.main",
     "iroh": "chatmaild.iroh.main",
+    "metrics": "chatmaild.exporter.main",
 }
 # coturn (Debian's turnserver): TURN for calls
 ALL_COMPONENTS = ("postfix", "dovecot", "turn", *DAEMON_MODULES)

@@ -228,6 +228,11 @@ class Relay(PortHolding, Supervision, Readiness):
         fresh = reserve_ports(len(missing), self.host)
         self._reserved += fresh
         params.update(zip(missing, (s.getsockname()[1] for s in fresh), strict=True))
+        params["metrics_dir"] = s / "metrics"
+        if "metrics" in self.components:  # chatmail-metrics, and the daemons count
+            [held] = reserve_ports(1, self.host)
+            self._reserved.append(held)
+            params["metrics_address"] = f"{self.host}:{held.getsockname()[1]}"
         params.update(self.overrides)
         self.etc_dir.mkdir(parents=True, exist_ok=True)
         write_config(self.ini_path, **params)
@@ -330,7 +335,9 @@ class Relay(PortHolding, Supervision, Readiness):
         postfix_user = pwd.getpwnam("postfix")
         self.layout.postfix_data_dir.mkdir(parents=True, exist_ok=True)
         os.chown(self.layout.postfix_data_dir, postfix_user.pw_uid, postfix_user.pw_gid)
-        for d in (self.run_dir, self.state_dir / "vmail", Path(self.config.mailboxes_dir)):
+        dirs = (self.run_dir, self.state_dir / "vmail", Path(self.config.mailboxes_dir),
+                Path(self.config.metrics_dir))  # fmt: skip
+        for d in dirs:
             d.mkdir(parents=True, exist_ok=True)
             os.chown(d, vmail.pw_uid, vmail.pw_gid)
             # vmail's alone: the dict sockets, account names, hashes (SECURITY.md)
@@ -449,6 +456,10 @@ class Relay(PortHolding, Supervision, Readiness):
                 "--acme-challenges", str(self.acme_dir / "challenges"),
                 "--tunnel-host", self.host, "--iroh-host", self.host,
             ]  # fmt: skip
+        if "metrics" in c:
+            # a small store: its account count read at each scrape, near enough
+            cmds["metrics"] = [program("chatmail-metrics"), "--config", ini, "--read-every", "1",
+                               "--postfix-queue", str(self.layout.postfix_queue_dir)]  # fmt: skip
         if "iroh" in c:
             cmds["iroh"] = [program("chatmail-iroh"), "--config", ini,
                             "--listen", f"{self.host}:{self.config.iroh_relay_port}"]  # fmt: skip
@@ -475,8 +486,9 @@ class Relay(PortHolding, Supervision, Readiness):
         user = pwd.getpwnam("turnserver" if name == "turn" else self.config.vmail_user)
         # the user's own groups (User= in the units), plus the unit's SupplementaryGroups=
         groups = set(os.getgrouplist(user.pw_name, user.pw_gid))
-        if name == "filtermail" and "filtermail" in self.components:
-            groups.add(grp.getgrnam("postdrop").gr_gid)  # re-injection is in Postfix's public/
+        if name in ("filtermail", "metrics"):
+            # re-injection, and postqueue's showq, are in Postfix's public/
+            groups.add(grp.getgrnam("postdrop").gr_gid)
         caps: list[str] = []
         if name == "newemail":
             # like its unit's AmbientCapabilities=CAP_NET_BIND_SERVICE: /new may be on port 443

@@ -1,0 +1,1 @@
+"""chatmail-metrics: the relay's Prometheus endpoint (``metrics_address``)."""

@@ -1,0 +1,193 @@
+"""Metrics (issue 23): chatmail-metrics scraped by Debian's real Prometheus.
+
+A relay with every daemon and chatmail-metrics; the test starts Prometheus
+(its own config, storage and port) scraping it every second.  After an
+encrypted mail, a refused cleartext one, a new account and a push token,
+PromQL through Prometheus's HTTP API returns each count; filtermail killed
+and started again is scraped again, its counts kept.
+"""
+
+from __future__ import annotations
+
+import imaplib
+import json
+import os
+import signal
+import subprocess
+import time
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from chatmaild.common.config import ConfigError, parse_params
+from chatmaild.exporter import collect
+from chatmaild.relay.ports import free_ports
+from testing.mails import encrypted_message, plain_message
+from testing.processes import stop_group
+from tests.fixtures.relay import FULL, RelayPool
+
+PROMETHEUS = "/usr/bin/prometheus"
+imaplib.Commands.setdefault("SETMETADATA", ("AUTH", "SELECTED"))
+
+
+# ---------------------------------------------------------------- pure
+
+
+# what Postfix 3.7's showq sent for one deferred message (captured from make run)
+SHOWQ = (b"protocol\x00mail_queue_list_protocol\x00\x00queue_name\x00deferred\x00queue_id"
+         b"\x00A42A6334762\x00time\x001796576822\x00size\x004385\x00forced_expire\x000\x00"
+         b"sender\x00a@chat.example\x00recipient\x00a@chat.example\x00reason\x00connect to"
+         b" chat.example[private/dovecot-lmtp]: Connection refused\x00\x00\x00")  # fmt: skip
+
+
+def test_showq_records_and_queue_text():
+    [entry] = collect.parse_showq(SHOWQ)
+    assert entry["queue_name"] == "deferred" and entry["time"] == "1796576822"
+    assert collect.parse_showq(b"protocol\x00mail_queue_list_protocol\x00\x00\x00") == []
+    with pytest.raises(ValueError):
+        collect.parse_showq(b"queue_name")  # cut off
+    entries = [{"queue_name": "deferred", "time": "1000"},
+               {"queue_name": "deferred", "time": "1500"},
+               {"queue_name": "active", "time": "1900"}]  # fmt: skip
+    text = collect.queue_text(entries, now=2000)
+    assert 'chatmail_postfix_queue_messages{queue="deferred"} 2' in text
+    assert 'chatmail_postfix_queue_messages{queue="active"} 1' in text
+    assert 'chatmail_postfix_queue_messages{queue="hold"} 0' in text
+    assert "chatmail_postfix_queue_oldest_seconds 1000.0" in text
+    assert "chatmail_postfix_queue_oldest_seconds 0.0" in collect.queue_text([], now=5)
+
+
+def test_metrics_address_is_checked_and_mtail_address_still_works():
+    assert parse_params({"mail_domain": "x.org", "mtail_address": "127.0.0.1:9390"}
+                        ).metrics_address == "127.0.0.1:9390"  # fmt: skip
+    both = {"mail_domain": "x.org", "mtail_address": "127.0.0.1:1", "metrics_address": "[::1]:2"}
+    assert parse_params(both).metrics_address == "[::1]:2"
+    with pytest.raises(ConfigError, match="metrics_address"):
+        parse_params({"mail_domain": "x.org", "metrics_address": "localhost"})
+    with pytest.raises(ConfigError, match="mtail_address"):
+        parse_params({"mail_domain": "x.org", "mtail_address": "9390"})
+
+
+# ---------------------------------------------------------------- the real thing
+
+
+class Prometheus:
+    def __init__(self, workdir: Path, target: str) -> None:
+        self.port = free_ports(1)[0]
+        workdir.mkdir(parents=True, exist_ok=True)
+        config = workdir / "prometheus.yml"
+        config.write_text(
+            "global: {scrape_interval: 1s, scrape_timeout: 1s}\n"
+            "scrape_configs:\n"
+            f"  - job_name: chatmail\n    static_configs: [{{targets: ['{target}']}}]\n"
+        )
+        self.log = open(workdir / "prometheus.log", "wb")  # noqa: SIM115
+        self.proc = subprocess.Popen(
+            [PROMETHEUS, f"--config.file={config}", f"--storage.tsdb.path={workdir / 'data'}",
+             f"--web.listen-address=127.0.0.1:{self.port}"],
+            stdout=self.log, stderr=self.log, start_new_session=True,
+        )  # fmt: skip
+
+    def query(self, promql: str) -> float | None:
+        url = f"http://127.0.0.1:{self.port}/api/v1/query?" + urllib.parse.urlencode(
+            {"query": promql}
+        )
+        with urllib.request.urlopen(url, timeout=10) as r:
+            data = json.load(r)
+        result = data["data"]["result"]
+        return float(result[0]["value"][1]) if result else None
+
+    def wait_for(self, promql: str, check, timeout: float = 60.0) -> float:
+        until = time.monotonic() + timeout
+        value = None
+        while time.monotonic() < until:
+            assert self.proc.poll() is None, "prometheus exited"
+            try:
+                value = self.query(promql)
+            except OSError:
+                value = None
+            if value is not None and check(value):
+                return value
+            time.sleep(0.5)
+        raise AssertionError(f"{promql}: {value} after {timeout} s")
+
+    def stop(self) -> None:
+        stop_group(self.proc)
+        self.log.close()
+
+
+@pytest.fixture(scope="module")
+def relay():
+    pool = RelayPool()
+    try:
+        yield pool(components=(*FULL, "metrics"))
+    finally:
+        pool.close()
+
+
+@pytest.fixture(scope="module")
+def prometheus(relay):
+    p = Prometheus(relay.state_dir.parent / f"prometheus-{os.getpid()}",
+                   relay.config.metrics_address)  # fmt: skip
+    try:
+        p.wait_for('up{job="chatmail"}', lambda v: v == 1)
+        yield p
+    finally:
+        p.stop()
+
+
+@pytest.mark.relay
+@pytest.mark.timeout(300)
+def test_prometheus_counts_mail_accounts_and_tokens(relay, prometheus):
+    sender, password = relay.new_credentials()
+    rcpt, rcpt_password = relay.new_credentials()
+    conn = relay.imap(rcpt, rcpt_password)  # the first login creates the account
+    typ, data = conn._simple_command("SETMETADATA", "INBOX", '(/private/devicetoken "tok-1")')
+    assert typ == "OK", data
+    conn.logout()
+    # a peer whose port is closed: its mail waits in the deferred queue
+    relay.add_peer("closed.example", port=free_ports(1)[0], https_port=free_ports(1)[0])
+    with relay.smtp(sender, password) as smtp:
+        smtp.sendmail(sender, [rcpt], encrypted_message(sender, [rcpt]))
+        with pytest.raises(Exception, match="523"):
+            smtp.sendmail(sender, [rcpt], plain_message(sender, [rcpt]))
+        far = "someone@closed.example"
+        smtp.sendmail(sender, [far], encrypted_message(sender, [far]))
+    q = prometheus.wait_for
+    out = 'chatmail_filter_replies_total{direction="outgoing",stage="data",code="%s"}'
+    assert q(out % "250", lambda v: v >= 1) >= 1
+    assert q(out % "523", lambda v: v >= 1) >= 1
+    q('chatmail_filter_seconds_count{direction="outgoing"}', lambda v: v >= 2)
+    q("chatmail_accounts_created_total", lambda v: v >= 2)  # sender and recipient
+    q("chatmail_push_tokens_registered_total", lambda v: v >= 1)
+    q("chatmail_logins_total", lambda v: v >= 1)
+    # figures read at the scrape
+    q("chatmail_accounts", lambda v: v >= 2)
+    q("chatmail_certificate_expiry_timestamp_seconds", lambda v: v > time.time())
+    q('chatmail_postfix_queue_messages{queue="deferred"}', lambda v: v >= 1)
+    q('chatmail_remote_deliveries_total{result="deferred"}', lambda v: v >= 1)
+
+
+@pytest.mark.relay
+@pytest.mark.timeout(300)
+def test_counts_survive_a_killed_daemon(relay, prometheus):
+    query = 'sum(chatmail_filter_replies_total{direction="outgoing"})'
+    before = prometheus.wait_for(query, lambda v: v >= 1)
+    pid = relay.pid_of("filtermail")
+    os.kill(pid, signal.SIGKILL)
+    relay.proc_of("filtermail").wait(10)
+    relay.spawn("filtermail")
+    sender, password = relay.new_credentials()
+    deadline = time.monotonic() + 30
+    while True:  # filtermail listens again
+        try:
+            with relay.smtp(sender, password) as smtp:
+                smtp.sendmail(sender, [sender], encrypted_message(sender, [sender]))
+            break
+        except Exception:
+            assert time.monotonic() < deadline
+            time.sleep(0.5)
+    # counted on from where it stopped, not from zero
+    prometheus.wait_for(query, lambda v: v >= before + 1)
