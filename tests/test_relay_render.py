@@ -169,6 +169,7 @@ def _unit(path: Path) -> configparser.ConfigParser:
         "chatmail-dict.service",
         "filtermail.service",
         "chatmail-iroh.service",
+        "chatmail-metrics.service",
     ],
 )
 def test_daemon_units(unit):
@@ -188,7 +189,8 @@ def test_daemon_units(unit):
 def test_filtermail_unit_writes_only_its_socket_directory():
     svc = _unit(SYSTEMD / "filtermail.service")["Service"]
     assert svc.get("SupplementaryGroups") == "postdrop"  # enters public/ to re-inject
-    assert svc["ReadWritePaths"] == FILTERMAIL_SOCKET_DIR
+    # its socket directory, and its counters' file (metrics_dir's default)
+    assert svc["ReadWritePaths"].split() == [FILTERMAIL_SOCKET_DIR, "-/var/lib/chatmaild/metrics"]
     # one process serves the four roles, each on its own socket
     assert svc["ExecStart"].split()[-4:] == ["outgoing", "incoming", "milter", "transport"]
     # no capability at all: the web port is chatmail-newemail's
@@ -220,8 +222,19 @@ def test_dict_unit_serves_the_three_dicts_with_their_socket_directories():
         "chatmail-metadata",
     ]
     assert svc["RuntimeDirectoryMode"] == "0700" and svc["UMask"] == "0077"
-    assert svc["ReadWritePaths"] == "/home/vmail"
+    assert svc["ReadWritePaths"].split() == ["/home/vmail", "-/var/lib/chatmaild/metrics"]
     assert "SupplementaryGroups" not in svc and svc["CapabilityBoundingSet"] == ""
+
+
+def test_metrics_unit_reads_and_asks_showq_only():
+    svc = _unit(SYSTEMD / "chatmail-metrics.service")["Service"]
+    assert svc["ExecStart"].split()[0] == "/usr/bin/chatmail-metrics"
+    assert svc["SupplementaryGroups"] == "postdrop"  # Postfix's public/showq
+    assert "ReadWritePaths" not in svc and svc["ProtectHome"] == "read-only"
+    assert svc["CapabilityBoundingSet"] == "" and svc["Type"] == "notify"
+    # setup, not the package, enables it: only while metrics_address is set
+    rules = (ROOT / "debian/rules").read_text()
+    assert "--no-enable chatmail-metrics.service" in rules
 
 
 @pytest.mark.parametrize("name", ["chatmail-expire", "chatmail-fsreport", "chatmail-acme"])

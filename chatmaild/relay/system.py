@@ -59,7 +59,14 @@ TLS_DIR = GENERATED_DIR / "tls"
 # the units, in start order: the dict daemons before Dovecot, the filters before Postfix;
 # one process per unit serves several roles (chatmail-dict: doveauth, last-login,
 # metadata; filtermail: outgoing, incoming, milter); the web front door on its own
-DAEMON_UNITS = ("chatmail-dict.service", "filtermail.service", "chatmail-newemail.service")
+DAEMON_UNITS = (
+    "chatmail-dict.service",
+    "filtermail.service",
+    "chatmail-newemail.service",
+    "chatmail-iroh.service",
+)
+# the metrics endpoint: enabled and started only while chatmail.ini's metrics_address is set
+METRICS_UNITS = ("chatmail-metrics.service",)
 # units of earlier versions (one process per role), stopped and their drop-ins removed
 RETIRED_UNITS = (
     "doveauth.service",
@@ -80,9 +87,10 @@ DEFAULT_WRITABLE = {
         "/run/doveauth",
         "/run/chatmail-lastlogin",
         "/run/chatmail-metadata",
+        "/var/lib/chatmaild/metrics",
     ),
-    "chatmail-expire.service": ("/home/vmail",),
-    "filtermail.service": ("/var/spool/postfix/filtermail",),
+    "chatmail-expire.service": ("/home/vmail", "/var/lib/chatmaild/metrics"),
+    "filtermail.service": ("/var/spool/postfix/filtermail", "/var/lib/chatmaild/metrics"),
 }
 
 
@@ -135,6 +143,8 @@ def unit_needs(config: Config) -> dict[str, list[str]]:
         dirs = [str(Path(p).parent) for p in paths]
         if not unit.startswith("filtermail"):
             dirs = store + dirs
+        if config.metrics_address:  # each counts into its file there
+            dirs.append(config.metrics_dir)
         needs[unit] = list(dict.fromkeys(dirs))
     return needs
 
@@ -198,6 +208,11 @@ def ensure_directories(config: Config) -> None:
         d.mkdir(parents=True, exist_ok=True)
         os.chown(d, vmail.pw_uid, vmail.pw_gid)
         os.chmod(d, 0o700)
+    # the daemons' counters (chatmail-metrics reads them): vmail's alone
+    metrics_dir = Path(config.metrics_dir)
+    metrics_dir.mkdir(parents=True, exist_ok=True)
+    os.chown(metrics_dir, vmail.pw_uid, vmail.pw_gid)
+    os.chmod(metrics_dir, 0o700)
     postfix_gid = grp.getgrnam("postfix").gr_gid
     for path in (
         config.filtermail_smtp_socket,
@@ -375,7 +390,7 @@ def systemd_running() -> bool:
     return Path("/run/systemd/system").is_dir()
 
 
-def restart_everything() -> None:
+def restart_everything(config: Config | None = None) -> None:
     """Daemons first (Dovecot and Postfix need them), then the servers; timers on."""
     run(["systemctl", "daemon-reload"], "systemctl daemon-reload")
     # an earlier version's per-role units would hold the sockets; gone or not, no error
@@ -389,6 +404,12 @@ def restart_everything() -> None:
     run(["systemctl", "restart", *SERVER_UNITS], "restarting Dovecot and Postfix")
     run(["systemctl", "enable", "--quiet", *TURN_UNITS], "enabling coturn")
     run(["systemctl", "restart", *TURN_UNITS], "restarting coturn")
+    if config is not None and config.metrics_address:
+        run(["systemctl", "enable", "--quiet", *METRICS_UNITS], "enabling chatmail-metrics")
+        run(["systemctl", "restart", *METRICS_UNITS], "restarting chatmail-metrics")
+    else:
+        subprocess.run(["systemctl", "disable", "--now", "--quiet", *METRICS_UNITS],
+                       capture_output=True, stdin=subprocess.DEVNULL)  # fmt: skip
     run(["systemctl", "start", *TIMER_UNITS], "starting the timers")
     # the first certificate from the CA now, not at the timer's first hour; it asks the
     # CA only when the served certificate needs it, so a rerun costs the CA nothing
@@ -423,7 +444,7 @@ def setup(config: Config, *, restart: bool) -> str:
     say("applied chatmail's settings to /etc/postfix/main.cf and master.cf with postconf")
     dropins_changed = write_unit_dropins(config)
     if restart and systemd_running():
-        restart_everything()
+        restart_everything(config)
         say("restarted chatmail's daemons, Dovecot and Postfix")
     elif dropins_changed and systemd_running():
         run(["systemctl", "daemon-reload"], "systemctl daemon-reload")
