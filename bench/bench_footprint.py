@@ -4,7 +4,8 @@ Figures (RSS and PSS from /proc/PID/smaps_rollup, MB = MiB):
 
 - every daemon process of a freshly started relay with every component
   (``make run``'s and the units' layout: chatmail-dict = doveauth + lastlogin
-  + metadata, filtermail = outgoing + incoming + milter, chatmail-newemail),
+  + metadata, filtermail = outgoing + incoming + milter + transport,
+  chatmail-newemail, chatmail-iroh, chatmail-metrics with metrics on),
   and the total (target: total RSS <= 100 MB);
 - the same after a load run through the whole path: accounts created over
   IMAP, a push token set for each (notifications go to a local HTTP sink),
@@ -41,7 +42,10 @@ from chatmaild.relay.stack import Relay
 from testing import mails
 from testing.httpsink import SinkProcess
 
-ALL = ["postfix", "dovecot", "doveauth", "lastlogin", "metadata", "filtermail", "newemail"]
+# every daemon, metrics on (each counting process holds prometheus_client, and
+# chatmail-metrics runs): the largest footprint an operator can choose
+ALL = ["postfix", "dovecot", "doveauth", "lastlogin", "metadata", "filtermail", "newemail",
+       "iroh", "metrics"]  # fmt: skip
 # the load comes from one address: no rate limit of the relay's may slow it
 UNLIMITED = {
     "max_user_send_per_minute": 10**6,

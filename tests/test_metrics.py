@@ -191,3 +191,24 @@ def test_counts_survive_a_killed_daemon(relay, prometheus):
             time.sleep(0.5)
     # counted on from where it stopped, not from zero
     prometheus.wait_for(query, lambda v: v >= before + 1)
+
+
+def test_the_grafana_dashboard_names_only_metrics_that_exist():
+    """doc/grafana-chatmail.json (in /usr/share/doc/chatmaild/): valid JSON, and each
+    series its queries name is one chatmaild exports."""
+    import re
+
+    from chatmaild.common import metrics
+
+    dashboard = json.loads((Path(__file__).parents[1] / "doc/grafana-chatmail.json").read_text())
+    exported = set()
+    for m in metrics._all:
+        suffixes = ("_total",) if m.kind == "Counter" else ("_bucket", "_count", "_sum")
+        exported |= {m.name + s for s in suffixes}
+    text = collect.queue_text([]) + collect.certificate_text(0) + collect.accounts_text(0, True)
+    exported |= set(re.findall(r"^# TYPE (\S+)", text, re.M))
+    named = set()
+    for panel in dashboard["panels"]:
+        for target in panel["targets"]:
+            named |= set(re.findall(r"\b(chatmail_[a-z_]+)", target["expr"]))
+    assert named and named <= exported, named - exported
