@@ -48,7 +48,6 @@ DAEMONS = [
     "chatmail-dict.service",  # doveauth, lastlogin, metadata
     "filtermail.service",  # outgoing, incoming, milter
     "chatmail-newemail.service",  # the web front door, on its own
-    "chatmail-iroh.service",  # the iroh relay for realtime apps
 ]
 TIMERS = ["chatmail-expire.timer", "chatmail-fsreport.timer", "chatmail-acme.timer"]
 # the unit that runs Postfix's master: an instance of postfix@ on Debian 12,

@@ -168,7 +168,6 @@ def _unit(path: Path) -> configparser.ConfigParser:
     [
         "chatmail-dict.service",
         "filtermail.service",
-        "chatmail-iroh.service",
         "chatmail-metrics.service",
     ],
 )

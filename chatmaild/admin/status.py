@@ -34,7 +34,6 @@ UNITS = (
     "chatmail-dict.service",
     "filtermail.service",
     "chatmail-newemail.service",
-    "chatmail-iroh.service",
     "dovecot.service",
     "coturn.service",
 )

@@ -462,16 +462,19 @@ def run_daemon(
     return run_daemons(daemon_class.name, lambda args: [daemon_class], doc, argv, add_arguments)
 
 
-def listen_overrides(values: Sequence[str], names: Sequence[str]) -> dict[str, Endpoint]:
-    """``--listen`` values -> endpoint per role name: ``SOCKET`` alone with one role,
-    else ``ROLE=SOCKET``."""
+def listen_overrides(
+    values: Sequence[str], names: Sequence[str], single: str | None = None
+) -> dict[str, Endpoint]:
+    """``--listen`` values -> endpoint per role name: ``SOCKET`` alone with one role
+    (or ``single``: the one role the command line named), else ``ROLE=SOCKET``."""
     overrides: dict[str, Endpoint] = {}
+    single = single or (names[0] if len(names) == 1 else None)
     for value in values:
         role, sep, where = value.partition("=")
         if sep and role in names:
             overrides[role] = Endpoint.parse(where)
-        elif len(names) == 1:
-            overrides[names[0]] = Endpoint.parse(value)
+        elif single is not None:
+            overrides[single] = Endpoint.parse(value)
         else:
             raise ValueError(f"--listen {value}: name the role (one of {', '.join(names)})")
     return overrides
@@ -496,11 +499,13 @@ def run_daemons(
     doc: str,
     argv: list[str] | None = None,
     add_arguments: Callable[[argparse.ArgumentParser], None] | None = None,
+    config_roles: Callable[[Config, argparse.Namespace], Sequence[type[Daemon]]] | None = None,
 ) -> int:
     """One process serving one or more roles, each on its own socket, in one event loop.
 
-    ``roles_of(args)`` names the Daemon classes to run.  Each role keeps its
-    config keys, socket and log name; they share the interpreter, the libraries
+    ``roles_of(args)`` names the Daemon classes to run; ``config_roles(config, args)``
+    those chatmail.ini switches on besides (the metrics endpoint, the iroh relay).
+    Each role keeps its config keys, socket and log name; they share the interpreter, the libraries
     and the event loop (one copy of each in memory instead of one per role).
     """
     parser = make_parser(prog, doc)
@@ -526,14 +531,17 @@ def run_daemons(
         classes = list(roles_of(args))
     except ValueError as e:
         parser.error(str(e))
+    log = setup_logging(prog, verbose=args.verbose)
+    config = load_config_or_exit(args.config, prog)
+    named = classes[0].name if len(classes) == 1 else None
+    if config_roles is not None:
+        classes += [cls for cls in config_roles(config, args) if cls not in classes]
     try:
-        listen = listen_overrides(args.listen, [cls.name for cls in classes])
+        listen = listen_overrides(args.listen, [cls.name for cls in classes], named)
     except ValueError as e:
         parser.error(str(e))
-    log = setup_logging(prog, verbose=args.verbose)
     register_roles(cls.name for cls in classes)
     raise_fd_limit(log)
-    config = load_config_or_exit(args.config, prog)
     from chatmaild.common import metrics
 
     metrics.configure(config.metrics_address, config.metrics_dir, prog)

@@ -42,8 +42,8 @@ class Readiness:
         if "metrics" in c and cfg.metrics_address:
             host, _, port = cfg.metrics_address.rpartition(":")
             checks.append(("metrics", (host.strip("[]"), int(port)), logs / "metrics.log"))
-        if "iroh" in c:
-            checks.append(("iroh", (self.host, cfg.iroh_relay_port), logs / "iroh.log"))
+        if "newemail" in c and cfg.iroh_relay_port:  # the web process's iroh relay role
+            checks.append(("iroh", (self.host, cfg.iroh_relay_port), logs / "newemail.log"))
         if "turn" in c:  # coturn's TCP listener (its UDP one opens with it)
             checks.append(("coturn", (self.host, cfg.turn_port), logs / "turn.log"))
         if "postfix" in c:

@@ -82,7 +82,6 @@ DAEMON_MODULES = {
     "metadata": "chatmaild.dictd.metadata",
     "filtermail": "chatmaild.filtermail",
     "newemail": "chatmaild.web.main",
-    "iroh": "chatmaild.iroh.main",
     "metrics": "chatmaild.exporter.main",
 }
 # coturn (Debian's turnserver): TURN for calls

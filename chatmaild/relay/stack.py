@@ -455,14 +455,13 @@ class Relay(PortHolding, Supervision, Readiness):
                 "--listen", f"chatmail-http={self.host}:{self.config.http_port}",
                 "--acme-challenges", str(self.acme_dir / "challenges"),
                 "--tunnel-host", self.host, "--iroh-host", self.host,
+                # the iroh relay, a role of the web process (as the unit's --iroh)
+                "--listen", f"chatmail-iroh={self.host}:{self.config.iroh_relay_port}",
             ]  # fmt: skip
         if "metrics" in c:
             # a small store: its account count read at each scrape, near enough
             cmds["metrics"] = [program("chatmail-metrics"), "--config", ini, "--read-every", "1",
                                "--postfix-queue", str(self.layout.postfix_queue_dir)]  # fmt: skip
-        if "iroh" in c:
-            cmds["iroh"] = [program("chatmail-iroh"), "--config", ini,
-                            "--listen", f"{self.host}:{self.config.iroh_relay_port}"]  # fmt: skip
         # the servers start once our sockets are asked for (Dovecot connects lazily anyway)
         if "postfix" in c:
             # the master itself, no postfix-script shell between: our child is the master

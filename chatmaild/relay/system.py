@@ -63,7 +63,6 @@ DAEMON_UNITS = (
     "chatmail-dict.service",
     "filtermail.service",
     "chatmail-newemail.service",
-    "chatmail-iroh.service",
 )
 # the metrics endpoint: enabled and started only while chatmail.ini's metrics_address is set
 METRICS_UNITS = ("chatmail-metrics.service",)

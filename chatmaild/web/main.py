@@ -705,6 +705,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "default: %(default)s)",
     )
     parser.add_argument(
+        "--iroh",
+        action="store_true",
+        help="also serve the iroh relay (role chatmail-iroh) on 127.0.0.1:iroh_relay_port,"
+        " where HTTPS /relay goes",
+    )
+    parser.add_argument(
         "--iroh-host",
         default="127.0.0.1",
         metavar="ADDR",
@@ -727,8 +733,21 @@ def _roles(args: argparse.Namespace) -> list[type[Daemon]]:
     return [NewEmailDaemon, PlainHttpDaemon]
 
 
+def _config_roles(config: Config, args: argparse.Namespace) -> list[type[Daemon]]:
+    """The iroh relay, when asked for (--iroh, or --listen chatmail-iroh=...) and
+    iroh_relay_port is not 0: realtime apps' traffic comes through this process's
+    port 443 anyway, and a process of its own would cost an interpreter (README,
+    "Memory")."""
+    named = any(v.startswith("chatmail-iroh=") for v in args.listen)
+    if not (args.iroh or named) or not config.iroh_relay_port:
+        return []
+    from chatmaild.iroh.main import IrohRelay
+
+    return [IrohRelay]
+
+
 def main(argv: list[str] | None = None) -> int:
-    return run_daemons(NewEmailDaemon.name, _roles, __doc__, argv, add_arguments)
+    return run_daemons(NewEmailDaemon.name, _roles, __doc__, argv, add_arguments, _config_roles)
 
 
 if __name__ == "__main__":
