@@ -1,6 +1,7 @@
 """Metrics (issue 23): chatmail-metrics scraped by Debian's real Prometheus.
 
-A relay with every daemon and chatmail-metrics; the test starts Prometheus
+A relay with every daemon and metrics on (filtermail serves /metrics, the
+role chatmail-metrics); the test starts Prometheus
 (its own config, storage and port) scraping it every second.  After an
 encrypted mail, a refused cleartext one, a new account and a push token,
 PromQL through Prometheus's HTTP API returns each count; filtermail killed
@@ -42,21 +43,29 @@ SHOWQ = (b"protocol\x00mail_queue_list_protocol\x00\x00queue_name\x00deferred\x0
          b" chat.example[private/dovecot-lmtp]: Connection refused\x00\x00\x00")  # fmt: skip
 
 
-def test_showq_records_and_queue_text():
-    [entry] = collect.parse_showq(SHOWQ)
-    assert entry["queue_name"] == "deferred" and entry["time"] == "1796576822"
-    assert collect.parse_showq(b"protocol\x00mail_queue_list_protocol\x00\x00\x00") == []
+def test_showq_tally_and_queue_text():
+    tally = collect.parse_showq(SHOWQ)
+    assert tally.counts == {"deferred": 1} and tally.oldest == 1796576822
+    # piece by piece, cut anywhere: the same
+    pieces = collect.ShowqTally()
+    for i in range(0, len(SHOWQ), 7):
+        pieces.feed(SHOWQ[i : i + 7])
+    assert pieces.done and pieces.counts == tally.counts and pieces.oldest == tally.oldest
+    assert not collect.parse_showq(b"protocol\x00mail_queue_list_protocol\x00\x00\x00").counts
     with pytest.raises(ValueError):
-        collect.parse_showq(b"queue_name")  # cut off
-    entries = [{"queue_name": "deferred", "time": "1000"},
-               {"queue_name": "deferred", "time": "1500"},
-               {"queue_name": "active", "time": "1900"}]  # fmt: skip
-    text = collect.queue_text(entries, now=2000)
-    assert 'chatmail_postfix_queue_messages{queue="deferred"} 2' in text
+        collect.parse_showq(SHOWQ[:40])  # cut off: the list did not end
+    two = (
+        SHOWQ[:-1].replace(b"deferred", b"active")
+        + SHOWQ[len(b"protocol\x00mail_queue_list_protocol\x00\x00") :]
+    )
+    text = collect.queue_text(collect.parse_showq(two), now=1796576822 + 100)
+    assert 'chatmail_postfix_queue_messages{queue="deferred"} 1' in text
     assert 'chatmail_postfix_queue_messages{queue="active"} 1' in text
     assert 'chatmail_postfix_queue_messages{queue="hold"} 0' in text
-    assert "chatmail_postfix_queue_oldest_seconds 1000.0" in text
-    assert "chatmail_postfix_queue_oldest_seconds 0.0" in collect.queue_text([], now=5)
+    assert "chatmail_postfix_queue_oldest_seconds 100.0" in text
+    assert "chatmail_postfix_queue_oldest_seconds 0.0" in collect.queue_text(
+        collect.ShowqTally(), now=5
+    )
 
 
 def test_metrics_address_is_checked_and_mtail_address_still_works():
@@ -122,7 +131,7 @@ class Prometheus:
 def relay():
     pool = RelayPool()
     try:
-        yield pool(components=(*FULL, "metrics"))
+        yield pool(components=(*FULL, "metrics"))  # filtermail serves /metrics
     finally:
         pool.close()
 
@@ -165,6 +174,7 @@ def test_prometheus_counts_mail_accounts_and_tokens(relay, prometheus):
     q("chatmail_logins_total", lambda v: v >= 1)
     # figures read at the scrape
     q("chatmail_accounts", lambda v: v >= 2)
+    q("chatmail_registration_open", lambda v: v == 1)
     q("chatmail_certificate_expiry_timestamp_seconds", lambda v: v > time.time())
     q('chatmail_postfix_queue_messages{queue="deferred"}', lambda v: v >= 1)
     q('chatmail_remote_deliveries_total{result="deferred"}', lambda v: v >= 1)
@@ -202,10 +212,11 @@ def test_the_grafana_dashboard_names_only_metrics_that_exist():
 
     dashboard = json.loads((Path(__file__).parents[1] / "doc/grafana-chatmail.json").read_text())
     exported = set()
+    suffixes = {"Counter": ("_total",), "Gauge": ("",), "Histogram": ("_bucket", "_count", "_sum")}
     for m in metrics._all:
-        suffixes = ("_total",) if m.kind == "Counter" else ("_bucket", "_count", "_sum")
-        exported |= {m.name + s for s in suffixes}
-    text = collect.queue_text([]) + collect.certificate_text(0) + collect.accounts_text(0, True)
+        exported |= {m.name + s for s in suffixes[m.kind]}
+    text = (collect.queue_text(collect.ShowqTally()) + collect.certificate_text(0)
+            + collect.registration_text(True))  # fmt: skip
     exported |= set(re.findall(r"^# TYPE (\S+)", text, re.M))
     named = set()
     for panel in dashboard["panels"]:

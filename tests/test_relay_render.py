@@ -168,7 +168,6 @@ def _unit(path: Path) -> configparser.ConfigParser:
     [
         "chatmail-dict.service",
         "filtermail.service",
-        "chatmail-metrics.service",
     ],
 )
 def test_daemon_units(unit):
@@ -223,17 +222,6 @@ def test_dict_unit_serves_the_three_dicts_with_their_socket_directories():
     assert svc["RuntimeDirectoryMode"] == "0700" and svc["UMask"] == "0077"
     assert svc["ReadWritePaths"].split() == ["/home/vmail", "-/var/lib/chatmaild/metrics"]
     assert "SupplementaryGroups" not in svc and svc["CapabilityBoundingSet"] == ""
-
-
-def test_metrics_unit_reads_and_asks_showq_only():
-    svc = _unit(SYSTEMD / "chatmail-metrics.service")["Service"]
-    assert svc["ExecStart"].split()[0] == "/usr/bin/chatmail-metrics"
-    assert svc["SupplementaryGroups"] == "postdrop"  # Postfix's public/showq
-    assert "ReadWritePaths" not in svc and svc["ProtectHome"] == "read-only"
-    assert svc["CapabilityBoundingSet"] == "" and svc["Type"] == "notify"
-    # setup, not the package, enables it: only while metrics_address is set
-    rules = (ROOT / "debian/rules").read_text()
-    assert "--no-enable chatmail-metrics.service" in rules
 
 
 @pytest.mark.parametrize("name", ["chatmail-expire", "chatmail-fsreport", "chatmail-acme"])

@@ -88,12 +88,12 @@ def systemd_running() -> bool:
     return Path("/run/systemd/system").is_dir()
 
 
-def check_units(metrics: bool = False) -> Check:
-    """Every unit of the relay active (chatmail-metrics while metrics_address is set)."""
+def check_units() -> Check:
+    """Every unit of the relay active."""
     from chatmaild.relay.system import postfix_runs_in_main_unit
 
     postfix = "postfix.service" if postfix_runs_in_main_unit() else "postfix@-.service"
-    units = [*UNITS, *(["chatmail-metrics.service"] if metrics else []), postfix, *TIMERS]
+    units = [*UNITS, postfix, *TIMERS]
     res = subprocess.run(["systemctl", "is-active", *units], capture_output=True, text=True)
     states = res.stdout.split()
     bad = [f"{u} {s}" for u, s in zip(units, states, strict=False) if s != "active"]
@@ -164,7 +164,7 @@ def status(config: Config, args: argparse.Namespace) -> list[Check]:
     checks = []
     units = systemd_running() and not args.no_units
     if units:
-        checks.append(check_units(bool(config.metrics_address)))
+        checks.append(check_units())
     checks.append(check_certificate(config, args.cert_min_days))
     checks.append(check_queue(args.postfix_config, args.queue_max_age, args.queue_max))
     checks.append(check_disk(config, args.disk_max_percent))

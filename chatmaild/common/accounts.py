@@ -417,6 +417,10 @@ class AccountStore:
 
     # -- listing
 
+    def count(self) -> int:
+        """How many accounts there are (as iter_addresses lists them)."""
+        return sum(1 for _ in self.iter_addresses())
+
     def iter_addresses(self) -> Iterator[str]:
         """Every account (sorted): a real directory with a non-empty password file.
 

@@ -122,6 +122,7 @@ class AuthService:
         if result.created:
             log.info("Created address: %s", account.addr)
             metrics.ACCOUNTS_CREATED.inc()
+            metrics.ACCOUNTS.inc()
         stored = account.password_hash()
         if stored is None:  # deleted between create and read; let the client retry
             return None

@@ -60,6 +60,7 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from chatmaild.common import metrics
 from chatmaild.common.accounts import AccountStore, hash_password
 from chatmaild.common.addr import AddressError
 from chatmaild.common.config import Config
@@ -77,6 +78,7 @@ log = logging.getLogger("doveauth")
 # a journal commit: many overlap, and commits take several at once)
 HASH_THREADS = len(os.sched_getaffinity(0))
 WRITE_THREADS = 16
+ACCOUNTS_RECOUNT = 600.0  # seconds between counts of the accounts (metrics on)
 
 
 def split_escaped_key(rest: str) -> list[str]:
@@ -153,6 +155,7 @@ class DoveauthDaemon(DictDaemon):
         self.http_server: Server | None = None
         self.hashers = ThreadPoolExecutor(HASH_THREADS, thread_name_prefix="hash")
         self.writers = ThreadPoolExecutor(WRITE_THREADS, thread_name_prefix="create")
+        self._recount: asyncio.Task | None = None
 
     async def start(self) -> None:
         await asyncio.to_thread(migrate_legacy_db, self.config, self.auth.store)
@@ -162,8 +165,23 @@ class DoveauthDaemon(DictDaemon):
         stop_timeout = getattr(self.args, "stop_timeout", 30.0)
         self.http_server = Server(self.http, sock, stop_timeout=stop_timeout)
         await self.http_server.start()
+        if metrics.enabled():
+            self._recount = asyncio.get_running_loop().create_task(self._count_accounts())
+
+    async def _count_accounts(self) -> None:
+        """The accounts gauge: counted now and every ACCOUNTS_RECOUNT seconds
+        (removals by expiry or admin), one more at each creation meanwhile."""
+        while True:
+            try:
+                count = await asyncio.to_thread(self.auth.store.count)
+                metrics.ACCOUNTS.set(count)
+            except OSError as e:
+                self.log.warning("cannot count the accounts: %s", e)
+            await asyncio.sleep(ACCOUNTS_RECOUNT)
 
     async def stop(self) -> None:
+        if self._recount is not None:
+            self._recount.cancel()
         self.hashers.shutdown(wait=False)
         self.writers.shutdown(wait=False)
         if self.http_server is not None:

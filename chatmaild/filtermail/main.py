@@ -241,6 +241,12 @@ def _add_mode(parser: argparse.ArgumentParser) -> None:
         help="transport: the only destinations, lines 'domain address smtp_port https_port'"
         " (make run's peers)",
     )
+    parser.add_argument(
+        "--postfix-queue",
+        metavar="DIR",
+        help="metrics: Postfix's queue_directory, whose showq service lists the queue"
+        " (default: /var/spool/postfix)",
+    )
 
 
 def roles_of(args: argparse.Namespace) -> list[type[Daemon]]:
@@ -254,8 +260,19 @@ def roles_of(args: argparse.Namespace) -> list[type[Daemon]]:
     return [DAEMONS[mode] for mode in modes]
 
 
+def config_roles(config, args: argparse.Namespace) -> list[type[Daemon]]:
+    """The metrics endpoint while metrics_address is set: this process already may
+    ask Postfix's showq (group postdrop), and one of its own would cost an
+    interpreter (README, "Memory")."""
+    if not config.metrics_address:
+        return []
+    from chatmaild.exporter.main import MetricsDaemon
+
+    return [MetricsDaemon]
+
+
 def main(argv: list[str] | None = None) -> int:
-    return run_daemons("filtermail", roles_of, __doc__, argv, add_arguments=_add_mode)
+    return run_daemons("filtermail", roles_of, __doc__, argv, _add_mode, config_roles)
 
 
 if __name__ == "__main__":

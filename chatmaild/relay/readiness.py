@@ -39,9 +39,9 @@ class Readiness:
                            logs / "filtermail.log"))  # fmt: skip
         if "newemail" in c:
             checks.append(("newemail", (self.host, cfg.newemail_port), logs / "newemail.log"))
-        if "metrics" in c and cfg.metrics_address:
+        if "filtermail" in c and cfg.metrics_address:  # a role of filtermail's process
             host, _, port = cfg.metrics_address.rpartition(":")
-            checks.append(("metrics", (host.strip("[]"), int(port)), logs / "metrics.log"))
+            checks.append(("metrics", (host.strip("[]"), int(port)), logs / "filtermail.log"))
         if "newemail" in c and cfg.iroh_relay_port:  # the web process's iroh relay role
             checks.append(("iroh", (self.host, cfg.iroh_relay_port), logs / "newemail.log"))
         if "turn" in c:  # coturn's TCP listener (its UDP one opens with it)

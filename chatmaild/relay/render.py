@@ -82,10 +82,10 @@ DAEMON_MODULES = {
     "metadata": "chatmaild.dictd.metadata",
     "filtermail": "chatmaild.filtermail",
     "newemail": "chatmaild.web.main",
-    "metrics": "chatmaild.exporter.main",
 }
 # coturn (Debian's turnserver): TURN for calls
-ALL_COMPONENTS = ("postfix", "dovecot", "turn", *DAEMON_MODULES)
+# metrics: metrics_address set, the daemons count and filtermail serves /metrics
+ALL_COMPONENTS = ("postfix", "dovecot", "turn", *DAEMON_MODULES, "metrics")
 
 
 def production_nodelay() -> Path | None:

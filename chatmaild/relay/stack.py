@@ -95,6 +95,8 @@ def available_components() -> tuple[str, ...]:
     for name, module in DAEMON_MODULES.items():
         if importlib.util.find_spec(module) is not None:
             have.append(name)
+    if importlib.util.find_spec("prometheus_client") is not None:
+        have.append("metrics")
     return tuple(have)
 
 
@@ -445,8 +447,10 @@ class Relay(PortHolding, Supervision, Readiness):
         if "filtermail" in c:
             # a local relay delivers to its peers only (filtermail transport's routes)
             routes = str(self.layout.postfix_config_dir / MXDELIV_ROUTES)
+            # with metrics on it serves /metrics too, and asks this relay's showq
+            queue = str(self.layout.postfix_queue_dir)
             cmds["filtermail"] = [program("filtermail"), "--config", ini, "--routes", routes,
-                                  *FILTER_ROLES]  # fmt: skip
+                                  "--postfix-queue", queue, *FILTER_ROLES]  # fmt: skip
         if "newemail" in c:
             # loopback only, unlike an installed relay's every interface
             cmds["newemail"] = [
@@ -458,10 +462,6 @@ class Relay(PortHolding, Supervision, Readiness):
                 # the iroh relay, a role of the web process (as the unit's --iroh)
                 "--listen", f"chatmail-iroh={self.host}:{self.config.iroh_relay_port}",
             ]  # fmt: skip
-        if "metrics" in c:
-            # a small store: its account count read at each scrape, near enough
-            cmds["metrics"] = [program("chatmail-metrics"), "--config", ini, "--read-every", "1",
-                               "--postfix-queue", str(self.layout.postfix_queue_dir)]  # fmt: skip
         # the servers start once our sockets are asked for (Dovecot connects lazily anyway)
         if "postfix" in c:
             # the master itself, no postfix-script shell between: our child is the master
@@ -485,8 +485,8 @@ class Relay(PortHolding, Supervision, Readiness):
         user = pwd.getpwnam("turnserver" if name == "turn" else self.config.vmail_user)
         # the user's own groups (User= in the units), plus the unit's SupplementaryGroups=
         groups = set(os.getgrouplist(user.pw_name, user.pw_gid))
-        if name in ("filtermail", "metrics"):
-            # re-injection, and postqueue's showq, are in Postfix's public/
+        if name == "filtermail":
+            # re-injection, and the showq service metrics ask, are in Postfix's public/
             groups.add(grp.getgrnam("postdrop").gr_gid)
         caps: list[str] = []
         if name == "newemail":

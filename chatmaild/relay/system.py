@@ -64,8 +64,7 @@ DAEMON_UNITS = (
     "filtermail.service",
     "chatmail-newemail.service",
 )
-# the metrics endpoint: enabled and started only while chatmail.ini's metrics_address is set
-METRICS_UNITS = ("chatmail-metrics.service",)
+
 # units of earlier versions (one process per role), stopped and their drop-ins removed
 RETIRED_UNITS = (
     "doveauth.service",
@@ -389,7 +388,7 @@ def systemd_running() -> bool:
     return Path("/run/systemd/system").is_dir()
 
 
-def restart_everything(config: Config | None = None) -> None:
+def restart_everything() -> None:
     """Daemons first (Dovecot and Postfix need them), then the servers; timers on."""
     run(["systemctl", "daemon-reload"], "systemctl daemon-reload")
     # an earlier version's per-role units would hold the sockets; gone or not, no error
@@ -403,12 +402,6 @@ def restart_everything(config: Config | None = None) -> None:
     run(["systemctl", "restart", *SERVER_UNITS], "restarting Dovecot and Postfix")
     run(["systemctl", "enable", "--quiet", *TURN_UNITS], "enabling coturn")
     run(["systemctl", "restart", *TURN_UNITS], "restarting coturn")
-    if config is not None and config.metrics_address:
-        run(["systemctl", "enable", "--quiet", *METRICS_UNITS], "enabling chatmail-metrics")
-        run(["systemctl", "restart", *METRICS_UNITS], "restarting chatmail-metrics")
-    else:
-        subprocess.run(["systemctl", "disable", "--now", "--quiet", *METRICS_UNITS],
-                       capture_output=True, stdin=subprocess.DEVNULL)  # fmt: skip
     run(["systemctl", "start", *TIMER_UNITS], "starting the timers")
     # the first certificate from the CA now, not at the timer's first hour; it asks the
     # CA only when the served certificate needs it, so a rerun costs the CA nothing
@@ -443,7 +436,7 @@ def setup(config: Config, *, restart: bool) -> str:
     say("applied chatmail's settings to /etc/postfix/main.cf and master.cf with postconf")
     dropins_changed = write_unit_dropins(config)
     if restart and systemd_running():
-        restart_everything(config)
+        restart_everything()
         say("restarted chatmail's daemons, Dovecot and Postfix")
     elif dropins_changed and systemd_running():
         run(["systemctl", "daemon-reload"], "systemctl daemon-reload")
