@@ -5,7 +5,7 @@ Figures (RSS and PSS from /proc/PID/smaps_rollup, MB = MiB):
 - every daemon process of a freshly started relay with every component
   (``make run``'s and the units' layout: chatmail-dict = doveauth + lastlogin
   + metadata, filtermail = outgoing + incoming + milter + transport,
-  chatmail-newemail, chatmail-iroh, chatmail-metrics with metrics on),
+  chatmail-newemail with the iroh relay role; metrics on),
   and the total (target: total RSS <= 100 MB);
 - the same after a load run through the whole path: accounts created over
   IMAP, a push token set for each (notifications go to a local HTTP sink),
@@ -42,10 +42,10 @@ from chatmaild.relay.stack import Relay
 from testing import mails
 from testing.httpsink import SinkProcess
 
-# every daemon, metrics on (each counting process holds prometheus_client, and
-# chatmail-metrics runs): the largest footprint an operator can choose
+# every daemon, metrics on (the counting processes hold prometheus_client, filtermail
+# serves /metrics, the web process the iroh relay): the largest footprint there is
 ALL = ["postfix", "dovecot", "doveauth", "lastlogin", "metadata", "filtermail", "newemail",
-       "iroh", "metrics"]  # fmt: skip
+       "metrics"]  # fmt: skip
 # the load comes from one address: no rate limit of the relay's may slow it
 UNLIMITED = {
     "max_user_send_per_minute": 10**6,
