@@ -36,9 +36,10 @@ TEST_PACKAGES=(gnupg sq zstd util-linux procps git make python3-nacl chromium zb
     python3-venv gcc libc6-dev python3-aiosmtpd python3-aiohttp pebble dnsmasq-base curl nftables
     python3-aioice prometheus)
 
-# what the package recommends (the no-delay shim's compiler): --bare roots of
+# what the package recommends (the no-delay shim's compiler), and the Prometheus
+# tests/test_deb.py installs to scrape the packaged relay: --bare roots of
 # scripts/debian-root.sh download these too
-DEB_EXTRA_PACKAGES=(gcc libc6-dev)
+DEB_EXTRA_PACKAGES=(gcc libc6-dev prometheus)
 
 # what `make deb` needs besides RUNTIME_PACKAGES (debian/control's Build-Depends)
 BUILD_PACKAGES=(build-essential debhelper dh-python po-debconf pybuild-plugin-pyproject python3-all

@@ -107,6 +107,23 @@ assert s.recv(100).startswith(b"HTTP/1.1 204 ")
 print("iroh ok")
 """.replace("%s", DOMAIN)
 
+# Prometheus's HTTP API (the machine's prometheus.service): QUERY's value once it has one
+PROMQL = r"""
+import json, time, urllib.parse, urllib.request
+url = "http://127.0.0.1:9090/api/v1/query?" + urllib.parse.urlencode({"query": 'QUERY'})
+for _ in range(120):
+    try:
+        result = json.load(urllib.request.urlopen(url, timeout=5))["data"]["result"]
+    except OSError:
+        result = []
+    if result:
+        print(result[0]["value"][1])
+        break
+    time.sleep(1)
+else:
+    raise SystemExit("no value for QUERY")
+"""
+
 # another local user must reach none of these (SECURITY.md), nor sendmail or the queue
 PROBE = r"""
 import errno, os, socket, subprocess, sys
@@ -278,6 +295,15 @@ def test_package_on_a_fresh_machine(debs, suite, tmp_path):
                      "chatmail_certificate_expiry_timestamp_seconds",
                      "chatmail_accounts ", "chatmail_registration_open 1"):  # fmt: skip
             assert line in scrape, (line, scrape[-3000:])
+        # Debian's Prometheus, installed and configured as an operator would, scrapes it
+        m.sh("DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends"
+             " prometheus 2>&1", timeout=600)  # fmt: skip
+        m.sh("printf 'global: {scrape_interval: 2s}\\nscrape_configs:\\n  - job_name: chatmail\\n"
+             "    static_configs: [{targets: [\"127.0.0.1:9390\"]}]\\n'"
+             " > /etc/prometheus/prometheus.yml && systemctl restart prometheus")  # fmt: skip
+        promql = 'sum(chatmail_filter_replies_total{direction="outgoing",code="250"})'
+        script = PROMQL.replace("QUERY", promql).join(["python3 - <<'EOF'\n", "EOF\n"])
+        assert float(m.sh(script, timeout=200).strip()) >= 1
         journal = m.sh("journalctl --no-pager -o cat -u chatmail-dict -u filtermail")
         assert "Created address: " in journal, journal[-2000:]
         assert "Outgoing: Filtering encrypted mail." in journal, journal[-2000:]

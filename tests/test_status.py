@@ -23,6 +23,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from chatmaild.admin.status import judge_certificate, judge_disk, judge_queue
+from testing.dnsmasq import Zone
 from tests.fixtures.relay import RelayPool
 
 NOW = datetime.datetime(2026, 12, 6, tzinfo=datetime.UTC)
@@ -141,3 +142,19 @@ def test_full_mail_store_is_named(relay):
     assert rc == 1 and "disk" in problems
     used = int(problems["disk"]["detail"].split(": ")[1].split(" %")[0])
     assert used >= 90, problems["disk"]
+
+
+def test_dns_records_with_dns(relay):
+    """--dns asks a real DNS server (dnsmasq) for the records `chatmaild dns` prints:
+    all served is healthy; one withheld is named."""
+    from chatmaild.relay import dnsrecords
+    from chatmaild.relay.system import _dkim_txt
+
+    config = relay.config
+    expected = dnsrecords.records(config, _dkim_txt(config))
+    with Zone(config.mail_domain, expected) as zone:
+        assert status(relay, "--dns", "--resolver", zone.address) == (0, {})
+    mx = next(r for r in expected if r.rtype == "MX")
+    with Zone(config.mail_domain, [r for r in expected if r is not mx]) as zone:
+        rc, problems = status(relay, "--dns", "--resolver", zone.address)
+    assert rc == 1 and f"MX {mx.name} missing" in problems["dns"]["detail"], problems

@@ -24,8 +24,9 @@ from chatmaild.common.config import Config
 STATUS_DOC = """say whether the relay is healthy (exit 1 naming each problem)
 
 Checks the units (under systemd), the TLS certificate, Postfix's queue, disk
-and inode use of the mail store, the last expiry run and the push backlog;
-shows the account count and registration.  A table by default, --json for
+and inode use of the mail store, the last expiry run and the push backlog,
+with --dns every DNS record to publish (as `chatmaild dns --check`); shows the
+account count and registration.  A table by default, --json for
 scripts.  Thresholds: --cert-min-days (7), --queue-max-age (3600 s),
 --queue-max (1000 messages), --disk-max-percent (90), --push-max (1000).
 """
@@ -151,6 +152,20 @@ def check_push(config: Config, max_count: int) -> Check:
     return Check("push", pending <= max_count, f"{pending} notification(s) waiting")
 
 
+def check_dns(config: Config, resolver: str | None) -> Check:
+    """The records `chatmaild dns` prints, asked of DNS (`dns --check`): each one
+    missing or wrong is named."""
+    from chatmaild.relay import dnsrecords
+    from chatmaild.relay.system import _dkim_txt
+
+    dkim = _dkim_txt(config)
+    findings = dnsrecords.check(dnsrecords.records(config, dkim), resolver)
+    bad = [f"{f.record.rtype} {f.record.name} {f.status}" for f in findings if f.status != "ok"]
+    if dkim is None:
+        bad.append(f"DKIM key unreadable ({config.dkim_key_path})")
+    return Check("dns", not bad, "; ".join(bad) if bad else f"{len(findings)} records as published")
+
+
 def info_accounts(config: Config) -> Check:
     try:
         count = sum(1 for e in os.scandir(config.mailboxes_dir) if e.is_dir() and "@" in e.name)
@@ -171,6 +186,8 @@ def status(config: Config, args: argparse.Namespace) -> list[Check]:
     if units:
         checks.append(check_expiry())
     checks.append(check_push(config, args.push_max))
+    if args.dns:
+        checks.append(check_dns(config, args.resolver))
     checks.append(info_accounts(config))
     return checks
 
@@ -209,3 +226,10 @@ def add_cli(subparsers) -> None:
     p.add_argument("--queue-max", type=int, default=1000, metavar="N")
     p.add_argument("--disk-max-percent", type=float, default=90.0, metavar="P")
     p.add_argument("--push-max", type=int, default=1000, metavar="N")
+    p.add_argument(
+        "--dns",
+        action="store_true",
+        help="also ask DNS for every record `chatmaild dns` prints (dns --check)",
+    )
+    p.add_argument("--resolver", metavar="HOST[:PORT]",
+                   help="with --dns: the DNS server to ask (default: the system's)")  # fmt: skip
