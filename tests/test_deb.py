@@ -121,7 +121,7 @@ for _ in range(120):
         break
     time.sleep(1)
 else:
-    raise SystemExit("no value for QUERY")
+    raise SystemExit("Prometheus has no value for the query")
 """
 
 # another local user must reach none of these (SECURITY.md), nor sendmail or the queue
