@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -22,6 +21,7 @@ from pathlib import Path
 from chatmaild.common.config import write_config
 from chatmaild.relay.ports import free_ports
 from testing.irohclient import IrohClient
+from testing.processes import wait_listening
 
 NODES = int(os.environ.get("BENCH_IROH_NODES", "1000"))
 ROUND_TRIPS = 2000
@@ -119,15 +119,7 @@ def main() -> None:
         proc = subprocess.Popen([sys.executable, "-m", "chatmaild.iroh.main", "--config", str(ini)],
                                 stdout=log, stderr=log)  # fmt: skip
         try:
-            until = time.monotonic() + 15
-            while True:
-                try:
-                    socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                    break
-                except OSError:
-                    if time.monotonic() > until or proc.poll() is not None:
-                        raise RuntimeError("chatmail-iroh did not start") from None
-                    time.sleep(0.05)
+            wait_listening(("127.0.0.1", port), proc)
 
             async def run() -> None:
                 await throughput(port, 1200, 50_000)  # a QUIC datagram's size

@@ -18,6 +18,7 @@ from chatmaild.iroh.frames import FrameError, FrameType
 from chatmaild.iroh.hub import Hub
 from chatmaild.relay.ports import free_ports
 from testing.irohclient import IrohClient, client_info
+from testing.processes import wait_listening
 from tests.fixtures.dict import write_test_ini
 
 # ---------------------------------------------------------------- frames, hub (pure)
@@ -96,15 +97,10 @@ def iroh(tmp_path, daemon_factory):
     ini = write_test_ini(tmp_path, iroh_relay_port=port, iroh_relay_max_clients_per_ip=4,
                          iroh_relay_max_bps=200_000)  # fmt: skip
     daemon = daemon_factory("chatmaild.iroh.main", ini, args=["--stats-interval", "0.2"])
-    until = time.monotonic() + 15
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            break
-        except OSError:
-            assert daemon.proc.poll() is None, daemon.log()
-            assert time.monotonic() < until, daemon.log()
-            time.sleep(0.05)
+    try:
+        wait_listening(("127.0.0.1", port), daemon.proc)
+    except RuntimeError as e:
+        raise AssertionError(daemon.log()) from e
     daemon.port = port
     return daemon
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import re
-import socket
 import ssl
 import time
 import zipfile
@@ -24,6 +23,7 @@ import pytest
 from chatmaild.relay.ports import free_ports
 from testing.dcclient import DCClients, securejoin
 from testing.irohclient import IrohClient
+from testing.processes import wait_listening
 from tests.fixtures.relay import FULL, RelayPool
 
 pytestmark = [pytest.mark.relay, pytest.mark.timeout(400)]
@@ -53,17 +53,6 @@ def webxdc(tmp_path) -> str:
         z.writestr("manifest.toml", 'name = "realtime test"\n')
         z.writestr("index.html", "<!doctype html><title>realtime</title>")
     return str(path)
-
-
-def wait_listening(address: tuple[str, int], timeout: float = 30) -> None:
-    until = time.monotonic() + timeout
-    while True:
-        try:
-            socket.create_connection(address, timeout=1).close()
-            return
-        except OSError:
-            assert time.monotonic() < until, f"nothing listens on {address}"
-            time.sleep(0.2)
 
 
 def forwarded(relay) -> int:
