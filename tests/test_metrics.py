@@ -14,6 +14,7 @@ import imaplib
 import json
 import os
 import signal
+import socket
 import subprocess
 import time
 import urllib.parse
@@ -223,3 +224,19 @@ def test_the_grafana_dashboard_names_only_metrics_that_exist():
         for target in panel["targets"]:
             named |= set(re.findall(r"\b(chatmail_[a-z_]+)", target["expr"]))
     assert named and named <= exported, named - exported
+
+
+@pytest.mark.relay
+def test_the_endpoint_answers_only_metrics(relay):
+    host, _, port = relay.config.metrics_address.rpartition(":")
+    for request, status in ((b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n", b"200"),
+                            (b"GET /other HTTP/1.1\r\nHost: x\r\n\r\n", b"404"),
+                            (b"POST /metrics HTTP/1.1\r\nHost: x\r\n\r\n", b"405")):  # fmt: skip
+        with socket.create_connection((host, int(port)), timeout=30) as s:
+            s.sendall(request)
+            answer = b""
+            while piece := s.recv(65536):
+                answer += piece
+        assert answer.split(b" ", 2)[1] == status, answer[:200]
+        if status == b"200":
+            assert b"chatmail_postfix_queue_messages" in answer

@@ -15,22 +15,21 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 from chatmaild.common.config import Config
 from chatmaild.common.service import Daemon, Endpoint, run_daemon
 from chatmaild.exporter import collect
-from chatmaild.web.limits import Admission
-from chatmaild.web.server import HttpsServer, Request, Response, Settings
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 CERT_EVERY = 60.0  # the certificate is read at most this often
 POSTFIX_QUEUE = "/var/spool/postfix"
 DEFAULT_CERT = "/etc/chatmail/tls/cert.pem"
 SHOWQ_TIMEOUT = 30.0
+HEAD_TIMEOUT = 10.0
+MAX_HEAD = 8192
+SCRAPES_AT_ONCE = 4
 
 
 def endpoint_of(address: str) -> Endpoint:
@@ -41,11 +40,13 @@ def endpoint_of(address: str) -> Endpoint:
 class MetricsDaemon(Daemon):
     name = "chatmail-metrics"
 
+    stream_limit = MAX_HEAD
+
     def __init__(self, config: Config, args: argparse.Namespace | None = None) -> None:
         super().__init__(config, args)
         self.postfix_queue = getattr(args, "postfix_queue", None) or POSTFIX_QUEUE
-        self.server: HttpsServer | None = None
         self._cert: tuple[float, str] = (0.0, "")
+        self._scrapes = asyncio.Semaphore(SCRAPES_AT_ONCE)
 
     def endpoint(self) -> Endpoint:
         return endpoint_of(self.config.metrics_address or "127.0.0.1:9390")
@@ -53,28 +54,43 @@ class MetricsDaemon(Daemon):
     async def start(self) -> None:
         if not self.config.metrics_address:
             self.log.warning("metrics_address is empty: the daemons count nothing")
-        admission = Admission(max_connections=16, max_per_source=8)
-        self.server = HttpsServer(self.handle, None, logging.getLogger(self.name), Settings(),
-                                  admission)  # fmt: skip
 
-    def protocol_factory(self) -> Callable[[], asyncio.Protocol]:
-        assert self.server is not None
-        return self.server.protocol
+    async def handle_connection(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        """One request per connection, then close: what a Prometheus scrape needs,
+        without an HTTP library in filtermail's process (README, "Memory")."""
+        try:
+            async with asyncio.timeout(HEAD_TIMEOUT):
+                head = await reader.readuntil(b"\r\n\r\n")
+        except (TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
+            writer.close()
+            return
+        method, _, rest = head.split(b"\r\n", 1)[0].decode("latin-1").partition(" ")
+        path = rest.partition(" ")[0].partition("?")[0]
+        status, headers, body = await self.answer(method, path)
+        lines = [f"HTTP/1.1 {status}", *headers, f"Content-Length: {len(body)}",
+                 "Connection: close"]  # fmt: skip
+        writer.write("\r\n".join(lines).encode() + b"\r\n\r\n")
+        if method != "HEAD":
+            writer.write(body)
+        try:
+            await writer.drain()
+        finally:
+            writer.close()
 
-    async def stop(self) -> None:
-        if self.server is not None:
-            await self.server.shutdown(5.0)
-
-    async def handle(self, request: Request) -> Response:
-        if request.path != "/metrics":
-            return Response(404, {"Content-Type": "text/plain"}, b"404: /metrics only\n")
-        if request.method not in ("GET", "HEAD"):
-            return Response(405, {"Allow": "GET, HEAD"}, b"")
-        text = await asyncio.to_thread(collect.counters_text, self.config.metrics_dir)
-        text += await self.queue()
+    async def answer(self, method: str, path: str) -> tuple[str, list[str], bytes]:
+        if path != "/metrics":
+            return "404 Not Found", ["Content-Type: text/plain"], b"404: /metrics only\n"
+        if method not in ("GET", "HEAD"):
+            return "405 Method Not Allowed", ["Allow: GET, HEAD"], b""
+        with self.request():
+            async with self._scrapes:
+                text = await asyncio.to_thread(collect.counters_text, self.config.metrics_dir)
+                text += await self.queue()
         text += self.certificate()
         text += collect.registration_text(not Path(self.config.nocreate_file).exists())
-        return Response(200, {"Content-Type": CONTENT_TYPE}, text.encode())
+        return "200 OK", [f"Content-Type: {CONTENT_TYPE}"], text.encode()
 
     async def queue(self) -> str:
         """Postfix's queue from its showq service, counted piece by piece (a long
