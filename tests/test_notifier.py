@@ -12,6 +12,7 @@ import pytest
 from chatmaild.common.config import read_config
 from chatmaild.dictd.push import (
     LOG_DEADLINE,
+    LOG_FAILED,
     Notifier,
     QueueDir,
     decode_pending,
@@ -91,6 +92,32 @@ def test_failure_ladder_drops_after_five_attempts(metadata_ini, http_sink, caplo
     assert [r.getMessage() for r in caplog.records].count(LOG_DEADLINE) == 1
     assert files(notifier) == []
     assert store.tokens(USER) == ["dead"]  # failures never remove a token, only 410 does
+
+
+def test_a_push_service_down_is_logged_once_per_cause(metadata_ini, http_sink, caplog):
+    """20 accounts' notifications failing alike: the cause is named once (and counted
+    in a summary at the end), not once per notification (issue 24, outages)."""
+    http_sink.set_default(503)
+    notifier, store = make_notifier(metadata_ini, notification_retry_delay="0.002")
+    users = [f"user{i:04d}@{DOMAIN}" for i in range(20)]
+    for i, user in enumerate(users):
+        store.add(user, f"tok{i}")
+
+    async def run():
+        await notifier.start()
+        for user in users:
+            await notifier.notify(user)
+        await wait(lambda: notifier.dropped == len(users))
+        await notifier.stop()
+
+    with caplog.at_level(logging.DEBUG, logger="chatmaild.dictd.push"):
+        asyncio.run(run())
+    failed = [r for r in caplog.records if r.levelno >= logging.WARNING
+              and r.getMessage().startswith(f"{LOG_FAILED}: HTTP 503")]  # fmt: skip
+    assert len(failed) == 2, [r.getMessage() for r in failed]  # the first, then the count
+    assert failed[1].getMessage().endswith(f"{5 * len(users) - 1} more from 20 client(s)"
+                                           " in the last 60 s")  # fmt: skip
+    assert [r.getMessage() for r in caplog.records].count(LOG_DEADLINE) == len(users)
 
 
 def test_old_notification_is_dropped_at_first_failure(metadata_ini, http_sink, caplog):

@@ -40,6 +40,7 @@ from pathlib import Path
 from chatmaild.common import metrics
 from chatmaild.common.config import Config
 from chatmaild.common.httppost import PostClient
+from chatmaild.common.logsummary import SummaryLog
 from chatmaild.dictd.tokens import TokenStore
 
 RETRY_FACTOR = 8
@@ -204,6 +205,9 @@ class Notifier:
         self._session: PostClient | None = None
         self._inflight = 0
         self._closing = False
+        # a push service that is down fails every request: one line per cause a minute
+        self.failures = SummaryLog(log, level=logging.WARNING)
+        self._summary_timer: asyncio.TimerHandle | None = None
         # counters for tests and benchmarks
         self.sent = 0
         self.failed = 0
@@ -232,6 +236,9 @@ class Notifier:
     async def stop(self, timeout: float = 5.0) -> None:
         """Let requests in flight finish (bounded), then stop; unsent files stay queued."""
         self._closing = True
+        if self._summary_timer is not None:
+            self._summary_timer.cancel()
+        self.failures.flush()
         for lane in self.lanes.values():
             if lane.timer is not None:
                 lane.timer.cancel()
@@ -361,15 +368,32 @@ class Notifier:
             else:
                 keep.append(pending)
         lane.entries = keep
+        self._note_failure(reason, lane.addr)
         if not keep:
-            log.warning("%s: %s; no retry left", LOG_FAILED, reason)
             self._finish(lane)
             return
         delay = retry_delay(keep[0].retries, self.base_delay)
-        log.warning("%s: %s; retry %d in %g s", LOG_FAILED, reason, keep[0].retries, delay)
+        log.debug("%s: %s; retry %d in %g s", LOG_FAILED, reason, keep[0].retries, delay)
         if self._closing:
             return
         lane.timer = asyncio.get_running_loop().call_later(delay, self._make_ready, lane)
+
+    def _note_failure(self, reason: str, addr: str) -> None:
+        """``Notification request failed: <reason>: <addr>`` once, then a count per
+        minute: the log names the cause, not every message it held up."""
+        self.failures.note(f"{LOG_FAILED}: {reason}", addr)
+        if self._summary_timer is None and not self._closing:
+            self._summary_timer = asyncio.get_running_loop().call_later(
+                self.failures.period, self._summarize
+            )
+
+    def _summarize(self) -> None:
+        self._summary_timer = None
+        self.failures.tick()
+        if self.failures.window_start and not self._closing:
+            self._summary_timer = asyncio.get_running_loop().call_later(
+                self.failures.period, self._summarize
+            )
 
     def _finish(self, lane: Lane) -> None:
         """After an attempt: go again at once for notifications that came meanwhile."""

@@ -8,14 +8,13 @@ address (one household or phone gets a /64, and it can pick any address in it).
 from __future__ import annotations
 
 import ipaddress
-import logging
-import time
 from collections import Counter
 from dataclasses import dataclass, field
 
+from chatmaild.common.logsummary import SummaryLog as RefusalLog
 from chatmaild.common.ratelimit import RateLimiter
 
-SUMMARY_SECONDS = 60.0
+__all__ = ["Admission", "RefusalLog", "SourceBudget", "source_of"]
 
 
 def source_of(ip: str) -> str:
@@ -29,51 +28,6 @@ def source_of(ip: str) -> str:
             return str(addr.ipv4_mapped)
         return str(ipaddress.IPv6Network((addr, 64), strict=False))
     return str(addr)
-
-
-class RefusalLog:
-    """Logs the first refusal of each kind at once, then at most one summary line per
-    kind every ``period`` seconds: ``<kind>: N more from M clients in the last 60 s``.
-
-    A flood of refusals costs a few lines a minute, and the counts stay exact.
-    """
-
-    def __init__(self, log: logging.Logger, period: float = SUMMARY_SECONDS) -> None:
-        self.log = log
-        self.period = period
-        self.window_start: dict[str, float] = {}
-        self.suppressed: dict[str, Counter[str]] = {}
-
-    def note(self, kind: str, client: str, now: float | None = None) -> None:
-        now = time.monotonic() if now is None else now
-        start = self.window_start.get(kind)
-        if start is None or now - start >= self.period:
-            self.flush(kind)
-            self.window_start[kind] = now
-            self.log.info("%s: %s", kind, client)
-            return
-        self.suppressed.setdefault(kind, Counter())[client] += 1
-
-    def flush(self, kind: str | None = None) -> None:
-        """Write the summary of what was held back (of one kind, or of all)."""
-        for k in [kind] if kind is not None else list(self.suppressed):
-            held = self.suppressed.pop(k, None)
-            if held:
-                self.log.info(
-                    "%s: %d more from %d client(s) in the last %d s",
-                    k,
-                    sum(held.values()),
-                    len(held),
-                    round(self.period),
-                )
-
-    def tick(self, now: float | None = None) -> None:
-        """Close the windows that are over (called periodically)."""
-        now = time.monotonic() if now is None else now
-        for kind, start in list(self.window_start.items()):
-            if now - start >= self.period:
-                self.flush(kind)
-                del self.window_start[kind]
 
 
 @dataclass
