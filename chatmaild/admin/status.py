@@ -39,7 +39,6 @@ UNITS = (
     "coturn.service",
 )
 TIMERS = ("chatmail-expire.timer", "chatmail-fsreport.timer", "chatmail-acme.timer")
-DEFAULT_CERT = "/etc/chatmail/tls/cert.pem"
 
 
 @dataclass
@@ -106,7 +105,7 @@ def check_units() -> Check:
 def check_certificate(config: Config, min_days: int) -> Check:
     from chatmaild.acme.certificate import parse_pem
 
-    path = config.tls_external_cert_and_key[0] if config.tls_external_cert_and_key else DEFAULT_CERT
+    path = config.tls_cert_and_key[0]
     try:
         info = parse_pem(Path(path).read_bytes())
     except (OSError, ValueError) as e:

@@ -80,6 +80,7 @@ def _int_in(lo: int, hi: int | None = None) -> Callable[[str], int]:
     return parse
 
 
+DEFAULT_TLS_CERT_AND_KEY = ("/etc/chatmail/tls/cert.pem", "/etc/chatmail/tls/key.pem")
 LETSENCRYPT_DIRECTORY = "https://acme-v02.api.letsencrypt.org/directory"
 # chatmail-acme's state (account, certificates, back-off) and the HTTP-01 answers
 # the web process serves on port 80
@@ -565,6 +566,12 @@ class Config:
     @property
     def is_ip_domain(self) -> bool:
         return self.mail_domain.startswith("[")
+
+    @property
+    def tls_cert_and_key(self) -> tuple[str, str]:
+        """The certificate and key every TLS listener serves: the operator's, else the
+        ones chatmaild setup makes and chatmail-acme renews."""
+        return self.tls_external_cert_and_key or DEFAULT_TLS_CERT_AND_KEY
 
     @property
     def certificate_names(self) -> tuple[str, ...]:

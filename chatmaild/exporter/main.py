@@ -25,7 +25,6 @@ from chatmaild.exporter import collect
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 CERT_EVERY = 60.0  # the certificate is read at most this often
 POSTFIX_QUEUE = "/var/spool/postfix"
-DEFAULT_CERT = "/etc/chatmail/tls/cert.pem"
 SHOWQ_TIMEOUT = 30.0
 HEAD_TIMEOUT = 10.0
 MAX_HEAD = 8192
@@ -118,8 +117,7 @@ class MetricsDaemon(Daemon):
             return text
         from chatmaild.acme.certificate import parse_pem
 
-        c = self.config
-        path = c.tls_external_cert_and_key[0] if c.tls_external_cert_and_key else DEFAULT_CERT
+        path = self.config.tls_cert_and_key[0]
         try:
             not_after: float | None = parse_pem(Path(path).read_bytes()).not_after.timestamp()
         except (OSError, ValueError) as e:

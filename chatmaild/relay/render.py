@@ -177,10 +177,7 @@ class Layout:
 
     @classmethod
     def production(cls, config: Config, root: Path = Path("/")) -> Layout:
-        cert, key = config.tls_external_cert_and_key or (
-            "/etc/chatmail/tls/cert.pem",
-            "/etc/chatmail/tls/key.pem",
-        )
+        cert, key = config.tls_cert_and_key
         # Postfix's own main.cf and master.cf get our settings through postconf, and
         # Dovecot runs our complete configuration (chatmaild setup): what is rendered
         # lives below /etc/chatmail, no file of Postfix's or Dovecot's is replaced

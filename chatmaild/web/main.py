@@ -94,7 +94,6 @@ from chatmaild.web.plain import PlainHttp
 from chatmaild.web.qr import QRCodes
 from chatmaild.web.server import HttpsServer, Request, Response, Settings
 
-DEFAULT_TLS = ("/etc/chatmail/tls/cert.pem", "/etc/chatmail/tls/key.pem")
 LOCALPART_ALPHABET = string.ascii_lowercase + string.digits
 PASSWORD_ALPHABET = string.ascii_letters + string.digits + string.punctuation
 NEW_PATHS = ("/new", "/cgi-bin/newemail.py")
@@ -668,7 +667,7 @@ class PlainHttpDaemon(Daemon):
 
 
 def tls_context(config: Config) -> ssl.SSLContext:
-    cert, key = config.tls_external_cert_and_key or DEFAULT_TLS
+    cert, key = config.tls_cert_and_key
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.load_cert_chain(cert, key)
