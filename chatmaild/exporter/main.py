@@ -31,11 +31,6 @@ MAX_HEAD = 8192
 SCRAPES_AT_ONCE = 4
 
 
-def endpoint_of(address: str) -> Endpoint:
-    host, _, port = address.rpartition(":")
-    return Endpoint.tcp(host.strip("[]"), int(port))
-
-
 class MetricsDaemon(Daemon):
     name = "chatmail-metrics"
 
@@ -48,7 +43,7 @@ class MetricsDaemon(Daemon):
         self._scrapes = asyncio.Semaphore(SCRAPES_AT_ONCE)
 
     def endpoint(self) -> Endpoint:
-        return endpoint_of(self.config.metrics_address or "127.0.0.1:9390")
+        return Endpoint.parse(self.config.metrics_address or "127.0.0.1:9390")
 
     async def start(self) -> None:
         if not self.config.metrics_address:

@@ -6,6 +6,7 @@ import logging
 import time
 from pathlib import Path
 
+from chatmaild.common.service import Endpoint
 from chatmaild.relay.ports import _listening
 from chatmaild.relay.processes import RelayError, _tail
 
@@ -40,8 +41,8 @@ class Readiness:
         if "newemail" in c:
             checks.append(("newemail", (self.host, cfg.newemail_port), logs / "newemail.log"))
         if "filtermail" in c and cfg.metrics_address:  # a role of filtermail's process
-            host, _, port = cfg.metrics_address.rpartition(":")
-            checks.append(("metrics", (host.strip("[]"), int(port)), logs / "filtermail.log"))
+            where = Endpoint.parse(cfg.metrics_address)
+            checks.append(("metrics", (where.host, where.port), logs / "filtermail.log"))
         if "newemail" in c and cfg.iroh_relay_port:  # the web process's iroh relay role
             checks.append(("iroh", (self.host, cfg.iroh_relay_port), logs / "newemail.log"))
         if "turn" in c:  # coturn's TCP listener (its UDP one opens with it)
