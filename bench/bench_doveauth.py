@@ -29,6 +29,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench.proc import rss_mb
 from chatmaild.common.accounts import AccountStore, hash_password
 from chatmaild.common.config import read_config, write_config
 from testing.authhttpclient import AuthHttpClient
@@ -237,13 +238,6 @@ def cpu_seconds(pid: int) -> float:
     """utime + stime of a process."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmRSS")
 
 
 def report_creations(proc: subprocess.Popen, name: str, path: Path, creator, prefix: str,

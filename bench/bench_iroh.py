@@ -18,6 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench.proc import rss_mb
 from chatmaild.common.config import write_config
 from chatmaild.relay.ports import free_ports
 from testing.irohclient import IrohClient
@@ -26,11 +27,6 @@ from testing.processes import wait_listening
 NODES = int(os.environ.get("BENCH_IROH_NODES", "1000"))
 ROUND_TRIPS = 2000
 WINDOW = 128  # packets in flight
-
-
-def rss_kb(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
 
 
 async def throughput(port: int, size: int, count: int) -> None:
@@ -92,13 +88,13 @@ async def latency(port: int) -> None:
 
 
 async def memory(port: int, pid: int) -> None:
-    before = rss_kb(pid)
+    before = rss_mb(pid)
     nodes = []
     for _ in range(NODES):
         nodes.append(await IrohClient.connect("127.0.0.1", port))
     await asyncio.sleep(1.0)  # every ClientInfo processed
-    after = rss_kb(pid)
-    print(f"chatmail-iroh RSS: {before / 1024:.1f} MB idle, {(after - before) / NODES:.1f} KB"
+    after = rss_mb(pid)
+    print(f"chatmail-iroh RSS: {before:.1f} MB idle, {(after - before) * 1024 / NODES:.1f} KB"
           f" per connected node ({NODES} nodes)")  # fmt: skip
     for n in nodes:
         await n.close()

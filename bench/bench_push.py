@@ -29,6 +29,7 @@ import threading
 import time
 from pathlib import Path
 
+from bench.proc import rss_mb
 from chatmaild.common.config import read_config, write_config
 from chatmaild.dictd.push import encode_pending
 from chatmaild.relay import Relay
@@ -48,14 +49,6 @@ TARGET_RSS_MB = 40
 def percentile(values: list[float], p: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(round(p / 100 * (len(ordered) - 1))))]
-
-
-def rss_mb(pid: int) -> float:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError(f"no VmRSS for pid {pid}")
 
 
 def pss_mb(pid: int) -> float:

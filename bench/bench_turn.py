@@ -16,6 +16,7 @@ import time
 
 from aioice.turn import TurnClientUdpProtocol
 
+from bench.proc import rss_mb
 from chatmaild.common.turn import credentials
 from testing.netns import far_network, far_socket, private_network
 from tests.fixtures.relay import RelayPool
@@ -25,11 +26,6 @@ DATAGRAMS = 20000
 SIZE = 1000  # bytes: a video packet's order of size
 ALLOCATIONS = 200
 BATCH = 32  # datagrams sent back to back, then 1 ms pause
-
-
-def rss_kb(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
 
 
 def turnserver_pid(relay) -> int:
@@ -87,10 +83,10 @@ async def measure(relay, netns: str) -> None:
     peer.close()
     # memory: coturn's RSS before and with ALLOCATIONS allocations
     pid = turnserver_pid(relay)
-    before = rss_kb(pid)
+    before = rss_mb(pid)
     protos = [await allocate(server, user, password) for _ in range(ALLOCATIONS)]
-    after = rss_kb(pid)
-    print(f"coturn RSS: {before / 1024:.1f} MB idle, {(after - before) / ALLOCATIONS:.1f} KB"
+    after = rss_mb(pid)
+    print(f"coturn RSS: {before:.1f} MB idle, {(after - before) * 1024 / ALLOCATIONS:.1f} KB"
           f" per allocation ({ALLOCATIONS} allocations)")  # fmt: skip
     for p in protos:
         await p.delete()
