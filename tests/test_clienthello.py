@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import ipaddress
 import random
 import ssl
+import struct
 
 import pytest
 
 from chatmaild.web.clienthello import MAX_HELLO, offered_alpn
-from chatmaild.web.limits import Admission
-from chatmaild.web.tunnel import proxy_v1
+from chatmaild.web.limits import Admission, mail_budget
+from chatmaild.web.tunnel import proxy_v1, proxy_v2
 
 
 def client_hello(alpn: list[str] | None, sni: str = "chat.example") -> bytes:
@@ -105,8 +107,43 @@ def test_tunnels_have_their_own_budget():
     a.disconnect("192.0.2.1")  # a tunnel leaves the pages' budget
     assert a.connect("192.0.2.1") is None
     assert a.open_tunnel("192.0.2.1") is None
-    assert a.open_tunnel("192.0.2.1") == "too many mail tunnels"
+    assert a.open_tunnel("192.0.2.1") == "too many mail connections"
     assert a.open_tunnel("192.0.2.2") is None
-    assert a.open_tunnel("192.0.2.3") == "mail tunnel limit reached"
+    assert a.open_tunnel("192.0.2.3") == "mail connection limit reached"
     a.close_tunnel("192.0.2.1")
     assert a.open_tunnel("192.0.2.3") is None
+
+
+def test_proxy_v2_names_the_client_and_its_tls():
+    """Port 993's header for Dovecot: addresses, ports, and an SSL entry with the
+    client-used-TLS bit and the version (what Dovecot counts as secured)."""
+    head = proxy_v2(("192.0.2.7", 40000), ("198.51.100.1", 993), "TLSv1.3")
+    assert head[:12] == b"\r\n\r\n\x00\r\nQUIT\n"
+    assert head[12] == 0x21 and head[13] == 0x11  # v2 PROXY; TCP over IPv4
+    (length,) = struct.unpack("!H", head[14:16])
+    body = head[16:]
+    assert len(body) == length
+    assert body[:8] == bytes([192, 0, 2, 7, 198, 51, 100, 1])
+    assert struct.unpack("!HH", body[8:12]) == (40000, 993)
+    kind, size = struct.unpack("!BH", body[12:15])
+    assert kind == 0x20 and size == len(body) - 15
+    ssl_entry = body[15:]
+    assert ssl_entry[0] & 0x01 and struct.unpack("!I", ssl_entry[1:5]) == (0,)
+    assert ssl_entry[5:] == b"\x21\x00\x07TLSv1.3"
+    v6 = proxy_v2(("2001:db8::7", 5), ("::ffff:127.0.0.1", 993), "TLSv1.2")
+    assert v6[13] == 0x21  # TCP over IPv6: the server end given in the client's family
+    assert v6[16:32] == ipaddress.ip_address("2001:db8::7").packed
+    assert v6[32:48] == ipaddress.ip_address("::1").packed
+    mapped = proxy_v2(("::ffff:192.0.2.9", 5), ("::ffff:127.0.0.1", 993), "TLSv1.3")
+    assert mapped[13] == 0x11 and mapped[16:20] == bytes([192, 0, 2, 9])
+
+
+def test_the_front_and_port_443_share_one_budget_of_mail_connections():
+    shared = mail_budget(2, 2)
+    front = Admission(tunnels=shared)
+    web = Admission(tunnels=shared)
+    assert front.open_tunnel("192.0.2.1") is None
+    assert web.open_tunnel("192.0.2.2") is None
+    assert front.open_tunnel("192.0.2.3") == "mail connection limit reached"
+    web.close_tunnel("192.0.2.2")
+    assert front.open_tunnel("192.0.2.3") is None

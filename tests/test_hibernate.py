@@ -27,8 +27,9 @@ def relay():
 
     pool = RelayPool()
     try:
+        # with the web process: port 993's IMAP front, as on an installed relay
         yield pool({"imap_hibernate_timeout": 1, "max_user_send_per_minute": 600},
-                   base_components())  # fmt: skip
+                   (*base_components(), "newemail"))  # fmt: skip
     finally:
         pool.close()
 

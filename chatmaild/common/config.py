@@ -452,6 +452,12 @@ class Config:
         " newemail_port (ALPN imap; PROXY protocol)",
         10993,
     )
+    imap_front_port: int = _key(
+        parse_port,
+        "loopback port of Dovecot's plaintext IMAP for clients whose TLS chatmail-newemail"
+        " ended on imaps_port (PROXY protocol v2)",
+        10143,
+    )
     mxdeliv_send: bool = _key(
         parse_bool,
         "deliver to other relays over HTTPS (POST https://<mx>/mxdeliv) first, then over"

@@ -23,6 +23,7 @@ PORT_KEYS = {
     "newemail": "newemail_port",
     "http": "http_port",
     "imaps_tunnel": "imaps_tunnel_port",
+    "imap_front": "imap_front_port",
     "submissions_tunnel": "submissions_tunnel_port",
     "smtp_tunnel": "smtp_tunnel_port",
     "turn": "turn_port",

@@ -43,6 +43,8 @@ class Readiness:
         if "filtermail" in c and cfg.metrics_address:  # a role of filtermail's process
             where = Endpoint.parse(cfg.metrics_address)
             checks.append(("metrics", (where.host, where.port), logs / "filtermail.log"))
+        if "newemail" in c:  # port 993's IMAP front, a role of the web process
+            checks.append(("imaps", (self.host, cfg.imaps_port), logs / "newemail.log"))
         if "newemail" in c and cfg.iroh_relay_port:  # the web process's iroh relay role
             checks.append(("iroh", (self.host, cfg.iroh_relay_port), logs / "newemail.log"))
         if "turn" in c:  # coturn's TCP listener (its UDP one opens with it)
@@ -53,7 +55,8 @@ class Readiness:
                 checks.append((f"postfix {name}", (self.host, int(self.ports[name])),
                                logs / "postfix.log"))  # fmt: skip
         if "dovecot" in c:
-            for name in ("imap", "imaps", "imaps_tunnel"):
+            imaps = "imap_front" if "newemail" in c else "imaps"  # the web process's 993
+            for name in ("imap", imaps, "imaps_tunnel"):
                 checks.append((f"dovecot {name}", (self.host, int(self.ports[name])),
                                logs / "dovecot.log"))  # fmt: skip
             if "postfix" in c:

@@ -356,7 +356,10 @@ def template_variables(config: Config, layout: Layout) -> dict[str, object]:
         # COMPRESS keeps a client awake anyway
         "imap_hibernate_timeout": f"{hibernate_after}s",
         "imap_port": config.imap_port,
-        "imaps_port": config.imaps_port,
+        # port 993: the web process's IMAP front ends TLS (imap_front_port), Dovecot's
+        # own TLS only where no web process runs (a local relay without it)
+        "dovecot_imaps_port": 0 if "newemail" in layout.components else config.imaps_port,
+        "imap_front_port": config.imap_front_port,
         # port 443's mail tunnels from the web process: loopback only
         "tunnel_host": tunnel,
         "imaps_tunnel_port": config.imaps_tunnel_port,

@@ -461,6 +461,8 @@ class Relay(PortHolding, Supervision, Readiness):
                 "--tunnel-host", self.host, "--iroh-host", self.host,
                 # the iroh relay, a role of the web process (as the unit's --iroh)
                 "--listen", f"chatmail-iroh={self.host}:{self.config.iroh_relay_port}",
+                # port 993's IMAP front (the unit's default role)
+                "--listen", f"chatmail-imaps={self.host}:{self.config.imaps_port}",
             ]  # fmt: skip
         # the servers start once our sockets are asked for (Dovecot connects lazily anyway)
         if "postfix" in c:

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from chatmaild.common.logsummary import SummaryLog as RefusalLog
 from chatmaild.common.ratelimit import RateLimiter
 
-__all__ = ["Admission", "RefusalLog", "SourceBudget", "source_of"]
+__all__ = ["Admission", "RefusalLog", "SourceBudget", "mail_budget", "source_of"]
 
 
 def source_of(ip: str) -> str:
@@ -58,6 +58,12 @@ class SourceBudget:
             del self.per_source[source]
 
 
+def mail_budget(limit: int, per_source_limit: int) -> SourceBudget:
+    """IMAP/SMTP connections passed on to Dovecot or Postfix, in all and per source."""
+    return SourceBudget(limit, per_source_limit, "mail connection limit reached",
+                        "too many mail connections")  # fmt: skip
+
+
 @dataclass
 class Admission:
     """Connections open in total and per source; TLS handshakes in progress and their
@@ -73,7 +79,9 @@ class Admission:
     max_tunnels_per_source: int = 256
     handshaking: int = 0
     connections: SourceBudget = field(init=False)
-    tunnels: SourceBudget = field(init=False)
+    # given: one budget of mail connections shared with another server (port 443's
+    # tunnels and port 993's IMAP front hold the same descriptors)
+    tunnels: SourceBudget | None = None
     handshakes: RateLimiter = field(init=False)
 
     def __post_init__(self) -> None:
@@ -83,12 +91,8 @@ class Admission:
             "connection limit reached",
             "too many connections",
         )
-        self.tunnels = SourceBudget(
-            self.max_tunnels,
-            self.max_tunnels_per_source,
-            "mail tunnel limit reached",
-            "too many mail tunnels",
-        )
+        if self.tunnels is None:
+            self.tunnels = mail_budget(self.max_tunnels, self.max_tunnels_per_source)
         self.handshakes = RateLimiter(self.handshakes_per_minute, self.handshake_burst)
 
     def connect(self, source: str) -> str | None:
@@ -111,7 +115,9 @@ class Admission:
 
     def open_tunnel(self, source: str) -> str | None:
         """Count a connection that became a mail tunnel; or why it is refused."""
+        assert self.tunnels is not None
         return self.tunnels.take(source)
 
     def close_tunnel(self, source: str) -> None:
+        assert self.tunnels is not None
         self.tunnels.give(source)

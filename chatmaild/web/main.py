@@ -89,7 +89,7 @@ from chatmaild.common.ratelimit import RateLimiter
 from chatmaild.common.service import Daemon, Endpoint, run_daemons
 from chatmaild.iroh.probe import probe_204_headers
 from chatmaild.web import autoconfig, mxdeliv, pages, static
-from chatmaild.web.limits import Admission, RefusalLog, source_of
+from chatmaild.web.limits import Admission, RefusalLog, SourceBudget, mail_budget, source_of
 from chatmaild.web.plain import PlainHttp
 from chatmaild.web.qr import QRCodes
 from chatmaild.web.server import HttpsServer, Request, Response, Settings
@@ -106,10 +106,17 @@ JSON_TYPE = "application/json"
 # credentials per client: 2 a second, 5 at once (/new and the home page reached by IP)
 CREDENTIALS_PER_MINUTE = 120
 CREDENTIALS_BURST = 5
-# IMAP/SMTP clients on port 443 (ALPN), each an IDLE connection for hours: in all,
-# and from one address (a school or company network behind one NAT)
-MAX_MAIL_TUNNELS = 4096
+# IMAP/SMTP clients passed on to Dovecot and Postfix (port 993's IMAP front, port
+# 443's ALPN tunnels), each an IDLE connection for hours: at most max_imap_connections
+# in all, and this many from one address (a school or company network behind one NAT)
 MAIL_TUNNELS_PER_SOURCE = 256
+# the IMAP front: handshakes in progress at once, and a second per source (a relay's
+# restart brings every device back within seconds)
+FRONT_MAX_HANDSHAKES = 512
+FRONT_HANDSHAKES_PER_MINUTE = 1200
+FRONT_HANDSHAKE_BURST = 100
+# the IMAP front: connections not yet passed on (first byte, handshake), per source
+FRONT_PENDING_PER_SOURCE = 128
 
 
 # ---------------------------------------------------------------- pure logic
@@ -550,16 +557,10 @@ class NewEmailDaemon(Daemon):
             "0.0.0.0" if self.config.disable_ipv6 else "::", self.config.newemail_port
         )
 
-    def _connection_budget(self) -> tuple[int, int]:
-        """(web_max_connections, mail tunnels of port 443), lowered when the open-files
-        limit could not hold them: a page's connection may hold a socket and a file of
-        www_folder, a tunnel two sockets."""
-        import resource
-
-        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-        if soft < hard:  # asyncio does not use select(): every descriptor it may have
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-            soft = hard
+    def _connection_budget(self) -> int:
+        """web_max_connections, lowered when the open-files limit could not hold them
+        (a page's connection may hold a socket and a file of www_folder)."""
+        soft = open_files_limit()
         fit = (soft - 64) // 2
         wanted = self.config.web_max_connections
         if fit < wanted:
@@ -568,15 +569,8 @@ class NewEmailDaemon(Daemon):
                 "serving at most %d (raise LimitNOFILE= to serve more)",
                 soft, fit, wanted, max(fit, 1),
             )  # fmt: skip
-            return max(fit, 1), 0
-        tunnels = min(MAX_MAIL_TUNNELS, (soft - 64 - 2 * wanted) // 2)
-        if tunnels < MAX_MAIL_TUNNELS:
-            self.log.warning(
-                "open files limit %d holds %d IMAP/SMTP connections on port %d, not %d "
-                "(raise LimitNOFILE= to serve more)",
-                soft, tunnels, self.config.newemail_port, MAX_MAIL_TUNNELS,
-            )  # fmt: skip
-        return wanted, max(tunnels, 0)
+            return max(fit, 1)
+        return wanted
 
     async def start(self) -> None:
         # a relay reached by one address (make run's 127.0.0.1, an IP-only relay): its
@@ -588,11 +582,9 @@ class NewEmailDaemon(Daemon):
             local.append(dcaccount_url(host_port(ip, endpoint.port or 443)))
         self.front = FrontDoor(self.config, self.log, also_draw=local)
         c = self.config
-        pages, tunnels = self._connection_budget()
         admission = Admission(
-            max_connections=pages,
-            max_tunnels=tunnels,
-            max_tunnels_per_source=MAIL_TUNNELS_PER_SOURCE,
+            max_connections=self._connection_budget(),
+            tunnels=mail_connections(c, self.log),
             max_per_source=c.web_max_connections_per_ip,
             max_handshakes=c.web_max_handshakes,
             handshakes_per_minute=60 * c.web_handshake_rate,
@@ -666,11 +658,100 @@ class PlainHttpDaemon(Daemon):
             await self.server.shutdown(self.stop_timeout)
 
 
-def tls_context(config: Config) -> ssl.SSLContext:
+class ImapsFront(Daemon):
+    """Port 993 (imaps_port), in the web process: the IMAP clients' TLS ends here and
+    Dovecot gets the plaintext on loopback (imap_front_port) after a PROXY v2 header
+    naming the client and its TLS.  So Dovecot's imap-login hands each connection to
+    its imap process and holds nothing, and a hibernated device costs a few KB there
+    instead of imap-login's ~70 KB of TLS state (README, "Idle devices")."""
+
+    name = "chatmail-imaps"
+    fast_loop = False
+
+    def __init__(self, config: Config, args: argparse.Namespace | None = None) -> None:
+        super().__init__(config, args)
+        self.tls = tls_context(config, alpn=["imap"])
+        self.stop_timeout = getattr(args, "stop_timeout", 30.0)
+        self.server: HttpsServer | None = None
+
+    def endpoint(self) -> Endpoint:
+        return Endpoint.tcp("0.0.0.0" if self.config.disable_ipv6 else "::", self.config.imaps_port)
+
+    async def start(self) -> None:
+        c = self.config
+        host = getattr(self.args, "tunnel_host", None) or "127.0.0.1"
+        # connections not yet passed on (before and in their handshake): their own
+        # budget; once passed on, the mail connections' (shared with port 443's)
+        admission = Admission(
+            max_connections=max(FRONT_MAX_HANDSHAKES, c.web_max_connections),
+            max_per_source=FRONT_PENDING_PER_SOURCE,
+            max_handshakes=FRONT_MAX_HANDSHAKES,
+            handshakes_per_minute=FRONT_HANDSHAKES_PER_MINUTE,
+            handshake_burst=FRONT_HANDSHAKE_BURST,
+            tunnels=mail_connections(c, self.log),
+        )
+        self.server = HttpsServer(self._no_http, self.tls, self.log, Settings(), admission,
+                                  terminate_to=(host, c.imap_front_port))  # fmt: skip
+
+    @staticmethod
+    async def _no_http(request: Request) -> Response:  # never asked: no HTTP here
+        return text_response(400, "IMAP only\n")
+
+    def protocol_factory(self) -> Callable[[], asyncio.Protocol]:
+        assert self.server is not None
+        return self.server.protocol
+
+    def reload(self) -> None:
+        self.tls = tls_context(self.config, alpn=["imap"])
+        if self.server is not None:
+            self.server.tls = self.tls
+
+    async def stop(self) -> None:
+        if self.server is not None:
+            await self.server.shutdown(self.stop_timeout)
+
+
+def open_files_limit() -> int:
+    """The open-files limit, the soft one raised to the hard one first (asyncio does not
+    use select(): every descriptor the process may have)."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        soft = hard
+    return soft
+
+
+# one per process: port 993's front and port 443's tunnels hold the same descriptors
+_MAIL_CONNECTIONS: list[SourceBudget] = []
+
+
+def mail_connections(config: Config, log: logging.Logger) -> SourceBudget:
+    """The process's budget of IMAP/SMTP connections passed on to Dovecot and Postfix:
+    max_imap_connections, lowered when the open-files limit cannot hold two sockets
+    each beside the pages' web_max_connections."""
+    if not _MAIL_CONNECTIONS:
+        soft = open_files_limit()
+        fit = max(0, (soft - 64 - 2 * config.web_max_connections) // 2)
+        limit = min(config.max_imap_connections, fit)
+        if limit < config.max_imap_connections:
+            log.warning(
+                "open files limit %d holds %d IMAP/SMTP connections, not max_imap_connections"
+                " = %d (raise LimitNOFILE= to serve more)",
+                soft, limit, config.max_imap_connections,
+            )  # fmt: skip
+        _MAIL_CONNECTIONS.append(mail_budget(limit, MAIL_TUNNELS_PER_SOURCE))
+    return _MAIL_CONNECTIONS[0]
+
+
+def tls_context(config: Config, alpn: list[str] | None = None) -> ssl.SSLContext:
     cert, key = config.tls_cert_and_key
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.load_cert_chain(cert, key)
+    if alpn:
+        context.set_alpn_protocols(alpn)
     return context
 
 
@@ -721,15 +802,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="serve HTTPS only, not http_port (ACME challenges and redirects)",
     )
+    parser.add_argument(
+        "--no-imaps",
+        action="store_true",
+        help="leave imaps_port to Dovecot's own TLS: no IMAP front (role chatmail-imaps)",
+    )
 
 
 def _roles(args: argparse.Namespace) -> list[type[Daemon]]:
-    """HTTPS, and port 80 unless --no-http, or --listen names only the HTTPS socket
-    (``--listen HOST:PORT`` alone, as before port 80 was served)."""
-    named_http = any(v.startswith(f"{PlainHttpDaemon.name}=") for v in args.listen)
-    if args.no_http or (args.listen and not named_http):
-        return [NewEmailDaemon]
-    return [NewEmailDaemon, PlainHttpDaemon]
+    """HTTPS; port 80 unless --no-http; the IMAP front on port 993 unless --no-imaps.
+    With --listen, port 80 and the front only where it names their sockets
+    (``--listen HOST:PORT`` alone is the HTTPS socket, as before they were served)."""
+    roles: list[type[Daemon]] = [NewEmailDaemon]
+    for role, off in ((PlainHttpDaemon, args.no_http), (ImapsFront, args.no_imaps)):
+        named = any(v.startswith(f"{role.name}=") for v in args.listen)
+        if not off and (named or not args.listen):
+            roles.append(role)
+    return roles
 
 
 def _config_roles(config: Config, args: argparse.Namespace) -> list[type[Daemon]]:

@@ -40,7 +40,7 @@ import h11
 
 from chatmaild.web import clienthello
 from chatmaild.web.limits import Admission, RefusalLog, source_of
-from chatmaild.web.tunnel import Backend, proxy_v1
+from chatmaild.web.tunnel import Backend, proxy_v1, proxy_v2
 
 READ_CHUNK = 16 * 1024
 WRITE_CHUNK = 64 * 1024
@@ -145,13 +145,18 @@ class HttpsServer:
         mail_routes: dict[str, tuple[str, int]] | None = None,
         uploads: dict[str, Upload] | None = None,
         upgrades: dict[str, tuple[str, int]] | None = None,
+        terminate_to: tuple[str, int] | None = None,
     ) -> None:
         """``mail_routes``: ALPN name -> (host, port) of the mail server that takes a
         connection asking for it (port 443's IMAP and SMTP), tunnelled unchanged.
         ``upgrades``: path -> (host, port) of the plain HTTP server that takes a GET
         with an ``Upgrade`` header there (the iroh relay's /relay): the request and
-        all that follows go there decrypted, after a PROXY line naming the client."""
+        all that follows go there decrypted, after a PROXY line naming the client.
+        ``terminate_to``: (host, port) that takes every connection once its TLS
+        handshake is done, decrypted, after a PROXY v2 header naming the client and
+        its TLS (port 993's IMAP front: no HTTP is spoken)."""
         self.app = app
+        self.terminate_to = terminate_to
         self.mail_routes = mail_routes or {}
         self.upgrades = upgrades or {}
         self.uploads = uploads or {}
@@ -384,7 +389,11 @@ class Connection(asyncio.Protocol):
             self._flush()
             self.handshaking = False
             self.server.admission.end_handshake()
-            self._wait_for_request()
+            if self.server.terminate_to is not None:
+                # the IMAP front: what the client sends next is Dovecot's
+                self._open_tunnel(self.server.terminate_to, b"")
+            else:
+                self._wait_for_request()
         self._read_tls()
 
     # ------------------------------------------------------------ port 443's mail
@@ -456,8 +465,12 @@ class Connection(asyncio.Protocol):
             transport.close()
             return
         self.backend = backend
-        transport.write(proxy_v1((self.remote, self._remote_port()), self.local) + first
-                        + self.early)  # fmt: skip
+        client = (self.remote, self._remote_port())
+        if self.server.terminate_to is not None and self.tls is not None:
+            header = proxy_v2(client, self.local, self.tls.version() or "TLS")
+        else:
+            header = proxy_v1(client, self.local)
+        transport.write(header + first + self.early)
         self.early = b""
         self.transport.resume_reading()
 
