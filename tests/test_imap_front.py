@@ -97,7 +97,7 @@ def test_imap_login_holds_nothing_of_logged_in_clients(relay):
     before = imap_login_sockets(relay)
     held = []
     try:
-        for i in range(20):
+        for _ in range(20):
             addr, password = relay.new_credentials()
             tls, f = connect(relay)
             assert command(tls, f, b"a", f'LOGIN {addr} "{password}"'.encode()).startswith(b"a OK")

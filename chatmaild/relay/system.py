@@ -64,6 +64,9 @@ DAEMON_UNITS = (
     "filtermail.service",
     "chatmail-newemail.service",
 )
+# restarted after Dovecot: it serves port 993 (the IMAP front), which an earlier
+# version's Dovecot held until its restart with the new configuration
+WEB_UNITS = ("chatmail-newemail.service",)
 
 # units of earlier versions (one process per role), stopped and their drop-ins removed
 RETIRED_UNITS = (
@@ -389,7 +392,8 @@ def systemd_running() -> bool:
 
 
 def restart_everything() -> None:
-    """Daemons first (Dovecot and Postfix need them), then the servers; timers on."""
+    """Daemons first (Dovecot and Postfix need them), then the servers, then the web
+    process (port 993 is its since the IMAP front); timers on."""
     run(["systemctl", "daemon-reload"], "systemctl daemon-reload")
     # an earlier version's per-role units would hold the sockets; gone or not, no error
     subprocess.run(
@@ -398,8 +402,10 @@ def restart_everything() -> None:
         stdin=subprocess.DEVNULL,
     )
     run(["systemctl", "enable", "--quiet", *DAEMON_UNITS, *TIMER_UNITS], "systemctl enable")
-    run(["systemctl", "restart", *DAEMON_UNITS], "restarting chatmail's daemons")
+    daemons = [u for u in DAEMON_UNITS if u not in WEB_UNITS]
+    run(["systemctl", "restart", *daemons], "restarting chatmail's daemons")
     run(["systemctl", "restart", *SERVER_UNITS], "restarting Dovecot and Postfix")
+    run(["systemctl", "restart", *WEB_UNITS], "restarting the web process")
     run(["systemctl", "enable", "--quiet", *TURN_UNITS], "enabling coturn")
     run(["systemctl", "restart", *TURN_UNITS], "restarting coturn")
     run(["systemctl", "start", *TIMER_UNITS], "starting the timers")
