@@ -45,6 +45,18 @@ handshake, which is also the idle time allowed between keep-alive requests; a
 connection open --connection-timeout seconds at most.  What the limits refuse
 is closed at once and logged once, then summarised once a minute.
 
+Port 993 (imaps_port, role chatmail-imaps; --no-imaps leaves it to Dovecot) is
+the IMAP front: the clients' TLS ends here and each connection goes on to
+Dovecot's loopback listener imap_front_port, plaintext after a PROXY v2 header
+with the client's address and an SSL entry (Dovecot counts it as secured).
+Dovecot's imap-login then hands it to imap and holds nothing, so an idle device
+costs OpenSSL's state here (17 KB on Debian 12, 34 KB on 13) and a few KB in
+imap-hibernate.  Its limits: 128 connections per client before their handshake
+is done, 512 handshakes at once, 20 a second per client (burst 100); once
+passed on, the mail connections (port 993 and port 443's tunnels together) are
+at most max_imap_connections, 256 per client, fewer when the open-files limit
+cannot hold two descriptors each.
+
 LOG LINES
     issued credentials for ADDR to IP
     rate limited: IP
