@@ -11,6 +11,7 @@ devices while the others idle.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -81,14 +82,23 @@ def totals(mem: dict[str, list[int]]) -> tuple[int, int, int]:
             sum(v[3] for v in mem.values()))  # fmt: skip
 
 
-def start_fleet(relay: Relay, accounts: list[tuple[str, str]], workdir: Path):
+def start_fleet(relay: Relay, accounts: list[tuple[str, str]], workdir: Path, first: int):
+    """A fleet of ``accounts``' devices; ``first``: the first one's source address."""
     path = workdir / f"fleet-{len(list(workdir.iterdir()))}.txt"
     path.write_text("".join(f"{a} {p}\n" for a, p in accounts))
     return subprocess.Popen(
         [sys.executable, "-m", "testing.idlefleet", relay.host, str(relay.ports["imaps"]),
-         str(path)],
+         str(path), str(first)],
         cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
     )  # fmt: skip
+
+
+def front_capacity(relay: Relay) -> int | None:
+    """How many mail connections the web process (port 993's IMAP front) says its
+    open-files limit holds, when fewer than max_imap_connections."""
+    log = (relay.log_dir / "newemail.log").read_text(errors="replace")
+    found = re.search(r"holds (\d+) IMAP/SMTP connections", log)
+    return int(found.group(1)) if found else None
 
 
 def hibernated_latencies(relay: Relay, hibernate_after: float) -> list[float]:
@@ -121,7 +131,10 @@ def main() -> None:
     d = state_dir()
     work = Path(tempfile.mkdtemp(prefix="bench-fleet-"))
     fleets: list[subprocess.Popen] = []
-    overrides = {"max_user_send_per_minute": 6000, "max_user_send_burst_size": 6000}
+    # the web process (port 993's IMAP front) holds two descriptors per device: its
+    # pages' share kept small, for more devices under this machine's open-files limit
+    overrides = {"max_user_send_per_minute": 6000, "max_user_send_burst_size": 6000,
+                 "web_max_connections": 64}  # fmt: skip
     try:
         with Relay(d, overrides) as relay:
             hibernate_after = float(relay.config.imap_hibernate_timeout)
@@ -129,13 +142,21 @@ def main() -> None:
             base_pss, base_rss, base_fds = totals(memory(relay_pids(relay)))
             print(f"idle devices 0: relay PSS {base_pss / 1024:.1f} MB, RSS {base_rss / 1024:.1f}"
                   f" MB, {base_fds} fds")  # fmt: skip
-            connected = 0
+            connected = issued = 0
+            capacity = front_capacity(relay)
             for level in LEVELS:
+                if capacity is not None and level > capacity - SAMPLES - 1:
+                    # room left for the latency samples' own connections
+                    print(f"idle devices {level}: {capacity - SAMPLES - 1} instead: the web "
+                          f"process's open-files limit holds {capacity} IMAP connections "
+                          "here (an installed relay's unit: LimitNOFILE=65536)")  # fmt: skip
+                    level = capacity - SAMPLES - 1
                 new = level - connected
                 accounts = [relay.new_credentials() for _ in range(new)]
                 share = -(-new // FLEETS)
-                started = [start_fleet(relay, accounts[i : i + share], work)
+                started = [start_fleet(relay, accounts[i : i + share], work, issued + i)
                            for i in range(0, new, share)]  # fmt: skip
+                issued += new
                 fleets += started
                 failed, took = 0, 0.0
                 for proc in started:

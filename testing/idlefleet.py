@@ -1,7 +1,10 @@
 """A fleet of idle devices: TLS IMAP connections logged in and in IDLE on INBOX.
 
-``python -m testing.idlefleet HOST PORT ACCOUNTS_FILE`` opens one connection per
-``addr password`` line of the file (loopback only, a bounded number at once),
+``python -m testing.idlefleet HOST PORT ACCOUNTS_FILE [FIRST]`` opens one
+connection per ``addr password`` line of the file (loopback only, a bounded
+number at once), each from an address of its own in 127.100.0.0/16 (device
+FIRST + i: 127.100.(n // 250).(n % 250 + 1); devices come from many networks,
+and the relay's limits per address must not count them as one),
 logs in (the first login creates the account), SELECTs INBOX and enters IDLE.
 It prints ``ready CONNECTED FAILED SECONDS`` once every connection is idle or
 failed, holds them until its standard input closes, then ends IDLE, logs out
@@ -44,8 +47,10 @@ class Device:
                     raise ConnectionError(line.decode(errors="replace").strip())
                 return line
 
-    async def connect(self, host: str, port: int, ctx: ssl.SSLContext) -> None:
-        self.reader, self.writer = await asyncio.open_connection(host, port, ssl=ctx)
+    async def connect(self, host: str, port: int, ctx: ssl.SSLContext, source: str) -> None:
+        self.reader, self.writer = await asyncio.open_connection(
+            host, port, ssl=ctx, local_addr=(source, 0)
+        )
         greeting = await self._line()
         if not greeting.startswith(b"* OK"):
             raise ConnectionError(greeting.decode(errors="replace").strip())
@@ -70,7 +75,11 @@ class Device:
         self.writer.close()
 
 
-async def run(host: str, port: int, accounts: list[tuple[str, str]]) -> None:
+def source_address(n: int) -> str:
+    return f"127.100.{n // 250}.{n % 250 + 1}"
+
+
+async def run(host: str, port: int, accounts: list[tuple[str, str]], first: int = 0) -> None:
     if not ipaddress.ip_address(host).is_loopback:
         raise SystemExit("idlefleet: loopback addresses only")
     ctx = ssl.create_default_context()
@@ -80,16 +89,17 @@ async def run(host: str, port: int, accounts: list[tuple[str, str]]) -> None:
     devices = [Device(a, p) for a, p in accounts]
     failures: list[str] = []
 
-    async def start(device: Device) -> None:
+    async def start(n: int, device: Device) -> None:
         async with slots:
             try:
-                await asyncio.wait_for(device.connect(host, port, ctx), STEP_TIMEOUT)
+                connecting = device.connect(host, port, ctx, source_address(first + n))
+                await asyncio.wait_for(connecting, STEP_TIMEOUT)
             except (OSError, TimeoutError, ConnectionError, ssl.SSLError) as e:
                 failures.append(str(e) or type(e).__name__)
                 device.writer = None
 
     t0 = time.monotonic()
-    await asyncio.gather(*(start(d) for d in devices))
+    await asyncio.gather(*(start(n, d) for n, d in enumerate(devices)))
     ok = len(devices) - len(failures)
     reasons = sorted(set(failures))[:3]
     print(f"ready {ok} {len(failures)} {time.monotonic() - t0:.1f} {reasons}", flush=True)
@@ -100,9 +110,10 @@ async def run(host: str, port: int, accounts: list[tuple[str, str]]) -> None:
 
 def main() -> None:
     host, port, path = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+    first = int(sys.argv[4]) if len(sys.argv) > 4 else 0
     with open(path, encoding="utf-8") as f:
         accounts = [tuple(line.split(None, 1)) for line in f if line.strip()]
-    asyncio.run(run(host, port, [(a, p.strip()) for a, p in accounts]))
+    asyncio.run(run(host, port, [(a, p.strip()) for a, p in accounts], first))
 
 
 if __name__ == "__main__":
