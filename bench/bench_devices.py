@@ -31,6 +31,7 @@ LEVELS = tuple(int(n) for n in os.environ.get("BENCH_DEVICES", "1000 5000 10000"
 FLEETS = 2  # processes of the load generator: one per core
 SAMPLES = 10  # hibernated devices that get a message at each level
 SETTLE = 5.0  # seconds past imap_hibernate_timeout before measuring
+STORM = int(os.environ.get("BENCH_STORM", "1000"))  # devices reconnecting at once
 
 
 def relay_pids(relay: Relay) -> set[int]:
@@ -82,15 +83,48 @@ def totals(mem: dict[str, list[int]]) -> tuple[int, int, int]:
             sum(v[3] for v in mem.values()))  # fmt: skip
 
 
-def start_fleet(relay: Relay, accounts: list[tuple[str, str]], workdir: Path, first: int):
-    """A fleet of ``accounts``' devices; ``first``: the first one's source address."""
+def start_fleet(relay: Relay, accounts: list[tuple[str, str]], workdir: Path, first: int,
+                at_once: int | None = None):  # fmt: skip
+    """A fleet of ``accounts``' devices; ``first``: the first one's source address;
+    ``at_once``: connections in flight (default: idlefleet's)."""
     path = workdir / f"fleet-{len(list(workdir.iterdir()))}.txt"
     path.write_text("".join(f"{a} {p}\n" for a, p in accounts))
+    env = dict(os.environ)
+    if at_once:
+        env["IDLEFLEET_AT_ONCE"] = str(at_once)
     return subprocess.Popen(
         [sys.executable, "-m", "testing.idlefleet", relay.host, str(relay.ports["imaps"]),
          str(path), str(first)],
-        cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env,
     )  # fmt: skip
+
+
+def reconnect_storm(relay: Relay, workdir: Path, first: int) -> None:
+    """STORM devices, known to the relay, all coming back within a second or two (a
+    restart, a network blip): how many get in, and their login times."""
+    accounts = [relay.new_credentials() for _ in range(STORM)]
+    fleets = [start_fleet(relay, accounts[i::FLEETS], workdir, first + i * STORM)
+              for i in range(FLEETS)]  # fmt: skip
+    for proc in fleets:  # the accounts exist now, as after a restart
+        assert proc.stdout is not None
+        proc.stdout.readline()
+        proc.communicate(timeout=120)
+    fleets = [start_fleet(relay, accounts[i::FLEETS], workdir, first + i * STORM,
+                          at_once=STORM) for i in range(FLEETS)]  # fmt: skip
+    ok = bad = 0
+    lines = []
+    for proc in fleets:
+        assert proc.stdout is not None
+        _, good, failed, secs, p50, p99, *why = proc.stdout.readline().split(" ", 6)
+        ok, bad = ok + int(good), bad + int(failed)
+        lines.append(f"{secs} s, login p50 {p50} ms, p99 {p99} ms {' '.join(why).strip()}")
+    print(
+        f"reconnect storm: {STORM} devices at once: {ok} back in, {bad} refused; "
+        + "; ".join(lines)
+        + " (target: none refused, login p99 < 1000 ms)"
+    )
+    for proc in fleets:
+        proc.communicate(timeout=120)
 
 
 def front_capacity(relay: Relay) -> int | None:
@@ -142,6 +176,7 @@ def main() -> None:
             base_pss, base_rss, base_fds = totals(memory(relay_pids(relay)))
             print(f"idle devices 0: relay PSS {base_pss / 1024:.1f} MB, RSS {base_rss / 1024:.1f}"
                   f" MB, {base_fds} fds")  # fmt: skip
+            reconnect_storm(relay, work, 200_000)  # source addresses apart from the levels'
             connected = issued = 0
             capacity = front_capacity(relay)
             for level in LEVELS:
@@ -161,7 +196,7 @@ def main() -> None:
                 failed, took = 0, 0.0
                 for proc in started:
                     assert proc.stdout is not None
-                    _, ok, bad, secs, *why = proc.stdout.readline().split(" ", 4)
+                    _, ok, bad, secs, _p50, _p99, *why = proc.stdout.readline().split(" ", 6)
                     connected += int(ok)
                     failed += int(bad)
                     took = max(took, float(secs))

@@ -2,12 +2,13 @@
 
 ``python -m testing.idlefleet HOST PORT ACCOUNTS_FILE [FIRST]`` opens one
 connection per ``addr password`` line of the file (loopback only, a bounded
-number at once), each from an address of its own in 127.100.0.0/16 (device
-FIRST + i: 127.100.(n // 250).(n % 250 + 1); devices come from many networks,
-and the relay's limits per address must not count them as one),
+number at once), each from an address of its own from 127.100.0.1 on (device
+FIRST + i: ``source_address``; devices come from many networks, and the
+relay's limits per address must not count them as one),
 logs in (the first login creates the account), SELECTs INBOX and enters IDLE.
-It prints ``ready CONNECTED FAILED SECONDS`` once every connection is idle or
-failed, holds them until its standard input closes, then ends IDLE, logs out
+It prints ``ready CONNECTED FAILED SECONDS LOGIN_P50_MS LOGIN_P99_MS [REASONS]``
+once every connection is idle or failed (login time: from connecting to the
+LOGIN's OK), holds them until its standard input closes, then ends IDLE, logs out
 and prints ``done``.  One fleet is one process: a bench starts one per core.
 """
 
@@ -15,11 +16,13 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import os
 import ssl
 import sys
 import time
 
-CONNECT_AT_ONCE = 200  # handshakes and logins in flight (a reconnect storm is larger)
+# handshakes and logins in flight; a reconnect storm (IDLEFLEET_AT_ONCE) is larger
+CONNECT_AT_ONCE = int(os.environ.get("IDLEFLEET_AT_ONCE", "200"))
 STEP_TIMEOUT = 120.0
 
 
@@ -28,6 +31,7 @@ class Device:
         self.addr, self.password = addr, password
         self.reader: asyncio.StreamReader | None = None
         self.writer: asyncio.StreamWriter | None = None
+        self.login_seconds = 0.0  # from connecting to the LOGIN's OK
 
     async def _line(self) -> bytes:
         assert self.reader is not None
@@ -48,6 +52,7 @@ class Device:
                 return line
 
     async def connect(self, host: str, port: int, ctx: ssl.SSLContext, source: str) -> None:
+        t0 = time.monotonic()
         self.reader, self.writer = await asyncio.open_connection(
             host, port, ssl=ctx, local_addr=(source, 0)
         )
@@ -59,6 +64,7 @@ class Device:
         # imap-login and handed over with the connection)
         self.writer.write(f'a LOGIN {self.addr} "{quoted}"\r\n'.encode())
         await self._expect(b"a")
+        self.login_seconds = time.monotonic() - t0
         self.writer.write(b"b SELECT INBOX\r\n")
         await self._expect(b"b")
         self.writer.write(b"c IDLE\r\n")
@@ -76,7 +82,8 @@ class Device:
 
 
 def source_address(n: int) -> str:
-    return f"127.100.{n // 250}.{n % 250 + 1}"
+    """Device ``n``'s own loopback address, in 127.100.0.0 and up (62,500 per /16)."""
+    return f"127.{100 + n // 62_500}.{n // 250 % 250}.{n % 250 + 1}"
 
 
 async def run(host: str, port: int, accounts: list[tuple[str, str]], first: int = 0) -> None:
@@ -102,7 +109,10 @@ async def run(host: str, port: int, accounts: list[tuple[str, str]], first: int 
     await asyncio.gather(*(start(n, d) for n, d in enumerate(devices)))
     ok = len(devices) - len(failures)
     reasons = sorted(set(failures))[:3]
-    print(f"ready {ok} {len(failures)} {time.monotonic() - t0:.1f} {reasons}", flush=True)
+    logins = sorted(d.login_seconds * 1000 for d in devices if d.writer is not None) or [0.0]
+    p50, p99 = (logins[min(len(logins) - 1, len(logins) * q // 100)] for q in (50, 99))
+    print(f"ready {ok} {len(failures)} {time.monotonic() - t0:.1f} {p50:.0f} {p99:.0f} "
+          f"{reasons}", flush=True)  # fmt: skip
     await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
     await asyncio.gather(*(d.close() for d in devices))
     print("done", flush=True)
