@@ -32,6 +32,7 @@ FLEETS = 2  # processes of the load generator: one per core
 SAMPLES = 10  # hibernated devices that get a message at each level
 SETTLE = 5.0  # seconds past imap_hibernate_timeout before measuring
 STORM = int(os.environ.get("BENCH_STORM", "1000"))  # devices reconnecting at once
+STORM_SPREADS = (0.0, 5.0, 10.0)  # all at once, and within a few seconds
 
 
 def relay_pids(relay: Relay) -> set[int]:
@@ -84,14 +85,16 @@ def totals(mem: dict[str, list[int]]) -> tuple[int, int, int]:
 
 
 def start_fleet(relay: Relay, accounts: list[tuple[str, str]], workdir: Path, first: int,
-                at_once: int | None = None):  # fmt: skip
+                at_once: int | None = None, spread: float = 0.0):  # fmt: skip
     """A fleet of ``accounts``' devices; ``first``: the first one's source address;
-    ``at_once``: connections in flight (default: idlefleet's)."""
+    ``at_once``: connections in flight (default: idlefleet's); ``spread``: seconds
+    over which the devices start, each at a random moment."""
     path = workdir / f"fleet-{len(list(workdir.iterdir()))}.txt"
     path.write_text("".join(f"{a} {p}\n" for a, p in accounts))
     env = dict(os.environ)
     if at_once:
         env["IDLEFLEET_AT_ONCE"] = str(at_once)
+    env["IDLEFLEET_SPREAD"] = str(spread)
     return subprocess.Popen(
         [sys.executable, "-m", "testing.idlefleet", relay.host, str(relay.ports["imaps"]),
          str(path), str(first)],
@@ -99,9 +102,9 @@ def start_fleet(relay: Relay, accounts: list[tuple[str, str]], workdir: Path, fi
     )  # fmt: skip
 
 
-def reconnect_storm(relay: Relay, workdir: Path, first: int) -> None:
-    """STORM devices, known to the relay, all coming back within a second or two (a
-    restart, a network blip): how many get in, and their login times."""
+def reconnect_storm(relay: Relay, workdir: Path, first: int, spread: float) -> None:
+    """STORM devices, known to the relay, all coming back within ``spread`` seconds
+    (a restart, a network blip): how many get in, and their login times."""
     accounts = [relay.new_credentials() for _ in range(STORM)]
     fleets = [start_fleet(relay, accounts[i::FLEETS], workdir, first + i * STORM)
               for i in range(FLEETS)]  # fmt: skip
@@ -110,7 +113,7 @@ def reconnect_storm(relay: Relay, workdir: Path, first: int) -> None:
         proc.stdout.readline()
         proc.communicate(timeout=120)
     fleets = [start_fleet(relay, accounts[i::FLEETS], workdir, first + i * STORM,
-                          at_once=STORM) for i in range(FLEETS)]  # fmt: skip
+                          at_once=STORM, spread=spread) for i in range(FLEETS)]  # fmt: skip
     ok = bad = 0
     lines = []
     for proc in fleets:
@@ -119,7 +122,7 @@ def reconnect_storm(relay: Relay, workdir: Path, first: int) -> None:
         ok, bad = ok + int(good), bad + int(failed)
         lines.append(f"{secs} s, login p50 {p50} ms, p99 {p99} ms {' '.join(why).strip()}")
     print(
-        f"reconnect storm: {STORM} devices at once: {ok} back in, {bad} refused; "
+        f"reconnect storm: {STORM} devices within {spread:.0f} s: {ok} back in, {bad} refused; "
         + "; ".join(lines)
         + " (target: none refused, login p99 < 1000 ms)"
     )
@@ -176,7 +179,8 @@ def main() -> None:
             base_pss, base_rss, base_fds = totals(memory(relay_pids(relay)))
             print(f"idle devices 0: relay PSS {base_pss / 1024:.1f} MB, RSS {base_rss / 1024:.1f}"
                   f" MB, {base_fds} fds")  # fmt: skip
-            reconnect_storm(relay, work, 200_000)  # source addresses apart from the levels'
+            for n, spread in enumerate(STORM_SPREADS):  # addresses apart from the levels'
+                reconnect_storm(relay, work, 200_000 + 10 * STORM * n, spread)
             connected = issued = 0
             capacity = front_capacity(relay)
             for level in LEVELS:

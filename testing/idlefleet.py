@@ -17,12 +17,15 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import os
+import random
 import ssl
 import sys
 import time
 
 # handshakes and logins in flight; a reconnect storm (IDLEFLEET_AT_ONCE) is larger
 CONNECT_AT_ONCE = int(os.environ.get("IDLEFLEET_AT_ONCE", "200"))
+# a storm's devices come back at random moments within this many seconds
+SPREAD = float(os.environ.get("IDLEFLEET_SPREAD", "0"))
 STEP_TIMEOUT = 120.0
 
 
@@ -97,6 +100,8 @@ async def run(host: str, port: int, accounts: list[tuple[str, str]], first: int 
     failures: list[str] = []
 
     async def start(n: int, device: Device) -> None:
+        if SPREAD:
+            await asyncio.sleep(random.uniform(0, SPREAD))
         async with slots:
             try:
                 connecting = device.connect(host, port, ctx, source_address(first + n))

@@ -142,3 +142,23 @@ def test_what_is_not_tls_reaches_no_dovecot(relay):
             assert b"OK" not in got and b"Dovecot" not in got
     time.sleep(0.3)
     assert not dovecot_lines(relay, rf"{marker}|192\.0\.2\.67")
+
+
+def test_a_full_front_says_why_in_imap(tmp_path):
+    """Past the mail connections' budget (max_imap_connections here) a client gets
+    IMAP's own refusal with the limit's name, and the log names it too."""
+    with full_relay({"max_imap_connections": 3}) as small:
+        held = [connect(small) for _ in range(3)]
+        try:
+            raw = socket.create_connection((small.host, int(small.ports["imaps"])), timeout=30)
+            tls = client_tls_context().wrap_socket(raw, server_hostname=small.mail_domain)
+            greeting = tls.makefile("rb").readline()
+            assert greeting == b"* BYE [UNAVAILABLE] mail connection limit reached\r\n"
+            tls.close()
+            log = small.log_dir / "newemail.log"
+            wait_for(lambda: "chatmail-imaps" in log.read_text()
+                     and "mail connection limit reached" in log.read_text(),
+                     "the refusal is not logged")  # fmt: skip
+        finally:
+            for tls, _ in held:
+                tls.close()

@@ -14,7 +14,14 @@ from dataclasses import dataclass, field
 from chatmaild.common.logsummary import SummaryLog as RefusalLog
 from chatmaild.common.ratelimit import RateLimiter
 
-__all__ = ["Admission", "RefusalLog", "SourceBudget", "mail_budget", "source_of"]
+__all__ = [
+    "TOO_MANY_HANDSHAKES",
+    "Admission",
+    "RefusalLog",
+    "SourceBudget",
+    "mail_budget",
+    "source_of",
+]
 
 
 def source_of(ip: str) -> str:
@@ -56,6 +63,9 @@ class SourceBudget:
         self.per_source[source] -= 1
         if self.per_source[source] <= 0:
             del self.per_source[source]
+
+
+TOO_MANY_HANDSHAKES = "too many TLS handshakes in progress"
 
 
 def mail_budget(limit: int, per_source_limit: int) -> SourceBudget:
@@ -104,7 +114,7 @@ class Admission:
 
     def start_handshake(self, source: str) -> str | None:
         if self.handshaking >= self.max_handshakes:
-            return "too many TLS handshakes in progress"
+            return TOO_MANY_HANDSHAKES
         if self.handshakes.check(source):
             return "TLS handshakes too fast"
         self.handshaking += 1

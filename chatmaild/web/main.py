@@ -127,7 +127,9 @@ MAIL_TUNNELS_PER_SOURCE = 256
 FRONT_MAX_HANDSHAKES = 512
 FRONT_HANDSHAKES_PER_MINUTE = 1200
 FRONT_HANDSHAKE_BURST = 100
-# the IMAP front: connections not yet passed on (first byte, handshake), per source
+# the IMAP front: connections not yet passed on (first byte, handshake, waiting for a
+# handshake slot with at most QUEUED_HELLO bytes kept), in all and per source
+FRONT_PENDING = 4096
 FRONT_PENDING_PER_SOURCE = 128
 
 
@@ -695,15 +697,18 @@ class ImapsFront(Daemon):
         # connections not yet passed on (before and in their handshake): their own
         # budget; once passed on, the mail connections' (shared with port 443's)
         admission = Admission(
-            max_connections=max(FRONT_MAX_HANDSHAKES, c.web_max_connections),
+            max_connections=FRONT_PENDING,
             max_per_source=FRONT_PENDING_PER_SOURCE,
             max_handshakes=FRONT_MAX_HANDSHAKES,
             handshakes_per_minute=FRONT_HANDSHAKES_PER_MINUTE,
             handshake_burst=FRONT_HANDSHAKE_BURST,
             tunnels=mail_connections(c, self.log),
         )
+        # a relay's restart brings every device back at once: past the handshakes
+        # in progress they wait their turn, not refused
         self.server = HttpsServer(self._no_http, self.tls, self.log, Settings(), admission,
-                                  terminate_to=(host, c.imap_front_port))  # fmt: skip
+                                  terminate_to=(host, c.imap_front_port),
+                                  queue_handshakes=True)  # fmt: skip
 
     @staticmethod
     async def _no_http(request: Request) -> Response:  # never asked: no HTTP here

@@ -10,7 +10,10 @@ Every connection goes through the same steps, each bounded:
    (refused at once with a reset); holds a socket and this small object only,
    no TLS state, until the client's first byte arrives (``first_byte_timeout``);
 2. **TLS handshake**: needs a free slot (``max_handshakes`` in progress) and a
-   token of the source's handshake rate; ``handshake_timeout``;
+   token of the source's handshake rate; ``handshake_timeout``; with
+   ``queue_handshakes`` a connection finding no free slot waits for one (reading
+   paused, within the same timeout) instead of being refused: port 993's devices
+   all come back at once after a restart;
 3. **HTTP**: h11 parses at most ``max_request_bytes`` per request (header and
    body); the header must be complete ``request_timeout`` after the handshake
    or the previous response; request line and each field at most
@@ -24,6 +27,7 @@ it, so an idle TLS connection keeps only OpenSSL's session state.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import email.utils
 import gc
@@ -39,7 +43,7 @@ from typing import BinaryIO, Protocol
 import h11
 
 from chatmaild.web import clienthello
-from chatmaild.web.limits import Admission, RefusalLog, source_of
+from chatmaild.web.limits import TOO_MANY_HANDSHAKES, Admission, RefusalLog, source_of
 from chatmaild.web.tunnel import Backend, proxy_v1, proxy_v2
 
 READ_CHUNK = 16 * 1024
@@ -48,6 +52,11 @@ WRITE_CHUNK = 64 * 1024
 # system once at most TRIM_BELOW are left (see HttpsServer.crowd_gone)
 TRIM_AFTER = 256
 TRIM_BELOW = 16
+
+
+# bytes kept of a connection waiting for a handshake slot: a ClientHello (a
+# post-quantum key share makes it ~1.8 KB), not what a flood would pile up
+QUEUED_HELLO = 8192
 
 
 @dataclass(frozen=True)
@@ -146,6 +155,7 @@ class HttpsServer:
         uploads: dict[str, Upload] | None = None,
         upgrades: dict[str, tuple[str, int]] | None = None,
         terminate_to: tuple[str, int] | None = None,
+        queue_handshakes: bool = False,
     ) -> None:
         """``mail_routes``: ALPN name -> (host, port) of the mail server that takes a
         connection asking for it (port 443's IMAP and SMTP), tunnelled unchanged.
@@ -157,6 +167,8 @@ class HttpsServer:
         its TLS (port 993's IMAP front: no HTTP is spoken)."""
         self.app = app
         self.terminate_to = terminate_to
+        self.queue_handshakes = queue_handshakes
+        self.waiting: collections.deque[Connection] = collections.deque()
         self.mail_routes = mail_routes or {}
         self.upgrades = upgrades or {}
         self.uploads = uploads or {}
@@ -179,6 +191,15 @@ class HttpsServer:
     def _tick(self) -> None:
         self.refusals.tick()
         self._ticker = asyncio.get_running_loop().call_later(10.0, self._tick)
+
+    def handshake_ended(self) -> None:
+        """A handshake slot is free: the longest-waiting connection takes it."""
+        self.admission.end_handshake()
+        while self.waiting:
+            conn = self.waiting.popleft()
+            if conn.transport is not None and conn.queued is not None:
+                asyncio.get_running_loop().call_soon(conn.resume_queued)
+                return
 
     def opened(self, conn: Connection) -> None:
         self.connections.add(conn)
@@ -249,6 +270,7 @@ class Connection(asyncio.Protocol):
         "sink",
         "request_limit",
         "early",
+        "queued",
     )
 
     def __init__(self, server: HttpsServer) -> None:
@@ -275,6 +297,7 @@ class Connection(asyncio.Protocol):
         self.sink: UploadSink | None = None  # an upload's body goes here
         self.request_limit = server.settings.max_request_bytes  # an upload's is larger
         self.early = b""  # an upgrade's bytes that came before its backend answered
+        self.queued: bytes | None = None  # bytes of a connection waiting for a handshake slot
 
     # ------------------------------------------------------------ asyncio callbacks
 
@@ -304,7 +327,7 @@ class Connection(asyncio.Protocol):
         self.timer = self.life_timer = None
         if self.handshaking:
             self.handshaking = False
-            self.server.admission.end_handshake()
+            self.server.handshake_ended()
         if self.backend is not None and self.backend.transport is not None:
             self.backend.transport.close()
         self.backend = None
@@ -372,7 +395,12 @@ class Connection(asyncio.Protocol):
             if decided is None:
                 return
             data = decided
-        if self.tls is None and not self._start_tls():
+        if self.queued is not None:  # still waiting for a handshake slot
+            self.queued += data
+            if len(self.queued) > QUEUED_HELLO:
+                self.abort("too much data before the TLS handshake")
+            return
+        if self.tls is None and not self._start_tls(data):
             return
         assert self.bio_in is not None and self.tls is not None
         self.bio_in.write(data)
@@ -388,7 +416,7 @@ class Connection(asyncio.Protocol):
                 return
             self._flush()
             self.handshaking = False
-            self.server.admission.end_handshake()
+            self.server.handshake_ended()
             if self.server.terminate_to is not None:
                 # the IMAP front: what the client sends next is Dovecot's
                 self._open_tunnel(self.server.terminate_to, b"")
@@ -424,7 +452,9 @@ class Connection(asyncio.Protocol):
         refused = self.server.admission.open_tunnel(self.source)
         if refused is not None:
             self.server.refusals.note(refused, self.source)
-            if unreachable is not None:
+            if self.server.terminate_to is not None:
+                self._bye(refused)
+            elif unreachable is not None:
                 self._refuse(503, refused)
             else:
                 self.abort(refused)
@@ -453,7 +483,9 @@ class Connection(asyncio.Protocol):
         except (OSError, TimeoutError) as e:
             self.server.refusals.note(f"backend {route[0]}:{route[1]} unreachable ({e})",
                                       self.remote)  # fmt: skip
-            if unreachable is not None and self.tls is not None:
+            if self.server.terminate_to is not None:
+                self._bye("IMAP server not reachable, try again later")
+            elif unreachable is not None and self.tls is not None:
                 self._send(unreachable)
                 self.close()
             else:
@@ -473,6 +505,12 @@ class Connection(asyncio.Protocol):
         transport.write(header + first + self.early)
         self.early = b""
         self.transport.resume_reading()
+
+    def _bye(self, why: str) -> None:
+        """The IMAP front's refusal, in IMAP's own words (RFC 9051's untagged BYE
+        as a greeting): the client learns why, not just a closed connection."""
+        self._send(f"* BYE [UNAVAILABLE] {why}\r\n".encode())
+        self.close()
 
     def _remote_port(self) -> int:
         peer = self.transport.get_extra_info("peername") if self.transport else None
@@ -522,8 +560,17 @@ class Connection(asyncio.Protocol):
 
     # ------------------------------------------------------------ TLS
 
-    def _start_tls(self) -> bool:
+    def _start_tls(self, data: bytes) -> bool:
+        """Begin the handshake (True); False: refused, or waiting for a slot with
+        ``data`` kept (queue_handshakes)."""
         refused = self.server.admission.start_handshake(self.source)
+        if refused == TOO_MANY_HANDSHAKES and self.server.queue_handshakes:
+            assert self.transport is not None
+            self.queued = data
+            self.transport.pause_reading()
+            self.server.waiting.append(self)
+            self._set_timer(self.server.settings.handshake_timeout, "no TLS handshake slot in time")
+            return False
         if refused is not None:
             self.server.refusals.note(refused, self.source)
             self.abort(refused)
@@ -535,12 +582,22 @@ class Connection(asyncio.Protocol):
         self._set_timer(self.server.settings.handshake_timeout, "TLS handshake not done in time")
         return True
 
+    def resume_queued(self) -> None:
+        """A handshake slot came free: start with the bytes kept meanwhile."""
+        if self.transport is None or self.queued is None:
+            return
+        data, self.queued = self.queued, None
+        self.transport.resume_reading()
+        self.data_received(data)
+
     def _flush(self) -> None:
         if self.bio_out is not None and self.transport is not None and self.bio_out.pending:
             self.transport.write(self.bio_out.read())
 
     def _read_tls(self) -> None:
         while self.tls is not None and self.transport is not None:
+            if self.transport.is_closing():
+                break  # refused or done: what the client still sends is not read
             try:
                 chunk = self.tls.read(READ_CHUNK)
             except ssl.SSLWantReadError:
