@@ -162,3 +162,120 @@ def test_a_full_front_says_why_in_imap(tmp_path):
         finally:
             for tls, _ in held:
                 tls.close()
+
+
+# ---------------------------------------------------------------- the server alone
+
+
+@pytest.fixture
+def front(tmp_path):
+    """An HttpsServer in IMAP-front mode in a thread of its own, one handshake slot
+    at a time, in front of a backend that answers with the PROXY v2 header's length
+    and the first line it got after it."""
+    import asyncio
+    import logging
+    import ssl
+    import subprocess
+    import threading
+
+    from chatmaild.web.limits import Admission
+    from chatmaild.web.server import HttpsServer, Settings
+
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
+         "-nodes", "-days", "3", "-subj", "/CN=front.test", "-keyout", str(key),
+         "-out", str(cert)],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    tls.load_cert_chain(cert, key)
+    loop = asyncio.new_event_loop()
+    ready = threading.Event()
+    stop = asyncio.Event()
+    where: dict[str, int] = {}
+
+    async def backend(reader, writer):
+        head = await reader.readexactly(16)
+        body = await reader.readexactly(int.from_bytes(head[14:16], "big"))
+        first = await reader.readline()
+        writer.write(b"* header %d, then %s" % (16 + len(body), first))
+        await writer.drain()
+        await reader.read()
+
+    async def main():
+        back = await asyncio.start_server(backend, "127.0.0.1", 0)
+        admission = Admission(max_handshakes=1, handshakes_per_minute=6000, handshake_burst=100)
+        server = HttpsServer(None, tls, logging.getLogger("front-test"), Settings(), admission,
+                             terminate_to=back.sockets[0].getsockname()[:2],
+                             queue_handshakes=where["queue"])  # fmt: skip
+        listening = await loop.create_server(server.protocol, "127.0.0.1", 0)
+        where["port"] = listening.sockets[0].getsockname()[1]
+        ready.set()
+        await stop.wait()
+        listening.close()
+        back.close()
+        rest = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        for task in rest:
+            task.cancel()
+        await asyncio.gather(*rest, return_exceptions=True)
+
+    thread = threading.Thread(target=loop.run_until_complete, args=(main(),), daemon=True)
+
+    def start(queue: bool) -> int:
+        where["queue"] = queue
+        thread.start()
+        assert ready.wait(10)
+        return where["port"]
+
+    yield start
+    if thread.is_alive():
+        loop.call_soon_threadsafe(stop.set)
+        thread.join(10)
+    loop.close()
+
+
+def hellos_first(port: int, count: int) -> list:
+    """``count`` connections whose ClientHellos are all sent before any handshake
+    goes on: they all ask for the one slot at once."""
+    import ssl
+
+    ctx = client_tls_context()
+    conns = []
+    for _ in range(count):
+        raw = socket.create_connection(("127.0.0.1", port), timeout=10)
+        tls = ctx.wrap_socket(raw, do_handshake_on_connect=False)
+        tls.setblocking(False)
+        with pytest.raises(ssl.SSLWantReadError):
+            tls.do_handshake()  # the ClientHello goes out
+        tls.setblocking(True)
+        tls.settimeout(10)
+        conns.append(tls)
+    time.sleep(0.3)
+    return conns
+
+
+def test_handshakes_past_the_slots_wait_their_turn(front):
+    """A relay's restart: every device's ClientHello at once.  Each waits for a slot
+    and gets through; Dovecot's side gets the PROXY v2 header first."""
+    conns = hellos_first(front(queue=True), 8)
+    for i, tls in enumerate(conns):
+        tls.do_handshake()
+        tls.sendall(b"a%d NOOP\r\n" % i)
+        answer = tls.recv(200)
+        assert answer.startswith(b"* header ") and answer.endswith(b"a%d NOOP\r\n" % i)
+        tls.close()
+
+
+def test_without_the_queue_they_would_be_refused(front):
+    """The same crowd on a server that refuses past its slots (the web port): the
+    queue above is what lets them in."""
+    import ssl
+
+    conns = hellos_first(front(queue=False), 4)
+    conns[0].do_handshake()
+    for tls in conns[1:]:
+        with pytest.raises((ssl.SSLError, OSError)):
+            tls.do_handshake()
+    for tls in conns:
+        tls.close()
