@@ -104,3 +104,96 @@ def test_hibernated_client_survives_imap_processes_being_killed(relay):
         client.done()
     finally:
         client.close()
+
+
+def capability_after_login(relay, addr: str, password: str) -> set[str]:
+    conn = relay.imap(addr, password)
+    try:
+        typ, data = conn.capability()
+        assert typ == "OK"
+        return set(data[0].decode().split())
+    finally:
+        conn.logout()
+
+
+def test_compress_is_not_offered_by_default(relay):
+    """COMPRESS keeps a client awake (no hibernation): a relay that hibernates does
+    not offer it, on 2.3 and on 2.4, so the apps never ask for it."""
+    addr, password = relay.new_credentials()
+    assert not any(c.startswith("COMPRESS") for c in capability_after_login(relay, addr, password))
+
+
+class DeflateImap:
+    """An IMAP client that turns COMPRESS=DEFLATE on (RFC 4978: raw deflate both
+    ways, each command flushed with Z_SYNC_FLUSH)."""
+
+    def __init__(self, relay, addr: str, password: str) -> None:
+        import socket
+        import zlib
+
+        from chatmaild.relay import client_tls_context
+
+        raw = socket.create_connection((relay.host, int(relay.ports["imaps"])), timeout=30)
+        self.sock = client_tls_context().wrap_socket(raw)
+        self.buf = b""
+        self.inflate = None
+        self.deflate = None
+        assert self.line().startswith(b"* OK")
+        assert self.command(b"a", f'LOGIN {addr} "{password}"'.encode()).startswith(b"a OK")
+        assert self.command(b"b", b"COMPRESS DEFLATE").startswith(b"b OK")
+        self.inflate = zlib.decompressobj(-15)
+        self.deflate = zlib.compressobj(wbits=-15)
+
+    def send(self, data: bytes) -> None:
+        import zlib
+
+        if self.deflate is not None:
+            data = self.deflate.compress(data) + self.deflate.flush(zlib.Z_SYNC_FLUSH)
+        self.sock.sendall(data)
+
+    def line(self) -> bytes:
+        while b"\r\n" not in self.buf:
+            data = self.sock.recv(65536)
+            assert data, "closed by the server"
+            self.buf += self.inflate.decompress(data) if self.inflate is not None else data
+        line, self.buf = self.buf.split(b"\r\n", 1)
+        return line + b"\r\n"
+
+    def command(self, tag: bytes, text: bytes) -> bytes:
+        self.send(tag + b" " + text + b"\r\n")
+        while not (answer := self.line()).startswith(tag + b" "):
+            pass
+        return answer
+
+
+def test_compress_clients_still_work(tmp_path):
+    """imap_compress = true: COMPRESS=DEFLATE is offered and works through port 993's
+    front (SELECT, IDLE, new mail as EXISTS over the compressed stream); hibernation
+    is off, so the client keeps its imap process."""
+    from tests.fixtures.relay import RelayPool, base_components
+
+    pool = RelayPool()
+    try:
+        relay = pool({"imap_compress": True, "imap_hibernate_timeout": 1},
+                     (*base_components(), "newemail"))  # fmt: skip
+        sender, spw = relay.new_credentials()
+        rcpt, rpw = relay.new_credentials()
+        assert "COMPRESS=DEFLATE" in capability_after_login(relay, rcpt, rpw)
+        client = DeflateImap(relay, rcpt, rpw)
+        assert client.command(b"c", b"SELECT INBOX").startswith(b"c OK")
+        client.send(b"d IDLE\r\n")
+        assert client.line().startswith(b"+")
+        time.sleep(3)  # past imap_hibernate_timeout: no hibernation with COMPRESS
+        assert imap_processes(relay) == 1
+        with relay.smtp(sender, spw) as smtp:
+            smtp.sendmail(sender, [rcpt], encrypted_message(sender, [rcpt]))
+        while not (line := client.line()).endswith(b"EXISTS\r\n"):
+            pass
+        assert line == b"* 1 EXISTS\r\n"
+        client.send(b"DONE\r\n")
+        while not (line := client.line()).startswith(b"d "):
+            pass
+        assert line.startswith(b"d OK")
+        client.sock.close()
+    finally:
+        pool.close()

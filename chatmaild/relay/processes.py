@@ -64,6 +64,15 @@ def _alive(pid: int) -> bool:
     return state != "Z"
 
 
+def title(pid: int) -> str:
+    """A process's command line, for the log ("?" once it is gone)."""
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(
+            errors="replace").strip()[:120] or "?"  # fmt: skip
+    except OSError:
+        return "?"
+
+
 def _wait_gone(pids: set[int], timeout: float) -> None:
     """Wait until ``pids`` are gone; SIGKILL whatever is left after ``timeout``."""
     deadline = time.monotonic() + timeout

@@ -312,6 +312,8 @@ def template_variables(config: Config, layout: Layout) -> dict[str, object]:
 
     log = layout.log_dir
     imap_plugins = ["last_login"] if "lastlogin" in comps else []
+    if config.imap_compress:  # IMAP COMPRESS=DEFLATE (RFC 4978): 2.3's plugin name, 2.4's
+        imap_plugins.append("imap_zlib" if series == "2.3" else "imap_compress")
     # new-mail events for push notifications come from Lua in LMTP (metadata's script)
     push = "metadata" in comps and (SOURCE_ROOT / "dovecot" / PUSH_LUA).exists()
     lmtp_plugins = (

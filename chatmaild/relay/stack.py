@@ -63,6 +63,7 @@ from chatmaild.relay.processes import (
     _read_pid,
     _wait_gone,
     process_tree,
+    title,
 )
 from chatmaild.relay.readiness import Readiness
 from chatmaild.relay.render import (
@@ -608,7 +609,8 @@ class Relay(PortHolding, Supervision, Readiness):
                         os.kill(pid, signal.SIGTERM)
             time.sleep(0.02)
         for pid in doomed:
-            log.warning("relay %s: pid %d did not stop in time; killing it", self.state_dir, pid)
+            log.warning("relay %s: pid %d (%s) did not stop in time; killing it",
+                        self.state_dir, pid, title(pid))  # fmt: skip
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         _wait_gone(doomed, 5.0)  # SIGKILL takes effect asynchronously
