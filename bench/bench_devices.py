@@ -227,6 +227,13 @@ def main() -> None:
             fleets.clear()
             for n, spread in enumerate(STORM_SPREADS):  # addresses apart from the levels'
                 reconnect_storm(relay, work, 200_000 + 10 * STORM * n, spread)
+            # the last devices' LOGOUTs wake an imap process each: let them end before
+            # the relay stops (else its stop finds thousands of them starting)
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline and any(
+                kind_of(pid).endswith("/imap") for pid in relay_pids(relay)
+            ):
+                time.sleep(0.5)
     finally:
         for proc in fleets:
             try:
