@@ -231,7 +231,7 @@ def main() -> None:
             # the relay stops (else its stop finds thousands of them starting)
             deadline = time.monotonic() + 60
             while time.monotonic() < deadline and any(
-                kind_of(pid).endswith("/imap") for pid in relay_pids(relay)
+                kind_of(pid) == "imap" for pid in relay_pids(relay)
             ):
                 time.sleep(0.5)
     finally:
