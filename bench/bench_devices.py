@@ -170,8 +170,10 @@ def main() -> None:
     fleets: list[subprocess.Popen] = []
     # the web process (port 993's IMAP front) holds two descriptors per device: its
     # pages' share kept small, for more devices under this machine's open-files limit
+    # the load generator shares the machine: its load must not close registration
+    # (max_load_1m) for the devices' first logins, which create their accounts
     overrides = {"max_user_send_per_minute": 6000, "max_user_send_burst_size": 6000,
-                 "web_max_connections": 64}  # fmt: skip
+                 "web_max_connections": 64, "max_load_1m": 1000}  # fmt: skip
     try:
         with Relay(d, overrides) as relay:
             hibernate_after = float(relay.config.imap_hibernate_timeout)
