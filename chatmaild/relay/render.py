@@ -312,8 +312,8 @@ def template_variables(config: Config, layout: Layout) -> dict[str, object]:
 
     log = layout.log_dir
     imap_plugins = ["last_login"] if "lastlogin" in comps else []
-    if config.imap_compress:  # IMAP COMPRESS=DEFLATE (RFC 4978): 2.3's plugin name, 2.4's
-        imap_plugins.append("imap_zlib" if series == "2.3" else "imap_compress")
+    if config.imap_compress and series == "2.3":  # COMPRESS=DEFLATE (RFC 4978): a plugin
+        imap_plugins.append("imap_zlib")  # in 2.3; 2.4 has it built in (imap_capability)
     # new-mail events for push notifications come from Lua in LMTP (metadata's script)
     push = "metadata" in comps and (SOURCE_ROOT / "dovecot" / PUSH_LUA).exists()
     lmtp_plugins = (
@@ -392,6 +392,8 @@ def template_variables(config: Config, layout: Layout) -> dict[str, object]:
         "push_notification_lua": layout.dovecot_config_dir / PUSH_LUA,
         "dovecot_auth_lua": layout.dovecot_config_dir / AUTH_LUA,
         "imap_extra_plugins": imap_extra_plugins,
+        # 2.4 offers COMPRESS by default; a client using it is never hibernated
+        "imap_compress_capability": "yes" if config.imap_compress else "no",
         "lmtp_extra_plugins": lmtp_extra_plugins,
         "imap_login_min_avail": layout.imap_login_min_avail,
         # the quota-warning script's command: quota-expire must read this relay's ini
