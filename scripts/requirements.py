@@ -47,7 +47,9 @@ def check() -> int:
             continue
         where = str(dist.locate_file(""))
         if where != DEBIAN_SITE:
-            problems.append(f"{m['name']} {dist.version} comes from {where}, not Debian's {DEBIAN_SITE}")
+            problems.append(
+                f"{m['name']} {dist.version} comes from {where}, not Debian's {DEBIAN_SITE}"
+            )
         if m["min"] and version_tuple(dist.version) < version_tuple(m["min"]):
             problems.append(f"{m['name']} {dist.version} is older than pyproject's {m['min']}")
     for problem in problems:
