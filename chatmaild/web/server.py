@@ -477,8 +477,12 @@ class Connection(asyncio.Protocol):
     ) -> None:
         loop = asyncio.get_running_loop()
         try:
+            # from the backend's own address: Dovecot trusts PROXY headers from that
+            # address alone (haproxy_trusted_networks), and a local relay on 127.0.0.2
+            # would otherwise reach it from 127.0.0.1
             transport, backend = await asyncio.wait_for(
-                loop.create_connection(lambda: Backend(self), *route), timeout=10
+                loop.create_connection(lambda: Backend(self), *route, local_addr=(route[0], 0)),
+                timeout=10,
             )
         except (OSError, TimeoutError) as e:
             self.server.refusals.note(f"backend {route[0]}:{route[1]} unreachable ({e})",
