@@ -17,19 +17,27 @@ import ipaddress
 import struct
 from typing import Protocol
 
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
-def _plain(ip: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+
+def _plain(ip: str) -> IPAddress:
     addr = ipaddress.ip_address(ip.split("%", 1)[0])
     if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
         return addr.ipv4_mapped
     return addr
 
 
-def proxy_v1(client: tuple[str, int], server: tuple[str, int]) -> bytes:
-    """The PROXY v1 line naming ``client`` and the address it connected to."""
+def _addresses(client: tuple[str, int], server: tuple[str, int]) -> tuple[IPAddress, IPAddress]:
+    """The client's and the server's address, of one family as PROXY headers need."""
     src, dst = _plain(client[0]), _plain(server[0])
     if src.version != dst.version:  # an IPv4 client on an IPv6 socket, unmapped above
         dst = ipaddress.ip_address("127.0.0.1" if src.version == 4 else "::1")
+    return src, dst
+
+
+def proxy_v1(client: tuple[str, int], server: tuple[str, int]) -> bytes:
+    """The PROXY v1 line naming ``client`` and the address it connected to."""
+    src, dst = _addresses(client, server)
     family = "TCP4" if src.version == 4 else "TCP6"
     return f"PROXY {family} {src} {dst} {client[1]} {server[1]}\r\n".encode()
 
@@ -49,9 +57,7 @@ def proxy_v2(client: tuple[str, int], server: tuple[str, int], tls_version: str)
     its TLS (``tls_version``) was ended by us: Dovecot's haproxy listener then
     counts the connection as secured (``PP2_CLIENT_SSL``; verify 0: no client
     certificate was asked for)."""
-    src, dst = _plain(client[0]), _plain(server[0])
-    if src.version != dst.version:
-        dst = ipaddress.ip_address("127.0.0.1" if src.version == 4 else "::1")
+    src, dst = _addresses(client, server)
     family = 0x11 if src.version == 4 else 0x21  # TCP over IPv4 / IPv6
     addresses = src.packed + dst.packed + struct.pack("!HH", client[1], server[1])
     ssl_entry = struct.pack("!BI", PP2_CLIENT_SSL, 0) + _tlv(
