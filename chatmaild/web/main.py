@@ -545,15 +545,46 @@ class FrontDoor:
 # ---------------------------------------------------------------- daemon
 
 
-class NewEmailDaemon(Daemon):
-    name = "chatmail-newemail"
+class WebRole(Daemon):
+    """A role of the web process served by an HttpsServer (made in start()): its
+    connections, its stop, and its certificate, read again on SIGHUP."""
+
     # asyncio's own loop: the web port needs no more speed than it has (README,
     # "The web port"), and uvloop would cost 1.5 MB of RSS on Debian 13
     fast_loop = False
+    uses_tls = True
+    alpn: tuple[str, ...] = ()  # protocols the TLS offers (ALPN), none by default
 
     def __init__(self, config: Config, args: argparse.Namespace | None = None) -> None:
         super().__init__(config, args)
-        self.tls = tls_context(config)
+        self.tls = tls_context(config, self.alpn) if self.uses_tls else None
+        self.stop_timeout = getattr(args, "stop_timeout", 30.0)
+        self.server: HttpsServer | None = None
+
+    def protocol_factory(self) -> Callable[[], asyncio.Protocol]:
+        assert self.server is not None
+        return self.server.protocol
+
+    def reload(self) -> None:
+        """A renewed certificate (chatmail-acme sends SIGHUP): new connections get it,
+        open ones keep theirs."""
+        if not self.uses_tls:
+            return
+        self.tls = tls_context(self.config, self.alpn)
+        if self.server is not None:
+            self.server.tls = self.tls
+
+    async def stop(self) -> None:
+        if self.server is not None:
+            # requests in flight finish (bounded), idle keep-alive connections close
+            await self.server.shutdown(self.stop_timeout)
+
+
+class NewEmailDaemon(WebRole):
+    name = "chatmail-newemail"
+
+    def __init__(self, config: Config, args: argparse.Namespace | None = None) -> None:
+        super().__init__(config, args)
         arg = functools.partial(getattr, args)
         self.settings = Settings(
             first_byte_timeout=arg("first_byte_timeout", FIRST_BYTE_TIMEOUT),
@@ -561,9 +592,7 @@ class NewEmailDaemon(Daemon):
             lifetime=arg("connection_timeout", CONNECTION_TIMEOUT),
             upload_grace=arg("upload_grace", UPLOAD_GRACE),
         )
-        self.stop_timeout = arg("stop_timeout", 30.0)
         self.front: FrontDoor | None = None
-        self.server: HttpsServer | None = None
 
     def endpoint(self) -> Endpoint:
         # every interface (the relay's public onboarding); --listen narrows it
@@ -620,35 +649,17 @@ class NewEmailDaemon(Daemon):
             upgrades=upgrades,
         )  # fmt: skip
 
-    def protocol_factory(self) -> Callable[[], asyncio.Protocol]:
-        assert self.server is not None
-        return self.server.protocol
 
-    def reload(self) -> None:
-        """A renewed certificate (chatmail-acme sends SIGHUP): new connections get it,
-        open ones keep theirs."""
-        self.tls = tls_context(self.config)
-        if self.server is not None:
-            self.server.tls = self.tls
-
-    async def stop(self) -> None:
-        if self.server is not None:
-            # requests in flight finish (bounded), idle keep-alive connections close
-            await self.server.shutdown(self.stop_timeout)
-
-
-class PlainHttpDaemon(Daemon):
+class PlainHttpDaemon(WebRole):
     """Port 80 (http_port): ACME challenges and redirects, in the web process."""
 
     name = "chatmail-http"
-    fast_loop = False
+    uses_tls = False
 
     def __init__(self, config: Config, args: argparse.Namespace | None = None) -> None:
         super().__init__(config, args)
         challenges = getattr(args, "acme_challenges", None) or ACME_CHALLENGE_DIR
         self.app = PlainHttp(config, Path(challenges))
-        self.stop_timeout = getattr(args, "stop_timeout", 30.0)
-        self.server: HttpsServer | None = None
 
     def endpoint(self) -> Endpoint:
         return Endpoint.tcp("0.0.0.0" if self.config.disable_ipv6 else "::", self.config.http_port)
@@ -663,16 +674,8 @@ class PlainHttpDaemon(Daemon):
         self.server = HttpsServer(self.app.handle, None, self.log, Settings(), admission,
                                   COMMON_HEADERS)  # fmt: skip
 
-    def protocol_factory(self) -> Callable[[], asyncio.Protocol]:
-        assert self.server is not None
-        return self.server.protocol
 
-    async def stop(self) -> None:
-        if self.server is not None:
-            await self.server.shutdown(self.stop_timeout)
-
-
-class ImapsFront(Daemon):
+class ImapsFront(WebRole):
     """Port 993 (imaps_port), in the web process: the IMAP clients' TLS ends here and
     Dovecot gets the plaintext on loopback (imap_front_port) after a PROXY v2 header
     naming the client and its TLS.  So Dovecot's imap-login hands each connection to
@@ -680,13 +683,7 @@ class ImapsFront(Daemon):
     instead of imap-login's ~70 KB of TLS state (README, "Idle devices")."""
 
     name = "chatmail-imaps"
-    fast_loop = False
-
-    def __init__(self, config: Config, args: argparse.Namespace | None = None) -> None:
-        super().__init__(config, args)
-        self.tls = tls_context(config, alpn=["imap"])
-        self.stop_timeout = getattr(args, "stop_timeout", 30.0)
-        self.server: HttpsServer | None = None
+    alpn = ("imap",)
 
     def endpoint(self) -> Endpoint:
         return Endpoint.tcp("0.0.0.0" if self.config.disable_ipv6 else "::", self.config.imaps_port)
@@ -714,30 +711,13 @@ class ImapsFront(Daemon):
     async def _no_http(request: Request) -> Response:  # never asked: no HTTP here
         return text_response(400, "IMAP only\n")
 
-    def protocol_factory(self) -> Callable[[], asyncio.Protocol]:
-        assert self.server is not None
-        return self.server.protocol
-
-    def reload(self) -> None:
-        self.tls = tls_context(self.config, alpn=["imap"])
-        if self.server is not None:
-            self.server.tls = self.tls
-
-    async def stop(self) -> None:
-        if self.server is not None:
-            await self.server.shutdown(self.stop_timeout)
-
 
 def open_files_limit() -> int:
-    """The open-files limit, the soft one raised to the hard one first (asyncio does not
-    use select(): every descriptor the process may have)."""
+    """The process's open-files limit: run_daemons has raised the soft one to the hard
+    one already (service.raise_fd_limit)."""
     import resource
 
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < hard:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-        soft = hard
-    return soft
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 
 
 # one per process: port 993's front and port 443's tunnels hold the same descriptors
@@ -762,13 +742,13 @@ def mail_connections(config: Config, log: logging.Logger) -> SourceBudget:
     return _MAIL_CONNECTIONS[0]
 
 
-def tls_context(config: Config, alpn: list[str] | None = None) -> ssl.SSLContext:
+def tls_context(config: Config, alpn: tuple[str, ...] = ()) -> ssl.SSLContext:
     cert, key = config.tls_cert_and_key
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
     context.load_cert_chain(cert, key)
     if alpn:
-        context.set_alpn_protocols(alpn)
+        context.set_alpn_protocols(list(alpn))
     return context
 
 
