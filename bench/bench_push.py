@@ -29,7 +29,7 @@ import threading
 import time
 from pathlib import Path
 
-from bench.proc import rss_mb
+from bench.proc import pss_mb, rss_mb
 from chatmaild.common.config import read_config, write_config
 from chatmaild.dictd.push import encode_pending
 from chatmaild.relay import Relay
@@ -49,15 +49,6 @@ TARGET_RSS_MB = 40
 def percentile(values: list[float], p: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(round(p / 100 * (len(ordered) - 1))))]
-
-
-def pss_mb(pid: int) -> float:
-    """Proportional set size: shared library pages split among the processes using them."""
-    with open(f"/proc/{pid}/smaps_rollup") as f:
-        for line in f:
-            if line.startswith("Pss:"):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError(f"no Pss for pid {pid}")
 
 
 # ---------------------------------------------------------------- 1. latency

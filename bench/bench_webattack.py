@@ -23,6 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench.proc import rss_mb
 from chatmaild.relay.stack import Relay
 from testing import mails, webattack
 from testing.webattack import MailProbe
@@ -59,13 +60,6 @@ def _attacker(relay: Relay, kind: str, seconds: float, **options: object) -> sub
 
 
 _finish = webattack.finish
-
-
-def _rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 def _mail(probe: MailProbe, seconds: float) -> tuple[dict, dict]:
@@ -124,17 +118,17 @@ def main() -> None:
                       flush=True)  # fmt: skip
             for tls in (False, True):
                 what = "after their TLS handshake" if tls else "silent"
-                rest = _rss_mb(web_pid)
+                rest = rss_mb(web_pid)
                 # the server closes a silent connection after 5 s: measured before that
                 proc = _attacker(relay, "idle", 4 if not tls else 8, connections=3000,
                                  sources=200, **({"tls": True} if tls else {}))  # fmt: skip
                 held = json.loads(proc.stdout.readline())["open"]
                 time.sleep(0.5)
-                during = _rss_mb(web_pid)
+                during = rss_mb(web_pid)
                 latency = probe.latency(2)
                 counts = _finish(proc)
                 time.sleep(2)
-                after = _rss_mb(web_pid)  # freed heap handed back 1 s after the last close
+                after = rss_mb(web_pid)  # freed heap handed back 1 s after the last close
                 per_kb = (during - rest) * 1024 / max(held, 1)
                 print(f"webattack_idle_{'tls' if tls else 'silent'}: {held} connections {what}:"
                       f" web RSS {rest:.1f} -> {during:.1f} MB ({per_kb:.1f} KB each, target"
