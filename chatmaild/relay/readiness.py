@@ -38,13 +38,12 @@ class Readiness:
                            logs / "filtermail.log"))  # fmt: skip
             checks.append(("filtermail transport", cfg.filtermail_transport_socket,
                            logs / "filtermail.log"))  # fmt: skip
-        if "newemail" in c:
+        if "newemail" in c:  # the web process, and its role on 993: the IMAP front
             checks.append(("newemail", (self.host, cfg.newemail_port), logs / "newemail.log"))
+            checks.append(("imaps", (self.host, cfg.imaps_port), logs / "newemail.log"))
         if "filtermail" in c and cfg.metrics_address:  # a role of filtermail's process
             where = Endpoint.parse(cfg.metrics_address)
             checks.append(("metrics", (where.host, where.port), logs / "filtermail.log"))
-        if "newemail" in c:  # port 993's IMAP front, a role of the web process
-            checks.append(("imaps", (self.host, cfg.imaps_port), logs / "newemail.log"))
         if "newemail" in c and cfg.iroh_relay_port:  # the web process's iroh relay role
             checks.append(("iroh", (self.host, cfg.iroh_relay_port), logs / "newemail.log"))
         if "turn" in c:  # coturn's TCP listener (its UDP one opens with it)

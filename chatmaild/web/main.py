@@ -50,12 +50,14 @@ the IMAP front: the clients' TLS ends here and each connection goes on to
 Dovecot's loopback listener imap_front_port, plaintext after a PROXY v2 header
 with the client's address and an SSL entry (Dovecot counts it as secured).
 Dovecot's imap-login then hands it to imap and holds nothing, so an idle device
-costs OpenSSL's state here (17 KB on Debian 12, 34 KB on 13) and a few KB in
-imap-hibernate.  Its limits: 128 connections per client before their handshake
-is done, 512 handshakes at once, 20 a second per client (burst 100); once
-passed on, the mail connections (port 993 and port 443's tunnels together) are
-at most max_imap_connections, 256 per client, fewer when the open-files limit
-cannot hold two descriptors each.
+costs OpenSSL's state here (17 KB on Debian 12, 26 KB on 13; 34 KB there with a
+client that negotiates X25519MLKEM768) and a few KB in imap-hibernate.  Its
+limits: before their handshake is done 4096 connections, 128 per client; 512
+handshakes at once (past them a connection waits for a free one, within the
+handshake timeout), 20 a second per client (burst 100); once passed on, the
+mail connections (port 993 and port 443's tunnels together) are at most
+max_imap_connections, 256 per client, fewer when the open-files limit cannot
+hold two descriptors each.
 
 LOG LINES
     issued credentials for ADDR to IP
