@@ -21,6 +21,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from bench.bench_relay import pct, state_dir
+from bench.proc import cpu_seconds
 from chatmaild.relay import Relay
 from chatmaild.relay.processes import process_tree
 from testing.imapidle import IdleClient
@@ -32,7 +33,8 @@ FLEETS = 2  # processes of the load generator: one per core
 SAMPLES = 10  # hibernated devices that get a message at each level
 SETTLE = 5.0  # seconds past imap_hibernate_timeout before measuring
 STORM = int(os.environ.get("BENCH_STORM", "1000"))  # devices reconnecting at once
-STORM_SPREADS = (0.0, 5.0, 10.0)  # all at once, and within a few seconds
+STORM_SPREADS = tuple(float(s) for s in os.environ.get("BENCH_STORM_SPREADS", "0 5 10").split())
+# ^ all at once, and within a few seconds
 
 
 def relay_pids(relay: Relay) -> set[int]:
@@ -102,6 +104,22 @@ def start_fleet(relay: Relay, accounts: list[tuple[str, str]], workdir: Path, fi
     )  # fmt: skip
 
 
+def cpu_by_kind(pids: set[int]) -> dict[str, float]:
+    """kind -> CPU seconds so far; what ended processes used is counted under
+    their parent's kind + " (ended children)" (Dovecot's master waits for them)"""
+    out: dict[str, float] = defaultdict(float)
+    for pid in pids:
+        try:
+            own, reaped = cpu_seconds(pid)
+        except (OSError, IndexError, ValueError):
+            continue
+        kind = kind_of(pid)
+        out[kind] += own
+        if reaped:
+            out[kind + " (ended children)"] += reaped
+    return out
+
+
 def reconnect_storm(relay: Relay, workdir: Path, first: int, spread: float) -> None:
     """STORM devices, known to the relay, all coming back within ``spread`` seconds
     (a restart, a network blip): how many get in, and their login times."""
@@ -112,6 +130,8 @@ def reconnect_storm(relay: Relay, workdir: Path, first: int, spread: float) -> N
         assert proc.stdout is not None
         proc.stdout.readline()
         proc.communicate(timeout=120)
+    time.sleep(float(relay.config.imap_hibernate_timeout) + SETTLE)
+    cpu_before = cpu_by_kind(relay_pids(relay))
     fleets = [start_fleet(relay, accounts[i::FLEETS], workdir, first + i * STORM,
                           at_once=STORM, spread=spread) for i in range(FLEETS)]  # fmt: skip
     ok = bad = 0
@@ -125,6 +145,14 @@ def reconnect_storm(relay: Relay, workdir: Path, first: int, spread: float) -> N
         f"reconnect storm: {STORM} devices within {spread:.0f} s: {ok} back in, {bad} refused; "
         + "; ".join(lines)
         + " (target: none refused, login p99 < 1000 ms)"
+    )
+    cpu_after = cpu_by_kind(relay_pids(relay))
+    used = {k: v - cpu_before.get(k, 0.0) for k, v in cpu_after.items()}
+    top = sorted(((v, k) for k, v in used.items() if v > 0.05), reverse=True)
+    print(
+        f"  relay CPU per login: {sum(used.values()) / max(ok, 1) * 1000:.1f} ms ("
+        + ", ".join(f"{k} {v / max(ok, 1) * 1000:.1f}" for v, k in top)
+        + ")"
     )
     for proc in fleets:
         proc.communicate(timeout=120)

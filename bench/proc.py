@@ -20,3 +20,17 @@ def rss_mb(pid: int) -> float:
 def pss_mb(pid: int) -> float:
     """Proportional set size: shared library pages split among the processes using them."""
     return _field_mb(f"/proc/{pid}/smaps_rollup", "Pss")
+
+
+def cpu_seconds(pid: int) -> tuple[float, float]:
+    """CPU time of ``pid`` itself and of its children it has waited for (seconds)."""
+    import os
+
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    tick = os.sysconf("SC_CLK_TCK")
+    # utime+stime come in whole ticks: a process that ran 2 ms reads 0
+    with open(f"/proc/{pid}/schedstat") as f:
+        own = int(f.read().split()[0]) / 1e9  # nanoseconds on the CPU
+    reaped = (int(fields[13]) + int(fields[14])) / tick  # cutime, cstime
+    return own, reaped
