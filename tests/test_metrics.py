@@ -13,6 +13,7 @@ from __future__ import annotations
 import imaplib
 import json
 import os
+import pwd
 import signal
 import socket
 import subprocess
@@ -67,6 +68,43 @@ def test_showq_tally_and_queue_text():
     assert "chatmail_postfix_queue_oldest_seconds 0.0" in collect.queue_text(
         collect.ShowqTally(), now=5
     )
+
+
+# what Dovecot 2.3.19's stats service answered (captured from make run), shortened
+DOVECOT_ANSWER = (
+    b"HTTP/1.1 200 OK\r\nContent-Type: application/openmetrics-text; version=1.0.0;"
+    b" charset=utf-8\r\nContent-Length: 600\r\n\r\n"
+    b"# HELP process_start_time_seconds Timestamp of service start\n"
+    b"# TYPE process_start_time_seconds gauge\nprocess_start_time_seconds 1796598030\n"
+    b"# HELP dovecot_build Dovecot build information\n# TYPE dovecot_build info\n"
+    b'dovecot_build_info{version="2.3.19.1",revision="9b53102964"} 1\n'
+    b"# HELP dovecot_auth_success Total number of all events of this kind\n"
+    b"# TYPE dovecot_auth_success counter\ndovecot_auth_success_total 2\n"
+    b"# HELP dovecot_mail_delivery Histogram\n# TYPE dovecot_mail_delivery histogram\n"
+    b'dovecot_mail_delivery_bucket{le="0.010000"} 1\n'
+    b'dovecot_mail_delivery_bucket{le="+Inf"} 1\n'
+    b"dovecot_mail_delivery_sum 0.002229\ndovecot_mail_delivery_count 1\n# EOF\n"
+)
+
+
+def test_dovecot_openmetrics_become_prometheus_text():
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = collect.dovecot_text(collect.http_body(DOVECOT_ANSWER))
+    assert "# EOF" not in text and "# TYPE dovecot_auth_success_total counter" in text
+    assert "# HELP dovecot_build_info Dovecot build information" in text
+    assert "# TYPE dovecot_build_info gauge" in text
+    assert "\ndovecot_process_start_time_seconds 1796598030\n" in text
+    # the Prometheus text parser takes it: each family with its samples
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    assert families["dovecot_auth_success"].type == "counter"
+    assert families["dovecot_auth_success"].samples[0].value == 2
+    assert families["dovecot_mail_delivery"].type == "histogram"
+    assert families["dovecot_build_info"].samples[0].labels["version"] == "2.3.19.1"
+    for bad in (b"HTTP/1.1 404 Not Found\r\n\r\nno", b"garbage", b"HTTP/1.1 200 OK\r\n"):
+        with pytest.raises(ValueError):
+            collect.http_body(bad)
+    assert collect.dovecot_text("# EOF\n") == ""
 
 
 def test_metrics_address_is_checked_and_mtail_address_still_works():
@@ -179,6 +217,15 @@ def test_prometheus_counts_mail_accounts_and_tokens(relay, prometheus):
     q("chatmail_certificate_expiry_timestamp_seconds", lambda v: v > time.time())
     q('chatmail_postfix_queue_messages{queue="deferred"}', lambda v: v >= 1)
     q('chatmail_remote_deliveries_total{result="deferred"}', lambda v: v >= 1)
+    # Dovecot's own, from its stats service: the logins, the command, the delivery
+    q("dovecot_auth_success_total", lambda v: v >= 1)
+    q('dovecot_imap_command_total{cmd_name="SETMETADATA",tagged_reply_state="OK"}',
+      lambda v: v >= 1)  # fmt: skip
+    q("dovecot_mail_delivery_count", lambda v: v >= 1)
+    q('dovecot_mail_delivery_bucket{le="+Inf"}', lambda v: v >= 1)
+    with pytest.raises(imaplib.IMAP4.error):
+        relay.imap(rcpt, "wrong password, long enough")
+    q("dovecot_auth_failure_total", lambda v: v >= 1)
 
 
 @pytest.mark.relay
@@ -240,3 +287,8 @@ def test_the_endpoint_answers_only_metrics(relay):
         assert answer.split(b" ", 2)[1] == status, answer[:200]
         if status == b"200":
             assert b"chatmail_postfix_queue_messages" in answer
+            assert b"\ndovecot_build_info{" in answer
+    # Dovecot's stats socket: vmail's alone (it runs filtermail, which asks it)
+    info = os.stat(relay.state_dir / "dovecot/run/http")
+    assert info.st_mode & 0o777 == 0o600
+    assert info.st_uid == pwd.getpwnam(relay.config.vmail_user).pw_uid

@@ -116,6 +116,31 @@ def test_dovecot_accepts_rendered_config(rendered):
         assert "proxy:/run/doveauth/doveauth.socket:auth" in (conf.parent / "auth.conf").read_text()
 
 
+def test_dovecot_counts_metrics_only_when_metrics_are_on(rendered, tmp_path):
+    """metrics_address set: the stats service answers HTTP on a socket of vmail's alone,
+    and the metrics Dovecot counts are ones the installed Dovecot accepts."""
+    conf = rendered / "etc/chatmail/dovecot/dovecot.conf"
+    assert "stats_writer_socket_path = \n" in conf.read_text()  # off: nothing counted
+    assert "metric " not in conf.read_text()
+    ini = tmp_path / "chatmail.ini"
+    ini.write_text(ini.read_text() + "metrics_address = 127.0.0.1:9390\n")
+    root = tmp_path / "metrics"
+    assert chatmaild_main(["--config", str(ini), "render", "--root", str(root)]) == 0
+    conf = root / "etc/chatmail/dovecot/dovecot.conf"
+    res = subprocess.run(["doveconf", "-c", str(conf), "-n"], capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    out = res.stdout
+    assert "stats_writer_socket_path" not in out  # Dovecot's default: processes report
+    listener = out.split("service stats {", 1)[1].split("\n}\n", 1)[0]
+    assert "unix_listener http {" in listener and "mode = 0600" in listener
+    assert f"user = {read_config(ini).vmail_user}" in listener
+    if installed_series() != "2.3":
+        assert "type = http" in listener
+    for name in ("auth_success", "auth_failure", "imap_command", "mail_delivery",
+                 "imap_hibernated", "imap_unhibernated"):  # fmt: skip
+        assert f"metric {name} {{" in out, name
+
+
 @pytest.mark.parametrize("series", ["2.3", "2.4"])
 def test_each_dovecot_series_gets_its_own_files(tmp_path, series):
     ini = tmp_path / "chatmail.ini"

@@ -120,3 +120,46 @@ def registration_text(registration_open: bool) -> str:
         "1 while first logins may create accounts (no nocreate_file)",
         [({}, int(registration_open))],
     )
+
+
+def http_body(answer: bytes) -> str:
+    """The body of an HTTP/1.x 200 answer read to its end (Connection: close)."""
+    head, sep, body = answer.partition(b"\r\n\r\n")
+    status = head.split(b"\r\n", 1)[0].split(b" ", 2)
+    if not sep or len(status) < 2 or not status[0].startswith(b"HTTP/1."):
+        raise ValueError("not an HTTP answer")
+    if status[1] != b"200":
+        raise ValueError(f"HTTP status {status[1].decode('latin-1')!r}")
+    if b"transfer-encoding: chunked" in head.lower():
+        raise ValueError("chunked answer")  # Dovecot sends Content-Length
+    return body.decode("utf-8", "replace")
+
+
+def dovecot_text(openmetrics: str) -> str:
+    """Dovecot's OpenMetrics made Prometheus text (version 0.0.4), as the rest of
+    /metrics is: a counter family is named as its ``_total`` samples, an info
+    family as its ``_info`` gauge, and every name starts with ``dovecot_`` (its
+    stats process's own process_start_time_seconds too); UNIT lines and ``# EOF`` go."""
+    lines = [x for x in openmetrics.splitlines()
+             if x and x != "# EOF" and not x.startswith("# UNIT ")]  # fmt: skip
+    family: dict[str, str] = {}  # OpenMetrics family -> its name here
+    kinds: dict[str, str] = {}
+    for line in lines:
+        if line.startswith("# TYPE "):
+            _, _, name, kind = (line.split(" ", 3) + [""])[:4]
+            new = name if name.startswith("dovecot_") else "dovecot_" + name
+            if kind == "counter" and not new.endswith("_total"):
+                new += "_total"
+            elif kind == "info":
+                new, kind = new + "_info", "gauge"
+            family[name], kinds[name] = new, kind
+    out: list[str] = []
+    for line in lines:
+        if line.startswith(("# TYPE ", "# HELP ")):
+            _, what, name, rest = (line.split(" ", 3) + [""])[:4]
+            if what == "TYPE":
+                rest = kinds.get(name, rest)
+            out.append(f"# {what} {family.get(name, name)} {rest}".rstrip())
+        elif not line.startswith("#"):
+            out.append(line if line.startswith("dovecot_") else "dovecot_" + line)
+    return "\n".join(out) + "\n" if out else ""

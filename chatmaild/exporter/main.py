@@ -7,8 +7,16 @@ process keeps in ``metrics_dir`` (mail accepted and refused per direction and
 reply code, filter latency, DKIM results, remote deliveries, accounts, logins,
 push tokens and pushes, expiry), added up, and figures read at the scrape:
 Postfix's queue (from its showq service, as postqueue asks it: public/ is group
-postdrop's, which filtermail has), the certificate's expiry and whether
-registration is open.  Plain HTTP: put it on loopback or a monitoring network.
+postdrop's, which filtermail has), the certificate's expiry, whether
+registration is open, and Dovecot's own metrics (logins, IMAP commands,
+deliveries, hibernation: ``dovecot_*``), asked from its stats service's HTTP
+socket (mode 0600, the vmail user; the rendered dovecot.conf defines them).
+Plain HTTP: put it on loopback or a monitoring network.
+
+LOG LINES
+    Postfix's queue (PATH): WHY
+    Dovecot's metrics (PATH): WHY
+    certificate PATH: WHY
 """
 
 from __future__ import annotations
@@ -25,7 +33,10 @@ from chatmaild.exporter import collect
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 CERT_EVERY = 60.0  # the certificate is read at most this often
 POSTFIX_QUEUE = "/var/spool/postfix"
+DOVECOT_STATS = "/run/dovecot/http"  # chatmaild.relay.render.dovecot_stats_socket
 SHOWQ_TIMEOUT = 30.0
+DOVECOT_TIMEOUT = 10.0
+MAX_DOVECOT_ANSWER = 4 << 20  # bytes: a few hundred series are some 50 KB
 HEAD_TIMEOUT = 10.0
 MAX_HEAD = 8192
 SCRAPES_AT_ONCE = 4
@@ -39,6 +50,7 @@ class MetricsDaemon(Daemon):
     def __init__(self, config: Config, args: argparse.Namespace | None = None) -> None:
         super().__init__(config, args)
         self.postfix_queue = getattr(args, "postfix_queue", None) or POSTFIX_QUEUE
+        self.dovecot_stats = getattr(args, "dovecot_stats", None) or DOVECOT_STATS
         self._cert: tuple[float, str] = (0.0, "")
         self._scrapes = asyncio.Semaphore(SCRAPES_AT_ONCE)
 
@@ -82,6 +94,7 @@ class MetricsDaemon(Daemon):
             async with self._scrapes:
                 text = await asyncio.to_thread(collect.counters_text, self.config.metrics_dir)
                 text += await self.queue()
+                text += await self.dovecot()
         text += self.certificate()
         text += collect.registration_text(not Path(self.config.nocreate_file).exists())
         return "200 OK", [f"Content-Type: {CONTENT_TYPE}"], text.encode()
@@ -106,6 +119,27 @@ class MetricsDaemon(Daemon):
             return ""
         return collect.queue_text(tally)
 
+    async def dovecot(self) -> str:
+        """Dovecot's own metrics, from its stats service (OpenMetrics, made
+        Prometheus text like the rest of the answer)."""
+        try:
+            async with asyncio.timeout(DOVECOT_TIMEOUT):
+                reader, writer = await asyncio.open_unix_connection(self.dovecot_stats)
+                try:
+                    writer.write(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\n"
+                                 b"Connection: close\r\n\r\n")  # fmt: skip
+                    answer = b""
+                    while piece := await reader.read(65536):
+                        answer += piece
+                        if len(answer) > MAX_DOVECOT_ANSWER:
+                            raise ValueError(f"answer over {MAX_DOVECOT_ANSWER} bytes")
+                finally:
+                    writer.close()
+            return collect.dovecot_text(collect.http_body(answer))
+        except (OSError, TimeoutError, ValueError) as e:
+            self.log.warning("Dovecot's metrics (%s): %s", self.dovecot_stats, e)
+            return ""
+
     def certificate(self) -> str:
         when, text = self._cert
         if time.monotonic() - when < CERT_EVERY and text:
@@ -129,6 +163,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=POSTFIX_QUEUE,
         metavar="DIR",
         help="Postfix's queue_directory, whose showq service lists the queue"
+        " (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--dovecot-stats",
+        default=DOVECOT_STATS,
+        metavar="SOCKET",
+        help="the UNIX socket where Dovecot's stats service answers GET /metrics"
         " (default: %(default)s)",
     )
 

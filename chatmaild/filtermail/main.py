@@ -247,6 +247,12 @@ def _add_mode(parser: argparse.ArgumentParser) -> None:
         help="metrics: Postfix's queue_directory, whose showq service lists the queue"
         " (default: /var/spool/postfix)",
     )
+    parser.add_argument(
+        "--dovecot-stats",
+        metavar="SOCKET",
+        help="metrics: the UNIX socket where Dovecot's stats service answers GET /metrics"
+        " (default: /run/dovecot/http)",
+    )
 
 
 def roles_of(args: argparse.Namespace) -> list[type[Daemon]]:

@@ -281,6 +281,64 @@ def tunnel_host(layout: Layout) -> str:
     return layout.listen_host or "127.0.0.1"
 
 
+# Dovecot's own exporter (its stats service): counted from Dovecot's events, served as
+# OpenMetrics on a UNIX socket that chatmail-metrics reads at each scrape. Each entry:
+# name, event filter, group_by fields ("duration" gets exponential buckets).  Every
+# field grouped by has a bounded set of values (cmd_name is "unknown" for a command
+# Dovecot does not know), so a client cannot make series without end.
+DOVECOT_METRICS = (
+    ("auth_success", "event=auth_request_finished AND success=yes", ()),
+    ("auth_failure", "event=auth_request_finished AND NOT success=yes", ()),
+    ("imap_command", "event=imap_command_finished", ("cmd_name", "tagged_reply_state")),
+    ("mail_delivery", "event=mail_delivery_finished", ("duration",)),
+    ("imap_hibernated", "event=imap_client_hibernated", ()),
+    ("imap_unhibernated", "event=imap_client_unhibernated", ("reason",)),
+)
+# duration buckets: 10^2 .. 10^7 microseconds (0.1 ms .. 10 s)
+DURATION_MAGNITUDES = (2, 7)
+# Dovecot 2.3 tells its HTTP listener from the others by the socket's name alone
+DOVECOT_STATS_HTTP = "http"
+
+
+def dovecot_stats_socket(layout: Layout) -> Path:
+    """Where Dovecot's stats service answers HTTP (GET /metrics) when metrics are on."""
+    return layout.dovecot_base_dir / DOVECOT_STATS_HTTP
+
+
+def dovecot_metrics(config: Config, series: str) -> str:
+    """The stats service's HTTP listener and the metrics it counts (dovecot.conf), or
+    nothing when ``metrics_address`` is empty."""
+    if not config.metrics_address:
+        return ""
+    lo, hi = DURATION_MAGNITUDES
+    out = [
+        "service stats {",
+        "  # OpenMetrics for chatmail-metrics (filtermail's process, the vmail user)",
+        f"  unix_listener {DOVECOT_STATS_HTTP} {{",
+        *(["    type = http"] if series != "2.3" else []),
+        f"    user = {config.vmail_user}",
+        "    mode = 0600",
+        "  }",
+        "}",
+    ]
+    for name, event_filter, group_by in DOVECOT_METRICS:
+        out += [f"metric {name} {{", f"  filter = {event_filter}"]
+        if series == "2.3" and group_by:
+            fields = [f"duration:exponential:{lo}:{hi}:10" if f == "duration" else f
+                      for f in group_by]  # fmt: skip
+            out.append(f"  group_by = {' '.join(fields)}")
+        elif group_by:  # 2.4: a named list, one block per field
+            for f in group_by:
+                if f == "duration":
+                    out += [f"  group_by {f} {{", "    method exponential {",
+                            f"      min_magnitude = {lo}", f"      max_magnitude = {hi}",
+                            "      base = 10", "    }", "  }"]  # fmt: skip
+                else:
+                    out += [f"  group_by {f} {{", "  }"]
+        out.append("}")
+    return "\n".join(out)
+
+
 def template_variables(config: Config, layout: Layout) -> dict[str, object]:
     """Every value the templates may use (in the syntax of the layout's Dovecot series)."""
     series = layout.dovecot_series or installed_series()
@@ -387,7 +445,10 @@ def template_variables(config: Config, layout: Layout) -> dict[str, object]:
         "dovecot_state_dir": layout.dovecot_state_dir,
         "dovecot_instance": layout.dovecot_instance,
         "dovecot_log_path": log / "dovecot.log" if log else "syslog",
-        "dovecot_stats_writer": "" if log else "stats-writer",
+        # processes report events to the stats service only when metrics are on (the
+        # default path): a stopping stats service holds every process up for 5 s
+        "dovecot_stats_writer": "stats-writer" if config.metrics_address else "",
+        "dovecot_metrics": dovecot_metrics(config, series),
         "dovecot_preload_env": preload_env,
         "push_notification_lua": layout.dovecot_config_dir / PUSH_LUA,
         "dovecot_auth_lua": layout.dovecot_config_dir / AUTH_LUA,

@@ -72,6 +72,7 @@ from chatmaild.relay.render import (
     MXDELIV_ROUTES,
     Layout,
     Peer,
+    dovecot_stats_socket,
     raise_kernel_limits,
     render_all,
     write_routes,
@@ -450,8 +451,10 @@ class Relay(PortHolding, Supervision, Readiness):
             routes = str(self.layout.postfix_config_dir / MXDELIV_ROUTES)
             # with metrics on it serves /metrics too, and asks this relay's showq
             queue = str(self.layout.postfix_queue_dir)
+            stats = str(dovecot_stats_socket(self.layout))  # Dovecot's own metrics
             cmds["filtermail"] = [program("filtermail"), "--config", ini, "--routes", routes,
-                                  "--postfix-queue", queue, *FILTER_ROLES]  # fmt: skip
+                                  "--postfix-queue", queue, "--dovecot-stats", stats,
+                                  *FILTER_ROLES]  # fmt: skip
         if "newemail" in c:
             # loopback only, unlike an installed relay's every interface
             cmds["newemail"] = [
