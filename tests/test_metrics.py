@@ -266,10 +266,18 @@ def test_the_grafana_dashboard_names_only_metrics_that_exist():
     text = (collect.queue_text(collect.ShowqTally()) + collect.certificate_text(0)
             + collect.registration_text(True))  # fmt: skip
     exported |= set(re.findall(r"^# TYPE (\S+)", text, re.M))
+    from chatmaild.relay.render import DOVECOT_METRICS  # Dovecot's, as its stats name them
+
+    for name, _, group_by in DOVECOT_METRICS:
+        if "duration" in group_by:  # a histogram
+            exported |= {f"dovecot_{name}{s}" for s in ("_bucket", "_count", "_sum")}
+        else:
+            exported |= {f"dovecot_{name}_total", f"dovecot_{name}_duration_seconds_total"}
     named = set()
     for panel in dashboard["panels"]:
         for target in panel["targets"]:
-            named |= set(re.findall(r"\b(chatmail_[a-z_]+)", target["expr"]))
+            named |= set(re.findall(r"\b((?:chatmail|dovecot)_[a-z_]+)", target["expr"]))
+    assert any(n.startswith("dovecot_") for n in named)
     assert named and named <= exported, named - exported
 
 
