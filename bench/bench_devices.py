@@ -1,6 +1,7 @@
 """Idle devices (issue 27): what 1,000 / 5,000 / 10,000 of them cost a relay.
 
-A `make run` relay (every component) and fleets of idle devices
+A `make run` relay (every component; metrics only with BENCH_METRICS=1, as they
+are off by default) and fleets of idle devices
 (testing.idlefleet: TLS IMAP, logged in, IDLE on INBOX; one process per
 core).  At each level, once the devices had time to hibernate: PSS and RSS of
 the relay's processes in total, per device above the empty relay and per
@@ -24,6 +25,7 @@ from bench.bench_relay import pct, state_dir
 from bench.proc import cpu_seconds
 from chatmaild.relay import Relay
 from chatmaild.relay.processes import process_tree
+from chatmaild.relay.stack import available_components
 from testing.imapidle import IdleClient
 from testing.mails import encrypted_message
 
@@ -203,7 +205,12 @@ def main() -> None:
     overrides = {"max_user_send_per_minute": 6000, "max_user_send_burst_size": 6000,
                  "web_max_connections": 64, "max_load_1m": 1000}  # fmt: skip
     try:
-        with Relay(d, overrides) as relay:
+        # the default configuration: metrics off (make run turns them on; with them,
+        # Dovecot's stats process keeps what every login's events cost it: README)
+        parts = set(available_components())
+        if not os.environ.get("BENCH_METRICS"):
+            parts.discard("metrics")
+        with Relay(d, overrides, parts) as relay:
             hibernate_after = float(relay.config.imap_hibernate_timeout)
             time.sleep(2)
             base_pss, base_rss, base_fds = totals(memory(relay_pids(relay)))

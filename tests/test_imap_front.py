@@ -164,6 +164,36 @@ def test_a_full_front_says_why_in_imap(tmp_path):
                 tls.close()
 
 
+def test_a_burst_of_first_logins_right_after_the_start_all_get_in(tmp_path):
+    """Devices all coming at once to a relay that has just started (issue 27, item 3).
+    Dovecot 2.4's auth learns its auth-worker limit from the first worker's
+    handshake; logins before it could each open a worker connection, and those
+    past the limit failed ("Temporary authentication failure") unless the relay
+    made one lookup at its start (stack.warm_dovecot_auth, the unit's ExecStartPost)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    with full_relay({"max_load_1m": 1000}) as fresh:  # the test host's load: no refusal
+        accounts = tmp_path / "accounts.txt"
+        lines = (" ".join(fresh.new_credentials()) + "\n" for _ in range(300))
+        accounts.write_text("".join(lines))
+        env = {**os.environ, "IDLEFLEET_AT_ONCE": "300"}
+        fleet = subprocess.Popen(
+            [sys.executable, "-m", "testing.idlefleet", fresh.host, str(fresh.ports["imaps"]),
+             str(accounts), "0"],
+            cwd=Path(__file__).parents[1], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+            text=True, env=env,
+        )  # fmt: skip
+        try:
+            assert fleet.stdout is not None
+            _, ok, failed, *_rest = fleet.stdout.readline().split(" ", 6)
+        finally:
+            fleet.communicate(timeout=120)
+        assert (int(ok), int(failed)) == (300, 0), _rest
+        assert "process_limit" not in (fresh.log_dir / "dovecot.log").read_text()
+
+
 # ---------------------------------------------------------------- the server alone
 
 
