@@ -245,6 +245,50 @@ def test_incoming_dns_trouble_is_451(filters, how):
     assert filters.sink.messages == []
 
 
+def test_a_dns_outage_is_logged_once_not_per_message(filters, caplog):
+    """Every message deferred (451) while DKIM's DNS fails; the log names the cause
+    once, and the summary (at the end of the minute, or at the stop) counts the rest."""
+    import logging
+
+    from chatmaild.filtermail.incoming import LOG_DEFERRED
+
+    filters.dns.fail(f"dkim._domainkey.{OTHER}", "servfail")
+    c = filters.client(filters.in_port)
+    with caplog.at_level(logging.INFO, logger="filtermail"):
+        for _ in range(20):
+            msg = sign_other(filters, mails.encrypted_message(REMOTE, [ALICE]))
+            assert c.transaction(REMOTE, [ALICE], msg).startswith("451 4.7.1")
+    lines = [r.getMessage() for r in caplog.records if LOG_DEFERRED in r.getMessage()]
+    assert len(lines) == 1 and REMOTE in lines[0] and "DNS" in lines[0], lines
+    assert not any("DKIM verification failed" in r.getMessage() for r in caplog.records)
+    assert filters.sink.messages == []
+
+
+def test_a_timed_summary_writes_itself(caplog):
+    import asyncio
+    import logging
+
+    from chatmaild.common.logsummary import TimedSummaryLog
+
+    async def run() -> None:
+        summary = TimedSummaryLog(logging.getLogger("t.summary"), period=0.2)
+        for n in range(5):
+            summary.note("cause", f"client-{n % 2}")
+        await asyncio.sleep(0.5)  # the window ends: its summary without any tick
+        summary.note("cause", "client-9")  # a new window: logged at once
+        summary.note("cause", "client-9")
+        summary.close()  # held back: written; no timer left
+
+    with caplog.at_level(logging.INFO, logger="t.summary"):
+        asyncio.run(run())
+    assert [r.getMessage() for r in caplog.records] == [
+        "cause: client-0",
+        "cause: 4 more from 2 client(s) in the last 0 s",
+        "cause: client-9",
+        "cause: 1 more from 1 client(s) in the last 0 s",
+    ]
+
+
 def test_incoming_cleartext_and_e2ee_flag(filters):
     flag(filters, BOB, FLAG_ENFORCE_E2EE)
     c = filters.client(filters.in_port)

@@ -3,11 +3,13 @@ at once, then a count (refusals of the web port, failed push requests).
 
 ``SummaryLog(log).note(kind, who)`` logs ``<kind>: <who>`` the first time in a
 window and counts the rest; ``tick()`` (called periodically) and ``flush()``
-write ``<kind>: N more from M client(s) in the last 60 s``.
+write ``<kind>: N more from M client(s) in the last 60 s``.  ``TimedSummaryLog``
+ticks itself, from the running event loop, for callers with no tick of their own.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections import Counter
@@ -62,3 +64,35 @@ class SummaryLog:
             if now - start >= self.period:
                 self.flush(kind)
                 del self.window_start[kind]
+
+
+class TimedSummaryLog(SummaryLog):
+    """A SummaryLog that writes its summaries itself: while a window is open, a timer
+    of the running event loop ticks it every ``period`` (a failing push service, a
+    DNS outage: no other periodic work to hang the tick on)."""
+
+    def __init__(
+        self, log: logging.Logger, period: float = SUMMARY_SECONDS, level: int = logging.INFO
+    ) -> None:
+        super().__init__(log, period, level)
+        self._timer: asyncio.TimerHandle | None = None
+        self._closed = False
+
+    def note(self, kind: str, client: str, now: float | None = None) -> None:
+        super().note(kind, client, now)
+        if self._timer is None and not self._closed:
+            self._timer = asyncio.get_running_loop().call_later(self.period, self._summarize)
+
+    def _summarize(self) -> None:
+        self._timer = None
+        self.tick()
+        if self.window_start and not self._closed:
+            self._timer = asyncio.get_running_loop().call_later(self.period, self._summarize)
+
+    def close(self) -> None:
+        """Write what is held back; no timer stays behind."""
+        self._closed = True
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self.flush()

@@ -40,7 +40,7 @@ from pathlib import Path
 from chatmaild.common import metrics
 from chatmaild.common.config import Config
 from chatmaild.common.httppost import PostClient
-from chatmaild.common.logsummary import SummaryLog
+from chatmaild.common.logsummary import TimedSummaryLog
 from chatmaild.dictd.tokens import TokenStore
 
 RETRY_FACTOR = 8
@@ -206,8 +206,7 @@ class Notifier:
         self._inflight = 0
         self._closing = False
         # a push service that is down fails every request: one line per cause a minute
-        self.failures = SummaryLog(log, level=logging.WARNING)
-        self._summary_timer: asyncio.TimerHandle | None = None
+        self.failures = TimedSummaryLog(log, level=logging.WARNING)
         # counters for tests and benchmarks
         self.sent = 0
         self.failed = 0
@@ -236,9 +235,7 @@ class Notifier:
     async def stop(self, timeout: float = 5.0) -> None:
         """Let requests in flight finish (bounded), then stop; unsent files stay queued."""
         self._closing = True
-        if self._summary_timer is not None:
-            self._summary_timer.cancel()
-        self.failures.flush()
+        self.failures.close()
         for lane in self.lanes.values():
             if lane.timer is not None:
                 lane.timer.cancel()
@@ -382,18 +379,6 @@ class Notifier:
         """``Notification request failed: <reason>: <addr>`` once, then a count per
         minute: the log names the cause, not every message it held up."""
         self.failures.note(f"{LOG_FAILED}: {reason}", addr)
-        if self._summary_timer is None and not self._closing:
-            self._summary_timer = asyncio.get_running_loop().call_later(
-                self.failures.period, self._summarize
-            )
-
-    def _summarize(self) -> None:
-        self._summary_timer = None
-        self.failures.tick()
-        if self.failures.window_start and not self._closing:
-            self._summary_timer = asyncio.get_running_loop().call_later(
-                self.failures.period, self._summarize
-            )
 
     def _finish(self, lane: Lane) -> None:
         """After an attempt: go again at once for notifications that came meanwhile."""

@@ -6,6 +6,11 @@ origin check: a DKIM signature of exactly the From domain must verify
 (``554 5.7.1``; a DNS failure that may be temporary is ``451 4.7.1``).  A
 From that differs from the envelope sender resets the return path to
 ``<>`` (forwarders, and no backscatter to forged senders).
+
+LOG LINES
+    DKIM verification failed for mail from ADDR: REPLY (DETAIL)
+    DKIM verification deferred, DNS failed: ADDR (DETAIL)     the first of a minute
+    DKIM verification deferred, DNS failed: N more from M client(s) in the last 60 s
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import logging
 
 from chatmaild.common import metrics
 from chatmaild.common.config import Config
+from chatmaild.common.logsummary import TimedSummaryLog
 from chatmaild.filtermail.common import BaseHandler, domain_of
 from chatmaild.filtermail.dkim import Verifier
 from chatmaild.filtermail.outgoing import ENCRYPTION_NEEDED
@@ -21,6 +27,8 @@ from chatmaild.filtermail.reinject import ReinjectClient
 from chatmaild.filtermail.smtp import Envelope, Session
 
 log = logging.getLogger("filtermail")
+# the first of a minute, then "LOG_DEFERRED: N more from M client(s) in the last 60 s"
+LOG_DEFERRED = "DKIM verification deferred, DNS failed"
 
 
 class IncomingHandler(BaseHandler):
@@ -30,6 +38,10 @@ class IncomingHandler(BaseHandler):
     def __init__(self, config: Config, reinject: ReinjectClient, verifier: Verifier | None) -> None:
         super().__init__(config, reinject)
         self.verifier = verifier
+        self.deferrals = TimedSummaryLog(log, level=logging.WARNING)
+
+    def close(self) -> None:
+        self.deferrals.close()
 
     async def handle_mail(self, session: Session, env: Envelope, address: str) -> str | None:
         return None
@@ -56,6 +68,10 @@ class IncomingHandler(BaseHandler):
             verdict = await self.verifier.verify(header_block, content, result.body_start, domain)
             outcome = "pass" if verdict.ok else "temperror" if verdict.reply[:1] == "4" else "fail"
             metrics.DKIM_VERIFY.labels(outcome).inc()
+            if not verdict.ok and outcome == "temperror":
+                # a DNS outage defers every message: the cause once, then a count
+                self.deferrals.note(LOG_DEFERRED, f"{result.from_addr} ({verdict.detail})")
+                return verdict.reply
             if not verdict.ok:
                 log.info(
                     "DKIM verification failed for mail from %s: %s (%s)",

@@ -118,6 +118,8 @@ class FilterDaemon(Daemon):
     name = "filtermail"
     mode = "outgoing"
 
+    incoming: IncomingHandler | None = None
+
     def endpoint(self) -> Endpoint:
         c = self.config
         outgoing = self.mode == "outgoing"
@@ -137,6 +139,7 @@ class FilterDaemon(Daemon):
         else:
             verifier = Verifier(KeyFetcher(c.dns_resolver, timeout=c.dkim_dns_timeout))
             handler = IncomingHandler(c, self.reinject, verifier)
+            self.incoming = handler
         self.server = SMTPServer(
             handler,
             ServerSettings(
@@ -150,6 +153,8 @@ class FilterDaemon(Daemon):
         self.log.info("entering serving loop (%s)", self.mode)
 
     async def stop(self) -> None:
+        if self.incoming is not None:
+            self.incoming.close()  # its held-back log summary
         await self.reinject.close()
 
     async def handle_connection(
