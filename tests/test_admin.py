@@ -121,6 +121,42 @@ def test_registration_block_unblock_status(auth_ini, store):
     assert bad.returncode == 2
 
 
+def test_stale_uidlist_locks_are_listed_and_removed(auth_ini):
+    """A killed writer's dovecot-uidlist.lock (no PID in it) would hold its folder up
+    for Dovecot's two-minute stale timeout; one with a PID, or one just made, stays."""
+    import os
+    import time
+    from pathlib import Path
+
+    from chatmaild.expire.maildir import UIDLIST_LOCK
+
+    mailboxes = Path(read_config(auth_ini).mailboxes_dir)
+    old = time.time() - 60
+
+    def lock(folder: Path, content: bytes, mtime: float = old) -> Path:
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / UIDLIST_LOCK
+        path.write_bytes(content)
+        os.utime(path, (mtime, mtime))
+        return path
+
+    home = mailboxes / f"a@{TEST_DOMAIN}"
+    empty = lock(home, b"")  # killed right after creating it
+    partial = lock(home / ".DeltaChat", b"3 V1796576822 N12 G0f\n1 :")  # killed while writing
+    with_pid = lock(mailboxes / f"b@{TEST_DOMAIN}", b"4242:vm")  # Dovecot checks the PID
+    fresh = lock(mailboxes / f"c@{TEST_DOMAIN}", b"", mtime=time.time())  # a live writer
+    listed = chatmaild(auth_ini, "stale-locks")
+    assert listed.returncode == 0, listed.stderr
+    assert sorted(listed.stdout.split()) == sorted(["stale:", str(empty), "stale:", str(partial)])
+    assert empty.exists() and partial.exists()
+    removed = chatmaild(auth_ini, "stale-locks", "--remove")
+    assert removed.stdout.count("removed: ") == 2, removed.stdout
+    assert not empty.exists() and not partial.exists()
+    assert with_pid.exists() and fresh.exists()
+    # what stays is not stale: a second run removes nothing
+    assert chatmaild(auth_ini, "stale-locks", "--remove").stdout == ""
+
+
 def test_doveauth_lookup_without_daemon_fails_cleanly(auth_ini):
     res = chatmaild(auth_ini, "doveauth-lookup", ADDR)
     assert res.returncode == 2

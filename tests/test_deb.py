@@ -273,6 +273,9 @@ def test_package_on_a_fresh_machine(debs, suite, tmp_path):
         # Dovecot 2.4's auth meets a worker before the first logins (warm_dovecot_auth)
         post = _show(m, "dovecot.service", "ExecStartPost")["ExecStartPost"]
         assert "chatmail-auth-warmup" in post and "status=0" in post, post
+        # a killed writer's uidlist lock does not hold a folder up after a restart
+        pre = _show(m, "dovecot.service", "ExecStartPre")["ExecStartPre"]
+        assert "chatmaild stale-locks --remove" in pre and "status=0" in pre, pre
         # Postfix's own files carry our settings (postconf), Debian's Dovecot config is unused
         assert m.sh("postconf -h smtpd_sender_login_maps").strip().endswith("/login_map")
         assert "reinject" in m.sh("postconf -M reinject/unix")

@@ -289,6 +289,19 @@ def cmd_registration(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_stale_locks(args: argparse.Namespace) -> int:
+    from chatmaild.expire.maildir import remove_stale_uidlist_locks, stale_uidlist_locks
+
+    config = config_from_args(args)
+    if args.remove:
+        paths = remove_stale_uidlist_locks(config.mailboxes_dir, args.min_age)
+    else:
+        paths = stale_uidlist_locks(config.mailboxes_dir, args.min_age)
+    for path in paths:
+        print(f"{'removed' if args.remove else 'stale'}: {path}")
+    return 0
+
+
 # ---------------------------------------------------------------- doveauth lookup
 
 
@@ -439,6 +452,21 @@ unknown addresses are refused while existing accounts keep working.
         cmd_registration,
     )
     p.add_argument("action", choices=["block", "unblock", "status"], metavar="block|unblock|status")
+
+    p = _subparser(
+        subparsers,
+        "stale-locks",
+        """list (or remove) Dovecot uidlist locks a killed process left
+A dovecot-uidlist.lock that holds no PID and is older than --min-age seconds
+is what a process killed while rewriting the folder's uidlist left behind.
+Dovecot waits two minutes before it takes such a lock over, and every SELECT
+and delivery into that folder waits as long.  dovecot.service runs this with
+--remove before each start, when no Dovecot process can hold one.""",
+        cmd_stale_locks,
+    )
+    p.add_argument("--remove", action="store_true", help="remove them (default: list)")
+    p.add_argument("--min-age", type=float, default=2.0, metavar="SECONDS",
+                   help="only locks older than this (default: %(default)s)")  # fmt: skip
 
     lookup_doc = """ask the running doveauth about an address
 Sends the userdb lookup Dovecot would send over doveauth_socket and prints the

@@ -416,3 +416,65 @@ def write_textfile(path: str | os.PathLike, default_name: str, text: str) -> Pat
 
 def prom_escape(value: str) -> str:
     return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+# Dovecot writes a new dovecot-uidlist into this lock file and renames it over the
+# old one; a process killed meanwhile leaves it, empty or partial, with no PID in
+# it.  Dovecot tells a dead holder's lock by the PID alone, and otherwise waits
+# for the lock's stale timeout (2 minutes, compiled in): every SELECT and delivery
+# into that folder waits as long.  A writer fills its lock within milliseconds.
+UIDLIST_LOCK = "dovecot-uidlist.lock"
+LOCK_MIN_AGE = 2.0  # seconds
+
+
+def _holds_pid(head: bytes) -> bool:
+    """Whether a dotlock starts with ``PID:host`` (Dovecot judges those itself)."""
+    pid, sep, _ = head.partition(b":")
+    return bool(sep) and pid.isdigit()
+
+
+def stale_uidlist_locks(
+    mailboxes_dir: str | os.PathLike, min_age: float = LOCK_MIN_AGE, now: float | None = None
+) -> list[Path]:
+    """The ``dovecot-uidlist.lock`` files of every account's folders (INBOX and its
+    ``.Folder`` subfolders) that hold no PID and are at least ``min_age`` seconds old."""
+    import time
+
+    now = time.time() if now is None else now
+    found: list[Path] = []
+    try:
+        homes = list(os.scandir(mailboxes_dir))
+    except FileNotFoundError:
+        return found
+    for home in homes:
+        if not home.is_dir(follow_symlinks=False):
+            continue
+        folders = [home.path]
+        with contextlib.suppress(OSError), os.scandir(home.path) as entries:
+            folders += [e.path for e in entries
+                        if e.name.startswith(".") and e.is_dir(follow_symlinks=False)]  # fmt: skip
+        for folder in folders:
+            path = os.path.join(folder, UIDLIST_LOCK)
+            try:
+                st = os.lstat(path)
+                if not stat.S_ISREG(st.st_mode) or now - st.st_mtime < min_age:
+                    continue
+                with open(path, "rb") as f:
+                    if _holds_pid(f.read(32)):
+                        continue
+            except OSError:
+                continue
+            found.append(Path(path))
+    return found
+
+
+def remove_stale_uidlist_locks(
+    mailboxes_dir: str | os.PathLike, min_age: float = LOCK_MIN_AGE
+) -> list[Path]:
+    """Remove what :func:`stale_uidlist_locks` finds; returns the removed paths."""
+    removed = []
+    for path in stale_uidlist_locks(mailboxes_dir, min_age):
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+            removed.append(path)
+    return removed

@@ -11,6 +11,8 @@ import subprocess
 import time
 from pathlib import Path
 
+from chatmaild.expire.maildir import remove_stale_uidlist_locks
+
 log = logging.getLogger("chatmaild.relay")
 
 STOP_TIMEOUT = 15.0
@@ -191,6 +193,13 @@ class Supervision:
         if name in SERVERS:
             # what the dead master left (children finishing, a stale lock) must go first
             self._end_server_leftovers(name)
+        if name == "dovecot":
+            # no Dovecot process is left: a uidlist lock without a PID is a killed
+            # writer's, which Dovecot itself would wait two minutes for
+            removed = remove_stale_uidlist_locks(self.config.mailboxes_dir, min_age=0)
+            if removed:
+                log.warning("relay %s: removed %d stale dovecot-uidlist.lock file(s)",
+                            self.mail_domain, len(removed))  # fmt: skip
         try:
             proc = self.spawn(name)
         except OSError as e:

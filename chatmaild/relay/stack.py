@@ -42,6 +42,7 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 from chatmaild.common.config import Config, read_config, write_config
+from chatmaild.expire.maildir import remove_stale_uidlist_locks
 from chatmaild.relay.ports import (
     LOCAL_SOCKETS,
     PORT_KEYS,
@@ -309,6 +310,8 @@ class Relay(PortHolding, Supervision, Readiness):
         try:
             self._reserve_configured_ports()
             self._prepare()
+            # a killed earlier run's uidlist locks: no Dovecot of this relay runs now
+            remove_stale_uidlist_locks(self.config.mailboxes_dir, min_age=0)
             for name in self._commands():
                 self.spawn(name)
             self._wait_ready()
