@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 
 def _field_mb(path: str, key: str) -> float:
     """The ``key:`` line of a /proc file given in kB, in MB (MiB)."""
@@ -24,8 +26,6 @@ def pss_mb(pid: int) -> float:
 
 def cpu_seconds(pid: int) -> tuple[float, float]:
     """CPU time of ``pid`` itself and of its children it has waited for (seconds)."""
-    import os
-
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
     tick = os.sysconf("SC_CLK_TCK")

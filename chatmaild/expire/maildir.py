@@ -28,6 +28,7 @@ import os
 import secrets
 import shutil
 import stat
+import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -438,8 +439,6 @@ def stale_uidlist_locks(
 ) -> list[Path]:
     """The ``dovecot-uidlist.lock`` files of every account's folders (INBOX and its
     ``.Folder`` subfolders) that hold no PID and are at least ``min_age`` seconds old."""
-    import time
-
     now = time.time() if now is None else now
     found: list[Path] = []
     try:
