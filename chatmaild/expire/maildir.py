@@ -434,46 +434,63 @@ def _holds_pid(head: bytes) -> bool:
     return bool(sep) and pid.isdigit()
 
 
+def _stale_locks(mailboxes_dir: str | os.PathLike, min_age: float, remove: bool) -> list[Path]:
+    """Find (and with ``remove``, unlink) stale uidlist locks through the same
+    ``O_NOFOLLOW`` directory-fd chain as the other tools: dovecot.service runs this
+    as root, in directories the vmail user owns."""
+    now = time.time()
+    found: list[Path] = []
+    try:
+        root_fd = open_root(mailboxes_dir)
+    except FileNotFoundError:
+        return found
+    try:
+        accounts, _, _ = list_root(root_fd)
+        for account in accounts:
+            try:
+                with open_dir(root_fd, [account]) as home_fd, os.scandir(home_fd) as it:
+                    subfolders = [e.name for e in it if e.name.startswith(".")
+                                  and e.is_dir(follow_symlinks=False)]  # fmt: skip
+            except OSError:
+                continue
+            for folder in [[account], *([account, sub] for sub in subfolders)]:
+                try:
+                    with open_dir(root_fd, folder) as fd:
+                        if _is_stale_lock(fd, now, min_age):
+                            if remove:
+                                os.unlink(UIDLIST_LOCK, dir_fd=fd)
+                            found.append(Path(mailboxes_dir, *folder, UIDLIST_LOCK))
+                except OSError:
+                    continue
+    finally:
+        os.close(root_fd)
+    return found
+
+
+def _is_stale_lock(dir_fd: int, now: float, min_age: float) -> bool:
+    try:
+        st = os.stat(UIDLIST_LOCK, dir_fd=dir_fd, follow_symlinks=False)
+        if not stat.S_ISREG(st.st_mode) or now - st.st_mtime < min_age:
+            return False
+        fd = os.open(UIDLIST_LOCK, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+        try:
+            return not _holds_pid(os.read(fd, 32))
+        finally:
+            os.close(fd)
+    except OSError:
+        return False
+
+
 def stale_uidlist_locks(
-    mailboxes_dir: str | os.PathLike, min_age: float = LOCK_MIN_AGE, now: float | None = None
+    mailboxes_dir: str | os.PathLike, min_age: float = LOCK_MIN_AGE
 ) -> list[Path]:
     """The ``dovecot-uidlist.lock`` files of every account's folders (INBOX and its
     ``.Folder`` subfolders) that hold no PID and are at least ``min_age`` seconds old."""
-    now = time.time() if now is None else now
-    found: list[Path] = []
-    try:
-        homes = list(os.scandir(mailboxes_dir))
-    except FileNotFoundError:
-        return found
-    for home in homes:
-        if not home.is_dir(follow_symlinks=False):
-            continue
-        folders = [home.path]
-        with contextlib.suppress(OSError), os.scandir(home.path) as entries:
-            folders += [e.path for e in entries
-                        if e.name.startswith(".") and e.is_dir(follow_symlinks=False)]  # fmt: skip
-        for folder in folders:
-            path = os.path.join(folder, UIDLIST_LOCK)
-            try:
-                st = os.lstat(path)
-                if not stat.S_ISREG(st.st_mode) or now - st.st_mtime < min_age:
-                    continue
-                with open(path, "rb") as f:
-                    if _holds_pid(f.read(32)):
-                        continue
-            except OSError:
-                continue
-            found.append(Path(path))
-    return found
+    return _stale_locks(mailboxes_dir, min_age, remove=False)
 
 
 def remove_stale_uidlist_locks(
     mailboxes_dir: str | os.PathLike, min_age: float = LOCK_MIN_AGE
 ) -> list[Path]:
     """Remove what :func:`stale_uidlist_locks` finds; returns the removed paths."""
-    removed = []
-    for path in stale_uidlist_locks(mailboxes_dir, min_age):
-        with contextlib.suppress(FileNotFoundError):
-            path.unlink()
-            removed.append(path)
-    return removed
+    return _stale_locks(mailboxes_dir, min_age, remove=True)
