@@ -281,6 +281,10 @@ def test_package_on_a_fresh_machine(debs, suite, tmp_path):
         assert "reinject" in m.sh("postconf -M reinject/unix")
         assert m.sh("postconf -h authorized_submit_users").strip() == "root"
 
+        # mail its socket missed meanwhile is delivered as Dovecot or filtermail starts
+        for unit in ("dovecot.service", "filtermail.service"):
+            post = _show(m, unit, "ExecStartPost")["ExecStartPost"]
+            assert "path=/usr/sbin/postqueue" in post and "argv[]=/usr/sbin/postqueue -f" in post
         # -- the real Delta Chat core, on the standard ports.  The machine sees the host's
         # load average, which a busy test host drives past max_load_1m (5), where doveauth
         # refuses new accounts: raised here, applied with the documented command
@@ -304,6 +308,22 @@ def test_package_on_a_fresh_machine(debs, suite, tmp_path):
                      "\ndovecot_auth_success_total ", "\ndovecot_mail_delivery_count ",
                      '\ndovecot_imap_command_total{cmd_name="'):  # fmt: skip
             assert line in scrape, (line, scrape[-3000:])
+        # Dovecot down (restarting in an upgrade): local mail waits deferred, and
+        # arrives once it is back (its unit's postqueue -f), nothing bounced
+        rcpt = first.split()[1]
+        new_dir = f"/home/vmail/mail/{DOMAIN}/{rcpt}/new"
+        before = int(m.sh(f"ls {new_dir} | wc -l"))
+        m.sh("systemctl stop dovecot")
+        m.sh(f"printf 'Subject: outage\\n\\nwhile Dovecot was down\\n' | sendmail -f root {rcpt}")
+        m.sh("for i in $(seq 300); do postqueue -j | grep -q '\"delay_reason\"' && exit 0;"
+             " sleep 0.1; done; postqueue -j; exit 1")  # fmt: skip
+        start = time.monotonic()
+        m.sh("systemctl start dovecot")
+        m.sh(f"for i in $(seq 600); do [ $(ls {new_dir} | wc -l) -gt {before} ] && exit 0;"
+             " sleep 0.1; done; postqueue -j; exit 1")  # fmt: skip
+        print(f"{suite}: deferred while Dovecot was down, delivered"
+              f" {time.monotonic() - start:.1f} s after its start")  # fmt: skip
+        assert not m.ok("journalctl --no-pager -o cat | grep -q status=bounced")
         # Debian's Prometheus, installed and configured as an operator would, scrapes it
         m.sh("DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends"
              " prometheus 2>&1", timeout=600)  # fmt: skip

@@ -8,6 +8,7 @@ import logging
 import os
 import signal
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -22,6 +23,8 @@ RESTART_DELAY = 0.5
 RESTART_DELAY_MAX = 30.0
 RESTART_RESET_AFTER = 60.0
 SERVERS = ("postfix", "dovecot")
+# how long a restarted server may take to listen before its deferred mail is flushed
+FLUSH_WAIT = 60.0
 # the dict roles run in one process, "dict" (chatmail-dict.service)
 DICT_ROLES = ("doveauth", "lastlogin", "metadata")
 
@@ -207,6 +210,32 @@ class Supervision:
             return
         self.restarts[name] = self.restarts.get(name, 0) + 1
         log.warning("relay %s: restarted %s (pid %d)", self.mail_domain, name, proc.pid)
+        if (socket_path := self._delivery_socket(name)) and "postfix" in self.components:
+            threading.Thread(target=self._flush_when_listening, args=(socket_path,),
+                             name=f"relay-flush-{name}", daemon=True).start()  # fmt: skip
+
+    def _delivery_socket(self, name: str) -> str | None:
+        """The socket Postfix delivers into that ``name`` serves, if any."""
+        if name == "dovecot":
+            return str(self.ports["lmtp"])
+        if name == "filtermail":
+            return str(self.config.filtermail_transport_socket)
+        return None
+
+    def _flush_when_listening(self, socket_path: str) -> None:
+        """Mail that came while ``socket_path`` was gone waits deferred, its
+        destination suspended: once it listens again, deliver it now rather than
+        at Postfix's next retry (the units' ExecStartPost=postqueue -f)."""
+        from chatmaild.relay.ports import _listening  # ports imports this module
+
+        deadline = time.monotonic() + FLUSH_WAIT
+        while socket_path not in _listening()[1]:
+            if time.monotonic() > deadline or self._stopping.wait(0.05):
+                return
+        res = subprocess.run(["postqueue", "-c", str(self.layout.postfix_config_dir), "-f"],
+                             capture_output=True, text=True, timeout=30, check=False)  # fmt: skip
+        if res.returncode:
+            log.warning("relay %s: postqueue -f: %s", self.mail_domain, res.stderr.strip()[:200])
 
     def _end_server_leftovers(self, name: str) -> None:
         pid = self._postfix_pid() if name == "postfix" else self._dovecot_pid()
