@@ -155,7 +155,7 @@ def test_dovecot_killed_mail_arrives_once_it_is_back(relay):
     deferred = postfix_log(relay).count("status=deferred") - deferred_before
     print(f"Dovecot killed: {MESSAGES} messages delivered {since_kill:.1f} s after the kill"
           f" ({deferred} deferrals, waited {took:.1f} s)")  # fmt: skip
-    assert relay.restarts.get("dovecot", 0) == restarts + 1
+    assert relay.restarts.get("dovecot", 0) > restarts
     each_once(relay, rcpt, ids)
     assert "status=bounced" not in postfix_log(relay)
 
