@@ -33,7 +33,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from chatmaild.common import accountlock, shacrypt
+from chatmaild.common import accountlock
 from chatmaild.common.accountlock import FLAG_ENFORCE_E2EE
 from chatmaild.common.addr import AddressError, canonical_address, check_creatable, is_safe_dirname
 from chatmaild.common.config import Config
@@ -49,6 +49,9 @@ log = logging.getLogger("chatmaild.common.accounts")
 
 
 def hash_password(password: str) -> str:
+    # imported here: filtermail reads accounts but hashes nothing (ctypes: 0.5 MB)
+    from chatmaild.common import shacrypt
+
     return HASH_PREFIX + shacrypt.sha512_crypt(password)
 
 
@@ -56,6 +59,8 @@ def verify_password(password: str, stored: str) -> bool:
     """Check a cleartext password against a stored ``{SHA512-CRYPT}`` hash."""
     if not stored.startswith(HASH_PREFIX):
         return False
+    from chatmaild.common import shacrypt
+
     crypted = stored[len(HASH_PREFIX) :]
     candidate = shacrypt.crypt(password, crypted)
     return candidate is not None and hmac.compare_digest(candidate, crypted)
