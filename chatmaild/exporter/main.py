@@ -28,12 +28,10 @@ from pathlib import Path
 
 from chatmaild.common.config import Config
 from chatmaild.common.service import Daemon, Endpoint, run_daemon
-from chatmaild.exporter import collect
+from chatmaild.exporter import DOVECOT_STATS, POSTFIX_QUEUE, add_arguments, collect
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 CERT_EVERY = 60.0  # the certificate is read at most this often
-POSTFIX_QUEUE = "/var/spool/postfix"
-DOVECOT_STATS = "/run/dovecot/http"  # chatmaild.relay.render.dovecot_stats_socket
 SHOWQ_TIMEOUT = 30.0
 DOVECOT_TIMEOUT = 10.0
 MAX_DOVECOT_ANSWER = 4 << 20  # bytes: a few hundred series are some 50 KB
@@ -155,23 +153,6 @@ class MetricsDaemon(Daemon):
         text = collect.certificate_text(not_after)
         self._cert = (time.monotonic(), text)
         return text
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--postfix-queue",
-        default=POSTFIX_QUEUE,
-        metavar="DIR",
-        help="Postfix's queue_directory, whose showq service lists the queue"
-        " (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--dovecot-stats",
-        default=DOVECOT_STATS,
-        metavar="SOCKET",
-        help="the UNIX socket where Dovecot's stats service answers GET /metrics"
-        " (default: %(default)s)",
-    )
 
 
 def main(argv: list[str] | None = None) -> int:

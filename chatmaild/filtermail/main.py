@@ -60,6 +60,7 @@ import stat
 import sys
 from pathlib import Path
 
+from chatmaild import exporter
 from chatmaild.common.service import EXIT_CONFIG, Daemon, Endpoint, run_daemons
 from chatmaild.filtermail.dkim import DKIMError, KeyFetcher, Signer, Verifier
 from chatmaild.filtermail.incoming import IncomingHandler
@@ -246,18 +247,7 @@ def _add_mode(parser: argparse.ArgumentParser) -> None:
         help="transport: the only destinations, lines 'domain address smtp_port https_port'"
         " (make run's peers)",
     )
-    parser.add_argument(
-        "--postfix-queue",
-        metavar="DIR",
-        help="metrics: Postfix's queue_directory, whose showq service lists the queue"
-        " (default: /var/spool/postfix)",
-    )
-    parser.add_argument(
-        "--dovecot-stats",
-        metavar="SOCKET",
-        help="metrics: the UNIX socket where Dovecot's stats service answers GET /metrics"
-        " (default: /run/dovecot/http)",
-    )
+    exporter.add_arguments(parser, role="metrics: ")
 
 
 def roles_of(args: argparse.Namespace) -> list[type[Daemon]]:

@@ -33,6 +33,7 @@ from typing import NamedTuple
 
 from chatmaild.common.config import DEFAULT_CONFIG_PATH, Config, ConfigError
 from chatmaild.common.turn import ensure_secret
+from chatmaild.exporter import DOVECOT_STATS_NAME
 from chatmaild.relay.dovecotversion import dovecot_version, installed_series
 
 PLACEHOLDER = re.compile(r"\{\{\s*([A-Za-z_][A-Za-z0-9_]*)\s*\}\}")
@@ -296,13 +297,11 @@ DOVECOT_METRICS = (
 )
 # duration buckets: 10^2 .. 10^7 microseconds (0.1 ms .. 10 s)
 DURATION_MAGNITUDES = (2, 7)
-# Dovecot 2.3 tells its HTTP listener from the others by the socket's name alone
-DOVECOT_STATS_HTTP = "http"
 
 
 def dovecot_stats_socket(layout: Layout) -> Path:
     """Where Dovecot's stats service answers HTTP (GET /metrics) when metrics are on."""
-    return layout.dovecot_base_dir / DOVECOT_STATS_HTTP
+    return layout.dovecot_base_dir / DOVECOT_STATS_NAME
 
 
 def dovecot_metrics(config: Config, series: str) -> str:
@@ -314,7 +313,7 @@ def dovecot_metrics(config: Config, series: str) -> str:
     out = [
         "service stats {",
         "  # OpenMetrics for chatmail-metrics (filtermail's process, the vmail user)",
-        f"  unix_listener {DOVECOT_STATS_HTTP} {{",
+        f"  unix_listener {DOVECOT_STATS_NAME} {{",
         *(["    type = http"] if series != "2.3" else []),
         f"    user = {config.vmail_user}",
         "    mode = 0600",
