@@ -1,0 +1,135 @@
+"""Mail submitted without pause to an installed relay, and the count afterwards.
+
+    python -m tests.deb_load load WORKDIR MAIL_DOMAIN
+    python -m tests.deb_load verify WORKDIR
+
+Run by tests/test_deb.py in a booted machine's network namespace while the
+package is upgraded, removed and installed again.  ``load`` gets a sender and
+three recipients from ``/new`` on 443, logs each in (which creates it), sets a
+push token on each recipient, prints ``ready`` and then submits encrypted mail
+over 465 round the recipients until WORKDIR/stop exists, starting over after
+every error as the apps do; each message answered 250 is appended to
+WORKDIR/accepted (``RCPT MESSAGE-ID``), errors are counted by kind.  ``verify``
+logs every account in again and prints, as JSON, what each recipient's INBOX
+holds of the accepted messages and whether its token is still there.
+"""
+
+from __future__ import annotations
+
+import collections
+import http.client
+import imaplib
+import json
+import re
+import smtplib
+import ssl
+import sys
+import time
+from pathlib import Path
+
+from testing.mails import encrypted_message
+
+HOST = "127.0.0.1"
+RECIPIENTS = 3
+MESSAGE_ID = re.compile(rb"^Message-ID:\s*(<[^>]+>)", re.I | re.M)
+imaplib.Commands.setdefault("SETMETADATA", ("AUTH", "SELECTED"))
+imaplib.Commands.setdefault("GETMETADATA", ("AUTH", "SELECTED"))
+
+
+def _ctx() -> ssl.SSLContext:
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE  # the machine's self-signed certificate
+    return ctx
+
+
+def _new(mail_domain: str) -> tuple[str, str]:
+    conn = http.client.HTTPSConnection(HOST, 443, context=_ctx(), timeout=30)
+    conn.request("POST", "/new", headers={"Host": mail_domain})
+    resp = conn.getresponse()
+    body = resp.read()
+    if resp.status != 200:
+        raise RuntimeError(f"/new answered {resp.status}: {body[:200]!r}")
+    creds = json.loads(body)
+    return creds["email"], creds["password"]
+
+
+def _imap(addr: str, password: str) -> imaplib.IMAP4_SSL:
+    conn = imaplib.IMAP4_SSL(HOST, 993, ssl_context=_ctx(), timeout=30)
+    conn.login(addr, password)
+    return conn
+
+
+def load(workdir: Path, mail_domain: str) -> int:
+    sender = _new(mail_domain)
+    rcpts = [_new(mail_domain) for _ in range(RECIPIENTS)]
+    for addr, password in [sender, *rcpts]:
+        conn = _imap(addr, password)
+        if (addr, password) != sender:
+            typ, data = conn._simple_command(
+                "SETMETADATA", "INBOX", f'(/private/devicetoken "tok-{addr}")'
+            )
+            if typ != "OK":
+                raise RuntimeError(f"SETMETADATA: {data}")
+        conn.logout()
+    (workdir / "accounts.json").write_text(json.dumps({"sender": sender, "rcpts": rcpts}))
+    print("ready", flush=True)
+    errors: collections.Counter[str] = collections.Counter()
+    i = 0
+    with open(workdir / "accepted", "a") as accepted:
+        while not (workdir / "stop").exists():
+            try:
+                with smtplib.SMTP_SSL(HOST, 465, context=_ctx(), timeout=30) as smtp:
+                    smtp.login(*sender)
+                    while not (workdir / "stop").exists():
+                        rcpt = rcpts[i % RECIPIENTS][0]
+                        msg = encrypted_message(sender[0], [rcpt], subject=f"load {i}")
+                        mid = MESSAGE_ID.search(msg).group(1).decode()
+                        smtp.sendmail(sender[0], [rcpt], msg)
+                        accepted.write(f"{rcpt} {mid}\n")
+                        accepted.flush()
+                        i += 1
+            except (OSError, smtplib.SMTPException) as e:
+                code = getattr(e, "smtp_code", None)
+                errors[type(e).__name__ + (f" {code}" if code else "")] += 1
+                time.sleep(0.2)
+    (workdir / "errors.json").write_text(json.dumps(errors))
+    return 0
+
+
+def verify(workdir: Path) -> int:
+    accounts = json.loads((workdir / "accounts.json").read_text())
+    expected: dict[str, list[str]] = collections.defaultdict(list)
+    for line in (workdir / "accepted").read_text().splitlines():
+        rcpt, mid = line.split()
+        expected[rcpt].append(mid)
+    _imap(*accounts["sender"]).logout()  # the sender's account is there
+    result = {"accepted": 0, "delivered": 0, "lost": 0, "twice": 0, "tokens": 0}
+    for addr, password in accounts["rcpts"]:
+        conn = _imap(addr, password)
+        conn.select("INBOX", readonly=True)
+        typ, data = conn.fetch("1:*", "(BODY.PEEK[HEADER.FIELDS (MESSAGE-ID)])")
+        found: collections.Counter[str] = collections.Counter()
+        for item in data if typ == "OK" else []:
+            if isinstance(item, tuple) and (m := MESSAGE_ID.search(item[1])):
+                found[m.group(1).decode()] += 1
+        typ, data = conn._simple_command("GETMETADATA", "INBOX", "(/private/devicetoken)")
+        _, meta = conn._untagged_response(typ, data, "METADATA")
+        if f"tok-{addr}".encode() in repr(meta).encode():
+            result["tokens"] += 1
+        conn.logout()
+        for mid in expected[addr]:
+            result["accepted"] += 1
+            result["delivered"] += found[mid] > 0
+            result["lost"] += found[mid] == 0
+            result["twice"] += max(found[mid] - 1, 0)
+    errors = workdir / "errors.json"
+    result["errors"] = json.loads(errors.read_text()) if errors.exists() else {}
+    print(json.dumps(result), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    if sys.argv[1] == "load":
+        raise SystemExit(load(Path(sys.argv[2]), sys.argv[3]))
+    raise SystemExit(verify(Path(sys.argv[2])))
