@@ -489,7 +489,8 @@ def test_package_on_a_fresh_machine(debs, suite, tmp_path):
         assert "max_message_size = 20M" in m.sh("cat /etc/chatmail/chatmail.ini")
         _units_active(m)
 
-        # -- upgrade (the same version again): restarted, everything kept
+        # -- upgrade (the same version again): our daemons restarted, Dovecot reloaded
+        # (its deliveries in flight finish), everything kept
         before = {
             u: _show(m, u, "MainPID")["MainPID"]
             for u in ("chatmail-dict.service", "dovecot.service")
@@ -497,8 +498,9 @@ def test_package_on_a_fresh_machine(debs, suite, tmp_path):
         ini, cert = _sha(m, "/etc/chatmail/chatmail.ini"), _sha(m, "/etc/chatmail/tls/cert.pem")
         m.sh(f"DEBIAN_FRONTEND=noninteractive apt-get install -y --reinstall {DEBS}/{deb.name}")
         _units_active(m)
-        for unit, pid in before.items():
-            assert _show(m, unit, "MainPID")["MainPID"] != pid, f"{unit} not restarted"
+        assert _show(m, "chatmail-dict.service", "MainPID")["MainPID"] != before[
+            "chatmail-dict.service"], "chatmail-dict not restarted"  # fmt: skip
+        assert _show(m, "dovecot.service", "MainPID")["MainPID"] == before["dovecot.service"]
         assert _sha(m, "/etc/dkimkeys/opendkim.private") == dkim
         assert _sha(m, "/etc/chatmail/chatmail.ini") == ini
         assert _sha(m, "/etc/chatmail/tls/cert.pem") == cert
