@@ -12,6 +12,11 @@ every error as the apps do; each message answered 250 is appended to
 WORKDIR/accepted (``RCPT MESSAGE-ID``), errors are counted by kind.  ``verify``
 logs every account in again and prints, as JSON, what each recipient's INBOX
 holds of the accepted messages and whether its token is still there.
+
+For a soak (bench/bench_soak.py): LOAD_RATE=N submits at most N messages a
+second; LOAD_EXTRA=1 also logs one of the accounts in every second and creates a
+new account (from /new, logged in, a push token set) every 10 s, which
+``verify`` logs in again.
 """
 
 from __future__ import annotations
@@ -20,10 +25,12 @@ import collections
 import http.client
 import imaplib
 import json
+import os
 import re
 import smtplib
 import ssl
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -75,13 +82,18 @@ def load(workdir: Path, mail_domain: str) -> int:
     (workdir / "accounts.json").write_text(json.dumps({"sender": sender, "rcpts": rcpts}))
     print("ready", flush=True)
     errors: collections.Counter[str] = collections.Counter()
+    stop = workdir / "stop"
+    if os.environ.get("LOAD_EXTRA"):
+        threading.Thread(target=_extra, args=(workdir, mail_domain, [sender, *rcpts], errors),
+                         daemon=True).start()  # fmt: skip
+    pause = 1 / float(os.environ["LOAD_RATE"]) if os.environ.get("LOAD_RATE") else 0.0
     i = 0
     with open(workdir / "accepted", "a") as accepted:
-        while not (workdir / "stop").exists():
+        while not stop.exists():
             try:
                 with smtplib.SMTP_SSL(HOST, 465, context=_ctx(), timeout=30) as smtp:
                     smtp.login(*sender)
-                    while not (workdir / "stop").exists():
+                    while not stop.exists():
                         rcpt = rcpts[i % RECIPIENTS][0]
                         msg = encrypted_message(sender[0], [rcpt], subject=f"load {i}")
                         mid = MESSAGE_ID.search(msg).group(1).decode()
@@ -89,12 +101,33 @@ def load(workdir: Path, mail_domain: str) -> int:
                         accepted.write(f"{rcpt} {mid}\n")
                         accepted.flush()
                         i += 1
+                        time.sleep(pause)
             except (OSError, smtplib.SMTPException) as e:
                 code = getattr(e, "smtp_code", None)
                 errors[type(e).__name__ + (f" {code}" if code else "")] += 1
                 time.sleep(0.2)
     (workdir / "errors.json").write_text(json.dumps(errors))
     return 0
+
+
+def _extra(workdir: Path, mail_domain: str, accounts: list, errors: collections.Counter) -> None:
+    """Logins every second, a new account with a push token every 10 s."""
+    made = workdir / "created"
+    n = 0
+    while not (workdir / "stop").exists():
+        try:
+            _imap(*accounts[n % len(accounts)]).logout()
+            if n % 10 == 0:
+                addr, password = _new(mail_domain)
+                conn = _imap(addr, password)
+                conn._simple_command("SETMETADATA", "INBOX", f'(/private/devicetoken "tok-{addr}")')
+                conn.logout()
+                with open(made, "a") as f:
+                    f.write(f"{addr} {password}\n")
+        except (OSError, imaplib.IMAP4.error, RuntimeError) as e:
+            errors[f"extra {type(e).__name__}"] += 1
+        n += 1
+        time.sleep(1)
 
 
 def verify(workdir: Path) -> int:
@@ -104,7 +137,8 @@ def verify(workdir: Path) -> int:
         rcpt, mid = line.split()
         expected[rcpt].append(mid)
     _imap(*accounts["sender"]).logout()  # the sender's account is there
-    result = {"accepted": 0, "delivered": 0, "lost": 0, "twice": 0, "tokens": 0}
+    result = {"accepted": 0, "delivered": 0, "lost": 0, "twice": 0, "tokens": 0,
+              "twice_ids": []}  # fmt: skip
     for addr, password in accounts["rcpts"]:
         conn = _imap(addr, password)
         conn.select("INBOX", readonly=True)
@@ -123,6 +157,17 @@ def verify(workdir: Path) -> int:
             result["delivered"] += found[mid] > 0
             result["lost"] += found[mid] == 0
             result["twice"] += max(found[mid] - 1, 0)
+            if found[mid] > 1:
+                result["twice_ids"].append(mid)
+    made = workdir / "created"
+    created = [line.split() for line in made.read_text().splitlines()] if made.exists() else []
+    result["created"] = len(created)
+    for addr, password in created:  # each logs in, its token kept
+        conn = _imap(addr, password)
+        typ, data = conn._simple_command("GETMETADATA", "INBOX", "(/private/devicetoken)")
+        _, meta = conn._untagged_response(typ, data, "METADATA")
+        result["tokens"] += f"tok-{addr}".encode() in repr(meta).encode()
+        conn.logout()
     errors = workdir / "errors.json"
     result["errors"] = json.loads(errors.read_text()) if errors.exists() else {}
     print(json.dumps(result), flush=True)

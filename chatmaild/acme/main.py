@@ -52,6 +52,21 @@ BACKOFF_MAX = datetime.timedelta(hours=24)
 RELOAD = [
     "systemctl try-reload-or-restart postfix.service dovecot.service chatmail-newemail.service"
 ]
+# Dovecot 2.4.1 (Debian 13): its master crashes (SIGSEGV) when reloaded while LMTP
+# deliveries run, so there it restarts (its clients connect again)
+RELOAD_DOVECOT_24 = [
+    "systemctl try-reload-or-restart postfix.service chatmail-newemail.service",
+    "systemctl try-restart dovecot.service",
+]
+
+
+def default_reload() -> list[str]:
+    from chatmaild.relay.dovecotversion import UnsupportedDovecot, installed_series
+
+    try:
+        return RELOAD_DOVECOT_24 if installed_series() == "2.4" else RELOAD
+    except (UnsupportedDovecot, OSError):
+        return RELOAD
 # then, once the reloaded servers settled, Postfix retries what it deferred meanwhile: a
 # Dovecot lmtp process that was ending answers a new delivery "421 4.3.2 Shutting
 # down", and Postfix would otherwise wait minimal_backoff_time (5 minutes)
@@ -306,7 +321,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     acme = Acme(
         config, args.state_dir, args.tls_dir or TLS_DIR,
-        RELOAD if args.reload is None else args.reload, log,
+        default_reload() if args.reload is None else args.reload, log,
         ca_bundle=args.ca_bundle, challenges=args.challenges, flush=args.flush,
     )  # fmt: skip
     now = datetime.datetime.now(datetime.UTC)

@@ -404,9 +404,12 @@ def restart_everything() -> None:
     run(["systemctl", "enable", "--quiet", *DAEMON_UNITS, *TIMER_UNITS], "systemctl enable")
     daemons = [u for u in DAEMON_UNITS if u not in WEB_UNITS]
     run(["systemctl", "restart", *daemons], "restarting chatmail's daemons")
-    # reloaded, not restarted: deliveries in flight finish (a restart kills them and
-    # Postfix delivers again what Dovecot had saved); stopped ones start
-    run(["systemctl", "reload-or-restart", *SERVER_UNITS], "reloading Dovecot and Postfix")
+    # Dovecot restarts (2.4.1's master crashes when reloaded under LMTP load); Postfix
+    # reloads, so its deliveries in flight finish (a stopped one starts)
+    dovecot = [u for u in SERVER_UNITS if u.startswith("dovecot")]
+    run(["systemctl", "restart", *dovecot], "restarting Dovecot")
+    postfix = [u for u in SERVER_UNITS if u not in dovecot]
+    run(["systemctl", "reload-or-restart", *postfix], "reloading Postfix")
     run(["systemctl", "restart", *WEB_UNITS], "restarting the web process")
     run(["systemctl", "enable", "--quiet", *TURN_UNITS], "enabling coturn")
     run(["systemctl", "restart", *TURN_UNITS], "restarting coturn")
@@ -445,7 +448,7 @@ def setup(config: Config, *, restart: bool) -> str:
     dropins_changed = write_unit_dropins(config)
     if restart and systemd_running():
         restart_everything()
-        say("restarted chatmail's daemons, reloaded Dovecot and Postfix")
+        say("restarted chatmail's daemons and Dovecot, reloaded Postfix")
     elif dropins_changed and systemd_running():
         run(["systemctl", "daemon-reload"], "systemctl daemon-reload")
     return dns_records(config, dkim_txt)
