@@ -731,7 +731,10 @@ def test_package_upgrades_under_load_lose_nothing(debs, upgrade_debs, suite, tmp
         assert result["tokens"] == 3, result
         assert {path: _sha(m, path) for path in kept} == before
         assert m.sh("dpkg-query -W -f '${Version}' chatmaild").strip() == NEXT_VERSION
-        assert not m.ok("journalctl --no-pager -o cat | grep -q status=bounced")
+        bounced = m.sh("journalctl --no-pager -o cat | grep status=bounced || true").strip()
+        for qid in {line.split(":")[0] for line in bounced.splitlines()}:
+            print(m.sh(f"journalctl --no-pager -o short-precise | grep -F '{qid}'"))
+        assert not bounced, bounced
         # every daemon started after the new version's files were unpacked: new code
         where = "python3 -c 'import chatmaild; print(chatmaild.__file__)'"
         unpacked = int(m.sh(f"stat -c %Z $({where})"))

@@ -67,6 +67,8 @@ def default_reload() -> list[str]:
         return RELOAD_DOVECOT_24 if installed_series() == "2.4" else RELOAD
     except (UnsupportedDovecot, OSError):
         return RELOAD
+
+
 # then, once the reloaded servers settled, Postfix retries what it deferred meanwhile: a
 # Dovecot lmtp process that was ending answers a new delivery "421 4.3.2 Shutting
 # down", and Postfix would otherwise wait minimal_backoff_time (5 minutes)
