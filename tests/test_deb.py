@@ -731,7 +731,10 @@ def test_package_upgrades_under_load_lose_nothing(debs, upgrade_debs, suite, tmp
         assert result["tokens"] == 3, result
         assert {path: _sha(m, path) for path in kept} == before
         assert m.sh("dpkg-query -W -f '${Version}' chatmaild").strip() == NEXT_VERSION
-        bounced = m.sh("journalctl --no-pager -o cat | grep status=bounced || true").strip()
+        # no mail bounced; Postfix's own notices to the postmaster (a filter that was
+        # restarting is a "software" problem of its notify_classes) have no mailbox
+        bounced = m.sh("journalctl --no-pager -o cat | grep status=bounced"
+                       " | grep -v 'to=<postmaster@' || true").strip()  # fmt: skip
         for qid in {line.split(":")[0] for line in bounced.splitlines()}:
             print(m.sh(f"journalctl --no-pager -o short-precise | grep -F '{qid}'"))
         assert not bounced, bounced
