@@ -36,13 +36,17 @@ UNITS = ["chatmail-dict.service", "filtermail.service", "chatmail-newemail.servi
 POSTFIX = {"bookworm": "postfix@-.service", "trixie": "postfix.service"}
 # every process of the units: (unit, pid, comm, rss KiB, fds), as JSON lines
 SAMPLE = r"""
-import json, os
+import json, os, subprocess
 for unit in UNITS:
-    path = f"/sys/fs/cgroup/system.slice/{unit}/cgroup.procs"
-    try:
-        pids = open(path).read().split()
-    except OSError:
-        continue
+    group = subprocess.run(["systemctl", "show", "-p", "ControlGroup", "--value", unit],
+                           capture_output=True, text=True).stdout.strip()
+    pids = []
+    for root in ("/sys/fs/cgroup", "/sys/fs/cgroup/unified", "/sys/fs/cgroup/systemd"):
+        try:  # cgroup v2, or the hybrid layout of a container on a v1 host
+            pids = open(f"{root}{group}/cgroup.procs").read().split()
+            break
+        except OSError:
+            continue
     for pid in pids:
         try:
             comm = open(f"/proc/{pid}/comm").read().strip()
@@ -114,6 +118,8 @@ def soak(suite: str, deb: Path) -> None:
         warm_at = next(i for i, (t, _) in enumerate(samples) if t >= SECONDS / 10)
         warm, end = samples[warm_at][1], samples[-1][1]
         lived = sorted(set(warm) & set(end))
+        if not lived:
+            raise RuntimeError(f"no process sampled at warm-up and at the end: {warm} {end}")
         growth = []
         for key in lived:
             (rss0, fd0), (rss1, fd1) = warm[key], end[key]
