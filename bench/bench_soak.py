@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -70,6 +68,7 @@ def _sample(m, units: list[str]) -> dict[tuple[str, int, str], tuple[int, int]]:
 
 def soak(suite: str, deb: Path) -> None:
     from testing.machine import Machine
+    from tests import deb_load
     from tests.test_deb import DOMAIN, _show, _units_active
 
     units = [*UNITS, POSTFIX[suite]]
@@ -84,13 +83,8 @@ def soak(suite: str, deb: Path) -> None:
         _units_active(m)
         work = Path(tmp)
         env = {**os.environ, "LOAD_RATE": RATE, "LOAD_EXTRA": "1"}
-        load = subprocess.Popen(
-            m.netns_argv([sys.executable, "-m", "tests.deb_load", "load", str(work), DOMAIN]),
-            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        )  # fmt: skip
+        load = deb_load.start(m, work, DOMAIN, env)
         try:
-            if not load.stdout or load.stdout.readline().strip() != "ready":
-                raise RuntimeError(load.stderr.read() if load.stderr else "load failed")
             start = time.monotonic()
             samples = []
             while (elapsed := time.monotonic() - start) < SECONDS:
@@ -98,16 +92,11 @@ def soak(suite: str, deb: Path) -> None:
                 if load.poll() is not None:
                     raise RuntimeError("the load stopped: " + (load.stderr.read() or ""))
                 samples.append((time.monotonic() - start, _sample(m, units)))
-        finally:
+        except BaseException:
             (work / "stop").touch()
             load.wait(timeout=120)
-        m.sh("for i in $(seq 300); do postqueue -f; [ -z \"$(postqueue -j)\" ] && exit 0;"
-             " sleep 1; done; postqueue -j; exit 1", timeout=400)  # fmt: skip
-        res = subprocess.run(
-            m.netns_argv([sys.executable, "-m", "tests.deb_load", "verify", str(work)]),
-            cwd=ROOT, capture_output=True, text=True, timeout=600, check=True,
-        )  # fmt: skip
-        result = json.loads(res.stdout)
+            raise
+        result = deb_load.stop_drain_count(m, work, load, drain=300)
         print(f"soak {suite}: {SECONDS:.0f} s: {result['accepted']} accepted,"
               f" {result['delivered']} delivered, {result['lost']} lost,"
               f" {result['twice']} delivered twice (target: 0 lost, 0 twice);"

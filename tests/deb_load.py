@@ -29,6 +29,7 @@ import os
 import re
 import smtplib
 import ssl
+import subprocess
 import sys
 import threading
 import time
@@ -172,6 +173,38 @@ def verify(workdir: Path) -> int:
     result["errors"] = json.loads(errors.read_text()) if errors.exists() else {}
     print(json.dumps(result), flush=True)
     return 0
+
+
+# -- the host's side (tests/test_deb_upgrade.py, bench/bench_soak.py)
+
+
+def start(m, workdir: Path, mail_domain: str, env: dict | None = None) -> subprocess.Popen:
+    """``load`` in machine ``m``'s network namespace, once it printed ``ready``."""
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.Popen(
+        m.netns_argv([sys.executable, "-m", "tests.deb_load", "load", str(workdir), mail_domain]),
+        cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    if not proc.stdout or proc.stdout.readline().strip() != "ready":
+        proc.wait(timeout=60)
+        raise RuntimeError("the load did not start: " + (proc.stderr.read() if proc.stderr else ""))
+    return proc
+
+
+def stop_drain_count(m, workdir: Path, proc: subprocess.Popen, drain: int = 180) -> dict:
+    """Stop the load, flush the queue until it is empty (what was deferred while
+    a server restarted goes out now), then ``verify``'s counts."""
+    (workdir / "stop").touch()
+    proc.wait(timeout=120)
+    m.sh(f"for i in $(seq {drain}); do postqueue -f; [ -z \"$(postqueue -j)\" ] && exit 0;"
+         " sleep 1; done; postqueue -j; exit 1", timeout=drain + 120)  # fmt: skip
+    res = subprocess.run(
+        m.netns_argv([sys.executable, "-m", "tests.deb_load", "verify", str(workdir)]),
+        cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    if res.returncode != 0:
+        raise RuntimeError(res.stdout + res.stderr)
+    return json.loads(res.stdout)
 
 
 if __name__ == "__main__":

@@ -6,24 +6,23 @@ Mail submitted without pause (tests/deb_load.py) while the package is upgraded
 from the version before issue 24 to this checkout, to a later version, then
 removed and installed again, on Debian 12 and 13 under systemd; afterwards every
 message answered 250 must be in its recipient's INBOX.  It is out of ``make
-test`` because it does not pass yet: on Debian 13 the first upgrade step once
-accepted 42,634 messages in 102 s (four times the usual rate) and the queue did
-not drain within 300 s; that is to be explained first (the issue's note).
+test`` for its time (about 10 minutes for both releases), and because one Debian
+13 run is not explained yet: its first step accepted 42,634 messages in 103 s
+(four times the usual rate) and the queue did not drain within 180 s of flushing.
 """
 
 from __future__ import annotations
 
-import json
 import re
 import shutil
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
 from testing.machine import Machine
+from tests import deb_load
 from tests.test_deb import DAEMONS, DEBS, DOMAIN, ROOT, _build, _sha, _show, _units_active, debs
 
 pytestmark = [pytest.mark.relay, pytest.mark.machines, pytest.mark.timeout(2400)]
@@ -121,12 +120,8 @@ def test_package_upgrades_under_load_lose_nothing(debs, upgrade_debs, suite, tmp
         before = {path: _sha(m, path) for path in kept}
         work = tmp_path / "load"
         work.mkdir()
-        proc = subprocess.Popen(
-            m.netns_argv([sys.executable, "-m", "tests.deb_load", "load", str(work), DOMAIN]),
-            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        )  # fmt: skip
+        proc = deb_load.start(m, work, DOMAIN)
         try:
-            assert proc.stdout and proc.stdout.readline().strip() == "ready", proc.stderr
             steps = [
                 (f"upgrade {OLD_VERSION} -> this checkout", f"install {DEBS}/{deb.name}"),
                 (f"upgrade -> {NEXT_VERSION}", f"install /debs-next/{nxt.name}"),
@@ -143,18 +138,11 @@ def test_package_upgrades_under_load_lose_nothing(debs, upgrade_debs, suite, tmp
                 print(f"{suite}: {what}: {time.monotonic() - start:.1f} s,"
                       f" {_accepted(work) - accepted} accepted meanwhile")  # fmt: skip
             _flowing(work, proc)
-        finally:
+        except BaseException:
             (work / "stop").touch()
-            proc.wait(timeout=60)
-        # what is still queued (deferred while a server restarted) goes out now
-        m.sh("for i in $(seq 180); do postqueue -f; [ -z \"$(postqueue -j)\" ] && exit 0;"
-             " sleep 1; done; postqueue -j; exit 1", timeout=300)  # fmt: skip
-        res = subprocess.run(
-            m.netns_argv([sys.executable, "-m", "tests.deb_load", "verify", str(work)]),
-            cwd=ROOT, capture_output=True, text=True, timeout=300,
-        )  # fmt: skip
-        assert res.returncode == 0, res.stdout + res.stderr
-        result = json.loads(res.stdout)
+            proc.wait(timeout=120)
+            raise
+        result = deb_load.stop_drain_count(m, work, proc)
         twice_ids = result.pop("twice_ids")
         print(f"{suite}: {result}")
         for mid in twice_ids[:5]:  # how a message came to be delivered twice
