@@ -77,9 +77,7 @@ def soak(suite: str, deb: Path) -> None:
         m.sh(f"echo 'chatmaild chatmaild/mail_domain string {DOMAIN}' | debconf-set-selections")
         m.sh(f"DEBIAN_FRONTEND=noninteractive apt-get install -y -q /debs/{deb.name} 2>&1",
              timeout=900)  # fmt: skip
-        m.sh("printf 'max_load_1m = 1000\\nmax_user_send_per_minute = 1000000\\n"
-             "max_user_send_burst_size = 1000000\\n' >> /etc/chatmail/chatmail.ini"
-             " && chatmaild setup 2>&1")  # fmt: skip
+        deb_load.lift_limits(m)
         _units_active(m)
         work = Path(tmp)
         env = {**os.environ, "LOAD_RATE": RATE, "LOAD_EXTRA": "1"}

@@ -12,13 +12,11 @@ message each way through filtermail -> delivery; both arrive encrypted.  Prints
 
 from __future__ import annotations
 
-import http.client
-import json
-import ssl
 import sys
 from pathlib import Path
 
 from testing.dcclient import DCClients, securejoin, wait_incoming_text
+from tests.deb_load import new_credentials
 
 HOST = "127.0.0.1"
 
@@ -34,19 +32,7 @@ class InstalledRelay:
 
     def new_credentials(self) -> tuple[str, str]:
         """From POST /new on 443, as the apps get them (self-signed certificate)."""
-        ctx = ssl.create_default_context()
-        ctx.check_hostname = False
-        ctx.verify_mode = ssl.CERT_NONE
-        conn = http.client.HTTPSConnection(HOST, 443, context=ctx, timeout=30)
-        conn.request("POST", "/new", headers={"Host": self.mail_domain})
-        resp = conn.getresponse()
-        body = resp.read()
-        if resp.status != 200:
-            raise RuntimeError(f"/new answered {resp.status}: {body[:200]!r}")
-        creds = json.loads(body)
-        if not creds["email"].endswith("@" + self.mail_domain):
-            raise RuntimeError(f"/new made {creds['email']}")
-        return creds["email"], creds["password"]
+        return new_credentials(self.mail_domain)
 
 
 def main(workdir: str, mail_domain: str) -> int:

@@ -34,7 +34,7 @@ import pytest
 from chatmaild.common.accountlock import is_creation_leftover
 from chatmaild.common.accounts import PASSWORD
 from testing.mails import encrypted_message
-from tests.fixtures.relay import FULL, RelayPool
+from tests.fixtures.relay import full_relay
 
 ROUNDS = int(os.environ.get("KILL_ROUNDS", "5"))
 RECIPIENTS = 3
@@ -50,13 +50,10 @@ WHOLE_HASH = re.compile(r"\{SHA512-CRYPT\}\$6\$[^$]+\$[./0-9A-Za-z]{86}")
 
 @pytest.fixture
 def relay():
-    pool = RelayPool()
-    try:
-        # the load's rate and the test host's load must not be what refuses anything
-        yield pool({"max_user_send_per_minute": 60000, "max_user_send_burst_size": 60000,
-                    "max_load_1m": 1000}, FULL, supervise=True)  # fmt: skip
-    finally:
-        pool.close()
+    # the load's rate and the test host's load must not be what refuses anything
+    with full_relay({"max_user_send_per_minute": 60000, "max_user_send_burst_size": 60000,
+                     "max_load_1m": 1000}, supervise=True) as r:  # fmt: skip
+        yield r
 
 
 class Load:

@@ -23,7 +23,7 @@ import pytest
 
 from chatmaild.relay.processes import process_tree, title
 from testing.mails import encrypted_message
-from tests.fixtures.relay import FULL, RelayPool
+from tests.fixtures.relay import full_relay
 
 pytestmark = [pytest.mark.relay, pytest.mark.timeout(600)]
 MESSAGES = 5
@@ -35,12 +35,9 @@ MESSAGE_ID = re.compile(rb"^Message-ID:\s*(<[^>]+>)", re.I | re.M)
 
 @pytest.fixture(scope="module")
 def relay():
-    pool = RelayPool()
-    try:
-        yield pool({"max_user_send_per_minute": 6000, "max_user_send_burst_size": 6000,
-                    "max_load_1m": 1000}, FULL, supervise=True)  # fmt: skip
-    finally:
-        pool.close()
+    with full_relay({"max_user_send_per_minute": 6000, "max_user_send_burst_size": 6000,
+                     "max_load_1m": 1000}, supervise=True) as r:  # fmt: skip
+        yield r
 
 
 def postfix_log(relay) -> str:

@@ -71,7 +71,7 @@ def default_reload() -> list[str]:
 
 # then, once the reloaded servers settled, Postfix retries what it deferred meanwhile: a
 # Dovecot lmtp process that was ending answers a new delivery "421 4.3.2 Shutting
-# down", and Postfix would otherwise wait minimal_backoff_time (5 minutes)
+# down", and Postfix would otherwise wait for its next retry (minimal_backoff_time)
 FLUSH = ["postqueue -f"]
 FLUSH_AFTER = 3.0  # seconds
 

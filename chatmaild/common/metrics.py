@@ -159,8 +159,8 @@ def enabled() -> bool:
 def configure(metrics_address: str, metrics_dir: str, program: str) -> bool:
     """Count into ``metrics_dir``/<type>_<program>.db from the first count on, if
     metrics are on and the directory is ours (a run by root of a vmail program would
-    leave files vmail cannot open); False otherwise.  prometheus_client is imported
-    at the first count: a process that counts nothing pays nothing."""
+    leave files vmail cannot open); False otherwise.  prometheus_client's mmap_dict
+    module is loaded at the first count: a process that counts nothing pays nothing."""
     global _enabled, _program, _dir
     if not metrics_address:
         return False

@@ -77,7 +77,8 @@ RETIRED_UNITS = (
     "filtermail-milter.service",
 )
 TIMER_UNITS = ("chatmail-expire.timer", "chatmail-fsreport.timer", "chatmail-acme.timer")
-SERVER_UNITS = ("dovecot.service", "postfix.service")
+DOVECOT_UNIT = "dovecot.service"
+POSTFIX_UNIT = "postfix.service"
 # Debian's coturn with our drop-in (systemd/coturn.service.d): TURN for calls
 TURN_UNITS = ("coturn.service",)
 
@@ -406,10 +407,8 @@ def restart_everything() -> None:
     run(["systemctl", "restart", *daemons], "restarting chatmail's daemons")
     # Dovecot restarts (2.4.1's master crashes when reloaded under LMTP load); Postfix
     # reloads, so its deliveries in flight finish (a stopped one starts)
-    dovecot = [u for u in SERVER_UNITS if u.startswith("dovecot")]
-    run(["systemctl", "restart", *dovecot], "restarting Dovecot")
-    postfix = [u for u in SERVER_UNITS if u not in dovecot]
-    run(["systemctl", "reload-or-restart", *postfix], "reloading Postfix")
+    run(["systemctl", "restart", DOVECOT_UNIT], "restarting Dovecot")
+    run(["systemctl", "reload-or-restart", POSTFIX_UNIT], "reloading Postfix")
     run(["systemctl", "restart", *WEB_UNITS], "restarting the web process")
     run(["systemctl", "enable", "--quiet", *TURN_UNITS], "enabling coturn")
     run(["systemctl", "restart", *TURN_UNITS], "restarting coturn")
