@@ -2,8 +2,12 @@
 
 For each attack (testing/webattack.py, in a process of its own, sharing the two
 cores with the relay): mail submit->250 latency over one authenticated
-connection (p50, p90, max) and throughput over four connections, failed
-submissions, what the attacker got, and the web process's log growth.  Then the
+connection (p50, p90, max) and throughput over four connections (each to a
+mailbox of its own, fresh for each attack and its quiet twin), failed
+submissions, what the attacker got, and the web process's log growth; each
+attack is paired with a quiet measurement right before it (the quiet figure alone
+varies by a third from one window to the next on this machine), and both print
+where the CPU went (by process kind: the relay's, the attacker's, the kernel's).  Then the
 memory of the web process (RSS, MiB) with 3,000 idle connections, silent and
 after their TLS handshake, and after they closed; then 20,000 idle connections
 against the connection limits.
@@ -23,7 +27,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.proc import rss_mb
+from bench.bench_devices import cpu_by_kind, relay_pids
+from bench.proc import cpu_seconds, rss_mb
 from chatmaild.relay.stack import Relay
 from testing import mails, webattack
 from testing.webattack import MailProbe
@@ -67,6 +72,55 @@ def _mail(probe: MailProbe, seconds: float) -> tuple[dict, dict]:
     return probe.latency(half), probe.throughput(half)
 
 
+def _queued(relay: Relay) -> int:
+    """Messages in Postfix's queue (its queue files; root reads them)."""
+    queue = Path(relay.layout.postfix_queue_dir)
+    return sum(len(files) for sub in ("maildrop", "incoming", "active", "deferred")
+               for _, _, files in os.walk(queue / sub))  # fmt: skip
+
+
+def _drained(relay: Relay, limit: float = 300.0) -> float:
+    """Seconds until what the last window submitted is delivered: each window starts
+    with an empty queue, not with the backlog of the one before."""
+    start = time.monotonic()
+    while _queued(relay) and time.monotonic() - start < limit:
+        time.sleep(0.2)
+    return time.monotonic() - start
+
+
+def _fresh_mailbox(relay: Relay) -> str:
+    addr, password = relay.new_credentials()
+    relay.imap(addr, password).logout()
+    return addr
+
+
+def _machine() -> tuple[float, float, float]:
+    """Seconds of CPU the machine spent so far: busy, in the kernel, in softirq."""
+    with open("/proc/stat") as f:
+        ticks = [int(x) for x in f.readline().split()[1:8]]
+    tick = os.sysconf("SC_CLK_TCK")
+    user, nice, system, idle, iowait, irq, softirq = ticks
+    return (sum(ticks) - idle - iowait) / tick, system / tick, softirq / tick
+
+
+def _cpu(relay: Relay, attacker: int | None) -> dict[str, float]:
+    used = dict(cpu_by_kind(relay_pids(relay)))
+    if attacker is not None:
+        used["attacker"] = sum(cpu_seconds(attacker))
+    busy, system, softirq = _machine()
+    return used | {"(machine busy)": busy, "(kernel)": system, "(softirq)": softirq}
+
+
+def _measured(relay: Relay, probe: MailProbe, attacker: int | None) -> tuple[dict, dict, str]:
+    """Mail latency and throughput, and the cores each kind used meanwhile."""
+    before, start = _cpu(relay, attacker), time.monotonic()
+    latency, throughput = _mail(probe, SECONDS)
+    after, took = _cpu(relay, attacker), time.monotonic() - start
+    cores = {k: (v - before.get(k, 0.0)) / took for k, v in after.items()}
+    top = sorted(((v, k) for k, v in cores.items() if v >= 0.03), reverse=True)
+    return latency, throughput, "cores: " + ", ".join(f"{k} {v:.2f}" for v, k in top)
+
+
 def _row(label: str, latency: dict, throughput: dict, quiet: tuple[dict, dict] | None) -> str:
     failures = len(latency["failures"]) + len(throughput["failures"])
     text = (
@@ -92,26 +146,38 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-webattack-") as tmp:
         Path(tmp).chmod(0o755)
         with Relay(Path(tmp) / "relay", OVERRIDES, components=COMPONENTS) as relay:
-            sender, recipient = relay.new_credentials(), relay.new_credentials()
+            sender = relay.new_credentials()
             relay.imap(*sender).logout()
-            relay.imap(*recipient).logout()
             probe = MailProbe(
-                relay, sender, recipient[0], lambda s, r: mails.encrypted_message(s, [r])
+                relay, sender, _fresh_mailbox(relay), lambda s, r: mails.encrypted_message(s, [r])
             )
             web_log = relay.log_dir / f"{relay.process_of('newemail')}.log"
             web_pid = relay.pid_of("newemail")
             assert web_pid is not None
             probe.latency(2)  # warm up
-            quiet = _mail(probe, SECONDS)
-            print("webattack_" + _row("quiet", *quiet, None), flush=True)
+            probe.throughput(5)
             for label, kind, options in ATTACKS:
+                # fresh mailboxes per pair, one per connection, as a relay's mail goes to
+                # many: deliveries into one Maildir cost Dovecot more the more it holds
+                # (lmtp: 1.1 ms of CPU a message at first, 5.4 ms after 60,000), and more
+                # the more of them run at once (0.7 ms quiet, 2.8 ms under an attack's
+                # load, Debian 13): one mailbox for all measured that, not the web port
+                probe.recipients = [_fresh_mailbox(relay) for _ in range(4)]
+                probe.recipient = probe.recipients[0]
+                backlog = _drained(relay)
+                *quiet, cores = _measured(relay, probe, None)
+                print("webattack_" + _row("quiet", *quiet, None)
+                      + f" (after {backlog:.1f} s for the queue to empty)", flush=True)  # fmt: skip
+                _drained(relay)
+                print(f"webattack_  {cores}", flush=True)
                 log_before = web_log.stat().st_size
                 proc = _attacker(relay, kind, SECONDS + 2, **options)
                 time.sleep(1)
-                figures = _mail(probe, SECONDS)
+                *figures, cores = _measured(relay, probe, proc.pid)
                 counts = _finish(proc)
                 log_kb = (web_log.stat().st_size - log_before) / 1024
                 print("webattack_" + _row(label, *figures, quiet), flush=True)
+                print(f"webattack_  {cores}", flush=True)
                 per_minute = log_kb * 60 / (SECONDS + 2)
                 print(f"webattack_  attacker: {counts}; web log +{log_kb:.1f} kB"
                       f" ({per_minute:.0f} kB per attack-minute, target < 1024)",
@@ -136,6 +202,11 @@ def main() -> None:
                       f" {latency['p50_ms']:.1f} ms, {len(latency['failures'])} failed; {counts}",
                       flush=True)  # fmt: skip
             crowd = min(20000, hard - 200)  # the attacker's own descriptors
+            probe.recipients = [_fresh_mailbox(relay) for _ in range(4)]
+            probe.recipient = probe.recipients[0]
+            _drained(relay)
+            quiet = _mail(probe, 4)
+            _drained(relay)
             proc = _attacker(relay, "idle", 6, connections=crowd, sources=250)
             proc.stdout.readline()
             figures = _mail(probe, 4)

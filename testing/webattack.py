@@ -235,6 +235,8 @@ class MailProbe:
 
     def __init__(self, relay, sender, recipient, message: Callable[[str, str], bytes]) -> None:
         self.relay, self.sender, self.recipient, self.message = relay, sender, recipient, message
+        # throughput's connection i sends to recipients[i % len]: one mailbox, or several
+        self.recipients = [recipient]
 
     def latency(self, seconds: float) -> dict:
         addr, password = self.sender
@@ -264,10 +266,11 @@ class MailProbe:
         until = time.monotonic() + seconds
 
         def worker(i: int) -> None:
+            rcpt = self.recipients[i % len(self.recipients)]
             try:
                 with self.relay.smtp(addr, password) as smtp:
                     while time.monotonic() < until:
-                        smtp.sendmail(addr, [self.recipient], self.message(addr, self.recipient))
+                        smtp.sendmail(addr, [rcpt], self.message(addr, rcpt))
                         sent[i] += 1
             except Exception as e:  # noqa: BLE001
                 failures.append(repr(e))
