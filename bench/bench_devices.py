@@ -57,6 +57,10 @@ def kind_of(pid: int) -> str:
     first = argv[0].decode(errors="replace")
     if first.startswith("dovecot/"):
         return first.split()[0]
+    if "/" in first and not first.startswith("/"):  # a Dovecot instance's: "NAME/lmtp ..."
+        return "dovecot " + first.split()[0].rsplit("/", 1)[1]
+    if b"-m" in argv[:-1]:  # our daemons: python3 -s -P -m MODULE
+        return argv[argv.index(b"-m") + 1].decode(errors="replace")
     for arg in argv:
         text = arg.decode(errors="replace")
         if "/bin/" in text and not text.endswith("python3"):
@@ -268,7 +272,7 @@ def main() -> None:
             # the relay stops (else its stop finds thousands of them starting)
             deadline = time.monotonic() + 60
             while time.monotonic() < deadline and any(
-                kind_of(pid) == "imap" for pid in relay_pids(relay)
+                kind_of(pid) == "dovecot imap" for pid in relay_pids(relay)
             ):
                 time.sleep(0.5)
     finally:
