@@ -124,8 +124,12 @@ def _extra(workdir: Path, mail_domain: str, accounts: list, errors: collections.
             if n % 10 == 0:
                 addr, password = new_credentials(mail_domain)
                 conn = _imap(addr, password)
-                conn._simple_command("SETMETADATA", "INBOX", f'(/private/devicetoken "tok-{addr}")')
+                typ, _ = conn._simple_command(
+                    "SETMETADATA", "INBOX", f'(/private/devicetoken "tok-{addr}")'
+                )
                 conn.logout()
+                if typ != "OK":  # refused (a daemon restarting): no token was kept
+                    raise RuntimeError(f"SETMETADATA {typ}")
                 with open(made, "a") as f:
                     f.write(f"{addr} {password}\n")
         except (OSError, imaplib.IMAP4.error, RuntimeError) as e:
@@ -184,9 +188,26 @@ def verify(workdir: Path) -> int:
 def lift_limits(m) -> None:
     """No limit of the relay's may refuse the load (the machine sees the host's load
     average, past max_load_1m on a busy host), applied as an operator would."""
-    m.sh("printf 'max_load_1m = 1000\\nmax_user_send_per_minute = 1000000\\n"
-         "max_user_send_burst_size = 1000000\\n' >> /etc/chatmail/chatmail.ini"
-         " && chatmaild setup 2>&1")  # fmt: skip
+    ini = "/etc/chatmail/chatmail.ini"
+    keys = ("max_load_1m", "max_user_send_per_minute", "max_user_send_burst_size")
+    m.sh(f"sed -i -E '/^({'|'.join(keys)}) *=/d' {ini}"  # set already, by an earlier step
+         f" && printf '{keys[0]} = 1000\\n{keys[1]} = 1000000\\n{keys[2]} = 1000000\\n'"
+         f" >> {ini} && chatmaild setup 2>&1")  # fmt: skip
+
+
+def accepted(workdir: Path) -> int:
+    """Messages the load got a 250 for so far."""
+    path = workdir / "accepted"
+    return len(path.read_text().splitlines()) if path.exists() else 0
+
+
+def flowing(workdir: Path, proc: subprocess.Popen, more: int = 20, timeout: float = 180) -> None:
+    """Until the load got ``more`` further 250s (the relay takes mail again)."""
+    goal, deadline = accepted(workdir) + more, time.monotonic() + timeout
+    while accepted(workdir) < goal:
+        assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+        assert time.monotonic() < deadline, f"mail did not flow again ({accepted(workdir)})"
+        time.sleep(0.2)
 
 
 def start(m, workdir: Path, mail_domain: str, env: dict | None = None) -> subprocess.Popen:

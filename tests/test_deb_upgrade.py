@@ -82,20 +82,6 @@ def upgrade_debs():
     shutil.rmtree(work, ignore_errors=True)
 
 
-def _accepted(work: Path) -> int:
-    path = work / "accepted"
-    return len(path.read_text().splitlines()) if path.exists() else 0
-
-
-def _flowing(work: Path, proc: subprocess.Popen, more: int = 20, timeout: float = 180) -> None:
-    """Until the load got ``more`` further 250s (the relay takes mail again)."""
-    goal, deadline = _accepted(work) + more, time.monotonic() + timeout
-    while _accepted(work) < goal:
-        assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
-        assert time.monotonic() < deadline, f"mail did not flow again ({_accepted(work)})"
-        time.sleep(0.2)
-
-
 @pytest.mark.parametrize("suite", ["bookworm", "trixie"])
 def test_package_upgrades_under_load_lose_nothing(debs, upgrade_debs, suite, tmp_path):
     """Issue 24, item 1: mail submitted without pause while the package is upgraded
@@ -127,14 +113,14 @@ def test_package_upgrades_under_load_lose_nothing(debs, upgrade_debs, suite, tmp
             ]
             for what, args in steps:
                 if what != "install again":  # removed, the relay takes no mail
-                    _flowing(work, proc)
-                start, accepted = time.monotonic(), _accepted(work)
+                    deb_load.flowing(work, proc)
+                start, accepted = time.monotonic(), deb_load.accepted(work)
                 m.sh(f"{apt} {args} 2>&1", timeout=900)
                 if what != "remove":
                     _units_active(m)
                 print(f"{suite}: {what}: {time.monotonic() - start:.1f} s,"
-                      f" {_accepted(work) - accepted} accepted meanwhile")  # fmt: skip
-            _flowing(work, proc)
+                      f" {deb_load.accepted(work) - accepted} accepted meanwhile")  # fmt: skip
+            deb_load.flowing(work, proc)
         except BaseException:
             (work / "stop").touch()
             proc.wait(timeout=120)
