@@ -81,8 +81,7 @@ def soak(suite: str, deb: Path) -> None:
         _units_active(m)
         work = Path(tmp)
         env = {**os.environ, "LOAD_RATE": RATE, "LOAD_EXTRA": "1"}
-        load = deb_load.start(m, work, DOMAIN, env)
-        try:
+        with deb_load.running(m, work, DOMAIN, env) as load:
             start = time.monotonic()
             samples = []
             while (elapsed := time.monotonic() - start) < SECONDS:
@@ -90,10 +89,6 @@ def soak(suite: str, deb: Path) -> None:
                 if load.poll() is not None:
                     raise RuntimeError("the load stopped: " + (load.stderr.read() or ""))
                 samples.append((time.monotonic() - start, _sample(m, units)))
-        except BaseException:
-            (work / "stop").touch()
-            load.wait(timeout=120)
-            raise
         result = deb_load.stop_drain_count(m, work, load, drain=300)
         print(f"soak {suite}: {SECONDS:.0f} s: {result['accepted']} accepted,"
               f" {result['delivered']} delivered, {result['lost']} lost,"

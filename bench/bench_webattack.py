@@ -163,7 +163,6 @@ def main() -> None:
                 # the more of them run at once (0.7 ms quiet, 2.8 ms under an attack's
                 # load, Debian 13): one mailbox for all measured that, not the web port
                 probe.recipients = [_fresh_mailbox(relay) for _ in range(4)]
-                probe.recipient = probe.recipients[0]
                 backlog = _drained(relay)
                 *quiet, cores = _measured(relay, probe, None)
                 print("webattack_" + _row("quiet", *quiet, None)
@@ -203,7 +202,6 @@ def main() -> None:
                       flush=True)  # fmt: skip
             crowd = min(20000, hard - 200)  # the attacker's own descriptors
             probe.recipients = [_fresh_mailbox(relay) for _ in range(4)]
-            probe.recipient = probe.recipients[0]
             _drained(relay)
             quiet = _mail(probe, 4)
             _drained(relay)

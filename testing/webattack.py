@@ -234,9 +234,14 @@ class MailProbe:
     (``connections`` connections at once) of a relay, for ``seconds`` each."""
 
     def __init__(self, relay, sender, recipient, message: Callable[[str, str], bytes]) -> None:
-        self.relay, self.sender, self.recipient, self.message = relay, sender, recipient, message
+        self.relay, self.sender, self.message = relay, sender, message
         # throughput's connection i sends to recipients[i % len]: one mailbox, or several
         self.recipients = [recipient]
+
+    @property
+    def recipient(self) -> str:
+        """The latency probe's recipient (the first)."""
+        return self.recipients[0]
 
     def latency(self, seconds: float) -> dict:
         addr, password = self.sender

@@ -22,6 +22,7 @@ new account (from /new, logged in, a push token set) every 10 s, which
 from __future__ import annotations
 
 import collections
+import contextlib
 import http.client
 import imaplib
 import json
@@ -223,11 +224,27 @@ def start(m, workdir: Path, mail_domain: str, env: dict | None = None) -> subpro
     return proc
 
 
+def _stop(workdir: Path, proc: subprocess.Popen) -> None:
+    (workdir / "stop").touch()
+    proc.wait(timeout=120)
+
+
+@contextlib.contextmanager
+def running(m, workdir: Path, mail_domain: str, env: dict | None = None):
+    """``start``'s load for the block; stopped if the block fails (otherwise the
+    caller ends it with ``stop_drain_count``)."""
+    proc = start(m, workdir, mail_domain, env)
+    try:
+        yield proc
+    except BaseException:
+        _stop(workdir, proc)
+        raise
+
+
 def stop_drain_count(m, workdir: Path, proc: subprocess.Popen, drain: int = 180) -> dict:
     """Stop the load, flush the queue until it is empty (what was deferred while
     a server restarted goes out now), then ``verify``'s counts."""
-    (workdir / "stop").touch()
-    proc.wait(timeout=120)
+    _stop(workdir, proc)
     m.sh(f"for i in $(seq {drain}); do postqueue -f; [ -z \"$(postqueue -j)\" ] && exit 0;"
          " sleep 1; done; postqueue -j; exit 1", timeout=drain + 120)  # fmt: skip
     res = subprocess.run(

@@ -423,9 +423,8 @@ def test_package_on_a_fresh_machine(debs, suite, tmp_path):
         work = tmp_path / "load"
         work.mkdir()
         # LOAD_EXTRA: logins every second and a new account every 10 s meanwhile
-        load = deb_load.start(m, work, DOMAIN, {**os.environ, "LOAD_EXTRA": "1"})
         units = [*DAEMONS, *SERVERS[suite]]
-        try:
+        with deb_load.running(m, work, DOMAIN, {**os.environ, "LOAD_EXTRA": "1"}) as load:
             for round_ in range(KILL_ROUNDS):
                 deb_load.flowing(work, load)
                 # (postfix@-.service has no MainPID on Debian 12: its restarts count)
@@ -439,10 +438,6 @@ def test_package_on_a_fresh_machine(debs, suite, tmp_path):
                         f"{unit} restarted after round {round_ + 1}",
                     )
             deb_load.flowing(work, load)
-        except BaseException:
-            (work / "stop").touch()
-            load.wait(timeout=120)
-            raise
         result = deb_load.stop_drain_count(m, work, load)
         result.pop("twice_ids")
         print(f"{suite}: everything killed {KILL_ROUNDS} times under load: {result}")

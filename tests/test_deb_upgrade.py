@@ -103,8 +103,7 @@ def test_package_upgrades_under_load_lose_nothing(debs, upgrade_debs, suite, tmp
         before = {path: _sha(m, path) for path in kept}
         work = tmp_path / "load"
         work.mkdir()
-        proc = deb_load.start(m, work, DOMAIN)
-        try:
+        with deb_load.running(m, work, DOMAIN) as proc:
             steps = [
                 (f"upgrade {OLD_VERSION} -> this checkout", f"install {DEBS}/{deb.name}"),
                 (f"upgrade -> {NEXT_VERSION}", f"install /debs-next/{nxt.name}"),
@@ -121,10 +120,6 @@ def test_package_upgrades_under_load_lose_nothing(debs, upgrade_debs, suite, tmp
                 print(f"{suite}: {what}: {time.monotonic() - start:.1f} s,"
                       f" {deb_load.accepted(work) - accepted} accepted meanwhile")  # fmt: skip
             deb_load.flowing(work, proc)
-        except BaseException:
-            (work / "stop").touch()
-            proc.wait(timeout=120)
-            raise
         result = deb_load.stop_drain_count(m, work, proc)
         twice_ids = result.pop("twice_ids")
         print(f"{suite}: {result}")
