@@ -123,8 +123,11 @@ def wait_serving(relay, account) -> None:
             with relay.smtp(*account):
                 pass
             return
-        except Exception:
-            assert time.monotonic() < deadline, "the relay did not come back"
+        except Exception as e:
+            if time.monotonic() > deadline:
+                logs = "\n".join(relay._log_of(name) for name in ("postfix", "dovecot"))
+                pytest.fail(f"the relay did not come back ({e!r}); restarts so far: "
+                            f"{relay.restarts}\n{logs}")  # fmt: skip
             time.sleep(0.2)
 
 

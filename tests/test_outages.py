@@ -182,3 +182,34 @@ def test_queue_manager_stopped_or_killed_mail_waits_and_goes_on(relay):
     assert postfix_children(relay, "qmgr") not in ([], [qmgr])
     each_once(relay, rcpt, ids)
     assert "status=bounced" not in postfix_log(relay)
+
+
+def test_a_restart_that_fails_is_tried_again(relay, caplog):
+    """Postfix killed while its start cannot succeed (`postfix check` fails: no
+    master.cf): the supervisor says so, keeps supervising, and starts Postfix
+    once it can, as systemd does for a unit whose ExecStartPre= failed.  (A
+    failed restart once ended the supervisor's thread: nothing came back.)"""
+    sender, rcpt = pair(relay)
+    restarts = relay.restarts.get("postfix", 0)
+    master_cf = relay.layout.postfix_config_dir / "master.cf"
+    aside = master_cf.with_name("master.cf.aside")
+    master_cf.rename(aside)
+    try:
+        for pid in process_tree(relay.pid_of("postfix")):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while "cannot restart postfix" not in caplog.text:
+            assert time.monotonic() < deadline, "the failed restart was not logged"
+            time.sleep(0.1)
+    finally:
+        aside.rename(master_cf)
+    assert "postfix check failed" in caplog.text
+    deadline = time.monotonic() + RECOVERY_TIMEOUT
+    while relay.restarts.get("postfix", 0) == restarts:
+        assert time.monotonic() < deadline, "Postfix was not started again"
+        time.sleep(0.1)
+    with relay.smtp(*sender) as smtp:
+        ids = submit(smtp, sender[0], rcpt[0])
+    wait_delivered(relay, rcpt[0], MESSAGES)
+    each_once(relay, rcpt, ids)

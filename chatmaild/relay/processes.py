@@ -178,7 +178,9 @@ class Supervision:
                 if name in due:
                     if now >= due[name] and not self._stopping.is_set():
                         del due[name]
-                        self._restart(name)
+                        if not self._restart(name):  # as a failed ExecStartPre=: again later
+                            due[name] = now + delay[name]
+                            delay[name] = min(delay[name] * 2, RESTART_DELAY_MAX)
                     continue
                 status = proc.poll()  # also reaps it: no zombie stays behind
                 if status is None:
@@ -192,7 +194,22 @@ class Supervision:
                 due[name] = now + delay[name]
                 delay[name] = min(delay[name] * 2, RESTART_DELAY_MAX)
 
-    def _restart(self, name: str) -> None:
+    def _restart(self, name: str) -> bool:
+        """Start ``name`` again; False (logged) if that failed: the supervisor
+        tries again after the back-off, it never stops supervising the others."""
+        try:
+            proc = self._start_again(name)
+        except Exception as e:  # noqa: BLE001 - any failure: retried, never fatal
+            log.error("relay %s: cannot restart %s: %s", self.mail_domain, name, e)
+            return False
+        self.restarts[name] = self.restarts.get(name, 0) + 1
+        log.warning("relay %s: restarted %s (pid %d)", self.mail_domain, name, proc.pid)
+        if (socket_path := self._delivery_socket(name)) and "postfix" in self.components:
+            threading.Thread(target=self._flush_when_listening, args=(socket_path,),
+                             name=f"relay-flush-{name}", daemon=True).start()  # fmt: skip
+        return True
+
+    def _start_again(self, name: str) -> subprocess.Popen:
         if name in SERVERS:
             # what the dead master left (children finishing, a stale lock) must go first
             self._end_server_leftovers(name)
@@ -203,16 +220,7 @@ class Supervision:
             if removed:
                 log.warning("relay %s: removed %d stale dovecot-uidlist.lock file(s)",
                             self.mail_domain, len(removed))  # fmt: skip
-        try:
-            proc = self.spawn(name)
-        except OSError as e:
-            log.error("relay %s: cannot restart %s: %s", self.mail_domain, name, e)
-            return
-        self.restarts[name] = self.restarts.get(name, 0) + 1
-        log.warning("relay %s: restarted %s (pid %d)", self.mail_domain, name, proc.pid)
-        if (socket_path := self._delivery_socket(name)) and "postfix" in self.components:
-            threading.Thread(target=self._flush_when_listening, args=(socket_path,),
-                             name=f"relay-flush-{name}", daemon=True).start()  # fmt: skip
+        return self.spawn(name)
 
     def _delivery_socket(self, name: str) -> str | None:
         """The socket Postfix delivers into that ``name`` serves, if any."""
@@ -232,8 +240,12 @@ class Supervision:
         while socket_path not in _listening()[1]:
             if time.monotonic() > deadline or self._stopping.wait(0.05):
                 return
-        res = subprocess.run(["postqueue", "-c", str(self.layout.postfix_config_dir), "-f"],
-                             capture_output=True, text=True, timeout=30, check=False)  # fmt: skip
+        flush = ["postqueue", "-c", str(self.layout.postfix_config_dir), "-f"]
+        try:
+            res = subprocess.run(flush, capture_output=True, text=True, timeout=30, check=False)
+        except (OSError, subprocess.TimeoutExpired) as e:
+            log.warning("relay %s: postqueue -f: %s", self.mail_domain, e)
+            return
         if res.returncode:
             log.warning("relay %s: postqueue -f: %s", self.mail_domain, res.stderr.strip()[:200])
 

@@ -543,6 +543,7 @@ class Relay(PortHolding, Supervision, Readiness):
                 stdin=subprocess.DEVNULL,
                 stdout=out,
                 stderr=subprocess.STDOUT,
+                timeout=120,
             )
         if res.returncode != 0:
             raise RelayError(f"postfix check failed ({res.returncode})\n{self._log_of('postfix')}")
