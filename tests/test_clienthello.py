@@ -147,3 +147,17 @@ def test_the_front_and_port_443_share_one_budget_of_mail_connections():
     assert front.open_tunnel("192.0.2.3") == "mail connection limit reached"
     web.close_tunnel("192.0.2.2")
     assert front.open_tunnel("192.0.2.3") is None
+
+
+def test_roles_of_one_process_take_one_budget_and_other_processes_their_own(tmp_path):
+    from chatmaild.web.main import PlainHttpDaemon
+    from tests.fixtures.filtermail import make_config
+
+    config = make_config(tmp_path, max_imap_connections=3)
+    shared: dict[str, object] = {}  # what run_daemons gives the roles of one process
+    front, web = PlainHttpDaemon(config), PlainHttpDaemon(config)
+    front.shared = web.shared = shared
+    budget = front.mail_connections()
+    assert web.mail_connections() is budget
+    assert budget.take("192.0.2.1") is None
+    assert PlainHttpDaemon(config).mail_connections() is not budget  # another process

@@ -237,6 +237,8 @@ class Daemon:
         self.stopping = asyncio.Event()
         # where it listens (its endpoint() or --listen's), known before start()
         self.listen_endpoint: Endpoint | None = None
+        # what the roles of one process share (run_daemons gives them one dict), by name
+        self.shared: dict[str, object] = {}
         self._inflight = 0
         self._idle = asyncio.Event()
         self._idle.set()
@@ -549,8 +551,10 @@ def run_daemons(
     async def main() -> int:
         daemons = [cls(config, args) for cls in classes]
         endpoints = [listen[d.name] if d.name in listen else d.endpoint() for d in daemons]
+        shared: dict[str, object] = {}
         for daemon, endpoint in zip(daemons, endpoints, strict=True):
             daemon.listen_endpoint = endpoint
+            daemon.shared = shared
         try:
             inherited = inherited_for(endpoints, systemd_sockets())
         except OSError as e:

@@ -567,6 +567,14 @@ class WebRole(Daemon):
         assert self.server is not None
         return self.server.protocol
 
+    def mail_connections(self) -> SourceBudget:
+        """The process's one budget of mail connections: port 993's front and port
+        443's tunnels hold the same descriptors, so they count against the same limit."""
+        budget = self.shared.get("mail_connections")
+        if not isinstance(budget, SourceBudget):
+            budget = self.shared["mail_connections"] = mail_connections(self.config, self.log)
+        return budget
+
     def reload(self) -> None:
         """A renewed certificate (chatmail-acme sends SIGHUP): new connections get it,
         open ones keep theirs."""
@@ -629,7 +637,7 @@ class NewEmailDaemon(WebRole):
         c = self.config
         admission = Admission(
             max_connections=self._connection_budget(),
-            tunnels=mail_connections(c, self.log),
+            tunnels=self.mail_connections(),
             max_per_source=c.web_max_connections_per_ip,
             max_handshakes=c.web_max_handshakes,
             handshakes_per_minute=60 * c.web_handshake_rate,
@@ -701,7 +709,7 @@ class ImapsFront(WebRole):
             max_handshakes=FRONT_MAX_HANDSHAKES,
             handshakes_per_minute=FRONT_HANDSHAKES_PER_MINUTE,
             handshake_burst=FRONT_HANDSHAKE_BURST,
-            tunnels=mail_connections(c, self.log),
+            tunnels=self.mail_connections(),
         )
         # a relay's restart brings every device back at once: past the handshakes
         # in progress they wait their turn, not refused
@@ -722,26 +730,20 @@ def open_files_limit() -> int:
     return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 
 
-# one per process: port 993's front and port 443's tunnels hold the same descriptors
-_MAIL_CONNECTIONS: list[SourceBudget] = []
-
-
 def mail_connections(config: Config, log: logging.Logger) -> SourceBudget:
-    """The process's budget of IMAP/SMTP connections passed on to Dovecot and Postfix:
+    """A process's budget of IMAP/SMTP connections passed on to Dovecot and Postfix:
     max_imap_connections, lowered when the open-files limit cannot hold two sockets
     each beside the pages' web_max_connections."""
-    if not _MAIL_CONNECTIONS:
-        soft = open_files_limit()
-        fit = max(0, (soft - 64 - 2 * config.web_max_connections) // 2)
-        limit = min(config.max_imap_connections, fit)
-        if limit < config.max_imap_connections:
-            log.warning(
-                "open files limit %d holds %d IMAP/SMTP connections, not max_imap_connections"
-                " = %d (raise LimitNOFILE= to serve more)",
-                soft, limit, config.max_imap_connections,
-            )  # fmt: skip
-        _MAIL_CONNECTIONS.append(mail_budget(limit, MAIL_TUNNELS_PER_SOURCE))
-    return _MAIL_CONNECTIONS[0]
+    soft = open_files_limit()
+    fit = max(0, (soft - 64 - 2 * config.web_max_connections) // 2)
+    limit = min(config.max_imap_connections, fit)
+    if limit < config.max_imap_connections:
+        log.warning(
+            "open files limit %d holds %d IMAP/SMTP connections, not max_imap_connections"
+            " = %d (raise LimitNOFILE= to serve more)",
+            soft, limit, config.max_imap_connections,
+        )  # fmt: skip
+    return mail_budget(limit, MAIL_TUNNELS_PER_SOURCE)
 
 
 def tls_context(config: Config, alpn: tuple[str, ...] = ()) -> ssl.SSLContext:
