@@ -108,6 +108,11 @@ def soak(suite: str, deb: Path) -> None:
             growth.append((rss1 - rss0, fd1 - fd0, key, rss0, rss1, fd0, fd1))
             print(f"soak {suite}: {key[0]} {key[2]} (pid {key[1]}): RSS {rss0 / 1024:.1f} ->"
                   f" {rss1 / 1024:.1f} MB, fds {fd0} -> {fd1}")  # fmt: skip
+        # the shape tells a leak (a line) from a warm-up (a plateau)
+        for key in [g[2] for g in sorted(growth, reverse=True)[:3]]:
+            series = " ".join(f"{t / 60:.0f}m:{found[key][0] / 1024:.1f}"
+                              for t, found in samples if key in found)  # fmt: skip
+            print(f"soak {suite}: {key[0]} {key[2]} (pid {key[1]}) RSS MB over time: {series}")
         worst, fds = max(growth), max(g[1] for g in growth)
         print(f"soak {suite}: largest RSS growth after warm-up {worst[0] / 1024:.1f} MB"
               f" ({worst[2][2]} of {worst[2][0]}), largest fd growth {fds}"
