@@ -6,12 +6,14 @@
 -- creation on first login, registration limits, disabled accounts) live in
 -- doveauth; this script only translates.
 --
---   POST /passdb  user=U&password=P  ->  result=ok&password={SHA512-CRYPT}...[&user=U']
+--   POST /passdb  user=U&password=P  ->  result=ok&password={PLAIN}P[&user=U']
+--                 (P verified by doveauth) or password={SHA512-CRYPT}... (it was not)
 --   POST /userdb  user=U             ->  result=ok&home=...&uid=...&gid=...[&user=U']
 --   GET  /users                      ->  one address per line
 --   result=unknown                   ->  no such account (or creation refused)
 --
--- Dovecot verifies the password against the returned hash.  Anything but
+-- Dovecot compares the password with the returned one (a wrong password gets
+-- the stored hash, which Dovecot verifies and refuses).  Anything but
 -- "200 result=..." (doveauth down, a timeout, a 5xx) is a temporary failure,
 -- never a wrong password.
 --

@@ -9,7 +9,12 @@ import threading
 
 import pytest
 
-from chatmaild.common.accounts import FLAG_DISABLED, AccountStore, verify_password
+from chatmaild.common.accounts import (
+    FLAG_DISABLED,
+    AccountStore,
+    hash_password,
+    verify_password,
+)
 from chatmaild.common.config import read_config
 from chatmaild.dictd.doveauth import split_escaped_key
 from chatmaild.dictd.proxy import tabescape, tabunescape
@@ -68,8 +73,9 @@ def test_first_login_creates_account(auth):
     assert fields["addr"] == ADDR
     assert fields["uid"] == fields["gid"]
     assert fields["home"] == str(auth.store.account(ADDR).home)
-    assert fields["password"].startswith("{SHA512-CRYPT}$6$")
-    assert verify_password("first-password", fields["password"])
+    # made with this password: answered in the PLAIN scheme, Dovecot only compares
+    assert fields["password"] == "{PLAIN}first-password"
+    assert verify_password("first-password", auth.store.account(ADDR).password_hash())
     assert "user" not in fields  # the name was already canonical
     assert f"Created address: {ADDR}" in auth.daemon.log()
     # userdb answers go to doveadm, LMTP and mail processes: never the hash
@@ -80,15 +86,34 @@ def test_first_login_creates_account(auth):
 
 def test_password_with_quotes_backslashes_and_tabs(auth):
     password = "a\\b\"c'd/e\tf g\x01h"
-    fields = passdb(auth, ADDR, password)
-    assert verify_password(password, fields["password"])
+    assert passdb(auth, ADDR, password)["password"] == "{PLAIN}" + password
+    assert verify_password(password, auth.store.account(ADDR).password_hash())
 
 
-def test_existing_account_returns_stored_hash_for_any_password(auth):
-    first = passdb(auth, ADDR, "first-password")
+def test_existing_account_returns_stored_hash_for_a_wrong_password(auth):
+    passdb(auth, ADDR, "first-password")
     again = passdb(auth, ADDR, "some-other-password")
-    assert again["password"] == first["password"]
+    stored = auth.store.account(ADDR).password_hash()
+    assert again["password"] == stored  # Dovecot verifies it and refuses
     assert auth.daemon.log().count("Created address") == 1
+
+
+def test_right_password_is_answered_plain_once_verified(auth):
+    """Existing account, right password: verified here, answered in Dovecot's
+    PLAIN scheme (Dovecot only compares); a password with quotes, backslashes
+    and tabs too.  The account made again (a new salt): the old password no
+    longer passes, the new one does."""
+    password = "a\\b\"c'd/e\tf g\x01h"
+    auth.store.create(ADDR, hash_password(password), password_is_hash=True)  # not by doveauth
+    stored = auth.store.account(ADDR).password_hash()
+    assert passdb(auth, ADDR, password + "x")["password"] == stored
+    for _ in range(2):  # verified with the stored hash, then remembered
+        assert passdb(auth, ADDR, password)["password"] == "{PLAIN}" + password
+    assert passdb(auth, ADDR, password + "x")["password"] == stored
+    assert auth.store.delete(ADDR)
+    passdb(auth, ADDR, "the-new-password")
+    assert passdb(auth, ADDR, password)["password"].startswith("{SHA512-CRYPT}")
+    assert passdb(auth, ADDR, "the-new-password")["password"] == "{PLAIN}the-new-password"
 
 
 def test_uppercase_login_maps_to_canonical_user(auth):
@@ -198,7 +223,7 @@ def test_concurrent_lookups_do_not_fail(doveauth):
 
 
 def test_200_parallel_first_logins_make_one_account(doveauth):
-    _, sock, daemon = doveauth
+    ini, sock, daemon = doveauth
     clients = [RawDictClient(sock) for _ in range(200)]
     try:
         for i, client in enumerate(clients):
@@ -208,11 +233,13 @@ def test_200_parallel_first_logins_make_one_account(doveauth):
     finally:
         for client in clients:
             client.close()
-    hashes = {json.loads(r[1:])["password"] for r in replies}
-    assert len(hashes) == 1
+    answers = [json.loads(r[1:])["password"] for r in replies]
     assert daemon.log().count("Created address") == 1
-    (stored,) = hashes
+    stored = AccountStore(read_config(ini)).account(ADDR).password_hash()
     assert sum(verify_password(f"password-{i:03d}", stored) for i in range(200)) == 1
+    # the one that made it is answered its password (PLAIN), the others the stored hash
+    made = [i for i in range(200) if verify_password(f"password-{i:03d}", stored)]
+    assert answers == [f"{{PLAIN}}password-{i:03d}" if i in made else stored for i in range(200)]
 
 
 def test_doveauth_lookup_commands(doveauth):

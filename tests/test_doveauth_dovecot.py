@@ -100,6 +100,27 @@ def test_wrong_password_fails(auth_relay):
     assert store(auth_relay).account(addr).password_hash() == before
 
 
+def test_logins_verified_by_doveauth_pass_and_wrong_ones_still_fail(auth_relay):
+    """After the first login doveauth answers the verified password in the PLAIN
+    scheme: Dovecot lets the right one in (again and again, also with quotes and
+    a backslash in it), a longer or a shorter one never, nor the
+    stored hash given as the password, nor the old password of an account made
+    again."""
+    addr, password = auth_relay.new_credentials()
+    password += "\"'\\ x"
+    auth_relay.imap(addr, password).logout()  # created
+    for _ in range(3):  # verified, then remembered
+        auth_relay.imap(addr, password).logout()
+    stored = store(auth_relay).account(addr).password_hash()
+    for wrong in (password + "x", password[:-1], stored, "{PLAIN}" + password):
+        assert login_fails(auth_relay, addr, wrong), wrong
+    auth_relay.imap(addr, password).logout()
+    assert store(auth_relay).delete(addr)
+    auth_relay.imap(addr, password + "-new").logout()  # created again
+    assert login_fails(auth_relay, addr, password)
+    auth_relay.imap(addr, password + "-new").logout()
+
+
 def test_too_short_password_is_refused(auth_relay):
     addr, _ = auth_relay.new_credentials()
     assert login_fails(auth_relay, addr, "short")

@@ -1,7 +1,9 @@
 """Dovecot passdb/userdb that creates accounts on first login.
 
-Dovecot asks over a UNIX socket.  For an existing account doveauth answers
-the stored password hash and Dovecot verifies the password itself; an unknown
+Dovecot asks over a UNIX socket.  For an existing account doveauth verifies
+the password against the stored hash once and answers it in Dovecot's PLAIN
+scheme, at later logins without hashing again (chatmaild.dictd.verified); a
+wrong password gets the stored hash, which Dovecot verifies and refuses.  An unknown
 address is created on the spot when registration is open (no nocreate file),
 the password is long enough, the localpart is valid and the machine is not
 overloaded.
@@ -61,13 +63,14 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from chatmaild.common import metrics
-from chatmaild.common.accounts import AccountStore, hash_password
+from chatmaild.common.accounts import AccountStore, hash_password, verify_password
 from chatmaild.common.addr import AddressError
 from chatmaild.common.config import Config
 from chatmaild.common.service import Endpoint, Server, bind_socket, run_daemon
 from chatmaild.dictd.auth import NO_ACCOUNT, AuthService
 from chatmaild.dictd.authhttp import AuthHttpResponder
 from chatmaild.dictd.proxy import DictDaemon, ProtocolError
+from chatmaild.dictd.verified import PLAIN_SCHEME, VerifiedLogins
 
 __all__ = ["AuthService", "DoveauthDaemon", "main", "migrate_legacy_db", "split_escaped_key"]
 
@@ -155,6 +158,7 @@ class DoveauthDaemon(DictDaemon):
         self.http_server: Server | None = None
         self.hashers = ThreadPoolExecutor(HASH_THREADS, thread_name_prefix="hash")
         self.writers = ThreadPoolExecutor(WRITE_THREADS, thread_name_prefix="create")
+        self.verified = VerifiedLogins()
         self._recount: asyncio.Task | None = None
 
     async def start(self) -> None:
@@ -200,13 +204,34 @@ class DoveauthDaemon(DictDaemon):
     async def passdb(self, username: str, password: str) -> dict[str, str] | None:
         """An existing, enabled account's fields, else whatever creation decides."""
         answer = self.auth.existing(username)
+        if answer is None:
+            return None
         if answer is not NO_ACCOUNT:
-            return answer  # no thread for existing accounts
+            return await self._verified(username, password, answer)
         if self.auth.creation_refused(username, password):
             return None
         loop = asyncio.get_running_loop()
         stored = await loop.run_in_executor(self.hashers, hash_password, password)
-        return await loop.run_in_executor(self.writers, self.auth.create, username, stored)
+        answer = await loop.run_in_executor(self.writers, self.auth.create, username, stored)
+        if answer is None or answer["password"] != stored:
+            return answer  # a concurrent first login made it, with its own password
+        # made with this password just now (its salt is new): no need to hash it again
+        self.verified.add(username, stored, password)
+        return {**answer, "password": PLAIN_SCHEME + password}
+
+    async def _verified(
+        self, username: str, password: str, answer: dict[str, str]
+    ) -> dict[str, str]:
+        """An existing account's passdb fields: with the password in Dovecot's PLAIN
+        scheme once it has been verified here (chatmaild.dictd.verified), else with
+        the stored hash, which Dovecot compares, refuses and logs as a mismatch."""
+        stored = answer["password"]
+        if not self.verified.known(username, stored, password):
+            loop = asyncio.get_running_loop()
+            if not await loop.run_in_executor(self.hashers, verify_password, password, stored):
+                return answer
+            self.verified.add(username, stored, password)
+        return {**answer, "password": PLAIN_SCHEME + password}
 
     def userdb(self, username: str) -> dict[str, str] | None:
         return self.auth.userdb(username)
