@@ -90,6 +90,8 @@ def test_other_users_cannot_list_or_read_accounts(relay, account):
     assert probe_as("dovecot", "dovecot", "list", mailboxes) == "EACCES"
     # make run's logs name every created account ("Created address: ...")
     assert probe_as("nobody", "nogroup", "list", relay.log_dir) == "EACCES"
+    for name in ("postfix.log", "dovecot.log", "dict.log"):
+        assert probe_as("nobody", "nogroup", "read", relay.log_dir / name) == "EACCES", name
 
 
 def test_account_creation_metadata_and_last_login_still_work(relay):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import pwd
 import re
 import signal
 import time
@@ -209,6 +210,34 @@ def test_a_restart_that_fails_is_tried_again(relay, caplog):
     while relay.restarts.get("postfix", 0) == restarts:
         assert time.monotonic() < deadline, "Postfix was not started again"
         time.sleep(0.1)
+    with relay.smtp(*sender) as smtp:
+        ids = submit(smtp, sender[0], rcpt[0])
+    wait_delivered(relay, rcpt[0], MESSAGES)
+    each_once(relay, rcpt, ids)
+
+
+def test_a_killed_cleanups_temporary_file_does_not_stop_postfix(relay, caplog):
+    """A cleanup killed while writing a queue file leaves it in incoming/ under
+    its temporary name; before the next start `postfix check` (postsuper, then
+    running as Postfix's mail_owner) warns about it, and a warning it could not
+    write to the log file stopped Postfix from coming back at all (CI, the kill
+    test's 4th round)."""
+    sender, rcpt = pair(relay)
+    restarts = relay.restarts.get("postfix", 0)
+    incoming = relay.layout.postfix_queue_dir / "incoming"
+    postfix = pwd.getpwnam("postfix")
+    temp = incoming / f"{os.getpid() + 100000}.{os.getpid()}"  # inode.pid, as cleanup names it
+    temp.write_bytes(b"")
+    os.chown(temp, postfix.pw_uid, postfix.pw_gid)
+    os.chmod(temp, 0o600)
+    for pid in process_tree(relay.pid_of("postfix")):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + RECOVERY_TIMEOUT
+    while relay.restarts.get("postfix", 0) == restarts:
+        assert time.monotonic() < deadline, "Postfix did not come back:\n" + caplog.text[-3000:]
+        time.sleep(0.1)
+    assert "cannot restart postfix" not in caplog.text
     with relay.smtp(*sender) as smtp:
         ids = submit(smtp, sender[0], rcpt[0])
     wait_delivered(relay, rcpt[0], MESSAGES)

@@ -364,8 +364,17 @@ class Relay(PortHolding, Supervision, Readiness):
         os.chmod(self.state_dir, 0o755)  # postfix, dovecot, vmail all traverse it
         for d in (self.log_dir, self.layout.postfix_queue_dir, self.layout.dovecot_state_dir):
             d.mkdir(parents=True, exist_ok=True)
-        os.chmod(self.log_dir, 0o700)  # the logs name every account; only root writes them
         postfix_user = pwd.getpwnam("postfix")
+        # the logs name every account: root's, and Postfix's mail_owner may enter to
+        # write its own.  postsuper (`postfix check` before each start) runs as
+        # mail_owner and, with the master down, writes its warnings (a killed cleanup's
+        # temporary file) to the file itself; failing that, it stopped the start
+        os.chown(self.log_dir, 0, postfix_user.pw_gid)
+        os.chmod(self.log_dir, 0o710)
+        maillog = self.log_dir / "postfix.log"
+        maillog.touch(mode=0o600)
+        os.chown(maillog, postfix_user.pw_uid, postfix_user.pw_gid)
+        os.chmod(maillog, 0o600)
         self.layout.postfix_data_dir.mkdir(parents=True, exist_ok=True)
         os.chown(self.layout.postfix_data_dir, postfix_user.pw_uid, postfix_user.pw_gid)
         dirs = (self.run_dir, self.state_dir / "vmail", Path(self.config.mailboxes_dir),
