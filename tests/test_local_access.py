@@ -92,6 +92,12 @@ def test_other_users_cannot_list_or_read_accounts(relay, account):
     assert probe_as("nobody", "nogroup", "list", relay.log_dir) == "EACCES"
     for name in ("postfix.log", "dovecot.log", "dict.log"):
         assert probe_as("nobody", "nogroup", "read", relay.log_dir / name) == "EACCES", name
+    # Postfix's mail_owner enters the directory to write its own log, and reads no other
+    assert probe_as("postfix", "postfix", "list", relay.log_dir) == "EACCES"
+    others = sorted(set(os.listdir(relay.log_dir)) - {"postfix.log"})
+    assert {"dict.log", "dovecot.log", "postfix-start.out"} <= set(others), others
+    for name in others:
+        assert probe_as("postfix", "postfix", "read", relay.log_dir / name) == "EACCES", name
 
 
 def test_account_creation_metadata_and_last_login_still_work(relay):

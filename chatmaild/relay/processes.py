@@ -89,6 +89,14 @@ def _wait_gone(pids: set[int], timeout: float) -> None:
             os.kill(pid, signal.SIGKILL)
 
 
+def open_log(path: Path):
+    """``path`` opened for appending, root's alone (0600, also if it existed): the
+    logs name every account, and Postfix's mail_owner may enter their directory."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    os.fchmod(fd, 0o600)
+    return os.fdopen(fd, "ab")
+
+
 def _read_pid(path: Path) -> int | None:
     try:
         return int(path.read_text().split()[0])
@@ -137,7 +145,7 @@ class Supervision:
         logfile = self.log_dir / (f"{name}-start.out" if name in SERVERS else f"{name}.log")
         if name == "postfix":
             self._postfix_check(logfile)
-        with open(logfile, "ab") as out:
+        with open_log(logfile) as out:
             proc = subprocess.Popen(
                 self.daemon_command(name),
                 stdin=subprocess.DEVNULL,

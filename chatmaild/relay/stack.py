@@ -63,6 +63,7 @@ from chatmaild.relay.processes import (
     _alive,
     _read_pid,
     _wait_gone,
+    open_log,
     process_tree,
     title,
 )
@@ -546,7 +547,7 @@ class Relay(PortHolding, Supervision, Readiness):
     def _postfix_check(self, logfile: Path) -> None:
         """What `postfix start` does before it runs the master: create missing queue
         directories (private/ for Dovecot's sockets too), check owners and modes."""
-        with open(logfile, "ab") as out:
+        with open_log(logfile) as out:
             res = subprocess.run(
                 ["postfix", "-c", str(self.layout.postfix_config_dir), "check"],
                 stdin=subprocess.DEVNULL,
