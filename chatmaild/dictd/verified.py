@@ -34,7 +34,7 @@ class VerifiedLogins:
         self.limit = limit
         self._key = os.urandom(32)
         self._digests: dict[str, bytes] = {}
-        self.hits = 0  # for tests and benchmarks
+        self.hits = 0  # answered without hashing (the tests count them)
 
     def _digest(self, stored_hash: str, password: str) -> bytes:
         text = f"{stored_hash}\0{password}".encode("utf-8", "surrogatepass")

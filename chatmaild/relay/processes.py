@@ -178,6 +178,11 @@ class Supervision:
         """Restart what dies, with back-off (the units' Restart=always), until stop()."""
         delay = {name: RESTART_DELAY for name in self._procs}
         due: dict[str, float] = {}
+
+        def start_later(name: str, now: float) -> None:
+            due[name] = now + delay[name]
+            delay[name] = min(delay[name] * 2, RESTART_DELAY_MAX)
+
         while not self._stopping.wait(0.1):
             now = time.monotonic()
             with self._lock:
@@ -187,8 +192,7 @@ class Supervision:
                     if now >= due[name] and not self._stopping.is_set():
                         del due[name]
                         if not self._restart(name):  # as a failed ExecStartPre=: again later
-                            due[name] = now + delay[name]
-                            delay[name] = min(delay[name] * 2, RESTART_DELAY_MAX)
+                            start_later(name, now)
                     continue
                 status = proc.poll()  # also reaps it: no zombie stays behind
                 if status is None:
@@ -199,8 +203,7 @@ class Supervision:
                     "relay %s: %s exited with status %s; restarting in %.1f s",
                     self.mail_domain, name, status, delay[name],
                 )  # fmt: skip
-                due[name] = now + delay[name]
-                delay[name] = min(delay[name] * 2, RESTART_DELAY_MAX)
+                start_later(name, now)
 
     def _restart(self, name: str) -> bool:
         """Start ``name`` again; False (logged) if that failed: the supervisor

@@ -373,9 +373,8 @@ class Relay(PortHolding, Supervision, Readiness):
         os.chown(self.log_dir, 0, postfix_user.pw_gid)
         os.chmod(self.log_dir, 0o710)
         maillog = self.log_dir / "postfix.log"
-        maillog.touch(mode=0o600)
+        open_log(maillog).close()
         os.chown(maillog, postfix_user.pw_uid, postfix_user.pw_gid)
-        os.chmod(maillog, 0o600)
         self.layout.postfix_data_dir.mkdir(parents=True, exist_ok=True)
         os.chown(self.layout.postfix_data_dir, postfix_user.pw_uid, postfix_user.pw_gid)
         dirs = (self.run_dir, self.state_dir / "vmail", Path(self.config.mailboxes_dir),
