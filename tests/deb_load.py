@@ -16,7 +16,10 @@ holds of the accepted messages and whether its token is still there.
 For a soak (bench/bench_soak.py): LOAD_RATE=N submits at most N messages a
 second; LOAD_EXTRA=1 also logs one of the accounts in every second and creates a
 new account (from /new, logged in, a push token set) every 10 s, which
-``verify`` logs in again.
+``verify`` logs in again.  LOAD_REMOTE=ADDR[,ADDR...] sends every fifth message
+to one of those addresses of another domain instead (bench/soakpeer.py counts
+them); ``verify`` also counts WORKDIR/accepted-in (mail the relay took on port 25
+for the recipients) as ``in_*``.
 """
 
 from __future__ import annotations
@@ -92,6 +95,7 @@ def load(workdir: Path, mail_domain: str) -> int:
         threading.Thread(target=_extra, args=(workdir, mail_domain, [sender, *rcpts], errors),
                          daemon=True).start()  # fmt: skip
     pause = 1 / float(os.environ["LOAD_RATE"]) if os.environ.get("LOAD_RATE") else 0.0
+    remote = [a for a in os.environ.get("LOAD_REMOTE", "").split(",") if a]
     i = 0
     with open(workdir / "accepted", "a") as accepted:
         while not stop.exists():
@@ -100,6 +104,8 @@ def load(workdir: Path, mail_domain: str) -> int:
                     smtp.login(*sender)
                     while not stop.exists():
                         rcpt = rcpts[i % RECIPIENTS][0]
+                        if remote and i % 5 == 4:
+                            rcpt = remote[i // 5 % len(remote)]
                         msg = encrypted_message(sender[0], [rcpt], subject=f"load {i}")
                         mid = MESSAGE_ID.search(msg).group(1).decode()
                         smtp.sendmail(sender[0], [rcpt], msg)
@@ -141,13 +147,18 @@ def _extra(workdir: Path, mail_domain: str, accounts: list, errors: collections.
 
 def verify(workdir: Path) -> int:
     accounts = json.loads((workdir / "accounts.json").read_text())
-    expected: dict[str, list[str]] = collections.defaultdict(list)
-    for line in (workdir / "accepted").read_text().splitlines():
-        rcpt, mid = line.split()
-        expected[rcpt].append(mid)
+    expected: dict[str, dict[str, list[str]]] = {"": collections.defaultdict(list),
+                                                 "in_": collections.defaultdict(list)}  # fmt: skip
+    for prefix, name in (("", "accepted"), ("in_", "accepted-in")):
+        path = workdir / name
+        for line in path.read_text().splitlines() if path.exists() else []:
+            rcpt, mid = line.split()
+            expected[prefix][rcpt].append(mid)
     _imap(*accounts["sender"]).logout()  # the sender's account is there
     result = {"accepted": 0, "delivered": 0, "lost": 0, "twice": 0, "tokens": 0,
               "twice_ids": []}  # fmt: skip
+    if (workdir / "accepted-in").exists():
+        result.update(in_accepted=0, in_delivered=0, in_lost=0, in_twice=0)
     for addr, password in accounts["rcpts"]:
         conn = _imap(addr, password)
         conn.select("INBOX", readonly=True)
@@ -161,13 +172,14 @@ def verify(workdir: Path) -> int:
         if f"tok-{addr}".encode() in repr(meta).encode():
             result["tokens"] += 1
         conn.logout()
-        for mid in expected[addr]:
-            result["accepted"] += 1
-            result["delivered"] += found[mid] > 0
-            result["lost"] += found[mid] == 0
-            result["twice"] += max(found[mid] - 1, 0)
-            if found[mid] > 1:
-                result["twice_ids"].append(mid)
+        for prefix, mids in expected.items():
+            for mid in mids[addr]:
+                result[prefix + "accepted"] += 1
+                result[prefix + "delivered"] += found[mid] > 0
+                result[prefix + "lost"] += found[mid] == 0
+                result[prefix + "twice"] += max(found[mid] - 1, 0)
+                if found[mid] > 1:
+                    result["twice_ids"].append(mid)
     made = workdir / "created"
     created = [line.split() for line in made.read_text().splitlines()] if made.exists() else []
     result["created"] = len(created)
