@@ -144,17 +144,40 @@ def test_what_is_not_tls_reaches_no_dovecot(relay):
     assert not dovecot_lines(relay, rf"{marker}|192\.0\.2\.67")
 
 
+def _greeting_443(relay, alpn: str = "imap") -> bytes:
+    """The first line a client asking port 443 for ALPN ``alpn`` gets."""
+    ctx = client_tls_context()
+    ctx.set_alpn_protocols([alpn])
+    raw = socket.create_connection((relay.host, int(relay.ports["newemail"])), timeout=30)
+    tls = ctx.wrap_socket(raw, server_hostname=relay.mail_domain)
+    try:
+        return tls.makefile("rb").readline()
+    finally:
+        tls.close()
+
+
 def test_a_full_front_says_why_in_imap(tmp_path):
     """Past the mail connections' budget (max_imap_connections here) a client gets
-    IMAP's own refusal with the limit's name, and the log names it too."""
+    IMAP's own refusal with the limit's name, and the log names it too.  Port 993's
+    front and port 443's IMAP tunnels are roles of one process: one budget."""
     with full_relay({"max_imap_connections": 3}) as small:
-        held = [connect(small) for _ in range(3)]
+        held = [connect(small) for _ in range(2)]
         try:
+            full = b"* BYE [UNAVAILABLE] mail connection limit reached\r\n"
+            ctx = client_tls_context()
+            ctx.set_alpn_protocols(["imap"])
+            raw = socket.create_connection((small.host, int(small.ports["newemail"])), timeout=30)
+            tunnel = ctx.wrap_socket(raw, server_hostname=small.mail_domain)
+            assert tunnel.makefile("rb").readline().startswith(b"* OK ")  # the third, by 443
+            held.append((tunnel, None))  # two on 993 and one on 443: the budget is spent
             raw = socket.create_connection((small.host, int(small.ports["imaps"])), timeout=30)
             tls = client_tls_context().wrap_socket(raw, server_hostname=small.mail_domain)
             greeting = tls.makefile("rb").readline()
-            assert greeting == b"* BYE [UNAVAILABLE] mail connection limit reached\r\n"
+            assert greeting == full
             tls.close()
+            # port 443 passes its mail clients' TLS on; refused, it ends it itself to say why
+            assert _greeting_443(small) == full
+            assert _greeting_443(small, "smtp") == b"421 4.7.0 mail connection limit reached\r\n"
             log = small.log_dir / "newemail.log"
             wait_for(lambda: "chatmail-imaps" in log.read_text()
                      and "mail connection limit reached" in log.read_text(),

@@ -57,6 +57,8 @@ TRIM_BELOW = 16
 # bytes kept of a connection waiting for a handshake slot: a ClientHello (a
 # post-quantum key share makes it ~1.8 KB), not what a flood would pile up
 QUEUED_HELLO = 8192
+# a port 443 mail client refused for a limit: its protocol's own refusal as greeting
+MAIL_REFUSALS = {"imap": "* BYE [UNAVAILABLE] {}\r\n", "smtp": "421 4.7.0 {}\r\n"}
 
 
 @dataclass(frozen=True)
@@ -271,6 +273,7 @@ class Connection(asyncio.Protocol):
         "request_limit",
         "early",
         "queued",
+        "refusal",
     )
 
     def __init__(self, server: HttpsServer) -> None:
@@ -298,6 +301,7 @@ class Connection(asyncio.Protocol):
         self.request_limit = server.settings.max_request_bytes  # an upload's is larger
         self.early = b""  # an upgrade's bytes that came before its backend answered
         self.queued: bytes | None = None  # bytes of a connection waiting for a handshake slot
+        self.refusal = b""  # a refused mail tunnel's words, said once our TLS is up
 
     # ------------------------------------------------------------ asyncio callbacks
 
@@ -420,6 +424,10 @@ class Connection(asyncio.Protocol):
             if self.server.terminate_to is not None:
                 # the IMAP front: what the client sends next is Dovecot's
                 self._open_tunnel(self.server.terminate_to, b"")
+            elif self.refusal:
+                self._send(self.refusal)
+                self.close()
+                return
             else:
                 self._wait_for_request()
         self._read_tls()
@@ -437,28 +445,39 @@ class Connection(asyncio.Protocol):
         if offered is None:
             return None  # more to come
         first, self.hello = self.hello, b""
-        route = next((self.server.mail_routes[p] for p in offered
-                      if p in self.server.mail_routes), None)  # fmt: skip
-        if route is None:
+        protocol = next((p for p in offered if p in self.server.mail_routes), None)
+        if protocol is None:
             return first
-        self._open_tunnel(route, first)
-        return None
+        refused = self._open_tunnel(self.server.mail_routes[protocol], first, tls_refusal=True)
+        if refused is None:
+            return None
+        # the mail server's TLS is not ours to end, but our own handshake lets the
+        # client read why in its protocol's words rather than see a dropped handshake
+        self.refusal = MAIL_REFUSALS.get(protocol, "{}\r\n").format(refused).encode()
+        return first
 
     def _open_tunnel(
-        self, route: tuple[str, int], first: bytes, unreachable: bytes | None = None
-    ) -> None:
+        self,
+        route: tuple[str, int],
+        first: bytes,
+        unreachable: bytes | None = None,
+        tls_refusal: bool = False,
+    ) -> str | None:
         """From now on this connection is a tunnel to ``route`` (which gets ``first``
-        first); ``unreachable``: the answer to send when the backend is not there."""
+        first); ``unreachable``: the answer to send when the backend is not there.
+        Refused: why (with ``tls_refusal`` the caller says it, otherwise it is said)."""
         refused = self.server.admission.open_tunnel(self.source)
         if refused is not None:
             self.server.refusals.note(refused, self.source)
+            if tls_refusal:
+                return refused
             if self.server.terminate_to is not None:
                 self._bye(refused)
             elif unreachable is not None:
                 self._refuse(503, refused)
             else:
                 self.abort(refused)
-            return
+            return refused
         # a mail client's connection from now on: not one of the pages' budget, no
         # page timers (an IDLE lasts hours; the mail server keeps its own timeouts)
         self.tunnel_source = self.source
@@ -471,6 +490,7 @@ class Connection(asyncio.Protocol):
         assert self.transport is not None
         self.transport.pause_reading()
         self.task = asyncio.get_running_loop().create_task(self._connect(route, first, unreachable))
+        return None
 
     async def _connect(
         self, route: tuple[str, int], first: bytes, unreachable: bytes | None = None
