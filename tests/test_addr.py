@@ -132,6 +132,14 @@ def test_creation_length_bounds(localpart, ok):
             check_creatable(addr, 6, 10)
 
 
+@pytest.mark.parametrize("localpart", ["webmaster", "postmaster", "abuse", "mailer-daemon"])
+def test_role_names_cannot_be_claimed(localpart):
+    # webmaster has the default length (9): anyone's first login would have made it
+    with pytest.raises(AddressError, match="reserved"):
+        check_creatable(f"{localpart}@{DOMAIN}", 1, 64)
+    check_creatable(f"{localpart}x@{DOMAIN}", 1, 64)  # only the names themselves
+
+
 def test_creation_exact_length_message():
     with pytest.raises(AddressError, match="exactly 9"):
         check_creatable(f"short@{DOMAIN}", 9, 9)

@@ -132,6 +132,7 @@ def test_uppercase_login_maps_to_canonical_user(auth):
         (f"x/y@{TEST_DOMAIN}", "long-enough-pw", "invalid address"),
         (f"Ünï@{TEST_DOMAIN}", "long-enough-pw", "non-ASCII"),
         ("user@other.example.net", "long-enough-pw", "is not"),
+        (f"webmaster@{TEST_DOMAIN}", "long-enough-pw", "'webmaster' is reserved"),
     ],
 )
 def test_creation_refused(auth, user, password, reason):

@@ -65,9 +65,22 @@ def canonical_address(raw: str, mail_domain: str) -> str:
     return f"{localpart}@{domain}"
 
 
+# the mailbox names of RFC 2142 and the ones mail software writes to or from itself:
+# whoever made such an account first would read what is meant for the operator
+# (reports, bounces, certificate mail), or could pass for the relay in replies
+RESERVED_LOCALPARTS = frozenset(
+    {"postmaster", "abuse", "hostmaster", "webmaster", "security", "noc", "info",
+     "marketing", "sales", "support", "usenet", "news", "www", "uucp", "ftp",
+     "mailer-daemon", "root", "admin", "administrator", "nobody", "noreply",
+     "no-reply"}
+)  # fmt: skip
+
+
 def check_creatable(addr: str, min_length: int, max_length: int) -> None:
     """Extra rules for creating an account (on top of canonical_address)."""
     localpart = addr.rpartition("@")[0]
+    if localpart in RESERVED_LOCALPARTS:
+        raise AddressError(f"localpart {localpart!r} is reserved (RFC 2142, mail software)")
     if not min_length <= len(localpart) <= max_length:
         if min_length == max_length:
             raise AddressError(f"localpart must be exactly {min_length} characters")
