@@ -19,7 +19,10 @@ relay installed, Debian's packages in apt's cache and no network at all) gets
   every message answered 250 is delivered, every push token kept, no password
   file empty, and new accounts and mail work afterwards;
 - an ini change takes effect with ``dpkg-reconfigure chatmaild``;
-- installing the package again restarts the daemons and keeps mail, keys, config;
+- the package again as a later version (repacked ``+1``) installed over it, then
+  removed and installed again, while mail is submitted without pause: every
+  message answered 250 is delivered, tokens, mail, keys and config are kept, and
+  every daemon runs the new files;
 - ``apt-get remove`` stops everything and keeps mail, keys and config;
   ``apt-get purge`` removes config and keys, restores Postfix's own files and
   keeps the mail store;
@@ -240,6 +243,17 @@ def _exchange(m: Machine, workdir: Path) -> str:
 
 def _sha(m: Machine, path: str) -> str:
     return m.sh(f"sha256sum {path}").split()[0]
+
+
+def _later_version(m: Machine, deb: Path) -> str:
+    """``deb`` repacked inside the machine as version ``<its version>+1``: the same
+    files, but to dpkg and apt a newer package (prerm upgrade, postinst configure
+    with the old version), as a release built from the next commit would be."""
+    target = "/tmp/chatmaild-next.deb"
+    m.sh(f"rm -rf /tmp/next && dpkg-deb -R {DEBS}/{deb.name} /tmp/next"
+         " && sed -i -E 's/^(Version: .*)$/\\1+1/' /tmp/next/DEBIAN/control"
+         f" && dpkg-deb --root-owner-group -b /tmp/next {target} >/dev/null")  # fmt: skip
+    return target
 
 
 @pytest.mark.parametrize("suite", ["bookworm", "trixie"])
@@ -463,16 +477,33 @@ def test_package_on_a_fresh_machine(debs, suite, tmp_path):
         assert "max_message_size = 20M" in m.sh("cat /etc/chatmail/chatmail.ini")
         _units_active(m)
 
-        # -- upgrade (the same version again): restarted, everything kept
-        before = {
-            u: _show(m, u, "MainPID")["MainPID"]
-            for u in ("chatmail-dict.service", "dovecot.service")
-        }
+        # -- upgrade under load (issue 24, item 1; make bench's `upgrade` also starts from
+        # the version before issue 24): this package again as a later version, then
+        # removed and installed again, while mail is submitted; every 250 delivered
+        next_deb = _later_version(m, deb)
+        started = "ExecMainStartTimestampMonotonic"
+        before = {u: int(_show(m, u, started)[started]) for u in [*DAEMONS, "dovecot.service"]}
         ini, cert = _sha(m, "/etc/chatmail/chatmail.ini"), _sha(m, "/etc/chatmail/tls/cert.pem")
-        m.sh(f"DEBIAN_FRONTEND=noninteractive apt-get install -y --reinstall {DEBS}/{deb.name}")
-        _units_active(m)
-        for unit, pid in before.items():
-            assert _show(m, unit, "MainPID")["MainPID"] != pid, f"{unit} not restarted"
+        work = tmp_path / "upgrade"
+        work.mkdir()
+        install = f"DEBIAN_FRONTEND=noninteractive apt-get install -y -q {next_deb} 2>&1"
+        with deb_load.running(m, work, DOMAIN) as load:
+            deb_load.flowing(work, load)
+            m.sh(install, timeout=900)
+            _units_active(m)
+            deb_load.flowing(work, load)
+            m.sh("DEBIAN_FRONTEND=noninteractive apt-get remove -y -q chatmaild 2>&1")
+            m.sh(install, timeout=900)
+            _units_active(m)
+            deb_load.flowing(work, load)
+        result = deb_load.stop_drain_count(m, work, load)
+        result.pop("twice_ids")
+        print(f"{suite}: upgraded, removed and installed again under load: {result}")
+        assert result["accepted"] >= 60 and result["lost"] == 0, result
+        assert result["delivered"] == result["accepted"] and result["tokens"] == 3, result
+        assert m.sh("dpkg-query -W -f '${Version}' chatmaild").endswith("+1")
+        for unit, then in before.items():  # the new files' code runs
+            assert int(_show(m, unit, started)[started]) > then, unit
         assert _sha(m, "/etc/dkimkeys/opendkim.private") == dkim
         assert _sha(m, "/etc/chatmail/chatmail.ini") == ini
         assert _sha(m, "/etc/chatmail/tls/cert.pem") == cert
