@@ -26,7 +26,7 @@ from bench.proc import cpu_seconds
 from chatmaild.relay import Relay
 from chatmaild.relay.processes import process_tree
 from chatmaild.relay.stack import available_components
-from testing.imapidle import IdleClient
+from testing.imapidle import IdleClient, tcp_connections_held
 from testing.mails import encrypted_message
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -124,6 +124,18 @@ def cpu_by_kind(pids: set[int]) -> dict[str, float]:
         if reaped:
             out[kind + " (ended children)"] += reaped
     return out
+
+
+def imap_processes_gone(relay: Relay, timeout: float = 40.0) -> int:
+    """Wait until the imap processes whose clients all hibernated have ended (each
+    serves up to 10 and ends after idle_kill, 10 s, with none): what an idle relay
+    is.  How many are left at the timeout."""
+    deadline = time.monotonic() + timeout
+    while True:
+        left = [p for p in relay_pids(relay) if kind_of(p) == "dovecot imap"]
+        if not left or time.monotonic() > deadline:
+            return len(left)
+        time.sleep(1)
 
 
 def reconnect_storm(relay: Relay, workdir: Path, first: int, spread: float) -> None:
@@ -246,6 +258,7 @@ def main() -> None:
                     if int(bad):
                         print(f"  failures: {' '.join(why).strip()}")
                 time.sleep(hibernate_after + SETTLE)
+                left = imap_processes_gone(relay)
                 mem = memory(relay_pids(relay))
                 pss, rss, fds = totals(mem)
                 per = (pss - base_pss) / max(connected, 1)
@@ -254,6 +267,8 @@ def main() -> None:
                       f" above the empty relay; target <= 50), RSS {rss / 1024:.1f} MB,"
                       f" {fds} fds")  # fmt: skip
                 top = sorted(mem.items(), key=lambda kv: -kv[1][0])[:6]
+                if left:
+                    print(f"  ({left} imap processes without clients not yet ended)")
                 print("  by kind: " + ", ".join(
                     f"{k} {v[0] / 1024:.1f} MB PSS in {v[2]}" for k, v in top))  # fmt: skip
                 lat = hibernated_latencies(relay, hibernate_after)
@@ -272,7 +287,8 @@ def main() -> None:
             # the relay stops (else its stop finds thousands of them starting)
             deadline = time.monotonic() + 60
             while time.monotonic() < deadline and any(
-                kind_of(pid) == "dovecot imap" for pid in relay_pids(relay)
+                kind_of(pid) == "dovecot imap" and tcp_connections_held(pid)
+                for pid in relay_pids(relay)
             ):
                 time.sleep(0.5)
     finally:

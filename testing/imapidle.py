@@ -6,6 +6,7 @@ client about new mail.
 
 from __future__ import annotations
 
+import os
 import socket
 import ssl
 import time
@@ -86,3 +87,30 @@ class IdleClient:
         except (OSError, RuntimeError, ConnectionError):
             pass
         self.sock.close()
+
+
+def tcp_connections_held(pid: int) -> int:
+    """How many TCP connections process ``pid`` holds.  A Dovecot ``imap`` process
+    serves several clients (client_limit) and outlives them, so whether a client
+    is awake or hibernated shows in who holds its connection, not in a count of
+    processes; 0 for a process that is gone."""
+    try:
+        inodes = set()
+        for table in ("tcp", "tcp6"):
+            with open(f"/proc/{pid}/net/{table}") as f:
+                for line in list(f)[1:]:
+                    fields = line.split()
+                    if fields[3] == "01":  # ESTABLISHED
+                        inodes.add(fields[9])
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return 0
+    held = 0
+    for fd in fds:
+        try:
+            link = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if link.startswith("socket:[") and link[8:-1] in inodes:
+            held += 1
+    return held

@@ -1,9 +1,11 @@
 """IMAP hibernation (issue 27, first step): an IDLE client costs no imap process.
 
 After ``imap_hibernate_timeout`` in IDLE, Dovecot hands the client's connection
-to imap-hibernate and its ``imap`` process ends; new mail wakes it (a new
+to imap-hibernate and its ``imap`` process lets go of it (the process serves up
+to 10 clients and ends once it has none for a while); new mail wakes it (an
 ``imap`` process takes the connection back) and reaches it as EXISTS, and the
-client stays in IDLE across it, again and again.
+client stays in IDLE across it, again and again.  Who holds the client's TCP
+connection tells which state it is in.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import time
 
 import pytest
 
-from testing.imapidle import IdleClient
+from testing.imapidle import IdleClient, tcp_connections_held
 from testing.mails import encrypted_message
 
 pytestmark = [pytest.mark.relay, pytest.mark.timeout(180)]
@@ -34,9 +36,10 @@ def relay():
         pool.close()
 
 
-def imap_pids(relay) -> list[int]:
-    """This relay's Dovecot ``imap`` processes (not imap-login, not imap-hibernate)."""
-    title = re.compile(rf"{re.escape(relay.layout.dovecot_instance)}/imap(\s.*)?$")
+def dovecot_pids(relay, kind: str = "imap") -> list[int]:
+    """This relay's Dovecot processes of ``kind`` (``imap``: not imap-login, not
+    imap-hibernate)."""
+    title = re.compile(rf"{re.escape(relay.layout.dovecot_instance)}/{kind}(\s.*)?$")
     found = []
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
@@ -49,8 +52,13 @@ def imap_pids(relay) -> list[int]:
     return found
 
 
-def imap_processes(relay) -> int:
-    return len(imap_pids(relay))
+def awake_clients(relay) -> int:
+    """Client connections an ``imap`` process holds (up to 10 each)."""
+    return sum(tcp_connections_held(pid) for pid in dovecot_pids(relay))
+
+
+def hibernated_clients(relay) -> int:
+    return sum(tcp_connections_held(pid) for pid in dovecot_pids(relay, "imap-hibernate"))
 
 
 def wait_until(check, timeout: float, what: str) -> None:
@@ -66,20 +74,21 @@ def test_idle_client_hibernates_and_gets_new_mail(relay):
     relay.imap(sender, spw).logout()
     client = IdleClient(relay.host, int(relay.ports["imaps"]), rcpt, rpw)
     try:
-        assert imap_processes(relay) == 1  # awake: its own process
+        assert awake_clients(relay) == 1  # awake: an imap process holds it
         with relay.smtp(sender, spw) as smtp:
             for round_ in range(3):
                 client.idle()
-                wait_until(lambda: imap_processes(relay) == 0, 20,
-                           "no hibernation: the imap process did not end")  # fmt: skip
+                wait_until(lambda: awake_clients(relay) == 0, 20,
+                           "no hibernation: an imap process still holds the client")  # fmt: skip
+                assert hibernated_clients(relay) == 1
                 smtp.sendmail(sender, [rcpt], encrypted_message(sender, [rcpt]))
                 assert client.wait_exists(timeout=10) == round_ + 1
                 # woken: a process holds the connection again, and IDLE goes on
-                assert imap_processes(relay) == 1
+                assert awake_clients(relay) == 1 and hibernated_clients(relay) == 0
                 client.done()
-        # the woken process ends cleanly at logout, nothing is left awake
+        # logged out: nothing is left awake
         client.close()
-        wait_until(lambda: imap_processes(relay) == 0, 10, "imap process left after logout")
+        wait_until(lambda: awake_clients(relay) == 0, 10, "a client left in imap after logout")
     finally:
         client.close()
 
@@ -90,13 +99,14 @@ def test_hibernated_client_survives_imap_processes_being_killed(relay):
     awake_addr, apw = relay.new_credentials()
     try:
         client.idle()
-        wait_until(lambda: imap_processes(relay) == 0, 20, "no hibernation")
+        wait_until(lambda: awake_clients(relay) == 0, 20, "no hibernation")
         awake = IdleClient(relay.host, int(relay.ports["imaps"]), awake_addr, apw)
-        pids = imap_pids(relay)
-        assert len(pids) == 1
+        assert awake_clients(relay) == 1
+        pids = dovecot_pids(relay)
         for pid in pids:  # a crash of every imap process there is
             os.kill(pid, signal.SIGKILL)
-        wait_until(lambda: imap_processes(relay) == 0, 10, "killed imap process still there")
+        wait_until(lambda: not set(pids) & set(dovecot_pids(relay)), 10,
+                   "killed imap process still there")  # fmt: skip
         awake.sock.close()
         with relay.smtp(awake_addr, apw) as smtp:  # logs in anew: the account is fine
             smtp.sendmail(awake_addr, [sleeper], encrypted_message(awake_addr, [sleeper]))
@@ -184,7 +194,7 @@ def test_compress_clients_still_work(tmp_path):
         client.send(b"d IDLE\r\n")
         assert client.line().startswith(b"+")
         time.sleep(3)  # past imap_hibernate_timeout: no hibernation with COMPRESS
-        assert imap_processes(relay) == 1
+        assert awake_clients(relay) == 1 and hibernated_clients(relay) == 0
         with relay.smtp(sender, spw) as smtp:
             smtp.sendmail(sender, [rcpt], encrypted_message(sender, [rcpt]))
         while not (line := client.line()).endswith(b"EXISTS\r\n"):

@@ -275,7 +275,9 @@ class Config:
     max_user_send_burst_size: int = _key(_int_in(1), "outgoing burst before the rate applies", 10)
     max_mailbox_size: int = _key(parse_size, "mailbox quota", 500 * 1024**2)
     max_message_size: int = _key(parse_size, "largest message accepted", 31457280)
-    max_imap_connections: int = _key(_int_in(1), "Dovecot imap process limit", 10000)
+    max_imap_connections: int = _key(
+        _int_in(1), "IMAP connections served at once (Dovecot imap processes of 10)", 10000
+    )
     max_smtp_connections: int = _key(_int_in(5), "Postfix submission process limit", 1000)
 
     # -- expiry (days)

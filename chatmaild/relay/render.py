@@ -72,6 +72,7 @@ DOVECOT_TEMPLATES = {
     "2.4": (("dovecot-2.4.conf", "dovecot.conf"),),
 }
 PUSH_LUA = "push_notification.lua"
+IMAP_CLIENT_LIMIT = 10  # clients per Dovecot imap process (dovecot.conf says why)
 AUTH_LUA = "auth.lua"
 DOVECOT_COPIES = {"2.3": (PUSH_LUA,), "2.4": (PUSH_LUA, AUTH_LUA)}
 
@@ -396,6 +397,8 @@ def template_variables(config: Config, layout: Layout) -> dict[str, object]:
         "max_smtp_connections": config.max_smtp_connections,
         "client_connection_limit": max(1, config.max_smtp_connections // 5),
         "max_imap_connections": config.max_imap_connections,
+        "imap_client_limit": IMAP_CLIENT_LIMIT,
+        "imap_process_limit": -(-config.max_imap_connections // IMAP_CLIENT_LIMIT),
         "vmail_user": config.vmail_user,
         "vmail_uid_range": _vmail_uid_range(config.vmail_user),
         "mailboxes_dir": config.mailboxes_dir,
