@@ -7,9 +7,10 @@ from the version before issue 24 to this checkout, to a later version, then
 removed and installed again, on Debian 12 and 13 under systemd; afterwards every
 message answered 250 must be in its recipient's INBOX.  ``make test`` has the
 short form (tests/test_deb.py: this package repacked as a later version, removed,
-installed again, under load); this one is out of it for its time (about 10 minutes for both releases), and because one Debian
-13 run is not explained yet: its first step accepted 42,634 messages in 103 s
-(four times the usual rate) and the queue did not drain within 180 s of flushing.
+installed again, under load); this one is out of it for its time (about 10
+minutes for both releases), and because one Debian 13 run is not explained yet:
+its first step accepted 42,634 messages in 103 s (four times the usual rate) and
+the queue did not drain within 180 s of flushing.
 """
 
 from __future__ import annotations
