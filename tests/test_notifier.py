@@ -184,6 +184,32 @@ def test_one_request_in_flight_per_token_and_backlog_coalesces(metadata_ini, htt
     assert files(notifier) == []
 
 
+def test_a_push_service_down_keeps_one_waiting_notification_per_device(metadata_ini, http_sink):
+    """While the service fails, 200 messages for one device leave at most two
+    notifications (one in flight or retrying, one waiting), in memory and on disk;
+    the ladder goes on for the newest, and once the service is back one request
+    wakes the device and every file is gone."""
+    http_sink.set_default(503)
+    notifier, store = make_notifier(metadata_ini, notification_retry_delay="0.05")
+    store.add(USER, "phone")
+
+    async def run():
+        await notifier.start()
+        for _ in range(200):
+            await notifier.notify(USER)
+            assert notifier.pending_count <= 2 and len(files(notifier)) <= 2
+        await wait(lambda: notifier.failed >= 2)
+        assert notifier.replaced >= 198
+        http_sink.set_default(200)
+        await wait(lambda: not notifier.lanes)
+        await notifier.stop()
+
+    asyncio.run(run())
+    assert http_sink.count("phone", 200) == 1
+    assert files(notifier) == []
+    assert notifier.dropped == 0
+
+
 def test_410_removes_only_that_token(metadata_ini, http_sink):
     http_sink.set_status("old", 410)
     notifier, store = make_notifier(metadata_ini)

@@ -21,7 +21,12 @@ Per (account, token) there is one lane, and a lane has at most one request in
 flight, so notifications for one device go out in order.  A successful request
 satisfies every notification of its lane created before the request started
 (the device wakes up and fetches all new mail), so a backlog for one device
-costs one request, not one per message.
+costs one request, not one per message.  For the same reason a lane keeps at
+most one notification waiting besides those in flight: a newer one replaces it
+(its file too) and carries on its failures, so the retry ladder goes on, with
+the newer deadline.  While the push service is down, memory and files stay one
+or two per device, not one per message (an hour's soak with the service
+unreachable grew the dict process by 8.6 MB before).
 """
 
 from __future__ import annotations
@@ -176,6 +181,7 @@ class Lane:
     entries: deque[Pending] = field(default_factory=deque)
     queued: bool = False  # waiting in the ready queue, on a retry timer, or in flight
     timer: asyncio.TimerHandle | None = None
+    inflight: int = 0  # the first entries, carried by the request in flight
 
 
 # what the HTTP layer reports: a status code (None when no answer came) and why
@@ -212,6 +218,7 @@ class Notifier:
         self.failed = 0
         self.gone = 0
         self.dropped = 0
+        self.replaced = 0  # waiting notifications a newer one of their lane replaced
 
     # -- lifecycle
 
@@ -279,6 +286,12 @@ class Notifier:
         lane = self.lanes.get(key)
         if lane is None:
             lane = self.lanes[key] = Lane(pending.addr, pending.token)
+        if len(lane.entries) > lane.inflight:
+            # the next request satisfies both: keep the newer, with the older's failures
+            older = lane.entries.pop()
+            pending.retries = max(pending.retries, older.retries)
+            self.queue.remove(older)
+            self.replaced += 1
         lane.entries.append(pending)
         if not lane.queued:
             lane.queued = True
@@ -314,7 +327,11 @@ class Notifier:
         if not batch:
             self._finish(lane)
             return
-        status, reason = await self._post(lane.token)
+        lane.inflight = len(batch)
+        try:
+            status, reason = await self._post(lane.token)
+        finally:
+            lane.inflight = 0
         if status is not None and 200 <= status < 300:
             self.sent += 1
             metrics.PUSHES.labels("sent").inc()
