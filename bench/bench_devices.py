@@ -94,9 +94,18 @@ def totals(mem: dict[str, list[int]]) -> tuple[int, int, int]:
 
 def start_fleet(relay: Relay, accounts: list[tuple[str, str]], workdir: Path, first: int,
                 at_once: int | None = None, spread: float = 0.0):  # fmt: skip
+    """A fleet of ``accounts``' devices against ``relay``'s port 993 (fleet_process)."""
+    return fleet_process(relay.host, int(relay.ports["imaps"]), accounts, workdir, first,
+                         at_once=at_once, spread=spread)  # fmt: skip
+
+
+def fleet_process(host: str, port: int, accounts: list[tuple[str, str]], workdir: Path,
+                  first: int, at_once: int | None = None, spread: float = 0.0,
+                  wrap=lambda argv: argv):  # fmt: skip
     """A fleet of ``accounts``' devices; ``first``: the first one's source address;
     ``at_once``: connections in flight (default: idlefleet's); ``spread``: seconds
-    over which the devices start, each at a random moment."""
+    over which the devices start, each at a random moment; ``wrap``: the argv in
+    another network namespace (Machine.netns_argv)."""
     path = workdir / f"fleet-{len(list(workdir.iterdir()))}.txt"
     path.write_text("".join(f"{a} {p}\n" for a, p in accounts))
     env = dict(os.environ)
@@ -104,10 +113,19 @@ def start_fleet(relay: Relay, accounts: list[tuple[str, str]], workdir: Path, fi
         env["IDLEFLEET_AT_ONCE"] = str(at_once)
     env["IDLEFLEET_SPREAD"] = str(spread)
     return subprocess.Popen(
-        [sys.executable, "-m", "testing.idlefleet", relay.host, str(relay.ports["imaps"]),
-         str(path), str(first)],
+        wrap([sys.executable, "-m", "testing.idlefleet", host, str(port), str(path), str(first)]),
         cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env,
     )  # fmt: skip
+
+
+def end_fleets(fleets: list[subprocess.Popen]) -> None:
+    """Close each fleet's input (its devices log out) and wait for it; kill what hangs."""
+    for proc in fleets:
+        try:
+            proc.communicate(timeout=120)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 def cpu_by_kind(pids: set[int]) -> dict[str, float]:
@@ -292,10 +310,6 @@ def main() -> None:
             ):
                 time.sleep(0.5)
     finally:
-        for proc in fleets:
-            try:
-                proc.communicate(timeout=120)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+        end_fleets(fleets)
         shutil.rmtree(d, ignore_errors=True)
         shutil.rmtree(work, ignore_errors=True)

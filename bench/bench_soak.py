@@ -33,65 +33,31 @@ import time
 from collections import Counter
 from pathlib import Path
 
+from bench.packaged import POSTFIX, built_debs, installed, unit_processes
+
 ROOT = Path(__file__).resolve().parents[1]
 SECONDS = float(os.environ.get("BENCH_SOAK_SECONDS", "3600"))
 EVERY = float(os.environ.get("BENCH_SOAK_EVERY", "60"))
 RATE = os.environ.get("BENCH_SOAK_RATE", "5")
-SUITES = os.environ.get("BENCH_SOAK_SUITES", "bookworm trixie").split()
 UNITS = ["chatmail-dict.service", "filtermail.service", "chatmail-newemail.service",
          "dovecot.service"]  # fmt: skip
-POSTFIX = {"bookworm": "postfix@-.service", "trixie": "postfix.service"}
 # the veth pair's ends: public-looking (the relay delivers to no private address),
 # seen by nothing but the machine and the peer
 RELAY_ADDRESS, PEER_ADDRESS = "11.8.0.1", "11.8.0.2"
 PEER_RCPTS = "alice@peer.example,bob@peer.example"
-# every process of the units: (unit, pid, comm, rss KiB, fds), as JSON lines
-SAMPLE = r"""
-import json, os, subprocess
-for unit in UNITS:
-    group = subprocess.run(["systemctl", "show", "-p", "ControlGroup", "--value", unit],
-                           capture_output=True, text=True).stdout.strip()
-    pids = []
-    for root in ("/sys/fs/cgroup", "/sys/fs/cgroup/unified", "/sys/fs/cgroup/systemd"):
-        try:  # cgroup v2, or the hybrid layout of a container on a v1 host
-            pids = open(f"{root}{group}/cgroup.procs").read().split()
-            break
-        except OSError:
-            continue
-    for pid in pids:
-        try:
-            comm = open(f"/proc/{pid}/comm").read().strip()
-            rss = next(int(l.split()[1]) for l in open(f"/proc/{pid}/status")
-                       if l.startswith("VmRSS:"))
-            fds = len(os.listdir(f"/proc/{pid}/fd"))
-        except (OSError, StopIteration):
-            continue
-        print(json.dumps([unit, int(pid), comm, rss, fds]))
-"""
 
 
 def _sample(m, units: list[str]) -> dict[tuple[str, int, str], tuple[int, int]]:
-    out = m.sh("python3 - <<'EOF'\nUNITS = " + json.dumps(units) + SAMPLE + "EOF\n")
-    found = {}
-    for line in out.splitlines():
-        unit, pid, comm, rss, fds = json.loads(line)
-        found[(unit, pid, comm)] = (rss, fds)
-    return found
+    return {(unit, pid, comm): (rss, fds)
+            for unit, pid, comm, rss, _pss, fds in unit_processes(m, units)}  # fmt: skip
 
 
 def soak(suite: str, deb: Path) -> None:
-    from testing.machine import Machine
     from tests import deb_load
-    from tests.test_deb import DOMAIN, _show, _units_active
+    from tests.test_deb import DOMAIN, _show
 
     units = [*UNITS, POSTFIX[suite]]
-    with Machine(suite, binds={str(deb.parent): "/debs", str(ROOT): str(ROOT)}) as m, \
-            tempfile.TemporaryDirectory(prefix="soak-") as tmp:  # fmt: skip
-        m.sh(f"echo 'chatmaild chatmaild/mail_domain string {DOMAIN}' | debconf-set-selections")
-        m.sh(f"DEBIAN_FRONTEND=noninteractive apt-get install -y -q /debs/{deb.name} 2>&1",
-             timeout=900)  # fmt: skip
-        deb_load.lift_limits(m)
-        _units_active(m)
+    with installed(suite, deb) as m, tempfile.TemporaryDirectory(prefix="soak-") as tmp:
         work = Path(tmp)
         with _peer(m, work) as peer:
             env = {**os.environ, "LOAD_RATE": RATE, "LOAD_EXTRA": "1", "LOAD_REMOTE": PEER_RCPTS}
@@ -231,13 +197,5 @@ def main() -> None:
     if os.geteuid() != 0:
         print("bench_soak: needs root (boots machines)")
         return
-    from tests.test_deb import _build
-
-    for suite in SUITES:
-        dist = ROOT / ".tmp" / f"soak-{suite}"
-        if suite == "bookworm":
-            deb = _build(["make", "deb", f"DIST={dist}"], dist)
-        else:
-            deb = _build([str(ROOT / "scripts/debian13.sh"), "run", "make", "deb",
-                          f"DIST={dist}"], dist)  # fmt: skip
+    for suite, deb in built_debs("soak"):
         soak(suite, deb)
