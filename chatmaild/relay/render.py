@@ -396,7 +396,6 @@ def template_variables(config: Config, layout: Layout) -> dict[str, object]:
         "quota_expire_target_mb": config.max_mailbox_size_mb * 70 // 100,
         "max_smtp_connections": config.max_smtp_connections,
         "client_connection_limit": max(1, config.max_smtp_connections // 5),
-        "max_imap_connections": config.max_imap_connections,
         "imap_client_limit": IMAP_CLIENT_LIMIT,
         "imap_process_limit": -(-config.max_imap_connections // IMAP_CLIENT_LIMIT),
         "vmail_user": config.vmail_user,

@@ -533,7 +533,7 @@ class Connection(asyncio.Protocol):
     def _bye(self, why: str) -> None:
         """The IMAP front's refusal, in IMAP's own words (RFC 9051's untagged BYE
         as a greeting): the client learns why, not just a closed connection."""
-        self._send(f"* BYE [UNAVAILABLE] {why}\r\n".encode())
+        self._send(MAIL_REFUSALS["imap"].format(why).encode())
         self.close()
 
     def _remote_port(self) -> int:
