@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from chatmaild.admin.main import main as chatmaild_main
-from chatmaild.common.config import FILTERMAIL_SOCKET_DIR, read_config
+from chatmaild.common.config import FILTERMAIL_SOCKET_DIR, parse_params, read_config
+from chatmaild.relay import system
 from chatmaild.relay.dovecotversion import UnsupportedDovecot, installed_series, series_of
 from chatmaild.relay.render import Layout, render_all
 
@@ -236,15 +237,26 @@ def test_newemail_unit_is_a_process_of_its_own_with_port_443_only():
     assert int(svc["LimitNOFILE"]) >= 2 * limit + 64
 
 
-def test_dict_unit_serves_the_three_dicts_with_their_socket_directories():
-    svc = _unit(SYSTEMD / "chatmail-dict.service")["Service"]
+def test_dict_unit_serves_the_three_dicts_on_the_socket_units_sockets():
+    unit = _unit(SYSTEMD / "chatmail-dict.service")
+    svc = unit["Service"]
     assert svc["ExecStart"].split()[-3:] == ["doveauth", "lastlogin", "metadata"]
-    assert svc["RuntimeDirectory"].split() == [
-        "doveauth",
-        "chatmail-lastlogin",
-        "chatmail-metadata",
+    assert unit["Unit"]["Requires"] == "chatmail-dict.socket"
+    assert "RuntimeDirectory" not in svc and svc["UMask"] == "0077"
+    # systemd holds the sockets open across restarts; only vmail may connect
+    sock = _unit(SYSTEMD / "chatmail-dict.socket")["Socket"]
+    config = parse_params({"mail_domain": "chat.example.org"})
+    text = (SYSTEMD / "chatmail-dict.socket").read_text()
+    listen = [
+        line.split("=", 1)[1] for line in text.splitlines() if line.startswith("ListenStream=")
     ]
-    assert svc["RuntimeDirectoryMode"] == "0700" and svc["UMask"] == "0077"
+    assert listen == system.dict_socket_paths(config)
+    assert (sock["SocketUser"], sock["SocketGroup"], sock["SocketMode"]) == (
+        "vmail",
+        "vmail",
+        "0600",
+    )
+    assert sock["Service"] == "chatmail-dict.service"
     assert svc["ReadWritePaths"].split() == ["/home/vmail", "-/var/lib/chatmaild/metrics"]
     assert "SupplementaryGroups" not in svc and svc["CapabilityBoundingSet"] == ""
 

@@ -96,8 +96,17 @@ def test_units_follow_a_moved_store_and_socket():
     )
     dicts = dropins["chatmail-dict.service"]
     assert "ReadWritePaths=/srv/mail/chat.example.org\n" in dicts
-    assert "RuntimeDirectory=chatmail-auth\n" in dicts  # below /run: systemd makes it
-    assert "chatmail-lastlogin" not in dicts  # the other sockets stayed
+    assert "/run" not in dicts  # its sockets are chatmail-dict.socket's
+    # the socket unit listens on the moved socket instead, and on the others as before
+    sockets = dropins["chatmail-dict.socket"].splitlines()
+    assert sockets[sockets.index("[Socket]") :] == [
+        "[Socket]",
+        "ListenStream=",
+        "ListenStream=/run/chatmail-auth/doveauth.socket",
+        "ListenStream=/run/doveauth/doveauth-http.socket",
+        "ListenStream=/run/chatmail-lastlogin/lastlogin.socket",
+        "ListenStream=/run/chatmail-metadata/metadata.socket",
+    ]
     assert "ReadWritePaths=/srv/mail/chat.example.org\n" in dropins["chatmail-expire.service"]
     filters = dropins["filtermail.service"]
     assert filters.count("ReadWritePaths=") == 1  # the incoming and milter sockets stayed
@@ -170,7 +179,8 @@ def test_versions_agree():
 def test_package_ships_the_units_and_no_test_code():
     rules = (ROOT / "debian/rules").read_text()
     install_units = (
-        "install -m 0644 systemd/*.service systemd/*.timer debian/chatmaild/$(UNIT_DIR)/"
+        "install -m 0644 systemd/*.service systemd/*.socket systemd/*.timer"
+        " debian/chatmaild/$(UNIT_DIR)/"
     )
     assert install_units in rules
     assert not (ROOT / "chatmaild" / "testing").exists()

@@ -3,6 +3,7 @@ from the others' failures, READY once all listen, log lines naming the role."""
 
 from __future__ import annotations
 
+import os
 import signal
 import socket
 import subprocess
@@ -12,8 +13,11 @@ from pathlib import Path
 import pytest
 
 from chatmaild.filtermail.dkim import generate_key
+from testing.authhttpclient import AuthHttpClient
 from testing.rawdict import RawDictClient, wait_for_socket
 from tests.fixtures.dict import child_env, write_test_ini
+
+MAX_RECIPIENTS_KEY = "shared/x/vendor/vendor.dovecot/pvt/server/vendor/deltachat/maxsmtprecipients"
 
 
 def ask(path: Path, line: str) -> str:
@@ -163,9 +167,8 @@ def test_dict_roles_answer_from_one_process(daemon_factory, tmp_path):
     for name in ("doveauth", "lastlogin", "metadata"):
         wait_for_socket(tmp_path / f"{name}.socket", proc=daemon.proc)
     user = "alice123x@example.org"
-    server_key = "shared/x/vendor/vendor.dovecot/pvt/server/vendor/deltachat/maxsmtprecipients"
     with RawDictClient(tmp_path / "metadata.socket") as c:
-        assert c.lookup(server_key, user) == "O1000"
+        assert c.lookup(MAX_RECIPIENTS_KEY, user) == "O1000"
     with RawDictClient(tmp_path / "lastlogin.socket") as c:
         assert c.lookup(f"shared/last-login/{user}", user) == "N"
     with RawDictClient(tmp_path / "doveauth.socket") as c:
@@ -182,3 +185,86 @@ def test_an_unreachable_notify_socket_stops_nothing(roles, tmp_path):
     assert ask(tmp_path / "role-a.sock", "still") == "role-a: still\n"
     proc.send_signal(signal.SIGTERM)  # STOPPING=1 goes nowhere as well
     assert proc.wait(30) == 0
+
+
+def test_dict_roles_serve_systemds_sockets_and_lookups_wait_out_a_restart(tmp_path):
+    """chatmail-dict.socket: systemd holds the four sockets open (LISTEN_FDS, in the
+    unit's ListenStream= order); a lookup made while chatmail-dict restarts waits in
+    the listen queue and the next process answers it, instead of failing."""
+    names = ["doveauth", "doveauth-http", "lastlogin", "metadata"]
+    ini = write_test_ini(
+        tmp_path,
+        lastlogin_socket=tmp_path / "lastlogin.socket",
+        metadata_socket=tmp_path / "metadata.socket",
+    )
+    (tmp_path / "mail").mkdir()
+    listeners = []
+    for name in names:
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        listener.bind(str(tmp_path / f"{name}.socket"))
+        listener.listen(64)
+        listeners.append(listener)
+    log = tmp_path / "dict.log"
+
+    def start() -> subprocess.Popen:
+        def to_listen_fds() -> None:
+            copies = [os.dup(s.fileno()) for s in listeners]  # before 3..6 are overwritten
+            for i, fd in enumerate(copies):
+                os.dup2(fd, 3 + i)  # inheritable; every other descriptor is not
+
+        # LISTEN_PID must name the daemon itself: the shell exec()s into it
+        cmd = [
+            "sh",
+            "-c",
+            f'LISTEN_PID=$$ LISTEN_FDS={len(names)} exec "{sys.executable}" -m '
+            f'chatmaild.dictd.main --config "{ini}" doveauth lastlogin metadata',
+        ]
+        with open(log, "ab") as out:
+            return subprocess.Popen(
+                cmd, stdout=out, stderr=out, close_fds=False, preexec_fn=to_listen_fds
+            )
+
+    def served(proc: subprocess.Popen) -> None:
+        with RawDictClient(tmp_path / "lastlogin.socket") as c:
+            assert c.lookup("shared/last-login/alice123x@example.org", "a@x") == "N"
+        assert proc.poll() is None, log.read_text()
+
+    first = start()
+    try:
+        served(first)
+        with RawDictClient(tmp_path / "metadata.socket") as c:
+            assert c.lookup(MAX_RECIPIENTS_KEY, "alice123x@example.org") == "O1000"
+        with AuthHttpClient(tmp_path / "doveauth-http.socket") as c:
+            unknown = c.userdb("nobody@other.example")  # not our domain
+        first.send_signal(signal.SIGTERM)
+        assert first.wait(30) == 0
+        # nobody serves: the lookups are made now and wait in the listen queues
+        waiting = RawDictClient(tmp_path / "doveauth.socket")
+        waiting.send("Lshared/userdb/nobody@other.example")
+        waiting_http = AuthHttpClient(tmp_path / "doveauth-http.socket")
+        body = b"user=nobody%40other.example"
+        waiting_http.send_raw(
+            b"POST http://doveauth/userdb HTTP/1.1\r\nHost: doveauth\r\n"
+            b"Content-Type: application/x-www-form-urlencoded\r\n"
+            b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+        )
+        second = start()
+        try:
+            assert waiting.readline() == "N"
+            answer = waiting_http.read_response()
+            assert answer is not None and answer.status == 200
+            assert answer.form() == unknown
+            served(second)
+        finally:
+            waiting.close()
+            waiting_http.close()
+            second.send_signal(signal.SIGTERM)
+            assert second.wait(30) == 0
+    finally:
+        if first.poll() is None:
+            first.kill()
+    # systemd's socket files: left where they are, by both processes
+    for name in names:
+        assert (tmp_path / f"{name}.socket").exists(), name
+    for listener in listeners:
+        listener.close()

@@ -482,8 +482,15 @@ def listen_overrides(
     return overrides
 
 
+# sockets systemd passed that no role's endpoint took, by path: a role's second
+# socket (doveauth's HTTP one) takes its own with take_inherited()
+_SPARE_INHERITED: dict[str, socket.socket] = {}
+
+
 def inherited_for(endpoints: Sequence[Endpoint], inherited: list[socket.socket]):
-    """Match sockets passed by systemd to endpoints: by path, or the one to the one."""
+    """Match sockets passed by systemd to endpoints: by path, or the one to the one.
+
+    The ones left over wait in _SPARE_INHERITED for take_inherited()."""
     if len(endpoints) == 1 and len(inherited) == 1:
         return [inherited[0]]
     by_path: dict[str, socket.socket] = {}
@@ -492,7 +499,41 @@ def inherited_for(endpoints: Sequence[Endpoint], inherited: list[socket.socket])
             name = sock.getsockname()
             if isinstance(name, str) and name:
                 by_path[name] = sock
-    return [by_path.get(e.path) if e.path else None for e in endpoints]
+    matched = [by_path.pop(e.path, None) if e.path else None for e in endpoints]
+    _SPARE_INHERITED.update(by_path)
+    return matched
+
+
+def take_inherited(path: str) -> socket.socket | None:
+    """The listening socket systemd passed for ``path`` (a .socket unit), if any."""
+    return _SPARE_INHERITED.pop(path, None)
+
+
+class BoundUnixSocket:
+    """A socket file this process bound (not one systemd holds open across restarts).
+
+    ``remove()`` unlinks it only while the file is still this socket's: during an
+    upgrade a .socket unit may have bound a new one at the same path."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        st = os.stat(path)
+        self._ident = (st.st_dev, st.st_ino)
+
+    def remove(self) -> None:
+        with contextlib.suppress(OSError):
+            st = os.stat(self.path)
+            if (st.st_dev, st.st_ino) == self._ident:
+                os.unlink(self.path)
+
+
+def listen_unix(path: str, mode: int = 0o600) -> tuple[socket.socket, BoundUnixSocket | None]:
+    """systemd's socket for ``path`` if it passed one, else a newly bound one (and its file)."""
+    sock = take_inherited(path)
+    if sock is not None:
+        return sock, None
+    sock = bind_socket(Endpoint.unix(path, mode=mode))
+    return sock, BoundUnixSocket(path)
 
 
 def run_daemons(
@@ -561,25 +602,24 @@ def run_daemons(
             log.error("cannot use the sockets passed by systemd (LISTEN_FDS): %s", e)
             return 1
         servers: list[Server] = []
-        bound: list[str] = []
+        bound: list[BoundUnixSocket] = []
         try:
             for daemon, endpoint, passed in zip(daemons, endpoints, inherited, strict=True):
                 try:
                     sock = passed if passed is not None else bind_socket(endpoint)
+                    if passed is None and endpoint.path:
+                        bound.append(BoundUnixSocket(endpoint.path))
                 except OSError as e:
                     daemon.log.error("cannot listen on %s: %s", endpoint, e)
                     return 1
-                if passed is None and endpoint.path:
-                    bound.append(endpoint.path)
                 sock.setblocking(False)
                 servers.append(Server(daemon, sock, stop_timeout=args.stop_timeout))
             await serve_until_signal(servers)
         finally:
             for server in servers:
                 server.sock.close()
-            for path in bound:
-                with contextlib.suppress(OSError):
-                    os.unlink(path)
+            for socket_file in bound:
+                socket_file.remove()
         return 0
 
     if all(cls.fast_loop for cls in classes):

@@ -66,7 +66,7 @@ from chatmaild.common import metrics
 from chatmaild.common.accounts import AccountStore, hash_password, verify_password
 from chatmaild.common.addr import AddressError
 from chatmaild.common.config import Config
-from chatmaild.common.service import Endpoint, Server, bind_socket, run_daemon
+from chatmaild.common.service import BoundUnixSocket, Endpoint, Server, listen_unix, run_daemon
 from chatmaild.dictd.auth import NO_ACCOUNT, AuthService
 from chatmaild.dictd.authhttp import AuthHttpResponder
 from chatmaild.dictd.proxy import DictDaemon, ProtocolError
@@ -156,6 +156,7 @@ class DoveauthDaemon(DictDaemon):
         self.auth = AuthService(config)
         self.http = AuthHttpResponder(config, self.passdb, self.userdb, self.all_users)
         self.http_server: Server | None = None
+        self._http_file: BoundUnixSocket | None = None
         self.hashers = ThreadPoolExecutor(HASH_THREADS, thread_name_prefix="hash")
         self.writers = ThreadPoolExecutor(WRITE_THREADS, thread_name_prefix="create")
         self.verified = VerifiedLogins()
@@ -164,8 +165,9 @@ class DoveauthDaemon(DictDaemon):
     async def start(self) -> None:
         await asyncio.to_thread(migrate_legacy_db, self.config, self.auth.store)
         # the HTTP responder (Dovecot 2.4) runs next to the dict one, on its own socket
-        path = self.config.doveauth_http_socket
-        sock = bind_socket(Endpoint.unix(path, mode=0o600))
+        # (systemd's from chatmail-dict.socket, open across restarts, or bound here)
+        sock, self._http_file = listen_unix(self.config.doveauth_http_socket, mode=0o600)
+        sock.setblocking(False)
         stop_timeout = getattr(self.args, "stop_timeout", 30.0)
         self.http_server = Server(self.http, sock, stop_timeout=stop_timeout)
         await self.http_server.start()
@@ -190,8 +192,9 @@ class DoveauthDaemon(DictDaemon):
         self.writers.shutdown(wait=False)
         if self.http_server is not None:
             await self.http_server.stop()
-            with contextlib.suppress(OSError):
-                os.unlink(self.config.doveauth_http_socket)
+            self.http_server.sock.close()
+        if self._http_file is not None:
+            self._http_file.remove()
 
     def endpoint(self) -> Endpoint:
         # Dovecot asks from its auth-worker process, which runs as vmail like we do

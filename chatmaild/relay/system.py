@@ -64,6 +64,15 @@ DAEMON_UNITS = (
     "filtermail.service",
     "chatmail-newemail.service",
 )
+# chatmail-dict's sockets, held open by systemd across its restarts (a socket unit)
+DICT_SOCKET_UNIT = "chatmail-dict.socket"
+DICT_SOCKET_KEYS = (
+    "doveauth_socket",
+    "doveauth_http_socket",
+    "lastlogin_socket",
+    "metadata_socket",
+)
+SOCKET_UNITS = (DICT_SOCKET_UNIT,)
 # restarted after Dovecot: it serves port 993 (the IMAP front), which an earlier
 # version's Dovecot held until its restart with the new configuration
 WEB_UNITS = ("chatmail-newemail.service",)
@@ -84,13 +93,7 @@ TURN_UNITS = ("coturn.service",)
 
 # what the units allow by default (systemd/*.service): paths below these need no drop-in
 DEFAULT_WRITABLE = {
-    "chatmail-dict.service": (
-        "/home/vmail",
-        "/run/doveauth",
-        "/run/chatmail-lastlogin",
-        "/run/chatmail-metadata",
-        "/var/lib/chatmaild/metrics",
-    ),
+    "chatmail-dict.service": ("/home/vmail", "/var/lib/chatmaild/metrics"),
     "chatmail-expire.service": ("/home/vmail", "/var/lib/chatmaild/metrics"),
     "filtermail.service": ("/var/spool/postfix/filtermail", "/var/lib/chatmaild/metrics"),
 }
@@ -126,12 +129,8 @@ def unit_needs(config: Config) -> dict[str, list[str]]:
     """Per unit, the directories chatmail.ini puts its files in (mail store, sockets)."""
     store = [config.mailboxes_dir, config.notification_dir]
     sockets = {
-        "chatmail-dict.service": [
-            config.doveauth_socket,
-            config.doveauth_http_socket,
-            config.lastlogin_socket,
-            config.metadata_socket,
-        ],
+        # its sockets come from DICT_SOCKET_UNIT: nothing of the service's own in /run
+        "chatmail-dict.service": [],
         "chatmail-expire.service": [],
         "filtermail.service": [
             config.filtermail_smtp_socket,
@@ -149,6 +148,26 @@ def unit_needs(config: Config) -> dict[str, list[str]]:
             dirs.append(config.metrics_dir)
         needs[unit] = list(dict.fromkeys(dirs))
     return needs
+
+
+def dict_socket_paths(config: Config) -> list[str]:
+    """The sockets chatmail-dict.socket holds open for chatmail-dict.service."""
+    return [getattr(config, key) for key in DICT_SOCKET_KEYS]
+
+
+def dict_socket_dropin(config: Config) -> str | None:
+    """chatmail-dict.socket's drop-in when chatmail.ini moves a socket, else None."""
+    paths = dict_socket_paths(config)
+    if paths == [Config.__dataclass_fields__[key].default for key in DICT_SOCKET_KEYS]:
+        return None
+    lines = [
+        "# written by `chatmaild setup` from chatmail.ini, which moves the dict daemons'",
+        "# sockets; rewritten (or removed) by every setup",
+        "[Socket]",
+        "ListenStream=",  # the unit's own paths are replaced, not added to
+        *(f"ListenStream={path}" for path in paths),
+    ]
+    return "\n".join(lines) + "\n"
 
 
 def unit_dropins(config: Config) -> dict[str, str]:
@@ -173,6 +192,9 @@ def unit_dropins(config: Config) -> dict[str, str]:
             else:
                 lines.append(f"ReadWritePaths={d}")
         dropins[unit] = "\n".join(lines) + "\n"
+    socket_dropin = dict_socket_dropin(config)
+    if socket_dropin is not None:
+        dropins[DICT_SOCKET_UNIT] = socket_dropin
     return dropins
 
 
@@ -367,7 +389,7 @@ def write_unit_dropins(config: Config) -> bool:
     if postfix_runs_in_main_unit():
         wanted["postfix.service"] = POSTFIX_SUPERVISION
     changed = False
-    for unit in (*DEFAULT_WRITABLE, "postfix.service", *RETIRED_UNITS):
+    for unit in (*DEFAULT_WRITABLE, DICT_SOCKET_UNIT, "postfix.service", *RETIRED_UNITS):
         path = UNIT_DIR / f"{unit}.d" / DROPIN_NAME
         text = wanted.get(unit)
         if text is None:
@@ -392,6 +414,21 @@ def systemd_running() -> bool:
     return Path("/run/systemd/system").is_dir()
 
 
+def start_dict_socket() -> None:
+    """chatmail-dict.socket listening, so that restarts of chatmail-dict keep its sockets.
+
+    Not listening yet (a first setup, or an upgrade from a version whose process bound
+    its own sockets and removes their files when it stops): that process goes first.
+    (A listening one takes paths chatmail.ini moved at daemon-reload.)"""
+    active = subprocess.run(
+        ["systemctl", "is-active", "--quiet", DICT_SOCKET_UNIT], stdin=subprocess.DEVNULL
+    )
+    if active.returncode == 0:
+        return
+    run(["systemctl", "stop", "chatmail-dict.service"], "stopping chatmail-dict")
+    run(["systemctl", "start", DICT_SOCKET_UNIT], f"starting {DICT_SOCKET_UNIT}")
+
+
 def restart_everything() -> None:
     """Daemons first (Dovecot and Postfix need them), then the servers, then the web
     process (port 993 is its since the IMAP front); timers on."""
@@ -402,7 +439,11 @@ def restart_everything() -> None:
         capture_output=True,
         stdin=subprocess.DEVNULL,
     )
-    run(["systemctl", "enable", "--quiet", *DAEMON_UNITS, *TIMER_UNITS], "systemctl enable")
+    run(
+        ["systemctl", "enable", "--quiet", *SOCKET_UNITS, *DAEMON_UNITS, *TIMER_UNITS],
+        "systemctl enable",
+    )
+    start_dict_socket()
     daemons = [u for u in DAEMON_UNITS if u not in WEB_UNITS]
     run(["systemctl", "restart", *daemons], "restarting chatmail's daemons")
     # Dovecot restarts (2.4.1's master crashes when reloaded under LMTP load); Postfix
