@@ -116,6 +116,8 @@ def load(workdir: Path, mail_domain: str) -> int:
             except (OSError, smtplib.SMTPException) as e:
                 code = getattr(e, "smtp_code", None)
                 errors[type(e).__name__ + (f" {code}" if code else "")] += 1
+                with open(workdir / "errors.log", "a") as log:  # when, for the journal
+                    log.write(f"{time.strftime('%H:%M:%S')} {type(e).__name__} {e}\n"[:300])
                 time.sleep(0.2)
     (workdir / "errors.json").write_text(json.dumps(errors))
     return 0
