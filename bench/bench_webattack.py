@@ -57,6 +57,7 @@ ATTACKS = [
 # WEBATTACK_NICE=19: the attacker yields the CPU to everything else, as one on another
 # machine would (its own CPU is then not the relay's): what the relay itself spends
 ATTACKER_NICE = os.environ.get("WEBATTACK_NICE")
+MAILBOXES = int(os.environ.get("WEBATTACK_MAILBOXES", "4"))
 
 
 def _attacker(relay: Relay, kind: str, seconds: float, **options: object) -> subprocess.Popen:
@@ -156,13 +157,16 @@ def main() -> None:
             assert web_pid is not None
             probe.latency(2)  # warm up
             probe.throughput(5)
+            only = os.environ.get("WEBATTACK_ONLY")  # a kind: those rows alone
             for label, kind, options in ATTACKS:
+                if only and kind != only:
+                    continue
                 # fresh mailboxes per pair, one per connection, as a relay's mail goes to
                 # many: deliveries into one Maildir cost Dovecot more the more it holds
                 # (lmtp: 1.1 ms of CPU a message at first, 5.4 ms after 60,000), and more
                 # the more of them run at once (0.7 ms quiet, 2.8 ms under an attack's
                 # load, Debian 13): one mailbox for all measured that, not the web port
-                probe.recipients = [_fresh_mailbox(relay) for _ in range(4)]
+                probe.recipients = [_fresh_mailbox(relay) for _ in range(MAILBOXES)]
                 backlog = _drained(relay)
                 *quiet, cores = _measured(relay, probe, None)
                 print("webattack_" + _row("quiet", *quiet, None)

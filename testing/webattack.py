@@ -235,7 +235,7 @@ class MailProbe:
 
     def __init__(self, relay, sender, recipient, message: Callable[[str, str], bytes]) -> None:
         self.relay, self.sender, self.message = relay, sender, message
-        # throughput's connection i sends to recipients[i % len]: one mailbox, or several
+        # throughput's connections send to these in turns: one mailbox, or several
         self.recipients = [recipient]
 
     @property
@@ -271,10 +271,12 @@ class MailProbe:
         until = time.monotonic() + seconds
 
         def worker(i: int) -> None:
-            rcpt = self.recipients[i % len(self.recipients)]
             try:
                 with self.relay.smtp(addr, password) as smtp:
                     while time.monotonic() < until:
+                        # the connections take the recipients in turns
+                        n = i + sent[i] * connections
+                        rcpt = self.recipients[n % len(self.recipients)]
                         smtp.sendmail(addr, [rcpt], self.message(addr, rcpt))
                         sent[i] += 1
             except Exception as e:  # noqa: BLE001
