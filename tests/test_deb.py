@@ -58,8 +58,8 @@ DAEMONS = [
     "chatmail-newemail.service",  # the web front door, on its own
 ]
 TIMERS = ["chatmail-expire.timer", "chatmail-fsreport.timer", "chatmail-acme.timer"]
-# chatmail-dict's sockets, held open by systemd across its restarts
-SOCKETS = ["chatmail-dict.socket"]
+# the daemons' sockets, held open by systemd across their restarts
+SOCKETS = ["chatmail-dict.socket", "filtermail.socket"]
 # the unit that runs Postfix's master: an instance of postfix@ on Debian 12,
 # postfix.service itself (Type=forking) on Debian 13
 SERVERS = {
@@ -503,8 +503,9 @@ def test_package_on_a_fresh_machine(debs, suite, tmp_path):
         print(f"{suite}: upgraded, removed and installed again under load: {result}")
         assert result["accepted"] >= 60 and result["lost"] == 0, result
         assert result["delivered"] == result["accepted"] and result["tokens"] == 3, result
-        # the dict daemons' restarts no longer look like a wrong password (their
-        # sockets stay open: chatmail-dict.socket); a server restarting gives 4xx
+        # the daemons' restarts no longer look like a wrong password or a failed
+        # submission (their sockets stay open: socket units); only a server restarting
+        # or the package removed refuses, with 4xx or a closed port
         assert not any(" 5" in kind for kind in result["errors"]), result["errors"]
         assert m.sh("dpkg-query -W -f '${Version}' chatmaild").endswith("+1")
         for unit, then in before.items():  # the new files' code runs

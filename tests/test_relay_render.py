@@ -246,19 +246,32 @@ def test_dict_unit_serves_the_three_dicts_on_the_socket_units_sockets():
     # systemd holds the sockets open across restarts; only vmail may connect
     sock = _unit(SYSTEMD / "chatmail-dict.socket")["Socket"]
     config = parse_params({"mail_domain": "chat.example.org"})
-    text = (SYSTEMD / "chatmail-dict.socket").read_text()
-    listen = [
-        line.split("=", 1)[1] for line in text.splitlines() if line.startswith("ListenStream=")
-    ]
-    assert listen == system.dict_socket_paths(config)
-    assert (sock["SocketUser"], sock["SocketGroup"], sock["SocketMode"]) == (
-        "vmail",
-        "vmail",
-        "0600",
-    )
+    listen = _listen("chatmail-dict.socket")
+    assert listen == system.socket_paths(config, "chatmail-dict.socket")
+    owner = (sock["SocketUser"], sock["SocketGroup"], sock["SocketMode"])
+    assert owner == ("vmail", "vmail", "0600")
     assert sock["Service"] == "chatmail-dict.service"
     assert svc["ReadWritePaths"].split() == ["/home/vmail", "-/var/lib/chatmaild/metrics"]
     assert "SupplementaryGroups" not in svc and svc["CapabilityBoundingSet"] == ""
+
+
+def _listen(unit: str) -> list[str]:
+    text = (SYSTEMD / unit).read_text()
+    return [line.split("=", 1)[1] for line in text.splitlines() if line.startswith("ListenStream=")]
+
+
+def test_filtermail_serves_on_the_socket_units_sockets_for_postfix_only():
+    unit = _unit(SYSTEMD / "filtermail.service")
+    assert unit["Unit"]["Requires"] == "filtermail.socket"
+    sock = _unit(SYSTEMD / "filtermail.socket")["Socket"]
+    config = parse_params({"mail_domain": "chat.example.org"})
+    assert _listen("filtermail.socket") == system.socket_paths(config, "filtermail.socket")
+    # Postfix's processes (group postfix) connect, as to the ones filtermail binds
+    from chatmaild.filtermail.main import POSTFIX_CLIENT_MODE
+
+    assert (sock["SocketUser"], sock["SocketGroup"]) == ("vmail", "postfix")
+    assert int(sock["SocketMode"], 8) == POSTFIX_CLIENT_MODE
+    assert sock["Service"] == "filtermail.service"
 
 
 @pytest.mark.parametrize("name", ["chatmail-expire", "chatmail-fsreport", "chatmail-acme"])

@@ -111,6 +111,12 @@ def test_units_follow_a_moved_store_and_socket():
     filters = dropins["filtermail.service"]
     assert filters.count("ReadWritePaths=") == 1  # the incoming and milter sockets stayed
     assert "ReadWritePaths=/var/spool/postfix/chatmail\n" in filters
+    listen = [x for x in dropins["filtermail.socket"].splitlines() if x.startswith("Listen")]
+    assert listen[:3] == [
+        "ListenStream=",
+        "ListenStream=/var/spool/postfix/chatmail/outgoing.sock",
+        "ListenStream=/var/spool/postfix/filtermail/incoming.sock",
+    ]
     assert dicts.startswith("# written by `chatmaild setup`")
 
 

@@ -34,6 +34,7 @@ scripts.  Thresholds: --cert-min-days (7), --queue-max-age (3600 s),
 UNITS = (
     "chatmail-dict.socket",
     "chatmail-dict.service",
+    "filtermail.socket",
     "filtermail.service",
     "chatmail-newemail.service",
     "dovecot.service",

@@ -64,15 +64,24 @@ DAEMON_UNITS = (
     "filtermail.service",
     "chatmail-newemail.service",
 )
-# chatmail-dict's sockets, held open by systemd across its restarts (a socket unit)
-DICT_SOCKET_UNIT = "chatmail-dict.socket"
-DICT_SOCKET_KEYS = (
-    "doveauth_socket",
-    "doveauth_http_socket",
-    "lastlogin_socket",
-    "metadata_socket",
-)
-SOCKET_UNITS = (DICT_SOCKET_UNIT,)
+# the daemons' sockets, held open by systemd across their restarts (socket units):
+# per unit, the service it starts and the chatmail.ini keys of its ListenStream=
+# lines, in their order
+SOCKET_UNITS = {
+    "chatmail-dict.socket": (
+        "chatmail-dict.service",
+        ("doveauth_socket", "doveauth_http_socket", "lastlogin_socket", "metadata_socket"),
+    ),
+    "filtermail.socket": (
+        "filtermail.service",
+        (
+            "filtermail_smtp_socket",
+            "filtermail_smtp_socket_incoming",
+            "filtermail_milter_socket",
+            "filtermail_transport_socket",
+        ),
+    ),
+}
 # restarted after Dovecot: it serves port 993 (the IMAP front), which an earlier
 # version's Dovecot held until its restart with the new configuration
 WEB_UNITS = ("chatmail-newemail.service",)
@@ -129,7 +138,7 @@ def unit_needs(config: Config) -> dict[str, list[str]]:
     """Per unit, the directories chatmail.ini puts its files in (mail store, sockets)."""
     store = [config.mailboxes_dir, config.notification_dir]
     sockets = {
-        # its sockets come from DICT_SOCKET_UNIT: nothing of the service's own in /run
+        # its sockets come from chatmail-dict.socket: nothing of the service's own in /run
         "chatmail-dict.service": [],
         "chatmail-expire.service": [],
         "filtermail.service": [
@@ -150,19 +159,20 @@ def unit_needs(config: Config) -> dict[str, list[str]]:
     return needs
 
 
-def dict_socket_paths(config: Config) -> list[str]:
-    """The sockets chatmail-dict.socket holds open for chatmail-dict.service."""
-    return [getattr(config, key) for key in DICT_SOCKET_KEYS]
+def socket_paths(config: Config, unit: str) -> list[str]:
+    """The sockets a socket unit (SOCKET_UNITS) holds open for its service."""
+    return [getattr(config, key) for key in SOCKET_UNITS[unit][1]]
 
 
-def dict_socket_dropin(config: Config) -> str | None:
-    """chatmail-dict.socket's drop-in when chatmail.ini moves a socket, else None."""
-    paths = dict_socket_paths(config)
-    if paths == [Config.__dataclass_fields__[key].default for key in DICT_SOCKET_KEYS]:
+def socket_dropin(config: Config, unit: str) -> str | None:
+    """A socket unit's drop-in when chatmail.ini moves one of its sockets, else None."""
+    keys = SOCKET_UNITS[unit][1]
+    paths = socket_paths(config, unit)
+    if paths == [Config.__dataclass_fields__[key].default for key in keys]:
         return None
     lines = [
-        "# written by `chatmaild setup` from chatmail.ini, which moves the dict daemons'",
-        "# sockets; rewritten (or removed) by every setup",
+        "# written by `chatmaild setup` from chatmail.ini, which moves sockets of this",
+        "# unit; rewritten (or removed) by every setup",
         "[Socket]",
         "ListenStream=",  # the unit's own paths are replaced, not added to
         *(f"ListenStream={path}" for path in paths),
@@ -192,9 +202,10 @@ def unit_dropins(config: Config) -> dict[str, str]:
             else:
                 lines.append(f"ReadWritePaths={d}")
         dropins[unit] = "\n".join(lines) + "\n"
-    socket_dropin = dict_socket_dropin(config)
-    if socket_dropin is not None:
-        dropins[DICT_SOCKET_UNIT] = socket_dropin
+    for unit in SOCKET_UNITS:
+        text = socket_dropin(config, unit)
+        if text is not None:
+            dropins[unit] = text
     return dropins
 
 
@@ -389,7 +400,7 @@ def write_unit_dropins(config: Config) -> bool:
     if postfix_runs_in_main_unit():
         wanted["postfix.service"] = POSTFIX_SUPERVISION
     changed = False
-    for unit in (*DEFAULT_WRITABLE, DICT_SOCKET_UNIT, "postfix.service", *RETIRED_UNITS):
+    for unit in (*DEFAULT_WRITABLE, *SOCKET_UNITS, "postfix.service", *RETIRED_UNITS):
         path = UNIT_DIR / f"{unit}.d" / DROPIN_NAME
         text = wanted.get(unit)
         if text is None:
@@ -414,19 +425,19 @@ def systemd_running() -> bool:
     return Path("/run/systemd/system").is_dir()
 
 
-def start_dict_socket() -> None:
-    """chatmail-dict.socket listening, so that restarts of chatmail-dict keep its sockets.
+def start_sockets() -> None:
+    """The socket units listening, so that restarts of their daemons keep the sockets.
 
-    Not listening yet (a first setup, or an upgrade from a version whose process bound
-    its own sockets and removes their files when it stops): that process goes first.
-    (A listening one takes paths chatmail.ini moved at daemon-reload.)"""
-    active = subprocess.run(
-        ["systemctl", "is-active", "--quiet", DICT_SOCKET_UNIT], stdin=subprocess.DEVNULL
-    )
-    if active.returncode == 0:
-        return
-    run(["systemctl", "stop", "chatmail-dict.service"], "stopping chatmail-dict")
-    run(["systemctl", "start", DICT_SOCKET_UNIT], f"starting {DICT_SOCKET_UNIT}")
+    One not listening yet (a first setup, or an upgrade from a version whose daemon
+    bound its own sockets and removes their files when it stops): its daemon goes
+    first.  (A listening one takes paths chatmail.ini moved at daemon-reload.)"""
+    for unit, (service, _) in SOCKET_UNITS.items():
+        active = subprocess.run(["systemctl", "is-active", "--quiet", unit],
+                                stdin=subprocess.DEVNULL)  # fmt: skip
+        if active.returncode == 0:
+            continue
+        run(["systemctl", "stop", service], f"stopping {service}")
+        run(["systemctl", "start", unit], f"starting {unit}")
 
 
 def restart_everything() -> None:
@@ -443,7 +454,7 @@ def restart_everything() -> None:
         ["systemctl", "enable", "--quiet", *SOCKET_UNITS, *DAEMON_UNITS, *TIMER_UNITS],
         "systemctl enable",
     )
-    start_dict_socket()
+    start_sockets()
     daemons = [u for u in DAEMON_UNITS if u not in WEB_UNITS]
     run(["systemctl", "restart", *daemons], "restarting chatmail's daemons")
     # Dovecot restarts (2.4.1's master crashes when reloaded under LMTP load); Postfix
