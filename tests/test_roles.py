@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -268,3 +269,43 @@ def test_dict_roles_serve_systemds_sockets_and_lookups_wait_out_a_restart(tmp_pa
         assert (tmp_path / f"{name}.socket").exists(), name
     for listener in listeners:
         listener.close()
+
+
+def test_filtermail_stop_lets_an_open_mail_transaction_end(tmp_path):
+    """A graceful stop waits for Postfix's proxy session in its transaction (MAIL until
+    the end): the message is answered, not cut off (Postfix would answer 451)."""
+    key, _ = generate_key()
+    (tmp_path / "dkim.key").write_bytes(key)
+    sock = tmp_path / "outgoing.sock"
+    ini = write_test_ini(tmp_path, dkim_key_path=tmp_path / "dkim.key",
+                         filtermail_smtp_socket=sock)  # fmt: skip
+    log = open(tmp_path / "filtermail.log", "wb")  # noqa: SIM115
+    cmd = [sys.executable, "-m", "chatmaild.filtermail.main", "--config", str(ini), "outgoing"]
+    proc = subprocess.Popen(cmd, stdout=log, stderr=log, env=child_env())
+    try:
+        wait_for_socket(sock, proc=proc)
+        with socket.socket(socket.AF_UNIX) as s:
+            s.settimeout(20)
+            s.connect(str(sock))
+            lines = s.makefile("rb")
+            assert lines.readline().startswith(b"220 ")
+
+            def say(command: bytes) -> bytes:
+                s.sendall(command + b"\r\n")
+                reply = lines.readline()
+                while reply[3:4] == b"-":
+                    reply = lines.readline()
+                return reply
+
+            assert say(b"EHLO localhost").startswith(b"250 ")
+            assert say(b"MAIL FROM:<alice123x@example.org>").startswith(b"250")
+            proc.send_signal(signal.SIGTERM)
+            time.sleep(0.5)
+            assert proc.poll() is None  # waits for the transaction
+            assert say(b"RCPT TO:<bob123xy@example.org>").startswith(b"250")
+            assert say(b"RSET").startswith(b"250")  # the transaction ends: so does the stop
+            assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        log.close()

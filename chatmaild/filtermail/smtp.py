@@ -281,6 +281,10 @@ class SMTPServer:
         session = Session(peer=peer)
         env = Envelope()
         await conn.reply(f"220 {s.hostname} {'LMTP' if s.lmtp else 'ESMTP'} filtermail")
+        # a mail transaction (MAIL until its end) is work a graceful stop lets finish:
+        # Postfix's proxy session would otherwise answer its client 451 mid-message
+        transaction = contextlib.ExitStack()
+        in_transaction = False
         try:
             while True:
                 raw, too_long = await conn.read_line()
@@ -299,6 +303,12 @@ class SMTPServer:
                 verb, _, arg = line.partition(" ")
                 verb = verb.upper()
                 env = await self._command(conn, session, env, verb, arg)
+                if env.mail_from is None and in_transaction:
+                    transaction.close()
+                    in_transaction = False
+                elif env.mail_from is not None and not in_transaction:
+                    transaction.enter_context(self.busy())
+                    in_transaction = True
         except TimeoutError:
             log.info("%s: timeout, closing connection", peer)
             try:
@@ -308,6 +318,7 @@ class SMTPServer:
         except (EOFError, ProtocolClose):
             pass
         finally:
+            transaction.close()
             conn.close()
 
     async def _command(
