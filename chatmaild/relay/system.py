@@ -430,7 +430,8 @@ def start_sockets() -> None:
 
     One not listening yet (a first setup, or an upgrade from a version whose daemon
     bound its own sockets and removes their files when it stops): its daemon goes
-    first.  (A listening one takes paths chatmail.ini moved at daemon-reload.)"""
+    first.  A listening one is left alone: after moving a socket in chatmail.ini,
+    `systemctl restart <unit>` binds the new path (README.Debian)."""
     for unit, (service, _) in SOCKET_UNITS.items():
         active = subprocess.run(["systemctl", "is-active", "--quiet", unit],
                                 stdin=subprocess.DEVNULL)  # fmt: skip
