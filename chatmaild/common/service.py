@@ -527,13 +527,18 @@ class BoundUnixSocket:
                 os.unlink(self.path)
 
 
-def listen_unix(path: str, mode: int = 0o600) -> tuple[socket.socket, BoundUnixSocket | None]:
-    """systemd's socket for ``path`` if it passed one, else a newly bound one (and its file)."""
-    sock = take_inherited(path)
-    if sock is not None:
-        return sock, None
-    sock = bind_socket(Endpoint.unix(path, mode=mode))
-    return sock, BoundUnixSocket(path)
+def open_listener(
+    endpoint: Endpoint, inherited: socket.socket | None = None
+) -> tuple[socket.socket, BoundUnixSocket | None]:
+    """A non-blocking listening socket for ``endpoint``: ``inherited`` (systemd's) when
+    given, else one bound here, with its socket file to remove at exit (UNIX only)."""
+    if inherited is not None:
+        sock, socket_file = inherited, None
+    else:
+        sock = bind_socket(endpoint)
+        socket_file = BoundUnixSocket(endpoint.path) if endpoint.path else None
+    sock.setblocking(False)
+    return sock, socket_file
 
 
 def run_daemons(
@@ -606,13 +611,12 @@ def run_daemons(
         try:
             for daemon, endpoint, passed in zip(daemons, endpoints, inherited, strict=True):
                 try:
-                    sock = passed if passed is not None else bind_socket(endpoint)
-                    if passed is None and endpoint.path:
-                        bound.append(BoundUnixSocket(endpoint.path))
+                    sock, socket_file = open_listener(endpoint, passed)
                 except OSError as e:
                     daemon.log.error("cannot listen on %s: %s", endpoint, e)
                     return 1
-                sock.setblocking(False)
+                if socket_file is not None:
+                    bound.append(socket_file)
                 servers.append(Server(daemon, sock, stop_timeout=args.stop_timeout))
             await serve_until_signal(servers)
         finally:

@@ -66,7 +66,14 @@ from chatmaild.common import metrics
 from chatmaild.common.accounts import AccountStore, hash_password, verify_password
 from chatmaild.common.addr import AddressError
 from chatmaild.common.config import Config
-from chatmaild.common.service import BoundUnixSocket, Endpoint, Server, listen_unix, run_daemon
+from chatmaild.common.service import (
+    BoundUnixSocket,
+    Endpoint,
+    Server,
+    open_listener,
+    run_daemon,
+    take_inherited,
+)
 from chatmaild.dictd.auth import NO_ACCOUNT, AuthService
 from chatmaild.dictd.authhttp import AuthHttpResponder
 from chatmaild.dictd.proxy import DictDaemon, ProtocolError
@@ -166,8 +173,8 @@ class DoveauthDaemon(DictDaemon):
         await asyncio.to_thread(migrate_legacy_db, self.config, self.auth.store)
         # the HTTP responder (Dovecot 2.4) runs next to the dict one, on its own socket
         # (systemd's from chatmail-dict.socket, open across restarts, or bound here)
-        sock, self._http_file = listen_unix(self.config.doveauth_http_socket, mode=0o600)
-        sock.setblocking(False)
+        endpoint = Endpoint.unix(self.config.doveauth_http_socket, mode=0o600)
+        sock, self._http_file = open_listener(endpoint, take_inherited(endpoint.path))
         stop_timeout = getattr(self.args, "stop_timeout", 30.0)
         self.http_server = Server(self.http, sock, stop_timeout=stop_timeout)
         await self.http_server.start()

@@ -141,12 +141,7 @@ def unit_needs(config: Config) -> dict[str, list[str]]:
         # its sockets come from chatmail-dict.socket: nothing of the service's own in /run
         "chatmail-dict.service": [],
         "chatmail-expire.service": [],
-        "filtermail.service": [
-            config.filtermail_smtp_socket,
-            config.filtermail_smtp_socket_incoming,
-            config.filtermail_milter_socket,
-            config.filtermail_transport_socket,
-        ],
+        "filtermail.service": socket_paths(config, "filtermail.socket"),
     }
     needs = {}
     for unit, paths in sockets.items():
