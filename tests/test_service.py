@@ -222,3 +222,35 @@ def test_thousands_of_idle_connections(daemon_factory, tmp_path):
             c.close()
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
     assert daemon.proc.poll() is None
+
+
+def test_asyncio_reads_stay_below_glibcs_mmap_threshold():
+    """asyncio's own loop (the web process's) reads at most 64 KiB at a time: its
+    default 256 KiB buffer per read fragmented the heap (issue 24)."""
+    import asyncio
+    import threading
+
+    from chatmaild.common import service
+
+    service._small_asyncio_reads()
+    sizes: list[int] = []
+
+    class Reader(asyncio.Protocol):
+        def data_received(self, data: bytes) -> None:
+            sizes.append(len(data))
+
+    async def main() -> None:
+        ours, theirs = socket.socketpair()
+        theirs.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 20)
+        sender = threading.Thread(target=theirs.sendall, args=(b"x" * 300_000,))
+        sender.start()
+        await asyncio.sleep(0.2)  # all of it waits in the socket: one read could take it
+        transport, _ = await asyncio.get_running_loop().connect_accepted_socket(Reader, ours)
+        while sum(sizes) < 300_000:
+            await asyncio.sleep(0.01)
+        sender.join()
+        transport.close()
+        theirs.close()
+
+    asyncio.run(main())
+    assert max(sizes) <= service.ASYNCIO_READ_SIZE < 128 * 1024, sizes
