@@ -380,3 +380,28 @@ def test_connection_open_too_long_is_cut(site):
         assert site.wait_log("connection open too long")
         received = len(read_all(s))
     assert received < BIG_FILE_BYTES
+
+
+def test_a_steady_stream_of_connections_hands_the_heap_back(monkeypatch):
+    """Not only after a crowd: every TRIM_EVERY closed connections, at most once a
+    TRIM_INTERVAL, the freed heap goes back to the system (issue 24's soak)."""
+    import asyncio
+    import logging
+
+    from chatmaild.web import server as web_server
+
+    trims: list[float] = []
+
+    async def main() -> None:
+        https = web_server.HttpsServer(None, None, logging.getLogger("trim-test"))
+        monkeypatch.setattr(https, "give_back_heap", lambda: trims.append(1.0))
+        for _ in range(web_server.TRIM_EVERY):
+            https.closed(object())
+        https._tick()
+        assert trims == []  # not yet a TRIM_INTERVAL since the start
+        https.last_trim -= web_server.TRIM_INTERVAL
+        https._tick()
+        assert trims == [1.0]
+        https._ticker.cancel()
+
+    asyncio.run(main())
