@@ -12,6 +12,7 @@ short and the web's lines never carry a mail role's name.
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -154,7 +155,8 @@ def test_mail_comes_first_when_the_cpu_is_short(attacked):
 
     web, filters = relay.pid_of("newemail"), relay.pid_of("filtermail")
     assert web is not None and filters is not None
-    assert nice(web) == 10 and nice(filters) == 0
+    base = os.getpriority(os.PRIO_PROCESS, 0)  # a suite run under nice passes it on
+    assert nice(filters) == base and nice(web) == min(base + 10, 19)
 
     # each daemon has a session of its own, and the kernel shares the CPU between
     # sessions (autogroups) before nice counts: the web session's share is lowered too
