@@ -381,6 +381,16 @@ class Notifier:
                 self.queue.remove(pending)
             else:
                 keep.append(pending)
+        if len(keep) > 1:
+            # the failed request's and the one that came meanwhile: one request
+            # satisfies both, so the newest stays, with the most failures (else the
+            # next attempt carries two and a third waits beside it)
+            newest = keep.pop()
+            for older in keep:
+                newest.retries = max(newest.retries, older.retries)
+                self.queue.remove(older)
+                self.replaced += 1
+            keep = deque([newest])
         lane.entries = keep
         self._note_failure(reason, lane.addr)
         if not keep:
