@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import socket
 import stat
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
 
+from chatmaild.common import service
 from testing.rawdict import RawDictClient, wait_for_socket
 from tests.fixtures.dict import child_env, write_test_ini
 
@@ -227,11 +230,6 @@ def test_thousands_of_idle_connections(daemon_factory, tmp_path):
 def test_asyncio_reads_stay_below_glibcs_mmap_threshold():
     """asyncio's own loop (the web process's) reads at most 64 KiB at a time: its
     default 256 KiB buffer per read fragmented the heap (issue 24)."""
-    import asyncio
-    import threading
-
-    from chatmaild.common import service
-
     service._small_asyncio_reads()
     sizes: list[int] = []
 

@@ -7,8 +7,10 @@ over TLS to it, as any client on the Internet could.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import http.client
+import logging
 import os
 import signal
 import socket
@@ -24,6 +26,7 @@ import pytest
 from chatmaild.common.config import write_config
 from chatmaild.relay import client_tls_context
 from chatmaild.relay.ports import free_ports
+from chatmaild.web import server as web_server
 from tests.sandbox import world_readable_tempdir
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -385,11 +388,6 @@ def test_connection_open_too_long_is_cut(site):
 def test_a_steady_stream_of_connections_hands_the_heap_back(monkeypatch):
     """Not only after a crowd: every TRIM_EVERY closed connections, at most once a
     TRIM_INTERVAL, the freed heap goes back to the system (issue 24's soak)."""
-    import asyncio
-    import logging
-
-    from chatmaild.web import server as web_server
-
     trims: list[float] = []
 
     async def main() -> None:

@@ -288,14 +288,18 @@ class Notifier:
             lane = self.lanes[key] = Lane(pending.addr, pending.token)
         if len(lane.entries) > lane.inflight:
             # the next request satisfies both: keep the newer, with the older's failures
-            older = lane.entries.pop()
-            pending.retries = max(pending.retries, older.retries)
-            self.queue.remove(older)
-            self.replaced += 1
+            self._supersede(lane.entries.pop(), pending)
         lane.entries.append(pending)
         if not lane.queued:
             lane.queued = True
             self._ready.put_nowait(lane)
+
+    def _supersede(self, older: Pending, newer: Pending) -> None:
+        """``newer`` stands for ``older`` too: it takes over its failures, and
+        ``older``'s file goes."""
+        newer.retries = max(newer.retries, older.retries)
+        self.queue.remove(older)
+        self.replaced += 1
 
     def _make_ready(self, lane: Lane) -> None:
         lane.timer = None
@@ -387,9 +391,7 @@ class Notifier:
             # next attempt carries two and a third waits beside it)
             newest = keep.pop()
             for older in keep:
-                newest.retries = max(newest.retries, older.retries)
-                self.queue.remove(older)
-                self.replaced += 1
+                self._supersede(older, newest)
             keep = deque([newest])
         lane.entries = keep
         self._note_failure(reason, lane.addr)
