@@ -105,6 +105,17 @@ def soak(suite: str, deb: Path) -> None:
             series = " ".join(f"{t / 60:.0f}m:{found[key][0] / 1024:.1f}"
                               for t, found in samples if key in found)  # fmt: skip
             print(f"soak {suite}: {key[0]} {key[2]} (pid {key[1]}) RSS MB over time: {series}")
+        # processes that come and go (Dovecot's lmtp, replaced after 500 connections):
+        # the largest of each name at warm-up and at the end
+        for unit, comm in sorted({(k[0], k[2]) for _, found in samples for k in found}):
+            pids = {k[1] for _, found in samples for k in found if (k[0], k[2]) == (unit, comm)}
+            if len(pids) < 2:
+                continue
+            peak0, peak1 = (max((v[0] for k, v in found.items() if (k[0], k[2]) == (unit, comm)),
+                                default=0) for found in (warm, end))  # fmt: skip
+            print(f"soak {suite}: {unit} {comm}: {len(pids)} processes over the run,"
+                  f" the largest {peak0 / 1024:.1f} MB at warm-up, {peak1 / 1024:.1f} MB"
+                  f" at the end")  # fmt: skip
         worst, fds = max(growth), max(g[1] for g in growth)
         print(f"soak {suite}: largest RSS growth after warm-up {worst[0] / 1024:.1f} MB"
               f" ({worst[2][2]} of {worst[2][0]}), largest fd growth {fds}"

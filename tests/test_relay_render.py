@@ -115,6 +115,10 @@ def test_dovecot_accepts_rendered_config(rendered):
         assert line in res.stdout, line
     if installed_series() == "2.3":
         assert "proxy:/run/doveauth/doveauth.socket:auth" in (conf.parent / "auth.conf").read_text()
+    # an lmtp process is replaced after 500 connections: what it keeps stays bounded
+    lmtp = res.stdout.split("service lmtp {", 1)[1].split("\n}\n", 1)[0]
+    count = "service_count" if installed_series() == "2.3" else "restart_request_count"
+    assert f"  {count} = 500\n" in lmtp, lmtp
 
 
 def test_dovecot_counts_metrics_only_when_metrics_are_on(rendered, tmp_path):
