@@ -262,3 +262,35 @@ def test_empty_url_disables_push_and_keeps_the_queue(metadata_ini):
 
     asyncio.run(run())
     assert len(files(notifier)) == 1  # kept for when an endpoint is configured
+
+
+def test_a_failed_request_and_the_notification_that_came_meanwhile_become_one(
+    metadata_ini, http_sink
+):
+    """A notification that arrives while its device's request is failing does not
+    wait beside the failed one: after the failure one file remains (the newest,
+    with the failure counted), so the next attempt carries one and nothing waits
+    beside it."""
+    http_sink.set_default(503)
+    notifier, store = make_notifier(metadata_ini, notification_retry_delay="30")
+    store.add(USER, "phone")
+    http_sink.pause()
+
+    async def run():
+        await notifier.start()
+        await notifier.notify(USER)
+        await wait(lambda: http_sink.in_flight == 1)
+        await notifier.notify(USER)  # waits beside the request in flight
+        await notifier.notify(USER)  # replaces the waiting one
+        assert notifier.pending_count == 2 and notifier.replaced == 1
+        http_sink.resume()
+        await wait(lambda: notifier.failed == 1)
+        (lane,) = notifier.lanes.values()
+        assert [p.retries for p in lane.entries] == [1]  # on the ladder's next step
+        assert lane.timer is not None  # retrying in 30 s, not at once
+        assert len(files(notifier)) == 1 and notifier.replaced == 2
+        await notifier.stop()
+
+    asyncio.run(run())
+    assert http_sink.count("phone", 503) == 1
+    assert len(files(notifier)) == 1  # kept for the next start
