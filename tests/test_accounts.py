@@ -317,3 +317,19 @@ def test_200_processes_create_one_account(store):
     assert leftovers(store.root) == []
     # the lock is a flock on the directory: no lock file
     assert sorted(os.listdir(store.account(addr).home)) == [FLAG_ENFORCE_E2EE, "password"]
+
+
+def test_the_dict_roles_of_one_process_share_one_account_store(store, tmp_path):
+    """chatmail-dict runs doveauth, metadata and lastlogin in one process: one cache
+    of account objects (about 1 KB each, 4,096 at most), not three."""
+    from chatmaild.dictd.auth import AuthService
+    from chatmaild.dictd.lastlogin import LastLoginDaemon
+    from chatmaild.dictd.tokens import TokenStore
+
+    config = store.config
+    shared = AccountStore.shared(config)
+    assert TokenStore(config).accounts is shared
+    assert AuthService(config).store is shared
+    assert LastLoginDaemon(config).accounts is shared
+    other = Config(mail_domain=DOMAIN, mailboxes_dir=str(tmp_path / "other"))
+    assert AccountStore.shared(other) is not shared

@@ -28,6 +28,7 @@ import os
 import secrets
 import shutil
 import stat
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -278,6 +279,11 @@ def drop_privileges(user: str, *, temporary: bool = False) -> Callable[[], None]
     return restore
 
 
+ACCOUNT_CACHE_SIZE = 4096  # accounts whose objects a store keeps
+_SHARED: dict[tuple[str, str], AccountStore] = {}
+_SHARED_LOCK = threading.Lock()
+
+
 class AccountStore:
     """Accounts below ``config.mailboxes_dir``."""
 
@@ -286,7 +292,19 @@ class AccountStore:
         self.root = Path(config.mailboxes_dir)
         self.lock_timeout = lock_timeout
         # Account objects are immutable: remember recent ones, lookups repeat a lot
-        self._accounts = functools.lru_cache(maxsize=4096)(self._make_account)
+        self._accounts = functools.lru_cache(maxsize=ACCOUNT_CACHE_SIZE)(self._make_account)
+
+    @classmethod
+    def shared(cls, config: Config) -> AccountStore:
+        """The one store of this process for ``config``'s mailboxes: the dict roles
+        share it, so an account's object (and its cache entry, about 1 KB) exists
+        once, not once per role."""
+        key = (config.mailboxes_dir, config.mail_domain)
+        with _SHARED_LOCK:
+            store = _SHARED.get(key)
+            if store is None:
+                store = _SHARED[key] = cls(config)
+            return store
 
     # -- addressing
 

@@ -36,7 +36,7 @@ class AuthService:
 
     def __init__(self, config: Config, store: AccountStore | None = None) -> None:
         self.config = config
-        self.store = store or AccountStore(config)
+        self.store = store or AccountStore.shared(config)
 
     def user_fields(self, account: Account, requested: str) -> dict[str, str]:
         """userdb fields: where the mail lives and as whom; never the password hash

@@ -128,7 +128,7 @@ def migrate_legacy_db(config: Config, store: AccountStore | None = None) -> int:
     path = Path(config.passdb_path)
     if not path.exists():
         return 0
-    store = store or AccountStore(config)
+    store = store or AccountStore.shared(config)
     log.info("migrating accounts from %s", path)
     created = 0
     with contextlib.closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=60)) as db:

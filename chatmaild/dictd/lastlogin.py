@@ -51,7 +51,7 @@ class LastLoginDaemon(DictDaemon):
 
     def __init__(self, config: Config, args=None) -> None:
         super().__init__(config, args)
-        self.accounts = AccountStore(config)
+        self.accounts = AccountStore.shared(config)
 
     def endpoint(self) -> Endpoint:
         return Endpoint.unix(self.config.lastlogin_socket)

@@ -90,7 +90,7 @@ class TokenStore:
         accounts: AccountStore | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        self.accounts = accounts or AccountStore(config)
+        self.accounts = accounts or AccountStore.shared(config)
         self.clock = clock
 
     def _path(self, account: Account) -> Path:
