@@ -119,6 +119,10 @@ def test_dovecot_accepts_rendered_config(rendered):
     lmtp = res.stdout.split("service lmtp {", 1)[1].split("\n}\n", 1)[0]
     count = "service_count" if installed_series() == "2.3" else "restart_request_count"
     assert f"  {count} = 500\n" in lmtp, lmtp
+    # and about as many of them as Postfix's deliveries at once: each idle one
+    # is woken by every new connection
+    main_cf = (rendered / "etc/chatmail/postfix/main.cf").read_text()
+    assert "\nlmtp_destination_concurrency_limit = 4\n" in main_cf
 
 
 def test_dovecot_counts_metrics_only_when_metrics_are_on(rendered, tmp_path):
