@@ -30,7 +30,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections import Counter
+from collections import Counter, defaultdict
 from pathlib import Path
 
 from bench.packaged import POSTFIX, built_debs, installed, unit_processes
@@ -107,12 +107,16 @@ def soak(suite: str, deb: Path) -> None:
             print(f"soak {suite}: {key[0]} {key[2]} (pid {key[1]}) RSS MB over time: {series}")
         # processes that come and go (Dovecot's lmtp, replaced after 500 connections):
         # the largest of each name at warm-up and at the end
-        for unit, comm in sorted({(k[0], k[2]) for _, found in samples for k in found}):
-            pids = {k[1] for _, found in samples for k in found if (k[0], k[2]) == (unit, comm)}
+        pids_by_name: dict[tuple[str, str], set[int]] = defaultdict(set)
+        for _, found in samples:
+            for unit, pid, comm in found:
+                pids_by_name[unit, comm].add(pid)
+        for (unit, comm), pids in sorted(pids_by_name.items()):
             if len(pids) < 2:
                 continue
-            peak0, peak1 = (max((v[0] for k, v in found.items() if (k[0], k[2]) == (unit, comm)),
-                                default=0) for found in (warm, end))  # fmt: skip
+            peak0, peak1 = (max((rss for (u, _, c), (rss, _) in found.items()
+                                 if (u, c) == (unit, comm)), default=0)
+                            for found in (warm, end))  # fmt: skip
             print(f"soak {suite}: {unit} {comm}: {len(pids)} processes over the run,"
                   f" the largest {peak0 / 1024:.1f} MB at warm-up, {peak1 / 1024:.1f} MB"
                   f" at the end")  # fmt: skip

@@ -75,6 +75,14 @@ async def wait(predicate, timeout: float = 15.0) -> None:
         await asyncio.sleep(0.01)
 
 
+async def hold_a_request(notifier: Notifier, http_sink) -> None:
+    """Start, notify USER once, and return when the push service holds its request
+    (``http_sink.pause()`` first)."""
+    await notifier.start()
+    await notifier.notify(USER)
+    await wait(lambda: http_sink.in_flight == 1)
+
+
 def test_failure_ladder_drops_after_five_attempts(metadata_ini, http_sink, caplog):
     http_sink.set_default(500)
     notifier, store = make_notifier(metadata_ini, notification_retry_delay="0.002")
@@ -169,9 +177,7 @@ def test_one_request_in_flight_per_token_and_backlog_coalesces(metadata_ini, htt
     http_sink.pause()
 
     async def run():
-        await notifier.start()
-        await notifier.notify(USER)
-        await wait(lambda: http_sink.in_flight == 1)
+        await hold_a_request(notifier, http_sink)
         for _ in range(5):  # arrive while the first request is in flight
             await notifier.notify(USER)
         http_sink.resume()
@@ -277,9 +283,7 @@ def test_a_failed_request_and_the_notification_that_came_meanwhile_become_one(
     http_sink.pause()
 
     async def run():
-        await notifier.start()
-        await notifier.notify(USER)
-        await wait(lambda: http_sink.in_flight == 1)
+        await hold_a_request(notifier, http_sink)
         await notifier.notify(USER)  # waits beside the request in flight
         await notifier.notify(USER)  # replaces the waiting one
         assert notifier.pending_count == 2 and notifier.replaced == 1
